@@ -1,0 +1,621 @@
+"""FID, sFID, Inception Score and precision / recall, compatible with OpenAI's ADM evaluator.
+
+The paper's "standard suite" (REFERENCE §9) is ADM's TensorFlow evaluator. dcdit computes the
+same quantities in PyTorch:
+
+* Inception: the 2015-12-05 graph as ported by torch-fidelity (``FeatureExtractorInceptionV3``),
+  which does the TF1-style bilinear resize to 299 and ``(x - 128) / 128`` itself. Features:
+  ``pool_3`` (2048-d, FID and precision / recall), the 1008 unbiased logits ``pool_3 · W``
+  (Inception Score) and, for sFID, the first 7 channels of ``mixed_6/conv`` (torch-fidelity's
+  ``Mixed_6d.branch1x1``, 17×17×7 flattened as h, w, c: 2023-d), taken with a forward hook.
+* Weights come from a local file only (``--inception-weights`` or ``DCDIT_INCEPTION_WEIGHTS``),
+  read with ``torch.load(weights_only=True)``.
+* Metrics in float64 with numpy / scipy; precision / recall (Kynkäänniemi et al. 2019) with
+  batched torch distance blocks.
+
+Samples are an ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) or a folder of images; they are
+read in batches, so 50,000 samples are never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+from PIL import Image
+
+from dcdit_cli.console import DcditError, RateMeter, plain_log, print0, progress_bar
+from dcdit_cli.imaging import center_crop_arr
+
+INCEPTION_WEIGHTS_ENV = "DCDIT_INCEPTION_WEIGHTS"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+POOL_DIM, LOGITS_DIM, SPATIAL_DIM = 2048, 1008, 17 * 17 * 7
+PR_REF_IMAGES = 10_000  # ADM: precision / recall against the reference batch's 10,000 images
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+# -----------------------------------------------------------------------------------------
+#                                        Metrics
+# -----------------------------------------------------------------------------------------
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """‖μ1 − μ2‖² + tr σ1 + tr σ2 − 2 tr √(σ1 σ2), as the ADM evaluator computes it.
+
+    If scipy's ``sqrtm`` is not finite (singular covariances), retry with ``eps · I`` added to
+    both covariances; an imaginary part is dropped when its diagonal is below 1e-3.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise DcditError(
+            f"Fréchet distance: statistics do not match (mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+            f"{sigma2.shape}): compute both with the same Inception features"
+        )
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # "matrix is singular": handled by the checks below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = eps * np.eye(d)
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.isfinite(covmean).all():
+        raise DcditError("Fréchet distance: sqrtm is not finite even with 1e-6·I added: evaluate more samples")
+    if np.iscomplexobj(covmean):
+        max_imag = float(np.abs(np.diagonal(covmean).imag).max())
+        if max_imag >= 1e-3:
+            raise DcditError(
+                f"Fréchet distance: sqrtm(σ1·σ2) has an imaginary diagonal part of {max_imag:.3g} (limit 1e-3), "
+                "so the covariances are degenerate: evaluate more samples (ADM uses 50,000)"
+            )
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (ddof 1, as ``np.cov``) of (N, D) features, in float64."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise DcditError(f"need at least 2 images for a covariance, got features of shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+class RunningStats:
+    """Mean and covariance accumulated batch by batch (float64 sums), for reference sets too
+    large to keep their features (e.g. all of ImageNet train)."""
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        self.n += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise DcditError(f"need at least 2 images for a covariance, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, sigma
+
+
+def inception_score(logits_or_probs: np.ndarray, splits: int = 10) -> float:
+    """ADM's Inception Score: mean over contiguous splits of exp(E_x KL(p(y|x) ‖ p(y))).
+
+    Rows that are non-negative and sum to 1 are taken as probabilities; anything else as
+    logits and passed through a softmax (float64).
+    """
+    x = np.asarray(logits_or_probs, np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DcditError(f"Inception Score needs (N, classes) predictions, got shape {x.shape}")
+    is_probs = (x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-6)
+    probs = x if is_probs else scipy.special.softmax(x, axis=1)
+    scores = []
+    for part in np.array_split(probs, min(splits, len(probs))):
+        p_y = part.mean(axis=0, keepdims=True)  # marginal over the split
+        kl = scipy.special.rel_entr(part, p_y).sum(axis=1)  # p log(p / p_y), 0 where p = 0
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (n, m) between the rows of a (n, D) and b (m, D)."""
+    return (a.square().sum(1)[:, None] - 2.0 * (a @ b.T) + b.square().sum(1)[None, :]).clamp_min_(0)
+
+
+def _row_block(n_cols: int, budget: int = 1 << 24) -> int:
+    """Rows per distance block so that one block holds about ``budget`` float64 values."""
+    return max(1, budget // max(n_cols, 1))
+
+
+def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Squared distance from each row of x to its k-th nearest other row."""
+    radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    step = _row_block(len(x))
+    for i in range(0, len(x), step):
+        d = _sq_dists(x[i : i + step], x)  # (rows, N), each row's own 0 included
+        radii[i : i + step] = d.kthvalue(k + 1, dim=1).values
+    return radii
+
+
+def _coverage(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of queries inside at least one ball (points[j], radii[j])."""
+    inside = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    cols = min(len(points), 1 << 14)
+    rows = _row_block(cols)
+    for j in range(0, len(points), cols):
+        p, r = points[j : j + cols], radii[j : j + cols]
+        for i in range(0, len(queries), rows):
+            inside[i : i + rows] |= (_sq_dists(queries[i : i + rows], p) <= r[None, :]).any(dim=1)
+    return float(inside.double().mean())
+
+
+def precision_recall(real_feats, fake_feats, k: int = 3, device: str | torch.device | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019), as in the ADM evaluator.
+
+    Each set's manifold is the union of balls around its points with radius = distance to the
+    k-th nearest neighbour in the same set. Precision: share of fakes inside the real manifold;
+    recall: share of reals inside the fake manifold.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float64, device=device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise DcditError(f"precision/recall: features must be (N, D) with one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise DcditError(f"precision/recall with k={k} need more than {k} images per set, got {len(real)} and {len(fake)}")
+    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
+    return _coverage(fake, real, real_radii), _coverage(real, fake, fake_radii)
+
+
+# -----------------------------------------------------------------------------------------
+#                                   Images on disk
+# -----------------------------------------------------------------------------------------
+
+
+def _check_images_shape(shape: tuple, dtype: np.dtype, where: str) -> None:
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        hint = ""
+        if len(shape) == 4 and shape[1] == 3:
+            hint = "; it looks channels-first: transpose to (N, H, W, 3)"
+        elif dtype != np.uint8:
+            hint = "; convert with np.clip(127.5 * x + 128, 0, 255).astype(np.uint8)"
+        raise DcditError(f"{where} is {dtype} {tuple(shape)}, expected uint8 (N, H, W, 3){hint}")
+
+
+class NpzImages:
+    """uint8 (N, H, W, 3) images stored as one array of an .npz, streamed batch by batch."""
+
+    def __init__(self, path: Path, key: str = "arr_0") -> None:
+        self.path, self.key, self.skipped = Path(path), key, []
+        with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
+            self.shape, self.fortran, self.dtype = _read_npy_header(f)
+        _check_images_shape(self.shape, self.dtype, f"{self.path}: {key}")
+        self.num = self.shape[0]
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        n = self.num if limit is None else min(limit, self.num)
+        if self.fortran:  # rare: no row streaming, read it whole
+            arr = np.load(self.path)[self.key]
+            for i in range(0, n, batch_size):
+                yield np.ascontiguousarray(arr[i : min(i + batch_size, n)])
+            return
+        per_image = math.prod(self.shape[1:])
+        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+            _read_npy_header(f)
+            for i in range(0, n, batch_size):
+                batch = np.empty((min(batch_size, n - i), *self.shape[1:]), np.uint8)
+                _read_into(f, batch, self.path)
+                yield batch
+
+
+def _read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(f)
+    return shape, fortran, dtype
+
+
+def _read_into(f, out: np.ndarray, path: Path) -> None:
+    view, got = memoryview(out).cast("B"), 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise DcditError(f"{path} is truncated: re-create it")
+        got += n
+
+
+def _list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+class FolderImages:
+    """The images of a folder (recursive, sorted), decoded in a thread pool; files that cannot
+    be read are skipped and listed in ``skipped``. ``transform`` maps a PIL image to uint8
+    (H, W, 3); every result must have the same size."""
+
+    def __init__(self, root: Path, files: list[Path], transform: Callable[[Image.Image], np.ndarray] = _to_rgb_array):
+        self.path, self.files, self.transform = Path(root), files, transform
+        self.num, self.skipped = len(files), []
+
+    def _load(self, path: Path) -> np.ndarray | None:
+        """uint8 (H, W, 3), or None for a file PIL cannot read."""
+        try:
+            with Image.open(path) as im:
+                return self.transform(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        self.skipped = []
+        remaining = self.num if limit is None else limit
+        first_shape = None
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for i in range(0, self.num, batch_size):
+                if remaining <= 0:
+                    return
+                chunk = self.files[i : i + batch_size]
+                images = []
+                for path, img in zip(chunk, pool.map(self._load, chunk)):
+                    if img is None:
+                        self.skipped.append(path)
+                        continue
+                    first_shape = first_shape or (img.shape, path)
+                    if img.shape != first_shape[0]:
+                        raise DcditError(
+                            f"{path} is {img.shape[1]}×{img.shape[0]} but {first_shape[1]} is "
+                            f"{first_shape[0][1]}×{first_shape[0][0]}: all samples must share one size"
+                        )
+                    images.append(img)
+                images = images[:remaining]
+                if images:
+                    remaining -= len(images)
+                    yield np.stack(images)
+
+
+def load_samples(path: str | Path) -> NpzImages | FolderImages:
+    """Generated samples: an .npz with ``arr_0`` uint8 (N, H, W, 3), or a folder of PNG/JPG."""
+    path = Path(path)
+    if path.is_dir():
+        files = _list_images(path)
+        if not files:
+            raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}: point --samples at the sample folder or .npz")
+        return FolderImages(path, files)
+    if not path.is_file():
+        raise DcditError(f"samples not found: {path} (write them with `dcdit sample --npz PATH`, or pass a folder of images)")
+    if "arr_0" not in _npz_members(path, "samples"):
+        raise DcditError(f"{path} has no arr_0: save samples with np.savez(path, arr_0=images_uint8_nhwc)")
+    return NpzImages(path, "arr_0")
+
+
+def _npz_members(path: Path, role: str) -> set[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {name[: -len(".npy")] for name in zf.namelist() if name.endswith(".npy")}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DcditError(f"{role} file {path} is not a readable .npz ({e}): save it with np.savez") from None
+
+
+@dataclass
+class Reference:
+    """An ADM reference batch: precomputed statistics and / or the images (``arr_0``)."""
+
+    path: Path
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    images: NpzImages | None = None
+
+    @property
+    def has_stats(self) -> bool:
+        return self.mu is not None and self.mu_s is not None
+
+
+def load_reference(path: str | Path) -> Reference:
+    """An ADM reference .npz (e.g. ``VIRTUAL_imagenet256_labeled.npz``): ``mu``, ``sigma`` (pool_3),
+    ``mu_s``, ``sigma_s`` (spatial) and ``arr_0`` images. Statistics missing from the file are
+    computed from ``arr_0``; precision / recall always need ``arr_0``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcditError(
+            f"reference batch not found: {path} (download ADM's VIRTUAL_imagenet256_labeled.npz, or build one "
+            "from real images with make_reference)"
+        )
+    members = _npz_members(path, "reference")
+    ref = Reference(path, images=NpzImages(path, "arr_0") if "arr_0" in members else None)
+    with np.load(path) as npz:
+        for name, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
+            cov = name.replace("mu", "sigma")
+            if name not in members and cov not in members:
+                continue
+            if name not in members or cov not in members:
+                raise DcditError(f"{path} has only one of {name}/{cov}: re-create the reference batch")
+            mu, sigma = np.asarray(npz[name], np.float64), np.asarray(npz[cov], np.float64)
+            if mu.shape != (dim,) or sigma.shape != (dim, dim):
+                raise DcditError(
+                    f"{path}: {name} {mu.shape} / {cov} {sigma.shape} are not {dim}-d Inception statistics: "
+                    "use an ADM reference batch or one made by dcdit"
+                )
+            setattr(ref, name, mu)
+            setattr(ref, cov, sigma)
+    if ref.images is None and not ref.has_stats:
+        raise DcditError(f"{path} has neither arr_0 nor mu/sigma/mu_s/sigma_s: it is not an ADM reference batch")
+    return ref
+
+
+# -----------------------------------------------------------------------------------------
+#                                       Inception
+# -----------------------------------------------------------------------------------------
+
+
+def resolve_inception_weights(path: str | Path | None = None) -> Path:
+    """The weights file from the argument, else $DCDIT_INCEPTION_WEIGHTS; an error saying where
+    to get it otherwise."""
+    path = path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if not path:
+        raise DcditError(
+            f"no Inception weights: download {INCEPTION_WEIGHTS_URL} and pass --inception-weights PATH "
+            f"or set {INCEPTION_WEIGHTS_ENV}=PATH"
+        )
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DcditError(
+            f"Inception weights not found: {path} (download {INCEPTION_WEIGHTS_URL} and pass its path with "
+            f"--inception-weights or {INCEPTION_WEIGHTS_ENV})"
+        )
+    return path
+
+
+class InceptionFeatures:
+    """torch-fidelity's 2015-12-05 Inception: uint8 (N, H, W, 3) batch → pool (N, 2048),
+    logits (N, 1008, unbiased: pool_3 · W) and spatial (N, 2023) float32 arrays."""
+
+    def __init__(self, state_dict: dict, device: str | torch.device | None = None) -> None:
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise DcditError("FID needs torch-fidelity: pip install 'dcdit[fid]' (or torch-fidelity)") from None
+        # torch-fidelity reads its weights with torch.load(weights_only=False); hand it a buffer
+        # holding only the tensors already read safely with weights_only=True.
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        buf.seek(0)
+        try:
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=buf
+            )
+        except RuntimeError as e:
+            raise DcditError(f"the weights are not torch-fidelity's Inception ({str(e).splitlines()[0]}): use {INCEPTION_WEIGHTS_FILE}") from None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.to(self.device)
+        self._spatial: torch.Tensor | None = None
+        # ADM's sFID layer "mixed_6/conv" = the first 1x1 branch of Mixed_6d (after BN + ReLU).
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
+
+    def _grab_spatial(self, module, inputs, output) -> None:
+        self._spatial = output[:, :7]  # (N, 7, 17, 17)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images) if images.flags.writeable else images.copy()
+        x = torch.from_numpy(images).to(self.device)  # (N, H, W, 3) uint8
+        x = x.permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W): the extractor resizes to 299 itself
+        pool, logits = self.net(x)
+        spatial = self._spatial.permute(0, 2, 3, 1).reshape(len(x), -1)  # (N, 17·17·7), h, w, c as TF
+        self._spatial = None
+        return {"pool": pool.float().cpu().numpy(), "logits": logits.float().cpu().numpy(), "spatial": spatial.float().cpu().numpy()}
+
+
+def load_inception(weights: str | Path | None = None, device: str | torch.device | None = None) -> InceptionFeatures:
+    """The Inception extractor from a local weights file (argument or $DCDIT_INCEPTION_WEIGHTS)."""
+    path = resolve_inception_weights(weights)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused, truncated file, not a torch file
+        raise DcditError(f"cannot read Inception weights {path} ({type(e).__name__}): download {INCEPTION_WEIGHTS_URL} again") from None
+    if not isinstance(state_dict, dict):
+        raise DcditError(f"{path} does not hold a state dict: use {INCEPTION_WEIGHTS_FILE}")
+    return InceptionFeatures(state_dict, device)
+
+
+# -----------------------------------------------------------------------------------------
+#                                      Activations
+# -----------------------------------------------------------------------------------------
+
+
+def _as_batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    if isinstance(images, np.ndarray):
+        images = [images]
+    for batch in images:
+        _check_images_shape(batch.shape, batch.dtype, "an image batch")
+        for i in range(0, len(batch), batch_size):
+            yield batch[i : i + batch_size]
+
+
+def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, total: int | None, description: str):
+    """Yields (batch, features) with a progress bar in images/s."""
+    meter, rate = RateMeter(), ""
+    with progress_bar(description) as progress:
+        task = progress.add_task(description, total=total, rate="")
+        for batch in _as_batches(images, batch_size):
+            feats = extractor(batch)
+            rate = meter.update(len(batch)).replace("/s", " img/s")
+            progress.update(task, advance=len(batch), rate=rate)
+            yield batch, feats
+    plain_log(f"{description}: {meter.count} images, {rate}")
+
+
+def compute_activations(
+    images: np.ndarray | Iterable[np.ndarray],
+    extractor: InceptionFeatures,
+    batch_size: int = 50,
+    *,
+    total: int | None = None,
+    description: str = "inception",
+) -> dict[str, np.ndarray]:
+    """Inception features of uint8 (N, H, W, 3) images (an array or an iterable of batches):
+    ``pool`` (N, 2048), ``logits`` (N, 1008), ``spatial`` (N, 2023), float32."""
+    if total is None and isinstance(images, np.ndarray):
+        total = len(images)
+    parts = {"pool": [], "logits": [], "spatial": []}
+    for _, feats in _iter_activations(images, extractor, batch_size, total, description):
+        for name in parts:
+            parts[name].append(feats[name])
+    if not parts["pool"]:
+        raise DcditError("no images to evaluate")
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def _warn_skipped(source) -> None:
+    if source.skipped:
+        print0(f"[yellow]skipped {len(source.skipped)} unreadable image(s) under {source.path} (first: {source.skipped[0]})[/]")
+
+
+# -----------------------------------------------------------------------------------------
+#                                 Evaluation and reference
+# -----------------------------------------------------------------------------------------
+
+
+def evaluate(
+    samples: str | Path | NpzImages | FolderImages,
+    ref: str | Path | Reference,
+    inception_weights: str | Path | None = None,
+    *,
+    num: int | None = None,
+    batch_size: int = 50,
+    splits: int = 10,
+    device: str | torch.device | None = None,
+    extractor: InceptionFeatures | None = None,
+) -> dict:
+    """ADM-evaluator metrics of ``samples`` against the reference batch ``ref``: FID and sFID
+    (against the reference's statistics), Inception Score (10 splits) and precision / recall
+    (k = 3, against the reference's first 10,000 images)."""
+    samples = samples if isinstance(samples, (NpzImages, FolderImages)) else load_samples(samples)
+    ref = ref if isinstance(ref, Reference) else load_reference(ref)
+    if num is not None and num > samples.num:
+        raise DcditError(f"asked for {num} samples but {samples.path} holds {samples.num}: lower --num or sample more")
+    extractor = extractor or load_inception(inception_weights, device)
+
+    n = samples.num if num is None else num
+    acts = compute_activations(samples.batches(batch_size, limit=n), extractor, batch_size, total=n, description="samples")
+    _warn_skipped(samples)
+    if num is not None and len(acts["pool"]) < num:
+        raise DcditError(f"asked for {num} samples but only {len(acts['pool'])} under {samples.path} are readable: lower --num")
+
+    ref_pool = None
+    if ref.images is not None:
+        limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
+        ref_acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size, total=limit or ref.images.num, description="reference")
+        if not ref.has_stats:
+            ref.mu, ref.sigma = feature_stats(ref_acts["pool"])
+            ref.mu_s, ref.sigma_s = feature_stats(ref_acts["spatial"])
+        ref_pool = ref_acts["pool"][:PR_REF_IMAGES]
+    else:
+        print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
+
+    mu, sigma = feature_stats(acts["pool"])
+    mu_s, sigma_s = feature_stats(acts["spatial"])
+    precision = recall = None
+    if ref_pool is not None:
+        precision, recall = precision_recall(ref_pool, acts["pool"], k=3, device=extractor.device)
+    return {
+        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+        "inception_score": inception_score(acts["logits"], splits=splits),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": int(len(acts["pool"])),
+        "num_ref": int(len(ref_pool)) if ref_pool is not None else 0,
+    }
+
+
+def make_reference(
+    image_dir: str | Path,
+    out_npz: str | Path,
+    *,
+    image_size: int = 256,
+    extractor: InceptionFeatures | None = None,
+    inception_weights: str | Path | None = None,
+    num: int | None = None,
+    keep_images: int = PR_REF_IMAGES,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+) -> dict:
+    """An ADM-style reference batch from real images: each image ADM-centre-cropped to
+    ``image_size``; ``mu``/``sigma`` and ``mu_s``/``sigma_s`` over all of them (or the first
+    ``num``), ``arr_0`` = the first ``keep_images`` crops (ADM keeps 10,000). Returns a summary."""
+    root, out = Path(image_dir), Path(out_npz)
+    if not root.is_dir():
+        raise DcditError(f"image folder not found: {root}")
+    files = _list_images(root)[:num]
+    if not files:
+        raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    if out.suffix != ".npz":
+        raise DcditError(f"reference output must end in .npz, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extractor = extractor or load_inception(inception_weights, device)
+
+    source = FolderImages(root, files, transform=lambda im: center_crop_arr(im, image_size))
+    pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
+    kept, n_kept = [], 0
+    for batch, feats in _iter_activations(source.batches(batch_size), extractor, batch_size, len(files), "reference"):
+        pool_stats.update(feats["pool"])
+        spatial_stats.update(feats["spatial"])
+        if n_kept < keep_images:
+            kept.append(batch[: keep_images - n_kept])
+            n_kept += len(kept[-1])
+    _warn_skipped(source)
+    if pool_stats.n < 2:
+        raise DcditError(f"only {pool_stats.n} readable image(s) under {root}: a reference needs at least 2")
+    mu, sigma = pool_stats.result()
+    mu_s, sigma_s = spatial_stats.result()
+    arr_0 = np.concatenate(kept) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    os.replace(tmp, out)
+    return {"path": str(out), "num_images": pool_stats.n, "num_stored": len(arr_0), "skipped": len(source.skipped)}
+
+
+def report_table(results: dict):
+    """The metrics as a rich table (what ``dcdit fid`` prints)."""
+    from rich.table import Table
+
+    table = Table(title="ADM evaluator metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("FID", "fid", "{:.3f}"),
+        ("sFID", "sfid", "{:.3f}"),
+        ("Inception Score", "inception_score", "{:.2f}"),
+        ("Precision", "precision", "{:.4f}"),
+        ("Recall", "recall", "{:.4f}"),
+        ("samples", "num_samples", "{:,}"),
+        ("reference images (P/R)", "num_ref", "{:,}"),
+    ]
+    for label, key, fmt in rows:
+        value = results.get(key)
+        table.add_row(label, "n/a" if value is None else fmt.format(value))
+    return table

@@ -1,0 +1,170 @@
+"""FLOP accounting in the convention of paper Table 1 (REFERENCE §5).
+
+FLOPs of one forward are counted on the real model with ``torch.utils.flop_counter``: 2 per
+multiply-add for linear, conv and matmul. Attention is counted as H·L²·(4·d_head + 3) per
+layer: SDPA runs under the MATH backend so QKᵀ and AV appear as matmuls on every device
+(FlopCounterMode counts 0 for the fused CPU kernel, REFERENCE §11), and the softmax adds
+3 per score. TFLOPs/img = forward × 2 (CFG halves) × (sampling steps − 1).
+
+A DiT forward is counted on the meta device (no memory, no compute). A DC-DiT forward
+depends on the kept count M; its cost is exactly quadratic in M (linear layers ∝ M,
+attention and smoothing ∝ M², plug-back ∝ L·M), so three counts at M = 1, 2, 3 give the
+exact cost at every M, which we sum per sample and per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dcdit_cli.models import build_model
+
+
+def _softmax_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
+    return 3 * math.prod(input_shape)
+
+
+_CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax: _softmax_flops}
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs)`` in the REFERENCE §5 convention."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def _dummy_inputs(model, device, batch: int = 1):
+    side, ch = model.input_size, model.in_channels
+    x = torch.zeros(batch, ch, side, side, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    return x, t, y
+
+
+def build_for_counting(model_cfg, device: str):
+    """The model with cheap, deterministic weights (no initialisation cost: FLOPs do not depend on values)."""
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    if device != "meta":
+        model = model.to_empty(device=device)
+        for p in model.parameters():
+            torch.nn.init.constant_(p, 0.01)
+    return model.eval()
+
+
+def dit_forward_flops(model_cfg) -> int:
+    model = build_for_counting(model_cfg, "meta")
+    return count_flops(model, *_dummy_inputs(model, "meta"))
+
+
+@dataclass(frozen=True)
+class QuadraticCost:
+    """FLOPs of one single-image forward with M kept tokens: a + b·M + c·M²."""
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, m):
+        return self.a + self.b * m + self.c * m * m
+
+
+def forward_flops_at(model, m: int) -> int:
+    """Count one single-image DC-DiT forward with exactly m kept tokens (the first m in raster order)."""
+    x, t, y = _dummy_inputs(model, "cpu")
+    L = model.input_size**2
+    boundary = torch.zeros(1, L, dtype=torch.bool)
+    boundary[0, :m] = True
+    return count_flops(model, x, t, y, boundary=boundary)
+
+
+def dcdit_cost(model_cfg, model=None) -> QuadraticCost:
+    """The exact per-image forward cost as a function of M, from three counts on the real model."""
+    model = model if model is not None else build_for_counting(model_cfg, "cpu")
+    f1, f2, f3 = (forward_flops_at(model, m) for m in (1, 2, 3))
+    c = (f3 - 2 * f2 + f1) / 2
+    b = f2 - f1 - 3 * c
+    a = f1 - b - c
+    return QuadraticCost(a, b, c)
+
+
+def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:
+    """Paper Table 1: one forward × 2 (CFG) × (steps − 1), in TFLOPs."""
+    return forward_flops * 2 * (sampling_steps - 1) / 1e12
+
+
+def param_count(model_cfg) -> int:
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class FlopsRow:
+    recipe: str
+    kind: str
+    params: int
+    tflops_per_img: float
+    compression: float
+    source: str
+    """Where the kept count comes from: 'fixed patchify', 'target N' or 'checkpoint + data'."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def flops_row(name: str, recipe, kept_per_step=None) -> FlopsRow:
+    """One Table-1 row. ``kept_per_step``: a (steps, images) array of kept counts measured while
+    sampling with a checkpoint (each CFG half counted at its own M); else the target N is used."""
+    m, steps = recipe.model, recipe.diffusion.sampling_steps
+    params = param_count(m)
+    if m.kind == "dit":
+        fwd = dit_forward_flops(m)
+        return FlopsRow(name, "dit", params, tflops_per_image(fwd, steps), float(m.patch_size**2), "fixed patchify")
+    cost = dcdit_cost(m)
+    L = m.input_size**2
+    if kept_per_step is None:
+        kept = max(1, round(L / m.target_ratio))
+        return FlopsRow(name, "dcdit", params, tflops_per_image(cost(kept), steps), L / kept, "target N")
+    kept = torch.as_tensor(kept_per_step, dtype=torch.float64)  # (steps, images, 2 halves) or (steps, images)
+    per_image = cost(kept).sum(dim=0)  # summed over steps (and halves)
+    per_image = per_image.sum(-1) if kept.ndim == 3 else per_image * 2
+    scale = (steps - 1) / kept.shape[0]  # convention: steps − 1 forwards per image
+    tflops = float(per_image.mean()) * scale / 1e12
+    return FlopsRow(name, "dcdit", params, tflops, float(L / kept.mean()), "checkpoint + data")
+
+
+def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bool) -> list[FlopsRow]:
+    """What `dcdit flops` does: build the rows, print a rich table or JSON."""
+    import json
+
+    from rich.table import Table
+
+    from dcdit_cli.console import DcditError, console
+    from dcdit_cli.recipe import available_recipes, load_recipe
+
+    rows = []
+    if ckpt is not None:
+        from dcdit_cli.sample import measure_kept_tokens
+
+        name, recipe, kept = measure_kept_tokens(ckpt, num=num)
+        rows.append(flops_row(name, recipe, kept_per_step=kept))
+    names = available_recipes() if all_recipes else list(recipes)
+    if not names and ckpt is None:
+        raise DcditError("nothing to count: pass --recipe NAME, --all or --ckpt RUN")
+    rows += [flops_row(n, load_recipe(n, overrides)) for n in names]
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return rows
+    table = Table(title="Parameters and inference cost (paper Table 1 convention: 2 FLOPs/MAC, ×2 CFG, ×(steps−1))")
+    for col in ("recipe", "model", "params", "TFLOPs/img", "avg CR", "kept tokens from"):
+        table.add_column(col, justify="left" if col in ("recipe", "model", "kept tokens from") else "right")
+    for r in rows:
+        table.add_row(r.recipe, r.kind, f"{r.params / 1e6:.1f}M", f"{r.tflops_per_img:.4g}", f"{r.compression:.2f}", r.source)
+    console.print(table)
+    return rows

@@ -1,0 +1,36 @@
+"""Model core: DiT baseline and DC-DiT, built from a recipe's ``[model]`` section."""
+
+from __future__ import annotations
+
+from dcdit_cli.models.dcdit import DCDiT, RouterStats
+from dcdit_cli.models.dit import DiT
+
+
+def build_model(model_cfg):
+    """A DiT or DCDiT from a :class:`~dcdit_cli.recipe.ModelConfig`."""
+    common = dict(
+        input_size=model_cfg.input_size,
+        in_channels=model_cfg.in_channels,
+        hidden_size=model_cfg.hidden_size,
+        depth=model_cfg.depth,
+        num_heads=model_cfg.num_heads,
+        mlp_ratio=model_cfg.mlp_ratio,
+        num_classes=model_cfg.num_classes,
+        learn_sigma=model_cfg.learn_sigma,
+    )
+    if model_cfg.kind == "dit":
+        return DiT(patch_size=model_cfg.patch_size, **common)
+    return DCDiT(
+        scaffold_width=model_cfg.scaffold_width,
+        encoder_blocks=model_cfg.encoder_blocks,
+        decoder_blocks=model_cfg.decoder_blocks,
+        router=model_cfg.router,
+        target_ratio=model_cfg.target_ratio,
+        smoothing_sigma=model_cfg.smoothing_sigma,
+        pos_grid_scale=model_cfg.pos_grid_scale,
+        cond_adaptor=model_cfg.cond_adaptor,
+        **common,
+    )
+
+
+__all__ = ["DCDiT", "DiT", "RouterStats", "build_model"]

@@ -1,0 +1,210 @@
+"""Dynamic chunking on a 2-D grid: Router, ChunkLayer, DeChunkLayer, STE and the ratio loss.
+
+Paper §3.3 (routing and chunking), §3.4 (de-chunking), §3.5 (ratio loss); H-Net (Hwang et
+al. 2025) for the STE gate. The exact choices where the paper is silent are REFERENCE §1.4,
+§1.5 and §1.7, and each is named below where it is made.
+
+Conventions: L = H·W tokens in raster order, M = kept tokens of a sample, M_max = the
+largest M in the batch; ``order`` (B, M_max) holds the raster index of each chunk slot and
+``valid`` (B, M_max) marks real kept tokens (False = batch padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+#################################################################################
+#                                    Router                                     #
+#################################################################################
+
+
+class Router(nn.Module):
+    """Cosine-similarity router (paper §3.3): p_i = (1 − q_i · k̄_i) / 2.
+
+    q and k are ℓ2-normalised projections of the encoder output (W_Q, W_K initialised to the
+    identity); k̄ is a depthwise 3×3 convolution of k, initialised to a uniform average.
+    [choice, REFERENCE §1.4] At the border the average is rescaled by 9 / (in-grid
+    neighbours) so a constant image gives the same p everywhere; the router runs in fp32.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_avg = nn.Conv2d(hidden_size, hidden_size, 3, padding=1, groups=hidden_size, bias=False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        nn.init.eye_(self.q_proj.weight)
+        nn.init.eye_(self.k_proj.weight)
+        nn.init.constant_(self.k_avg.weight, 1.0 / 9.0)
+
+    @staticmethod
+    def border_correction(side: int, device) -> torch.Tensor:
+        """(1, 1, side, side): 9 / number of in-grid positions in each 3×3 window."""
+        ones = torch.ones(1, 1, side, side, device=device)
+        count = F.conv2d(ones, torch.ones(1, 1, 3, 3, device=device), padding=1)
+        return 9.0 / count
+
+    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
+        """h (B, L, D) → p (B, L) in [0, 1], fp32."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.float()
+            q = F.normalize(self.q_proj(h), dim=-1)  # (B, L, D)
+            k = F.normalize(self.k_proj(h), dim=-1)  # (B, L, D)
+            B, L, D = k.shape
+            k_grid = k.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
+            k_bar = self.k_avg(k_grid) * self.border_correction(side, h.device)  # (B, D, H, W)
+            s = (q * k_bar.flatten(2).transpose(1, 2)).sum(-1)  # (B, L)
+            return ((1.0 - s) / 2.0).clamp(0.0, 1.0)
+
+
+class RandomRouter(nn.Module):
+    """The random-boundary ablation (paper §4.3): a uniformly random subset of expected size L/N.
+
+    Scores p = clamp(1 − u·N/2, 0, 1) with u ~ U(0, 1), so P(p > 0.5) = 1/N; every other layer
+    (chunk, smoothing with these p, plug-back, STE gate) is the same code as the cosine router.
+    """
+
+    def __init__(self, target_ratio: float):
+        super().__init__()
+        self.target_ratio = target_ratio
+
+    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
+        u = torch.rand(h.shape[:2], device=h.device)  # (B, L)
+        return (1.0 - u * self.target_ratio / 2.0).clamp(0.0, 1.0)
+
+
+#################################################################################
+#                          Boundary mask and tail dropping                      #
+#################################################################################
+
+
+def keep_at_least_one(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[choice, REFERENCE §1.5] A sample with no p > 0.5 keeps its highest-p token."""
+    empty = ~mask.any(dim=1)  # (B,)
+    top = F.one_hot(p.argmax(dim=1), p.shape[1]).bool()  # (B, L)
+    return mask | (top & empty[:, None])
+
+
+def tail_drop(mask: torch.Tensor, p: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """Elastic inference (REFERENCE §2): drop floor(n·f) lowest-p boundaries, never the last one.
+
+    mask (B, L) bool, p (B, L), fraction (B,) in [0, 1) → the reduced mask (B, L).
+    """
+    n = mask.sum(dim=1)  # (B,)
+    n_drop = torch.minimum(torch.floor(n * fraction.to(p.dtype)).long(), (n - 1).clamp(min=0))  # (B,)
+    key = torch.where(mask, p.double(), math.inf)  # non-boundaries sort last
+    order = key.argsort(dim=1, stable=True)  # lowest-p boundaries first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(p.shape[1], device=p.device).expand_as(order))
+    return mask & (rank >= n_drop[:, None])
+
+
+#################################################################################
+#                               Chunk / de-chunk                                #
+#################################################################################
+
+
+class ChunkLayer(nn.Module):
+    """Keeps the boundary tokens in raster order and pads the batch to M_max (paper §3.3).
+
+    Padding slots take each sample's highest-p non-boundary tokens, as the paper does;
+    [choice, REFERENCE §1.5] they are marked invalid so attention, smoothing and plug-back
+    ignore them and a sample's output never depends on its batch.
+    """
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor):
+        """h (B, L, D), mask (B, L), p (B, L) → tokens (B, M_max, D), order (B, M_max), valid (B, M_max)."""
+        B, L, _ = h.shape
+        n = mask.sum(dim=1)  # (B,)
+        m_max = int(n.max())
+        raster = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
+        key = torch.where(mask, raster, L + 1.0 - p.double())  # boundaries by raster index, then by descending p
+        order = key.argsort(dim=1, stable=True)[:, :m_max]  # (B, M_max)
+        tokens = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))  # (B, M_max, D)
+        valid = torch.arange(m_max, device=h.device)[None] < n[:, None]  # (B, M_max)
+        return tokens, order, valid
+
+
+def raster_to_rc(index: torch.Tensor, side: int) -> torch.Tensor:
+    """Raster indices (...) → float (row, col) positions (..., 2)."""
+    return torch.stack([torch.div(index, side, rounding_mode="floor"), index % side], dim=-1).float()
+
+
+class DeChunkLayer(nn.Module):
+    """Gaussian smoothing among kept tokens, then nearest-kept plug-back (paper §3.4), in fp32.
+
+    Smoothing: W_ij = exp(−d_ij²/2σ²)·p_j over the sample's kept tokens (j = i included),
+    normalised over j; h_i ← p_i·h_i + (1 − p_i)·Σ_j W̃_ij h_j with p clamped to [1e-4, 1 − 1e-4].
+    Plug-back: every grid position takes the smoothed feature of its nearest kept token
+    (Euclidean on the grid, ties → the smallest raster index, i.e. the earliest chunk slot).
+
+    This is the direct O(M² + L·M) formulation: the oracle for any faster version.
+    """
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+        self.sigma = sigma
+
+    def smooth(self, z: torch.Tensor, pos: torch.Tensor, p_kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """z (B, M, D), pos (B, M, 2), p_kept (B, M), valid (B, M) → (B, M, D)."""
+        d2 = torch.cdist(pos, pos).square()  # (B, M, M)
+        w = torch.exp(-d2 / (2 * self.sigma**2)) * (p_kept * valid)[:, None, :]  # (B, M, M)
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        smoothed = torch.bmm(w, z)  # (B, M, D)
+        p = p_kept[..., None]
+        return p * z + (1 - p) * smoothed
+
+    @staticmethod
+    def plug_back_index(pos: torch.Tensor, valid: torch.Tensor, side: int) -> torch.Tensor:
+        """pos (B, M, 2), valid (B, M) → slot of the nearest kept token for each of the L positions (B, L)."""
+        grid = raster_to_rc(torch.arange(side * side, device=pos.device), side)  # (L, 2)
+        d2 = torch.cdist(grid.expand(pos.shape[0], -1, -1), pos).square()  # (B, L, M)
+        d2 = d2.masked_fill(~valid[:, None, :], math.inf)
+        return d2.argmin(dim=-1)  # first minimum = smallest raster index among ties
+
+    def forward(self, z, order, valid, p, side: int) -> torch.Tensor:
+        """z (B, M, D) inner output, order/valid (B, M), p (B, L) → (B, L, D)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            pos = raster_to_rc(order, side)  # (B, M, 2)
+            p_kept = p.float().gather(1, order).clamp(1e-4, 1 - 1e-4)  # (B, M)
+            z = self.smooth(z, pos, p_kept, valid)  # (B, M, D)
+            nearest = self.plug_back_index(pos, valid, side)  # (B, L)
+            return z.gather(1, nearest[..., None].expand(-1, -1, z.shape[-1]))  # (B, L, D)
+
+
+#################################################################################
+#                             STE gate and ratio loss                           #
+#################################################################################
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def ste(x: torch.Tensor) -> torch.Tensor:
+    """H-Net's straight-through gate: exactly 1 in the forward pass, identity gradient."""
+    return _StraightThrough.apply(x)
+
+
+def ratio_loss(mask: torch.Tensor, p: torch.Tensor, target_ratio: float) -> torch.Tensor:
+    """Paper §3.5: N/(N−1)·((N−1)·F·G + (1−F)(1−G)), F = mean(mask) (no gradient), G = mean(p).
+
+    Minimal (= 1) at F = G = 1/N, over the whole local batch.
+    """
+    n = target_ratio
+    f = mask.float().mean().detach()
+    g = p.float().mean()
+    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))

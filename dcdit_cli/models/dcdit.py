@@ -1,0 +1,150 @@
+"""DC-DiT: a DiT whose fixed patchify is replaced by learned dynamic chunking (paper §3).
+
+    x (B,C,H,W) ─stem P=1 + Encoder─▶ h (B,L,D) ─Router─▶ p (B,L), boundary = p > 0.5
+      ─ChunkLayer─▶ (B,M_max,D) ─+ sin-cos at original (r,c)─▶ DiT blocks ─▶ RMSNorm
+      ─DeChunkLayer─▶ (B,L,D) ─× STE(max(p,1−p)) + residual_proj(h)─▶ Decoder ─▶ FinalLayer
+      ─▶ [ε | v] (B,2C,H,W)
+
+The de-chunked features are gated by the STE of the router's confidence and the encoder
+output is added back through a zero-initialised ``residual_proj`` (H-Net; REFERENCE §1.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dcdit_cli.models.chunking import (
+    ChunkLayer,
+    DeChunkLayer,
+    RandomRouter,
+    Router,
+    keep_at_least_one,
+    raster_to_rc,
+    ste,
+    tail_drop,
+)
+from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, sincos_2d
+from dcdit_cli.models.scaffold import Decoder, Encoder
+
+
+@dataclass
+class RouterStats:
+    """What the router decided for one forward pass (read by the loss, viz-boundaries and flops).
+
+    p (B, L) boundary probabilities; mask (B, L) the router's boundaries before tail dropping
+    (what the ratio loss sees); kept (B, L) the tokens the inner network actually ran on;
+    num_kept (B,); order (B, M_max) raster index of each chunk slot; valid (B, M_max).
+    """
+
+    p: torch.Tensor
+    mask: torch.Tensor
+    kept: torch.Tensor
+    num_kept: torch.Tensor
+    order: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def compression(self) -> torch.Tensor:
+        """L / M per sample."""
+        return self.p.shape[1] / self.num_kept.float()
+
+
+def as_fraction(budget, batch: int, device) -> torch.Tensor:
+    """A scalar or per-sample tail-dropping fraction → (B,) float tensor, checked in [0, 1)."""
+    f = torch.as_tensor(0.0 if budget is None else budget, dtype=torch.float32, device=device)
+    f = f.expand(batch) if f.ndim == 0 else f
+    if f.shape != (batch,):
+        raise ValueError(f"budget must be a scalar or have one value per sample ({batch}), got shape {tuple(f.shape)}")
+    if bool(((f < 0) | (f >= 1)).any()):
+        raise ValueError(f"budget fractions must lie in [0, 1), got {f.tolist()}")
+    return f
+
+
+class DCDiT(nn.Module):
+    def __init__(
+        self,
+        input_size: int = 32,
+        in_channels: int = 4,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        scaffold_width: int = 192,
+        encoder_blocks: int = 2,
+        decoder_blocks: int = 2,
+        router: str = "cosine",
+        target_ratio: float = 4.0,
+        smoothing_sigma: float = 1.0,
+        pos_grid_scale: float = 1.0,
+        cond_adaptor: bool = False,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.target_ratio = target_ratio
+        self.pos_grid_scale = pos_grid_scale
+
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor)
+        self.router = Router(hidden_size) if router == "cosine" else RandomRouter(target_ratio)
+        self.chunk = ChunkLayer()
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.inner_norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.dechunk = DeChunkLayer(smoothing_sigma)
+        self.residual_proj = nn.Linear(hidden_size, hidden_size)
+        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor)
+        self.final_layer = FinalLayer(scaffold_width, self.out_channels, cond_size=hidden_size)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        initialize_dit_weights(self)
+        if isinstance(self.router, Router):
+            self.router.initialize_weights()  # identity W_Q, W_K; averaging k̄ (paper §3.3)
+        nn.init.zeros_(self.residual_proj.weight)  # REFERENCE §1.8: zero, unlike the reference code
+        nn.init.zeros_(self.residual_proj.bias)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+
+    def inner_positions(self, order: torch.Tensor, side: int) -> torch.Tensor:
+        """Original (row, col) of each chunk slot, on the source grid when upcycling (REFERENCE §6)."""
+        return (raster_to_rc(order, side) + 0.5) * self.pos_grid_scale - 0.5  # (B, M, 2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
+        """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats).
+
+        budget: tail-dropping fraction in [0, 1), a scalar or one per sample (REFERENCE §2).
+        boundary: an optional (B, L) bool mask that replaces the router's decision (FLOP
+        accounting and analysis); p is still the router's.
+        """
+        B, _, side, _ = x.shape
+        c = self.condition(t, y)  # (B, D)
+        h = self.encoder(x, c)  # (B, L, D)
+        p = self.router(h, side)  # (B, L) fp32
+        mask = keep_at_least_one(p > 0.5 if boundary is None else boundary, p)  # (B, L)
+        kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
+
+        tokens, order, valid = self.chunk(h, kept, p)  # (B, M_max, D), (B, M_max), (B, M_max)
+        tokens = tokens + sincos_2d(self.inner_positions(order, side), self.hidden_size).to(tokens.dtype)
+        attn_mask = None if bool(valid.all()) else valid[:, None, None, :]  # (B, 1, 1, M_max) key padding
+        for block in self.blocks:
+            tokens = block(tokens, c, attn_mask)  # (B, M_max, D)
+        tokens = self.inner_norm(tokens)
+
+        z = self.dechunk(tokens, order, valid, p, side)  # (B, L, D) fp32
+        confidence = torch.maximum(p, 1 - p)  # (B, L)
+        z = z.to(h.dtype) * ste(confidence)[..., None].to(h.dtype) + self.residual_proj(h)  # (B, L, D)
+        out = self.decoder(z, c, side)  # (B, L, e)
+        out = self.final_layer(out, c)  # (B, L, 2C)
+        out = out.transpose(1, 2).reshape(B, self.out_channels, side, side)  # (B, 2C, H, W)
+        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid)
+        return out, stats

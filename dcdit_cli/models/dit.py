@@ -1,0 +1,215 @@
+"""DiT building blocks and the fixed-patchify DiT baseline.
+
+Follows facebookresearch/DiT ``models.py`` (Peebles & Xie 2023) and REFERENCE §4: the
+state-dict names (``x_embedder.proj``, ``t_embedder.mlp.0``, ``blocks.i.attn.qkv``,
+``blocks.i.adaLN_modulation.1``, ``final_layer.linear`` …) are the official checkpoint's,
+so an official DiT loads into :class:`DiT` and its blocks into DC-DiT's inner network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention, Mlp, PatchEmbed
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x·(1 + scale) + shift, broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding layers for timesteps and class labels                 #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar timesteps: 256-d sinusoidal frequencies → MLP (DiT, from GLIDE)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """[cos | sin] of t·exp(−log(max_period)·k/half), k < half."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label table with one extra row (index num_classes) for the CFG null class.
+
+    Label dropout is applied by the training loop (it owns the random stream), so this
+    module is a pure lookup.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)  # (B, D)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning; ``attn_mask`` (B,1,1,T) excludes padding keys."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask=attn_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (B, T, D)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) + adaLN shift/scale + Linear to the output channels."""
+
+    def __init__(self, hidden_size: int, out_features: int, cond_size: int | None = None):
+        super().__init__()
+        cond_size = cond_size or hidden_size
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_features, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_2d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sin-cos embedding at (row, col) positions (MAE/DiT form).
+
+    positions (..., 2) float as (row, col) → (..., dim): the first dim/2 channels encode
+    the column and the second half the row, each as [sin | cos] with ω_k = 10000^(−k/(dim/4)).
+    Evaluated on the fly so DC-DiT can embed each kept token at its original position.
+    """
+    assert dim % 4 == 0, "sin-cos embedding needs a width divisible by 4"
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=positions.device) / quarter)
+
+    def one_axis(coord: torch.Tensor) -> torch.Tensor:
+        out = coord.double().unsqueeze(-1) * omega  # (..., dim/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)  # (..., dim/2)
+
+    emb = torch.cat([one_axis(positions[..., 1]), one_axis(positions[..., 0])], dim=-1)
+    return emb.float()
+
+
+def grid_positions(side: int, device=None) -> torch.Tensor:
+    """(side², 2) float (row, col) of a side×side grid in raster order."""
+    r, c = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    return torch.stack([r.reshape(-1), c.reshape(-1)], dim=-1).float()
+
+
+def initialize_dit_weights(module: nn.Module) -> None:
+    """DiT's initialisation: xavier-uniform linears, zero biases; embedders N(0, 0.02);
+    adaLN modulations and final layers zero (adaLN-Zero)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, LabelEmbedder):
+            nn.init.normal_(m.embedding_table.weight, std=0.02)
+        elif isinstance(m, TimestepEmbedder):
+            nn.init.normal_(m.mlp[0].weight, std=0.02)
+            nn.init.normal_(m.mlp[2].weight, std=0.02)
+        elif isinstance(m, (DiTBlock, FinalLayer)):
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
+            if isinstance(m, FinalLayer):
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+
+
+class DiT(nn.Module):
+    """The fixed-patchify baseline: patch embed P×P → DiT blocks → final layer → unpatchify."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        side = input_size // patch_size
+        # Fixed sin-cos table, a frozen parameter as in the official checkpoint (counted in its 675.1M).
+        self.pos_embed = nn.Parameter(sincos_2d(grid_positions(side), hidden_size)[None], requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        initialize_dit_weights(self)
+        w = self.x_embedder.proj.weight.data  # patch embed like nn.Linear
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        self.pos_embed.data.copy_(sincos_2d(grid_positions(self.input_size // self.patch_size), self.pos_embed.shape[-1])[None])
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, P²·C) → (B, C, H, W) with channel index (p·P + q)·C + c."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
+        """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), None).
+
+        ``budget`` and ``boundary`` exist for interface parity with DC-DiT and are ignored.
+        """
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H·W / P²
+        c = self.condition(t, y)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)  # (B, T, D)
+        x = self.final_layer(x, c)  # (B, T, P²·2C)
+        return self.unpatchify(x), None  # (B, 2C, H, W)

@@ -1,0 +1,85 @@
+"""The isotropic encoder and decoder of the DC-DiT scaffold (paper §3.2, REFERENCE §1.3, §1.9).
+
+Conv residual blocks in the style of the Stable Diffusion VAE / LDM ResnetBlock: the
+condition is added after the first convolution, the skip after the second. They run on
+the uncompressed L-token grid, so they work at the narrow scaffold width e = D/4 and only
+lift to D at the encoder output (where routing happens) and drop back at the decoder input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm(32) as in the paper; fewer groups for the tiny test widths."""
+    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GN → SiLU → Conv3×3(in→inner) → + Linear(SiLU(c)) → GN → SiLU → Conv3×3(inner→out) → + skip.
+
+    ``cond_adaptor`` inserts a trainable LayerNorm on c before the conditioning projection
+    (used when upcycling a DiT whose condition embedders are frozen, REFERENCE §6).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, inner_ch: int, cond_size: int, cond_adaptor: bool = False):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, inner_ch, 3, padding=1)
+        self.cond_norm = nn.LayerNorm(cond_size) if cond_adaptor else nn.Identity()
+        self.cond_proj = nn.Linear(cond_size, inner_ch)
+        self.norm2 = group_norm(inner_ch)
+        self.conv2 = nn.Conv2d(inner_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))  # (B, inner, H, W)
+        h = h + self.cond_proj(self.act(self.cond_norm(c)))[:, :, None, None]
+        h = self.conv2(self.act(self.norm2(h)))  # (B, out, H, W)
+        return h + self.skip(x)
+
+
+def _widths(n_blocks: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(in, out) per block: the width changes at the end for the encoder, at the start for the decoder."""
+    assert n_blocks >= 1
+    if start <= end:  # encoder: e → … → e → D
+        return [(start, start)] * (n_blocks - 1) + [(start, end)]
+    return [(start, end)] + [(end, end)] * (n_blocks - 1)  # decoder: D → e → … → e
+
+
+class Encoder(nn.Module):
+    """Stem Conv3×3(C → e) on the P = 1 grid, res-blocks e→…→D, RMSNorm(D)."""
+
+    def __init__(self, in_channels: int, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            [ResBlock(i, o, width, hidden_size, cond_adaptor) for i, o in _widths(n_blocks, width, hidden_size)]
+        )
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, e, H, W)
+        for block in self.blocks:
+            h = block(h, c)  # (B, D, H, W) after the last block
+        return self.norm(h.flatten(2).transpose(1, 2))  # (B, L, D)
+
+
+class Decoder(nn.Module):
+    """Res-blocks D→e→…→e on the restored grid; the final layer follows in DCDiT."""
+
+    def __init__(self, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [ResBlock(i, o, width, hidden_size, cond_adaptor) for i, o in _widths(n_blocks, hidden_size, width)]
+        )
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, side: int) -> torch.Tensor:
+        h = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], side, side)  # (B, D, H, W)
+        for block in self.blocks:
+            h = block(h, c)  # (B, e, H, W)
+        return h.flatten(2).transpose(1, 2)  # (B, L, e)

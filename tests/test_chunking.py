@@ -1,0 +1,166 @@
+"""Router, chunk, de-chunk, STE and ratio loss against hand-made inputs (paper §3.3–3.5)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcdit_cli.models.chunking import (
+    ChunkLayer,
+    DeChunkLayer,
+    RandomRouter,
+    Router,
+    keep_at_least_one,
+    ratio_loss,
+    ste,
+    tail_drop,
+)
+
+
+def test_router_matches_formula_on_hand_made_features():
+    torch.manual_seed(0)
+    side, D = 4, 8
+    h = torch.randn(1, side * side, D)
+    p = Router(D)(h, side)
+    # Oracle: identity W_Q/W_K, normalised, mean of k over the in-grid 3×3 window (centre included).
+    q = F.normalize(h[0], dim=-1).reshape(side, side, D)
+    expected = torch.empty(side, side)
+    for r in range(side):
+        for c in range(side):
+            window = q[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].reshape(-1, D)
+            s = (q[r, c] * window.mean(0)).sum()
+            expected[r, c] = ((1 - s) / 2).clamp(0, 1)
+    assert torch.allclose(p[0], expected.reshape(-1), atol=1e-6)
+
+
+def test_router_constant_input_is_border_neutral():
+    side, D = 5, 6
+    h = torch.randn(1, 1, D).expand(2, side * side, D).contiguous()
+    p = Router(D)(h, side)
+    assert torch.allclose(p, p[:, :1].expand_as(p), atol=1e-6)  # border == centre
+    assert torch.allclose(p, torch.zeros_like(p), atol=1e-6)  # identical neighbours: s = 1
+
+
+def test_router_orthogonal_neighbours_give_half():
+    # A checkerboard of two orthogonal vectors: neighbours differ, so p is high but below 1.
+    side, D = 4, 2
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    grid = torch.stack([e0 if (r + c) % 2 == 0 else e1 for r in range(side) for c in range(side)])
+    p = Router(D)(grid[None], side)
+    centre = 1 * side + 1  # 5 of 9 window entries equal its own vector
+    assert math.isclose(p[0, centre].item(), (1 - 5 / 9) / 2, abs_tol=1e-6)
+
+
+def test_chunk_keeps_boundaries_in_raster_order_and_pads_with_highest_p():
+    L, D = 6, 3
+    h = torch.arange(2 * L * D, dtype=torch.float32).reshape(2, L, D)
+    p = torch.tensor([[0.9, 0.1, 0.6, 0.3, 0.8, 0.2], [0.2, 0.7, 0.4, 0.1, 0.45, 0.3]])
+    mask = p > 0.5
+    tokens, order, valid = ChunkLayer()(h, mask, p)
+    assert order[0].tolist() == [0, 2, 4]
+    assert order[1, 0].item() == 1 and valid[1].tolist() == [True, False, False]
+    assert order[1, 1:].tolist() == [4, 2]  # padding: highest-p non-boundaries (0.45, 0.4)
+    assert torch.equal(tokens[1, 1], h[1, 4])
+
+
+def test_keep_at_least_one_and_tail_drop():
+    p = torch.tensor([[0.1, 0.3, 0.2, 0.05], [0.9, 0.6, 0.7, 0.8]])
+    mask = keep_at_least_one(p > 0.5, p)
+    assert mask[0].tolist() == [False, True, False, False]
+    kept = tail_drop(mask, p, torch.tensor([0.9, 0.5]))
+    assert kept[0].tolist() == [False, True, False, False]  # never the last token
+    assert kept[1].tolist() == [True, False, False, True]  # dropped the two lowest p (0.6, 0.7)
+    assert torch.equal(tail_drop(mask, p, torch.zeros(2)), mask)
+
+
+def plug_back_oracle(kept_rc, side):
+    out = []
+    for r in range(side):
+        for c in range(side):
+            d = [(r - kr) ** 2 + (c - kc) ** 2 for kr, kc in kept_rc]
+            out.append(d.index(min(d)))  # first minimum = smallest raster index
+    return out
+
+
+def test_plug_back_on_hand_made_grid_with_ties():
+    side = 4
+    kept = [(0, 0), (0, 3), (3, 1)]  # raster order
+    order = torch.tensor([[r * side + c for r, c in kept]])
+    pos = torch.tensor([[[float(r), float(c)] for r, c in kept]])
+    idx = DeChunkLayer.plug_back_index(pos, torch.ones(1, 3, dtype=torch.bool), side)
+    assert idx[0].tolist() == plug_back_oracle(kept, side)
+    # (0,1)/(0,2) are at distance 1 and 2; (1,2): d²(0,3)=2, d²(0,0)=5 → slot 1; (2,0): d²(0,0)=4 and d²(3,1)=2 → slot 2.
+    assert idx[0, 0 * side + 1].item() == 0 and idx[0, 1 * side + 2].item() == 1 and idx[0, 2 * side + 0].item() == 2
+    # An exact tie: (1,1)... position (2,2) with kept (2,0) and (2,4) on a 5-grid → the smaller raster index.
+    side = 5
+    tie = DeChunkLayer.plug_back_index(torch.tensor([[[2.0, 0.0], [2.0, 4.0]]]), torch.ones(1, 2, dtype=torch.bool), side)
+    assert tie[0, 2 * side + 2].item() == 0
+    assert order.shape == (1, 3)
+
+
+def test_plug_back_ignores_padding_slots():
+    pos = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    idx = DeChunkLayer.plug_back_index(pos, torch.tensor([[True, False]]), 2)
+    assert idx.tolist() == [[0, 0, 0, 0]]
+
+
+def test_smoothing_with_confident_boundaries_is_identity_and_matches_formula():
+    torch.manual_seed(0)
+    layer = DeChunkLayer(sigma=1.0)
+    z = torch.randn(1, 4, 5)
+    pos = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 0.0]]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    ones = torch.full((1, 4), 1 - 1e-4)
+    assert torch.allclose(layer.smooth(z, pos, ones, valid), z, atol=1e-3)
+    p = torch.tensor([[0.6, 0.9, 0.7, 0.55]])
+    got = layer.smooth(z, pos, p, valid)
+    for i in range(4):
+        w = torch.tensor([math.exp(-((pos[0, i] - pos[0, j]) ** 2).sum().item() / 2) * p[0, j].item() for j in range(4)])
+        w = w / w.sum()
+        expected = p[0, i] * z[0, i] + (1 - p[0, i]) * (w[:, None] * z[0]).sum(0)
+        assert torch.allclose(got[0, i], expected, atol=1e-5)
+
+
+def test_ste_forward_is_one_and_passes_gradient():
+    x = torch.tensor([0.6, 0.9, 0.51], requires_grad=True)
+    y = ste(x)
+    assert torch.equal(y, torch.ones(3))
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("n", [4.0, 16.0])
+def test_ratio_loss_formula_and_minimum(n):
+    L = 64
+    for f_count, g in [(16, 0.25), (4, 0.1), (32, 0.7), (64, 1.0)]:
+        mask = torch.zeros(1, L, dtype=torch.bool)
+        mask[0, :f_count] = True
+        p = torch.full((1, L), g)
+        f = f_count / L
+        expected = n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
+        assert math.isclose(ratio_loss(mask, p, n).item(), expected, rel_tol=1e-6)
+    # Minimum 1 at F = G = 1/N along the diagonal F = G.
+    values = {x: n / (n - 1) * ((n - 1) * x * x + (1 - x) ** 2) for x in torch.linspace(0.01, 0.99, 99).tolist()}
+    best = min(values, key=values.get)
+    assert abs(best - 1 / n) < 0.011 and math.isclose(min(values.values()), 1.0, abs_tol=2e-3)
+    mask = torch.zeros(1, L, dtype=torch.bool)
+    mask[0, : int(L / n)] = True
+    assert math.isclose(ratio_loss(mask, torch.full((1, L), 1 / n), n).item(), 1.0, rel_tol=1e-6)
+
+
+def test_ratio_loss_gradient_flows_only_through_p():
+    mask = torch.tensor([[True, True, False, False]])
+    p = torch.full((1, 4), 0.5, requires_grad=True)
+    ratio_loss(mask, p, 4.0).backward()
+    f = 0.5  # dL/dG = N/(N−1)·((N−1)F − (1−F)), spread over the 4 entries of the mean
+    assert torch.allclose(p.grad, torch.full((1, 4), 4 / 3 * (3 * f - (1 - f)) / 4))
+
+
+def test_random_router_keeps_about_l_over_n():
+    torch.manual_seed(0)
+    h = torch.zeros(8, 1024, 4)
+    p = RandomRouter(4.0)(h, 32)
+    frac = (p > 0.5).float().mean().item()
+    assert abs(frac - 0.25) < 0.01
+    assert p.min() >= 0 and p.max() <= 1

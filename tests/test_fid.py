@@ -1,0 +1,314 @@
+"""dcdit_cli.fid: the ADM-evaluator metrics, the readers and the whole pipeline with a
+randomly initialised Inception (the real weights are not on this machine)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+from dcdit_cli import fid
+from dcdit_cli.console import DcditError
+from dcdit_cli.imaging import center_crop_arr
+
+# ------------------------------------------------------------------ Fréchet distance
+
+
+def _random_cov(rng, d):
+    a = rng.normal(size=(d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_frechet_identical_stats_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=6), _random_cov(rng, 6)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_diagonal_gaussians_match_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_retries_with_offset_when_sqrtm_is_not_finite(monkeypatch):
+    real_sqrtm, calls = fid.scipy.linalg.sqrtm, []
+
+    def flaky_sqrtm(a):
+        calls.append(a.copy())
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", flaky_sqrtm)
+    s1, s2 = np.diag([1.0, 0.0, 2.0]), np.diag([0.0, 1.0, 2.0])  # singular
+    value = fid.frechet_distance(np.zeros(3), s1, np.zeros(3), s2)
+    assert len(calls) == 2
+    eps = 1e-6
+    np.testing.assert_allclose(calls[1], (s1 + eps * np.eye(3)) @ (s2 + eps * np.eye(3)))
+    expected = np.sum(np.diag(s1) + np.diag(s2) - 2 * np.sqrt((np.diag(s1) + eps) * (np.diag(s2) + eps)))
+    assert value == pytest.approx(expected, abs=1e-5)
+
+
+def test_frechet_imaginary_part(monkeypatch):
+    s = np.eye(3)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.eye(3) + 1e-5j * np.eye(3))
+    assert fid.frechet_distance(np.zeros(3), s, np.zeros(3), s) == pytest.approx(0.0, abs=1e-9)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.eye(3) + 0.1j * np.eye(3))
+    with pytest.raises(DcditError, match="imaginary"):
+        fid.frechet_distance(np.zeros(3), s, np.zeros(3), s)
+
+
+def test_frechet_shape_mismatch():
+    with pytest.raises(DcditError, match="do not match"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_running_stats_match_np_cov():
+    x = np.random.default_rng(2).normal(size=(37, 5))
+    stats = fid.RunningStats(5)
+    for i in range(0, 37, 10):
+        stats.update(x[i : i + 10])
+    mu, sigma = stats.result()
+    np.testing.assert_allclose(mu, x.mean(0), atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), atol=1e-12)
+
+
+# ------------------------------------------------------------------ Inception Score
+
+
+def test_inception_score_uniform_is_one():
+    assert fid.inception_score(np.zeros((40, 1008))) == pytest.approx(1.0)  # logits
+    assert fid.inception_score(np.full((40, 10), 0.1)) == pytest.approx(1.0)  # probabilities
+
+
+def test_inception_score_one_hot_over_k_classes_is_k():
+    k = 4
+    probs = np.eye(10)[np.arange(40) % k]  # every split of 4 holds each class once
+    assert fid.inception_score(probs, splits=10) == pytest.approx(k)
+    assert fid.inception_score(probs, splits=1) == pytest.approx(k)
+    logits = np.where(probs > 0, 50.0, -50.0)  # near one-hot after the softmax
+    assert fid.inception_score(logits, splits=10) == pytest.approx(k, rel=1e-6)
+
+
+# ------------------------------------------------------------------ precision / recall
+
+
+def test_precision_recall_identical_clouds():
+    x = np.random.default_rng(3).normal(size=(60, 8))
+    assert fid.precision_recall(x, x.copy(), k=3, device="cpu") == (1.0, 1.0)
+
+
+def test_precision_recall_disjoint_clouds():
+    x = np.random.default_rng(4).normal(size=(60, 8))
+    assert fid.precision_recall(x, x + 1000.0, k=3, device="cpu") == (0.0, 0.0)
+
+
+def test_precision_recall_fake_inside_part_of_real():
+    real = np.random.default_rng(5).normal(size=(300, 2))
+    fake = real[real[:, 0] < -0.5]  # one corner of the real cloud: every fake is realistic
+    precision, recall = fid.precision_recall(real, fake, k=3, device="cpu")
+    assert precision == 1.0
+    assert recall < 0.6
+
+
+def test_precision_recall_needs_more_than_k_points():
+    with pytest.raises(DcditError, match="more than 3"):
+        fid.precision_recall(np.zeros((3, 4)), np.zeros((10, 4)), k=3, device="cpu")
+
+
+# ------------------------------------------------------------------ readers and cropping
+
+
+def _images(rng, n, size=64, scale=1.0, offset=0.0):
+    """Smooth random uint8 (n, size, size, 3) images: 8×8 colour blocks."""
+    x = offset + scale * rng.random((n, size // 8, size // 8, 3))
+    x = np.kron(x, np.ones((1, 8, 8, 1)))
+    return (x * 255).clip(0, 255).astype(np.uint8)
+
+
+def test_center_crop_arr_adm():
+    rng = np.random.default_rng(6)
+    image = Image.fromarray(rng.integers(0, 256, size=(300, 600, 3), dtype=np.uint8))  # W 600, H 300
+    out = center_crop_arr(image, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    gray = Image.new("L", (100, 80), color=77)
+    np.testing.assert_array_equal(center_crop_arr(gray, 32), np.full((32, 32, 3), 77, np.uint8))
+    exact = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(exact), 32), exact)
+
+
+def test_npz_samples_stream_in_batches(tmp_path):
+    x = _images(np.random.default_rng(7), 11, size=16)
+    np.savez(tmp_path / "s.npz", arr_0=x)
+    samples = fid.load_samples(tmp_path / "s.npz")
+    assert samples.num == 11
+    np.testing.assert_array_equal(np.concatenate(list(samples.batches(4))), x)
+    np.testing.assert_array_equal(np.concatenate(list(samples.batches(4, limit=6))), x[:6])
+    np.savez_compressed(tmp_path / "c.npz", arr_0=x)
+    np.testing.assert_array_equal(np.concatenate(list(fid.load_samples(tmp_path / "c.npz").batches(5))), x)
+
+
+def test_load_samples_errors(tmp_path):
+    with pytest.raises(DcditError, match="not found"):
+        fid.load_samples(tmp_path / "missing.npz")
+    np.savez(tmp_path / "no_arr0.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(DcditError, match="no arr_0"):
+        fid.load_samples(tmp_path / "no_arr0.npz")
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(DcditError, match="uint8"):
+        fid.load_samples(tmp_path / "float.npz")
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(DcditError, match="channels-first"):
+        fid.load_samples(tmp_path / "nchw.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(DcditError, match="not a readable .npz"):
+        fid.load_samples(tmp_path / "text.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DcditError, match="no images"):
+        fid.load_samples(tmp_path / "empty")
+
+
+def test_folder_samples_skip_corrupt_and_reject_mixed_sizes(tmp_path):
+    x = _images(np.random.default_rng(8), 3, size=16)
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    (tmp_path / "1b.png").write_bytes(b"not a png")
+    samples = fid.load_samples(tmp_path)
+    np.testing.assert_array_equal(np.concatenate(list(samples.batches(2))), x)
+    assert [p.name for p in samples.skipped] == ["1b.png"]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "9.png")
+    with pytest.raises(DcditError, match="share one size"):
+        list(fid.load_samples(tmp_path).batches(8))
+
+
+def test_load_reference_errors(tmp_path):
+    with pytest.raises(DcditError, match="reference batch not found"):
+        fid.load_reference(tmp_path / "ref.npz")
+    np.savez(tmp_path / "junk.npz", foo=np.zeros(3))
+    with pytest.raises(DcditError, match="neither arr_0 nor"):
+        fid.load_reference(tmp_path / "junk.npz")
+    np.savez(tmp_path / "half.npz", mu=np.zeros(2048))
+    with pytest.raises(DcditError, match="only one of"):
+        fid.load_reference(tmp_path / "half.npz")
+
+
+def test_compute_activations_rejects_bad_batches():
+    with pytest.raises(DcditError, match="uint8"):
+        fid.compute_activations(np.zeros((2, 8, 8, 3), np.float32), extractor=None)
+
+
+def test_evaluate_refuses_more_samples_than_stored(tmp_path, monkeypatch):
+    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "r.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(DcditError, match="asked for 10 samples"):
+        fid.evaluate(tmp_path / "s.npz", tmp_path / "r.npz", num=10)  # before any weights are needed
+
+
+def test_missing_inception_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    with pytest.raises(DcditError) as err:
+        fid.load_inception(None)
+    message = str(err.value)
+    assert fid.INCEPTION_WEIGHTS_URL in message and "--inception-weights" in message and fid.INCEPTION_WEIGHTS_ENV in message
+    with pytest.raises(DcditError, match="not found"):
+        fid.load_inception(tmp_path / "nope.pth")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, str(weights))
+    assert fid.resolve_inception_weights() == weights
+    with pytest.raises(DcditError, match="cannot read"):
+        fid.load_inception()
+    torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
+    with pytest.raises(DcditError, match="not torch-fidelity's Inception"):
+        fid.load_inception(weights, device="cpu")
+
+
+# ------------------------------------------------------------------ the whole pipeline
+
+
+def _random_inception_state_dict() -> dict:
+    """torch-fidelity's Inception with Kaiming-initialised convs (PyTorch's default init makes
+    the features vanish and every FID exactly 0, REFERENCE §11)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with pytest.MonkeyPatch.context() as mp:  # build the module without any weights file
+        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        net = FeatureExtractorInceptionV3("random", ["2048"], feature_extractor_weights_path=empty)
+    gen = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
+    return net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "weights-random.pth"
+    torch.save(_random_inception_state_dict(), path)
+    return fid.load_inception(path, device="cpu")
+
+
+@pytest.fixture
+def fast_sqrtm(monkeypatch):
+    """scipy's sqrtm of a 2048² matrix takes ~10 s on this 2-core machine. Where a test needs
+    only the value, use a matrix with the same trace, diag(√λ(σ1σ2)); sqrtm itself is covered
+    by the Fréchet tests and by test_evaluate_same_set."""
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.diag(np.sqrt(np.linalg.eigvals(a).astype(complex))))
+
+
+IMAGES_A = _images(np.random.default_rng(10), 16)
+IMAGES_B = _images(np.random.default_rng(11), 16, scale=0.3, offset=0.6)  # brighter, flatter
+
+
+def test_inception_features_shapes(inception):
+    feats = inception(IMAGES_A[:2])
+    assert feats["pool"].shape == (2, 2048) and feats["logits"].shape == (2, 1008) and feats["spatial"].shape == (2, 2023)
+    assert feats["pool"].std() > 0 and feats["spatial"].std() > 0
+
+
+def test_evaluate_same_set(tmp_path, inception):
+    np.savez(tmp_path / "samples.npz", arr_0=IMAGES_A)
+    np.savez(tmp_path / "ref.npz", arr_0=IMAGES_A)  # no stats: computed from arr_0
+    results = fid.evaluate(tmp_path / "samples.npz", tmp_path / "ref.npz", extractor=inception, batch_size=8)
+    assert abs(results["fid"]) < 1e-3 and abs(results["sfid"]) < 1e-3
+    assert results["precision"] == 1.0 and results["recall"] == 1.0
+    assert np.isfinite(results["inception_score"]) and results["inception_score"] >= 1.0
+    assert results["num_samples"] == 16 and results["num_ref"] == 16
+    console = Console(record=True, width=100)
+    console.print(fid.report_table(results))
+    text = console.export_text()
+    assert "FID" in text and "Recall" in text and "1.0000" in text
+
+
+def test_make_reference_then_evaluate_another_distribution(tmp_path, inception, fast_sqrtm):
+    images = tmp_path / "real"
+    (images / "sub").mkdir(parents=True)
+    for i, img in enumerate(IMAGES_A):
+        Image.fromarray(img).save(images / ("sub" if i % 2 else ".") / f"{i:02d}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG truncated")
+    summary = fid.make_reference(images, tmp_path / "ref.npz", image_size=64, extractor=inception, batch_size=8)
+    assert summary["num_images"] == 16 and summary["num_stored"] == 16 and summary["skipped"] == 1
+
+    ref = fid.load_reference(tmp_path / "ref.npz")
+    assert ref.has_stats and ref.images.num == 16
+    assert ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048) and ref.mu_s.shape == (2023,)
+    stored = np.concatenate(list(ref.images.batches(16)))  # the crops of 64² images are the images
+    assert sorted(map(bytes, stored)) == sorted(map(bytes, IMAGES_A))
+
+    np.savez(tmp_path / "samples.npz", arr_0=IMAGES_B)
+    results = fid.evaluate(tmp_path / "samples.npz", ref, extractor=inception, batch_size=8, num=12)
+    assert results["num_samples"] == 12 and results["num_ref"] == 16
+    assert results["fid"] > 1.0 and results["sfid"] > 0.01
+    assert results["precision"] < 1.0 and results["recall"] < 1.0

@@ -1,0 +1,46 @@
+"""FLOP accounting reproduces paper Table 1 for the DiT baselines (REFERENCE §4, §5)."""
+
+import pytest
+
+from dcdit_cli.flops import dcdit_cost, build_for_counting, flops_row, forward_flops_at
+from dcdit_cli.recipe import load_recipe
+
+TABLE1 = {  # recipe: (params, TFLOPs/img), paper Table 1 (dit-b-p2-isoflop: 17 blocks count 183.5M, REFERENCE §4)
+    "dit-b-p2": (141e6, 24.84), "dit-b-p2-isoflop": (183.5e6, 32.50), "dit-b-p4": (141e6, 6.01),
+    "dit-b-p4-isoflop": (301e6, 12.92), "dit-xl-p2": (699e6, 122.41), "dit-xl-p2-isoflop": (818e6, 143.75),
+    "dit-xl-p4": (699e6, 29.96), "dit-xl-p4-isoflop": (1201e6, 51.65),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE1))
+def test_dit_rows_match_table1_within_one_percent(name):
+    row = flops_row(name, load_recipe(name))
+    params, tflops = TABLE1[name]
+    assert abs(row.params - params) / params < 0.01
+    assert abs(row.tflops_per_img - tflops) / tflops < 0.01
+
+
+def test_forward_gflops_reference_values():
+    # REFERENCE §5: DiT-B/2 with 13 blocks is 49.873 GFLOPs a forward.
+    row = flops_row("dit-b-p2", load_recipe("dit-b-p2"))
+    assert abs(row.tflops_per_img * 1e12 / (2 * 249) / 1e9 - 49.873) < 0.01
+
+
+def test_dcdit_quadratic_cost_is_exact():
+    recipe = load_recipe("tiny")
+    model = build_for_counting(recipe.model, "cpu")
+    cost = dcdit_cost(recipe.model, model)
+    for m in (7, 20, 64):
+        assert cost(m) == pytest.approx(forward_flops_at(model, m), rel=1e-9)
+    assert cost.c > 0  # attention and smoothing grow quadratically
+
+
+def test_dcdit_row_from_target_and_from_measured_counts():
+    recipe = load_recipe("tiny")
+    by_target = flops_row("tiny", recipe)
+    assert by_target.compression == pytest.approx(4.0) and by_target.source == "target N"
+    steps = recipe.diffusion.sampling_steps
+    kept = [[16, 16]] * steps  # 2 images, 16 kept tokens each at every step
+    measured = flops_row("tiny", recipe, kept_per_step=kept)
+    assert measured.tflops_per_img == pytest.approx(by_target.tflops_per_img * steps / (steps - 1) * (steps - 1) / steps)
+    assert measured.compression == pytest.approx(4.0)

@@ -1,0 +1,136 @@
+"""DC-DiT and DiT model-level behaviour: shapes, inits, batch invariance, gradients, sizes."""
+
+import pytest
+import torch
+
+from dcdit_cli.models import DCDiT, DiT, build_model
+from dcdit_cli.models.dit import sincos_2d, grid_positions
+from dcdit_cli.recipe import load_recipe
+
+TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, scaffold_width=16)
+
+
+def _inputs(b, side=8, ch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, ch, side, side, generator=g), torch.randint(0, 1000, (b,), generator=g), torch.randint(0, 5, (b,), generator=g)
+
+
+def _randomise(model, seed=0):
+    """Give zero-initialised layers random weights so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_zero_inits():
+    m = DCDiT(**TINY)
+    assert torch.count_nonzero(m.residual_proj.weight) == 0 and torch.count_nonzero(m.residual_proj.bias) == 0
+    assert torch.count_nonzero(m.final_layer.linear.weight) == 0
+    assert torch.count_nonzero(m.final_layer.adaLN_modulation[-1].weight) == 0
+    for block in m.blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+    assert torch.equal(m.router.q_proj.weight, torch.eye(32)) and torch.equal(m.router.k_proj.weight, torch.eye(32))
+    assert torch.allclose(m.router.k_avg.weight, torch.full_like(m.router.k_avg.weight, 1 / 9))
+    x, t, y = _inputs(2)
+    out, _ = m(x, t, y)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the untrained model predicts 0
+
+
+def test_shapes_and_stats():
+    m = _randomise(DCDiT(**TINY))
+    x, t, y = _inputs(3)
+    out, stats = m(x, t, y)
+    assert out.shape == (3, 6, 8, 8)
+    assert stats.p.shape == (3, 64) and stats.kept.shape == (3, 64)
+    assert torch.equal(stats.num_kept, stats.kept.sum(1)) and (stats.num_kept >= 1).all()
+    assert stats.order.shape[1] == int(stats.num_kept.max())
+    assert torch.allclose(stats.compression, 64 / stats.num_kept.float())
+
+
+def test_batch_invariance_alone_vs_batch_of_four():
+    torch.manual_seed(0)
+    m = _randomise(DCDiT(**TINY)).eval()
+    # Bias the router so samples keep different numbers of tokens.
+    x, t, y = _inputs(4)
+    x = x * torch.tensor([0.1, 1.0, 3.0, 0.5])[:, None, None, None]
+    with torch.no_grad():
+        batched, stats = m(x, t, y)
+        assert len(set(stats.num_kept.tolist())) > 1, "test needs different kept counts to exercise padding"
+        for i in range(4):
+            alone, s1 = m(x[i : i + 1], t[i : i + 1], y[i : i + 1])
+            assert torch.equal(s1.kept[0], stats.kept[i])
+            assert torch.allclose(alone[0], batched[i], atol=1e-5), i
+
+
+def test_budget_per_sample_and_zero_budget_identity():
+    m = _randomise(DCDiT(**TINY)).eval()
+    x, t, y = _inputs(2)
+    with torch.no_grad():
+        a, sa = m(x, t, y)
+        b, sb = m(x, t, y, budget=0.0)
+        c, sc = m(x, t, y, budget=torch.tensor([0.0, 0.5]))
+    assert torch.equal(a, b)
+    assert sc.num_kept[0] == sa.num_kept[0] and sc.num_kept[1] < sa.num_kept[1] or sa.num_kept[1] == 1
+    assert torch.equal(sc.mask, sa.mask)  # the ratio loss sees the mask before dropping
+    with pytest.raises(ValueError):
+        m(x, t, y, budget=1.0)
+
+
+def test_diffusion_loss_alone_reaches_router():
+    torch.manual_seed(0)
+    m = _randomise(DCDiT(**TINY))
+    x, t, y = _inputs(2)
+    out, stats = m(x, t, y)
+    loss = out.square().mean()  # any loss on the prediction; no ratio loss (λ = 0)
+    loss.backward()
+    for name in ("q_proj", "k_proj", "k_avg"):
+        grad = getattr(m.router, name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_random_router_model_runs_and_keeps_about_l_over_n():
+    torch.manual_seed(0)
+    m = DCDiT(**{**TINY, "input_size": 16}, router="random", target_ratio=4.0)
+    x, t, y = _inputs(8, side=16)
+    _, stats = m(x, t, y)
+    assert abs(stats.mask.float().mean().item() - 0.25) < 0.05
+
+
+def test_sincos_matches_dit_table_layout():
+    emb = sincos_2d(grid_positions(4), 16)  # (16, 16)
+    # first half encodes the column: tokens in the same column share it
+    assert torch.allclose(emb[0, :8], emb[4, :8]) and not torch.allclose(emb[0, 8:], emb[4, 8:])
+    assert torch.allclose(emb[0, 8:], emb[1, 8:]) and not torch.allclose(emb[0, :8], emb[1, :8])
+    # [sin | cos] at position 0: sin 0 = 0, cos 0 = 1
+    assert torch.equal(emb[0, :4], torch.zeros(4)) and torch.equal(emb[0, 4:8], torch.ones(4))
+
+
+def test_dit_official_parameter_counts():
+    with torch.device("meta"):
+        b2 = DiT(patch_size=2, hidden_size=768, depth=12, num_heads=12)
+        xl2 = DiT(patch_size=2, hidden_size=1152, depth=28, num_heads=16)
+    assert round(sum(p.numel() for p in b2.parameters()) / 1e6, 1) == 130.5
+    assert sum(p.numel() for p in xl2.parameters()) == 675_129_632  # the official checkpoint
+    keys = xl2.state_dict().keys()
+    assert len(keys) == 292 and "blocks.27.adaLN_modulation.1.weight" in keys and "pos_embed" in keys
+
+
+def test_dcdit_parameter_counts_near_paper():
+    for name, paper in (("b-n4", 138e6), ("xl-n4", 690e6)):
+        with torch.device("meta"):
+            m = build_model(load_recipe(name).model)
+        n = sum(p.numel() for p in m.parameters())
+        assert abs(n - paper) / paper < 0.015, (name, n)
+
+
+def test_dit_unpatchify_roundtrip_and_forward():
+    m = _randomise(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5))
+    x, t, y = _inputs(2)
+    out, stats = m(x, t, y)
+    assert out.shape == (2, 6, 8, 8) and stats is None
+    tokens = torch.arange(2 * 16 * 24, dtype=torch.float32).reshape(2, 16, 24)
+    img = m.unpatchify(tokens)
+    # token (0,0), sub-position (p=1, q=0), channel 2 → index (1·2 + 0)·6 + 2 = 14
+    assert img[0, 2, 1, 0] == tokens[0, 0, 14]
