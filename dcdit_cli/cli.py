@@ -83,6 +83,45 @@ def flops(
     run_flops(recipes=recipe or [], all_recipes=all_, ckpt=ckpt, num=num, overrides=set_ or [], as_json=json_)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit train --recipe toy                          # built-in shapes set, CPU, minutes\n\n"
+        "  dcdit train --recipe toy --set train.max_steps=3000   # rerun: resumes from runs/toy and goes on\n\n"
+        "  dcdit train --recipe xl-n16 --print-recipe        # the paper's setting\n\n"
+        "  dcdit train --recipe b-n4 --set data.path=features/imagenet256 --out runs/b-n4\n\n"
+        "  dcdit train --recipe b-n4 --resume runs/b-n4/checkpoints/step-0100000\n\n"
+        "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
+        "To resume, run the same command again: it continues from the newest complete checkpoint."
+    )
+)
+def train(
+    recipe: Optional[str] = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N."),
+    print_recipe: bool = PrintOpt,
+):
+    """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
+    cfg = _recipe(recipe, set_)
+    _maybe_print(cfg, print_recipe)
+    from dcdit_cli.train import train as run_train
+
+    out_dir = out or Path("runs") / cfg.run.name
+    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]))
+    _next_steps(out_dir, weights)
+
+
+def _next_steps(out_dir: Path, weights) -> None:
+    from dcdit_cli.console import print0
+
+    if weights is None:
+        return
+    print0(f"[bold green]done.[/] EMA weights: {weights}")
+    print0(f"next: dcdit sample --ckpt {out_dir} --out {out_dir}/samples.png")
+    print0(f"      dcdit viz-boundaries --ckpt {out_dir} --out {out_dir}/boundaries")
+
+
 def main() -> None:
     try:
         app()
