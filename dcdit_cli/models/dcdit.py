@@ -36,7 +36,9 @@ class RouterStats:
 
     p (B, L) boundary probabilities; mask (B, L) the router's boundaries before tail dropping
     (what the ratio loss sees); kept (B, L) the tokens the inner network actually ran on;
-    num_kept (B,); order (B, M_max) raster index of each chunk slot; valid (B, M_max).
+    num_kept (B,); order (B, M_max) raster index of each chunk slot; valid (B, M_max);
+    block_outputs: each inner block's output (B, M_max, D), only when the model's
+    ``record_block_outputs`` is set (activation distillation, REFERENCE §6), else None.
     """
 
     p: torch.Tensor
@@ -45,6 +47,7 @@ class RouterStats:
     num_kept: torch.Tensor
     order: torch.Tensor
     valid: torch.Tensor
+    block_outputs: list[torch.Tensor] | None = None
 
     @property
     def compression(self) -> torch.Tensor:
@@ -91,6 +94,9 @@ class DCDiT(nn.Module):
         self.hidden_size = hidden_size
         self.target_ratio = target_ratio
         self.pos_grid_scale = pos_grid_scale
+        # When True, forward also returns every inner block's output in RouterStats.block_outputs
+        # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
+        self.record_block_outputs = False
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -136,8 +142,11 @@ class DCDiT(nn.Module):
         tokens, order, valid = self.chunk(h, kept, p)  # (B, M_max, D), (B, M_max), (B, M_max)
         tokens = tokens + sincos_2d(self.inner_positions(order, side), self.hidden_size).to(tokens.dtype)
         attn_mask = None if bool(valid.all()) else valid[:, None, None, :]  # (B, 1, 1, M_max) key padding
+        block_outputs = [] if self.record_block_outputs else None
         for block in self.blocks:
             tokens = block(tokens, c, attn_mask)  # (B, M_max, D)
+            if block_outputs is not None:
+                block_outputs.append(tokens)
         tokens = self.inner_norm(tokens)
 
         z = self.dechunk(tokens, order, valid, p, side)  # (B, L, D) fp32
@@ -146,5 +155,6 @@ class DCDiT(nn.Module):
         out = self.decoder(z, c, side)  # (B, L, e)
         out = self.final_layer(out, c)  # (B, L, 2C)
         out = out.transpose(1, 2).reshape(B, self.out_channels, side, side)  # (B, 2C, H, W)
-        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid)
+        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid,
+                            block_outputs=block_outputs)
         return out, stats

@@ -202,6 +202,16 @@ class DiT(nn.Module):
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
+    def forward_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's output (B, T, D), in order; the teacher side of activation distillation (REFERENCE §6)."""
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        c = self.condition(t, y)  # (B, D)
+        outputs = []
+        for block in self.blocks:
+            x = block(x, c)  # (B, T, D)
+            outputs.append(x)
+        return outputs
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
         """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), None).
 

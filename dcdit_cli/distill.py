@@ -1,0 +1,121 @@
+"""Activation distillation: the warm-up before diffusion training of an upcycled DC-DiT.
+
+Paper §4.4: "a frozen copy of the pretrained DiT serves as the teacher, and the full DC-DiT
+student is trained for a brief warm-up (5K steps) with an MSE loss between student and
+teacher block outputs … before switching to the standard diffusion objective" (after the
+grafting approach of Chandrasegaran et al. 2025). REFERENCE §6 fixes the pairing:
+
+    [choice] block i of the student at each kept token is compared with block i of the
+    teacher at the patch holding that token's position, (r // P, c // P), and the squared
+    error (mean over channels) is averaged over the kept tokens of the batch and the blocks.
+
+Both networks see the same (x_t, t, y): those of the diffusion step, which the training
+loop hands to ``Objective.extra_loss``. During the warm-up the diffusion loss is weighted
+0 ([choice]: the paper trains the warm-up "with an MSE loss", nothing else) and is still
+logged; the ratio loss stays on so the router keeps its target compression. The switch is
+a function of the step (``Objective.until_step``), so a run resumes on either side of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from dcdit_cli.models.dit import DiT
+from dcdit_cli.recipe import Recipe
+from dcdit_cli.train import Objective
+
+
+def build_teacher(source: Mapping[str, torch.Tensor], recipe: Recipe) -> DiT:
+    """The frozen teacher: the pretrained DiT itself (eval mode, no gradients, in no optimizer)."""
+    from dcdit_cli.upcycle import inspect_dit
+
+    shape = inspect_dit(source)
+    m = recipe.model
+    with torch.device("meta"):  # sizes only; the weights come from ``source``
+        teacher = DiT(
+            input_size=recipe.upcycle.source_input_size,
+            patch_size=shape.patch_size,
+            in_channels=shape.in_channels,
+            hidden_size=shape.hidden_size,
+            depth=shape.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=shape.mlp_hidden / shape.hidden_size,
+            num_classes=shape.num_classes,
+            learn_sigma=shape.learn_sigma,
+        )
+    missing, unexpected = teacher.load_state_dict(source, strict=False, assign=True)
+    if "pos_embed" in missing:  # a checkpoint without the fixed table: compute it
+        teacher.pos_embed = torch.nn.Parameter(torch.empty(teacher.pos_embed.shape), requires_grad=False)
+        teacher.initialize_weights()
+        teacher.load_state_dict(source, strict=False)
+        missing = [k for k in missing if k != "pos_embed"]
+    if missing or unexpected:
+        raise ValueError(f"teacher DiT does not match its checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    teacher.requires_grad_(False)
+    return teacher.float().eval()
+
+
+def teacher_index(order: torch.Tensor, side: int, patch_size: int) -> torch.Tensor:
+    """Raster index on the P = 1 grid (B, M) → index of the teacher's patch (B, M) holding it."""
+    r, c = torch.div(order, side, rounding_mode="floor"), order % side
+    return torch.div(r, patch_size, rounding_mode="floor") * (side // patch_size) + torch.div(c, patch_size, rounding_mode="floor")
+
+
+def activation_distillation_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], order: torch.Tensor, valid: torch.Tensor, side: int, patch_size: int
+) -> torch.Tensor:
+    """REFERENCE §6: mean over blocks and kept tokens of ‖s_i − T_i[patch(token)]‖² / D.
+
+    student: per block (B, M_max, D) at the chunk slots; teacher: per block (B, T, D) on the
+    patch grid; order, valid (B, M_max) from RouterStats (padding slots are excluded).
+    """
+    index = teacher_index(order, side, patch_size)[..., None]  # (B, M_max, 1)
+    weight = valid.float()  # (B, M_max)
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        target = t.gather(1, index.expand(-1, -1, t.shape[-1]))  # (B, M_max, D)
+        per_token = (s.float() - target.float()).square().mean(dim=-1)  # (B, M_max)
+        losses.append((per_token * weight).sum() / weight.sum())
+    return torch.stack(losses).mean()
+
+
+class DistillLoss:
+    """``Objective.extra_loss`` of the warm-up: weight · activation-distillation MSE.
+
+    Reads the student's block outputs from ``stats.block_outputs`` (the student is built
+    with ``record_block_outputs = True``) and runs the teacher on the same (x_t, t, y).
+    """
+
+    def __init__(self, teacher: DiT, weight: float = 1.0):
+        self.teacher = teacher
+        self.patch_size = teacher.patch_size
+        self.weight = weight
+
+    def __call__(self, model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, stats):
+        if stats is None or stats.block_outputs is None:
+            raise RuntimeError("activation distillation needs the student's block outputs: set model.record_block_outputs = True")
+        if next(self.teacher.parameters()).device != x_t.device:
+            self.teacher.to(x_t.device)
+        with torch.no_grad():
+            teacher_blocks = self.teacher.forward_blocks(x_t, t, y)  # per block (B, T, D)
+        loss = activation_distillation_loss(stats.block_outputs, teacher_blocks, stats.order, stats.valid, x_t.shape[-1], self.patch_size)
+        return self.weight * loss, {"distill_loss": loss.detach()}
+
+
+def distill_objectives(source: Mapping[str, torch.Tensor], recipe: Recipe) -> list[Objective]:
+    """The two phases: distillation for ``distill.steps`` steps, then diffusion to the end."""
+    teacher = build_teacher(source, recipe)
+    return [
+        Objective("distill", diffusion_weight=0.0, extra_loss=DistillLoss(teacher, recipe.distill.weight), until_step=recipe.distill.steps),
+        Objective("diffusion"),
+    ]
+
+
+def distill(recipe: Recipe, source: Path, out_dir: Path, *, resume: Path | None = None, command: str = "") -> Path | None:
+    """`dcdit distill`: upcycle ``source`` into a DC-DiT, distillation warm-up, then diffusion, in one run."""
+    from dcdit_cli.upcycle import upcycle
+
+    return upcycle(recipe, source, out_dir, resume=resume, command=command, distill=True)

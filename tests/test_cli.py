@@ -1,0 +1,62 @@
+"""The CLI through a real subprocess: help with examples, instant --help, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["train", "sample", "flops"]
+
+
+def dcdit(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "dcdit_cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from dcdit_cli.cli import app; import typer.main;\n" \
+           "try:\n    app(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_help_has_examples(command):
+    proc = dcdit(command, "--help")
+    assert proc.returncode == 0 and "Examples" in proc.stdout and f"dcdit {command}" in proc.stdout
+
+
+def test_bad_set_is_one_line_with_suggestion_and_exit_2():
+    proc = dcdit("train", "--recipe", "tiny", "--set", "train.learning_rate=1")
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "did you mean 'lr'" in proc.stderr.replace("\n", " ")
+
+
+def test_print_recipe_shows_paper_setting():
+    proc = dcdit("train", "--recipe", "xl-n16", "--print-recipe")
+    assert proc.returncode == 0
+    assert "hidden_size = 1152" in proc.stdout and "target_ratio = 16.0" in proc.stdout and "global_batch = 256" in proc.stdout
+
+
+def test_flops_json():
+    proc = dcdit("flops", "--recipe", "dit-xl-p2", "--recipe", "tiny", "--json")
+    rows = json.loads(proc.stdout)
+    assert rows[0]["recipe"] == "dit-xl-p2" and abs(rows[0]["tflops_per_img"] - 122.41) < 0.5
+    assert rows[1]["source"] == "target N"
+
+
+def test_flops_from_checkpoint(tmp_path):
+    from dcdit_cli.recipe import load_recipe
+    from dcdit_cli.train import train
+
+    train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "run")
+    proc = dcdit("flops", "--ckpt", str(tmp_path / "run"), "--num", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)[0]
+    assert row["source"] == "checkpoint + data" and 1 <= row["compression"] <= 64
+
+
+def test_missing_checkpoint_is_one_line():
+    proc = dcdit("sample", "--ckpt", "/nonexistent/run")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
