@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from dcdit_cli.models.dit import DiT
+from dcdit_cli.models.dit import DiT, grid_positions, sincos_2d
 from dcdit_cli.recipe import Recipe
 from dcdit_cli.train import Objective
 
@@ -46,11 +46,10 @@ def build_teacher(source: Mapping[str, torch.Tensor], recipe: Recipe) -> DiT:
             num_classes=shape.num_classes,
             learn_sigma=shape.learn_sigma,
         )
-    missing, unexpected = teacher.load_state_dict(source, strict=False, assign=True)
+    missing, unexpected = teacher.load_state_dict(source, strict=False, assign=True)  # shares the loaded tensors
     if "pos_embed" in missing:  # a checkpoint without the fixed table: compute it
-        teacher.pos_embed = torch.nn.Parameter(torch.empty(teacher.pos_embed.shape), requires_grad=False)
-        teacher.initialize_weights()
-        teacher.load_state_dict(source, strict=False)
+        side = recipe.upcycle.source_input_size // shape.patch_size
+        teacher.pos_embed = torch.nn.Parameter(sincos_2d(grid_positions(side), shape.hidden_size)[None], requires_grad=False)
         missing = [k for k in missing if k != "pos_embed"]
     if missing or unexpected:
         raise ValueError(f"teacher DiT does not match its checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")

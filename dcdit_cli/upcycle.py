@@ -85,7 +85,8 @@ def _first_line(error: Exception, limit: int = 160) -> str:
 
 def load_dit_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The DiT state dict in ``path``: a flat state dict (the official release), DiT train.py's
-    {model, ema, opt, args} (the ``ema`` weights are used), or a safetensors file.
+    {model, ema, opt, args} (the ``ema`` weights are used), or a safetensors file (also the
+    EMA weights a ``model.kind = "dit"`` run of ``dcdit train`` exports).
 
     Pickles are read with ``torch.load(weights_only=True)`` (plus ``argparse.Namespace``, the
     ``args`` of DiT's train.py); anything else is a DcditError naming the file.
@@ -116,13 +117,13 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") == WEIGHTS_FORMAT:
+            meta, keys = f.metadata() or {}, set(f.keys())
+        if meta.get("format") == WEIGHTS_FORMAT and any(k in keys for k in DCDIT_KEYS):
             raise DcditError(
-                f"{path} is dcdit weights exported by a training run, not a DiT checkpoint: {_HINT}; "
-                f"to continue a dcdit run, rerun its command or pass --resume"
+                f"{path} is the weights of a DC-DiT run (exported by dcdit), not a DiT checkpoint: {_HINT}; "
+                f"to continue that run, rerun its command or pass --resume"
             )
-        return load_file(str(path), device="cpu")
+        return load_file(str(path), device="cpu")  # includes the weights of a `dcdit train` DiT run
     except (SafetensorError, OSError) as e:
         raise DcditError(f"{path} is not a readable safetensors file ({_first_line(e)}): {_HINT}") from None
 
@@ -216,10 +217,10 @@ class UpcycleReport:
         adaptors = set(self.adaptors)
         groups = [
             ("copied, frozen", [k for k in self.copied if k in frozen]),
-            ("copied, trained", [k for k in self.copied if k not in frozen]),
-            ("new: LayerNorm adaptors on c", [k for k in self.new if k in adaptors]),
-            ("new: DC-DiT scaffold", [k for k in self.new if k not in adaptors]),
-            ("left out (patch-size specific)", self.left_out),
+            ("copied", [k for k in self.copied if k not in frozen]),
+            ("new: adaptors on c", [k for k in self.new if k in adaptors]),
+            ("new", [k for k in self.new if k not in adaptors]),
+            ("left out", self.left_out),
         ]
         return [(status, _modules(keys), len(keys), sum(self.numel[k] for k in keys)) for status, keys in groups if keys]
 
@@ -245,7 +246,7 @@ def _modules(keys: list[str]) -> str:
         if parts[0] == "blocks":
             names.setdefault("blocks", set()).add(int(parts[1]))
         elif parts[-1] == "cond_norm":
-            names.setdefault(f"{parts[0]}.blocks.*.cond_norm", set())
+            names.setdefault(f"{parts[0]}.*.cond_norm", set())
         else:
             names.setdefault(parts[0], set())
     labels = []

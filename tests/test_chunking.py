@@ -88,20 +88,22 @@ def test_plug_back_on_hand_made_grid_with_ties():
     kept = [(0, 0), (0, 3), (3, 1)]  # raster order
     order = torch.tensor([[r * side + c for r, c in kept]])
     pos = torch.tensor([[[float(r), float(c)] for r, c in kept]])
-    idx = DeChunkLayer.plug_back_index(pos, torch.ones(1, 3, dtype=torch.bool), side)
+    idx = DeChunkLayer.plug_back_reference(pos, torch.ones(1, 3, dtype=torch.bool), side)
     assert idx[0].tolist() == plug_back_oracle(kept, side)
     # (0,1)/(0,2) are at distance 1 and 2; (1,2): d²(0,3)=2, d²(0,0)=5 → slot 1; (2,0): d²(0,0)=4 and d²(3,1)=2 → slot 2.
     assert idx[0, 0 * side + 1].item() == 0 and idx[0, 1 * side + 2].item() == 1 and idx[0, 2 * side + 0].item() == 2
     # An exact tie: (1,1)... position (2,2) with kept (2,0) and (2,4) on a 5-grid → the smaller raster index.
     side = 5
-    tie = DeChunkLayer.plug_back_index(torch.tensor([[[2.0, 0.0], [2.0, 4.0]]]), torch.ones(1, 2, dtype=torch.bool), side)
+    tie = DeChunkLayer.plug_back_reference(torch.tensor([[[2.0, 0.0], [2.0, 4.0]]]), torch.ones(1, 2, dtype=torch.bool), side)
+    assert DeChunkLayer.plug_back_index(torch.tensor([[10, 14]]), torch.ones(1, 2, dtype=torch.bool), side)[0, 12] == 0
     assert tie[0, 2 * side + 2].item() == 0
     assert order.shape == (1, 3)
 
 
 def test_plug_back_ignores_padding_slots():
     pos = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
-    idx = DeChunkLayer.plug_back_index(pos, torch.tensor([[True, False]]), 2)
+    idx = DeChunkLayer.plug_back_reference(pos, torch.tensor([[True, False]]), 2)
+    assert DeChunkLayer.plug_back_index(torch.tensor([[0, 3]]), torch.tensor([[True, False]]), 2).tolist() == [[0, 0, 0, 0]]
     assert idx.tolist() == [[0, 0, 0, 0]]
 
 
@@ -112,9 +114,9 @@ def test_smoothing_with_confident_boundaries_is_identity_and_matches_formula():
     pos = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, 0.0]]])
     valid = torch.ones(1, 4, dtype=torch.bool)
     ones = torch.full((1, 4), 1 - 1e-4)
-    assert torch.allclose(layer.smooth(z, pos, ones, valid), z, atol=1e-3)
+    assert torch.allclose(layer.smooth_reference(z, pos, ones, valid), z, atol=1e-3)
     p = torch.tensor([[0.6, 0.9, 0.7, 0.55]])
-    got = layer.smooth(z, pos, p, valid)
+    got = layer.smooth_reference(z, pos, p, valid)
     for i in range(4):
         w = torch.tensor([math.exp(-((pos[0, i] - pos[0, j]) ** 2).sum().item() / 2) * p[0, j].item() for j in range(4)])
         w = w / w.sum()
@@ -164,3 +166,39 @@ def test_random_router_keeps_about_l_over_n():
     frac = (p > 0.5).float().mean().item()
     assert abs(frac - 0.25) < 0.01
     assert p.min() >= 0 and p.max() <= 1
+
+
+def _random_chunks(seed, batch=3, side=9, density=(0.02, 0.3, 0.7)):
+    g = torch.Generator().manual_seed(seed)
+    L = side * side
+    masks = torch.stack([torch.rand(L, generator=g) < density[i % len(density)] for i in range(batch)])
+    masks[:, 0] |= ~masks.any(1)  # at least one kept
+    p = torch.rand(batch, L, generator=g) * 0.5 + 0.5
+    z = torch.randn(batch, L, 6, generator=g)
+    _, order, valid = ChunkLayer()(z, masks, p)
+    return z.gather(1, order[..., None].expand(-1, -1, 6)), order, valid, p
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grid_plug_back_equals_brute_force_oracle(seed):
+    side = 9 if seed % 2 else 8  # odd and even sides make exact ties
+    _, order, valid, _ = _random_chunks(seed, side=side)
+    from dcdit_cli.models.chunking import raster_to_rc
+
+    fast = DeChunkLayer.plug_back_index(order, valid, side)
+    oracle = DeChunkLayer.plug_back_reference(raster_to_rc(order, side), valid, side)
+    assert torch.equal(fast, oracle)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_grid_smoothing_equals_direct_oracle(seed, sigma):
+    from dcdit_cli.models.chunking import raster_to_rc
+
+    side = 10
+    z, order, valid, p = _random_chunks(seed, side=side)
+    layer = DeChunkLayer(sigma)
+    p_kept = p.gather(1, order)
+    fast = layer.smooth(z, order, valid, p_kept, side)
+    oracle = layer.smooth_reference(z, raster_to_rc(order, side), p_kept, valid)
+    assert torch.allclose(fast[valid], oracle[valid], atol=1e-5)

@@ -144,38 +144,96 @@ class DeChunkLayer(nn.Module):
     Plug-back: every grid position takes the smoothed feature of its nearest kept token
     (Euclidean on the grid, ties → the smallest raster index, i.e. the earliest chunk slot).
 
-    This is the direct O(M² + L·M) formulation: the oracle for any faster version.
+    Both run on the grid so the cost grows with L, not with L·M or M²: smoothing is a
+    separable Gaussian convolution of the scattered p·h and p, truncated at 6σ (the dropped
+    weights are below e^−18 of the token's own); plug-back is an exact two-pass distance
+    transform (nearest kept row per column by cumulative max/min, then the best column per
+    row), O(L·√L). ``smooth_reference`` and ``plug_back_reference`` are the direct
+    O(M²) and O(L·M) formulations, kept as test oracles.
     """
 
     def __init__(self, sigma: float = 1.0):
         super().__init__()
         self.sigma = sigma
+        radius = max(1, math.ceil(6 * sigma))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        self.register_buffer("kernel_1d", torch.exp(-offsets.square() / (2 * sigma**2)), persistent=False)
 
-    def smooth(self, z: torch.Tensor, pos: torch.Tensor, p_kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # -- direct formulations (oracles) ------------------------------------------------
+
+    def smooth_reference(self, z, pos, p_kept, valid) -> torch.Tensor:
         """z (B, M, D), pos (B, M, 2), p_kept (B, M), valid (B, M) → (B, M, D)."""
         d2 = torch.cdist(pos, pos).square()  # (B, M, M)
         w = torch.exp(-d2 / (2 * self.sigma**2)) * (p_kept * valid)[:, None, :]  # (B, M, M)
         w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        smoothed = torch.bmm(w, z)  # (B, M, D)
         p = p_kept[..., None]
-        return p * z + (1 - p) * smoothed
+        return p * z + (1 - p) * torch.bmm(w, z)
 
     @staticmethod
-    def plug_back_index(pos: torch.Tensor, valid: torch.Tensor, side: int) -> torch.Tensor:
+    def plug_back_reference(pos, valid, side: int) -> torch.Tensor:
         """pos (B, M, 2), valid (B, M) → slot of the nearest kept token for each of the L positions (B, L)."""
         grid = raster_to_rc(torch.arange(side * side, device=pos.device), side)  # (L, 2)
         d2 = torch.cdist(grid.expand(pos.shape[0], -1, -1), pos).square()  # (B, L, M)
         d2 = d2.masked_fill(~valid[:, None, :], math.inf)
         return d2.argmin(dim=-1)  # first minimum = smallest raster index among ties
 
+    # -- grid formulations (used) -------------------------------------------------------
+
+    def smooth(self, z, order, valid, p_kept, side: int) -> torch.Tensor:
+        """As :meth:`smooth_reference`, on the grid: z (B, M, D), order/valid/p_kept (B, M) → (B, M, D)."""
+        B, M, D = z.shape
+        w = p_kept * valid  # (B, M): padding slots carry no weight
+        slots = order.masked_fill(~valid, side * side)  # padding → a dump cell past the grid
+        num = z.new_zeros(B, side * side + 1, D).scatter_(1, slots[..., None].expand(-1, -1, D), z * w[..., None])
+        den = z.new_zeros(B, side * side + 1).scatter_(1, slots, w)
+        grid = torch.cat([num[:, :-1], den[:, :-1, None]], dim=-1)  # (B, L, D + 1)
+        grid = grid.transpose(1, 2).reshape(B, D + 1, side, side)  # (B, D + 1, H, W)
+        k = self.kernel_1d.to(z.dtype)
+        r = k.numel() // 2
+        grid = F.conv2d(grid, k.view(1, 1, -1, 1).expand(D + 1, 1, -1, 1), padding=(r, 0), groups=D + 1)  # rows
+        grid = F.conv2d(grid, k.view(1, 1, 1, -1).expand(D + 1, 1, 1, -1), padding=(0, r), groups=D + 1)  # columns
+        grid = grid.flatten(2).transpose(1, 2)  # (B, L, D + 1)
+        at_kept = grid.gather(1, order[..., None].expand(-1, -1, D + 1))  # (B, M, D + 1)
+        smoothed = at_kept[..., :D] / at_kept[..., D:].clamp_min(1e-30)
+        p = p_kept[..., None]
+        return p * z + (1 - p) * smoothed
+
+    @staticmethod
+    def plug_back_index(order, valid, side: int) -> torch.Tensor:
+        """Exact nearest kept slot for each grid position (ties → smallest raster index): (B, L)."""
+        B, M = order.shape
+        L = side * side
+        device = order.device
+        slot_of = torch.full((B, L + 1), -1, dtype=torch.long, device=device)
+        slot_of.scatter_(1, order.masked_fill(~valid, L), torch.arange(M, device=device).expand(B, M))
+        slot_of = slot_of[:, :L].view(B, side, side)  # (B, H, W): kept slot or −1
+        kept = slot_of >= 0
+        rows = torch.arange(side, device=device).view(1, side, 1).expand(B, side, side)
+        big = 4 * side
+        # Pass 1, per column: the nearest kept row above (ties prefer it: smaller raster index) and below.
+        above = torch.where(kept, rows, torch.full_like(rows, -big)).cummax(dim=1).values
+        below = torch.where(kept, rows, torch.full_like(rows, 2 * big)).flip(1).cummin(dim=1).values.flip(1)
+        best_row = torch.where((rows - above) <= (below - rows), above, below)  # (B, H, W')
+        g2 = (rows - best_row).square()  # vertical distance² to that column's nearest kept token
+        has = (best_row >= 0) & (best_row < side)
+        # Pass 2, per row: the best column c' for every c, keyed by (distance², raster index).
+        cols = torch.arange(side, device=device)
+        d2 = (cols.view(1, 1, side, 1) - cols.view(1, 1, 1, side)).square() + g2[:, :, None, :]  # (B, H, W, W')
+        raster = best_row.clamp(0, side - 1) * side + cols.view(1, 1, side)  # (B, H, W')
+        key = d2 * (L + 1) + raster[:, :, None, :]
+        key = key.masked_fill(~has[:, :, None, :], torch.iinfo(torch.long).max)
+        best = key.argmin(dim=-1)  # (B, H, W): the chosen column c'
+        src_row = best_row.gather(2, best)  # (B, H, W)
+        src = src_row.clamp(0, side - 1) * side + best
+        return slot_of.view(B, L).gather(1, src.view(B, L))
+
     def forward(self, z, order, valid, p, side: int) -> torch.Tensor:
         """z (B, M, D) inner output, order/valid (B, M), p (B, L) → (B, L, D)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
-            pos = raster_to_rc(order, side)  # (B, M, 2)
             p_kept = p.float().gather(1, order).clamp(1e-4, 1 - 1e-4)  # (B, M)
-            z = self.smooth(z, pos, p_kept, valid)  # (B, M, D)
-            nearest = self.plug_back_index(pos, valid, side)  # (B, L)
+            z = self.smooth(z, order, valid, p_kept, side)  # (B, M, D)
+            nearest = self.plug_back_index(order, valid, side)  # (B, L)
             return z.gather(1, nearest[..., None].expand(-1, -1, z.shape[-1]))  # (B, L, D)
 
 
