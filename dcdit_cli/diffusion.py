@@ -162,6 +162,8 @@ def randn_like_per_sample(shape: Sequence[int], generators: torch.Generator | Se
 class GaussianDiffusion:
     """ADM's diffusion with ε prediction and learned-range variance (DiT's settings, REFERENCE §3)."""
 
+    clip_denoised: bool = False
+
     def __init__(self, betas: np.ndarray) -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
@@ -218,7 +220,8 @@ class GaussianDiffusion:
     # -- reverse process ----------------------------------------------------------------
 
     def p_mean_variance(self, model_out: Tensor, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """p(x_{t-1} | x_t) from the raw model output [ε | v] (ADM, learned range; no clipping).
+        """p(x_{t-1} | x_t) from the raw model output [ε | v] (ADM, learned range; x_0 clamped
+        to [−1, 1] only when ``clip_denoised`` is set).
 
         frac = (v + 1)/2 interpolates the log-variance between log β̃_t and log β_t.
         """
@@ -230,6 +233,10 @@ class GaussianDiffusion:
         log_variance = frac * max_log + (1.0 - frac) * min_log
         pred_xstart = (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                        - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        if self.clip_denoised:  # ADM: clamp x_0, and re-derive ε from it for DDIM
+            pred_xstart = pred_xstart.clamp(-1.0, 1.0)
+            eps = ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+                   / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
                 "pred_xstart": pred_xstart, "eps": eps}
@@ -334,12 +341,16 @@ class SpacedDiffusion(GaussianDiffusion):
         return self.timestep_map.to(t.device)[t]
 
 
-def make_diffusion(respacing: str = "", num_timesteps: int = 1000) -> GaussianDiffusion:
-    """DiT's diffusion: linear β over ``num_timesteps``; ``respacing`` "" = all steps, "250", "ddim50", ..."""
+def make_diffusion(respacing: str = "", num_timesteps: int = 1000, clip_denoised: bool = False) -> GaussianDiffusion:
+    """DiT's diffusion: linear β over ``num_timesteps``; ``respacing`` "" = all steps, "250", "ddim50", ...
+
+    ``clip_denoised`` clamps the predicted x_0 to [−1, 1] while sampling: ADM's setting for
+    pixel-space models; DiT samples latents without it (the default, REFERENCE §3).
+    """
     betas = linear_betas(num_timesteps)
-    if not respacing:
-        return GaussianDiffusion(betas)
-    return SpacedDiffusion(space_timesteps(num_timesteps, respacing), betas)
+    diffusion = GaussianDiffusion(betas) if not respacing else SpacedDiffusion(space_timesteps(num_timesteps, respacing), betas)
+    diffusion.clip_denoised = clip_denoised
+    return diffusion
 
 
 # ----------------------------------------------------------------------------------------

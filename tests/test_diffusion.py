@@ -202,3 +202,16 @@ def test_per_sample_generators_batch_invariant():
     assert not torch.allclose(batch[0], batch[1])
     with pytest.raises(DcditError):
         randn_like_per_sample((3, 2), gens([1, 2]), "cpu")
+
+
+def test_clip_denoised_clamps_x0_and_rederives_eps():
+    from dcdit_cli.diffusion import make_diffusion
+
+    d = make_diffusion("10", clip_denoised=True)
+    x_t = torch.full((1, 1, 2, 2), 3.0)
+    t = torch.tensor([9])
+    out = d.p_mean_variance(torch.cat([torch.full_like(x_t, -5.0), torch.zeros_like(x_t)], 1), x_t, t)
+    assert out["pred_xstart"].abs().max() <= 1.0
+    a = float(d.alphas_cumprod[9])
+    assert torch.allclose(out["eps"], (x_t - a**0.5 * out["pred_xstart"]) / (1 - a) ** 0.5, atol=1e-5)
+    assert make_diffusion("10").clip_denoised is False
