@@ -1,10 +1,11 @@
 """Does upcycling help? A DiT/2 pretrained on the shapes set, upcycled into a DC-DiT, against
 a DC-DiT trained from scratch, on the same validation loss (paper §4.4, Table 3 in miniature).
 
-    python benchmarks/upcycle_shapes.py                    # ≈ 5–8 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/upcycle_shapes.py     # 7 min on one core (docs/upcycling.md)
 
 1. Pretrain a DiT/2 (width 64, 3 blocks, 4 heads; the toy-dit recipe at width 64) for
-   --dit-steps steps with `dcdit train`'s loop; its exported EMA weights are the source.
+   --dit-steps steps with `dcdit train`'s loop; its last raw weights are the source (its
+   EMA, decay 0.999, still holds 0.999^1500 ≈ 22 % of the random init after 1500 steps).
 2. Train three DC-DiTs of the same inner size (toy recipe at width 64, scaffold 16) for
    --steps steps each, with the same data, seed and learning rate: from scratch
    (`train`), upcycled (`upcycle`), upcycled with a --distill-steps warm-up (`distill`).
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dcdit_cli.checkpoint import complete_checkpoints, load_weights
+from dcdit_cli.checkpoint import complete_checkpoints, find_latest
 from dcdit_cli.data import ShapesDataset
 from dcdit_cli.diffusion import make_diffusion
 from dcdit_cli.models import build_model
@@ -40,12 +41,15 @@ SIZE = ["model.hidden_size=64", "model.num_heads=4", "model.depth=3"]
 
 def recipes(args):
     common = [*SIZE, "train.log_every_steps=50", "train.keep_last=1000"]
-    dit = load_recipe("toy-dit", [*common, "run.name=upcycle-shapes-dit", f"train.max_steps={args.dit_steps}", f"train.ckpt_every_steps={args.dit_steps}"])
+    dit = load_recipe("toy-dit", [*common, "run.name=upcycle-shapes-dit", f"train.max_steps={args.dit_steps}",
+                                  f"train.ckpt_every_steps={args.dit_steps}"])
     runs = [*common, "model.scaffold_width=16", f"train.max_steps={args.steps}", f"train.ckpt_every_steps={args.eval_every}"]
     scratch = load_recipe("toy", [*runs, "run.name=upcycle-shapes-scratch"])
-    up = [*runs, "run.name=upcycle-shapes-upcycled", "model.pos_grid_scale=0.5", "model.cond_adaptor=true", "upcycle.source_input_size=16",
-          "upcycle.source_patch_size=2"]
-    return dit, scratch, load_recipe("toy", up), load_recipe("toy", [*up, "run.name=upcycle-shapes-distilled", f"distill.steps={args.distill_steps}"])
+    # What the xl-n4-upcycle recipes set, at this size: source grid 8×8 of a 16×16 input → scale 0.5.
+    up = [*runs, "model.pos_grid_scale=0.5", "model.cond_adaptor=true", "upcycle.source_input_size=16", "upcycle.source_patch_size=2"]
+    upcycled = load_recipe("toy", [*up, "run.name=upcycle-shapes-upcycled"])
+    distilled = load_recipe("toy", [*up, "run.name=upcycle-shapes-distilled", f"distill.steps={args.distill_steps}"])
+    return dit, scratch, upcycled, distilled
 
 
 def validation_set(n_images: int = 64, n_t: int = 8, seed: int = 12345):
@@ -93,9 +97,9 @@ def steps_to_reach(points: dict[int, float], target: float) -> int | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dit-steps", type=int, default=1500, help="DiT/2 pretraining steps (the source)")
-    parser.add_argument("--steps", type=int, default=400, help="training steps of each DC-DiT run")
-    parser.add_argument("--distill-steps", type=int, default=40, help="warm-up steps of the distilled run")
-    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each DC-DiT run")
+    parser.add_argument("--distill-steps", type=int, default=60, help="warm-up steps of the distilled run")
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
     args = parser.parse_args(argv)
     root = args.out or Path(tempfile.mkdtemp(prefix="upcycle-shapes-"))
@@ -104,10 +108,12 @@ def main(argv=None) -> None:
     clock = {}
 
     t0 = time.perf_counter()
-    weights = train(dit_recipe, root / "dit")
+    train(dit_recipe, root / "dit")
     clock["DiT/2 pretraining"] = time.perf_counter() - t0
+    weights = find_latest(root / "dit") / "model.safetensors"  # raw weights, like every evaluation here
     source = load_dit_checkpoint(weights)
-    dit_model, _, _ = load_weights(weights)
+    dit_model = build_model(dit_recipe.model)
+    dit_model.load_state_dict(source)
     dit_val = val_loss(dit_model, data, diffusion)
 
     curves = {}
@@ -124,7 +130,7 @@ def main(argv=None) -> None:
         curves[name] = curve(out, recipe, data, diffusion, start)
 
     names = list(curves)
-    print(f"\nvalidation ε-MSE (raw weights; 64 held-out images × 8 fixed t; source DiT/2 after {args.dit_steps} steps: {dit_val:.4f})\n")
+    print(f"\nvalidation ε-MSE (raw weights; 64 held-out images × 8 fixed t; the source DiT/2 after {args.dit_steps} steps: {dit_val:.4f})\n")
     print("| step | " + " | ".join(names) + " |")
     print("|---:|" + "---:|" * len(names))
     for step in sorted(curves["scratch"]):

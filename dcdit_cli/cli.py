@@ -33,6 +33,8 @@ app = typer.Typer(
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/NAME.toml) or path to a .toml file.")
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.lr=2e-4 (TOML literal; repeatable).")
 PrintOpt = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit.")
+OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>).")
+ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N.")
 
 
 @app.callback()
@@ -98,8 +100,8 @@ def flops(
 def train(
     recipe: Optional[str] = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N."),
+    out: Optional[Path] = OutOpt,
+    resume: Optional[Path] = ResumeOpt,
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
@@ -120,6 +122,73 @@ def _next_steps(out_dir: Path, weights) -> None:
     print0(f"[bold green]done.[/] EMA weights: {weights}")
     print0(f"next: dcdit sample --ckpt {out_dir} --out {out_dir}/samples.png")
     print0(f"      dcdit viz-boundaries --ckpt {out_dir} --out {out_dir}/boundaries")
+
+
+FromOpt = typer.Option(
+    None, "--from", help="Pretrained DiT: the official DiT-XL-2-256x256.pt, a DiT train.py checkpoint (its EMA) or .safetensors."
+)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit upcycle --recipe xl-n4-upcycle --from DiT-XL-2-256x256.pt       # paper Table 3, 100K steps\n\n"
+        "  dcdit upcycle --recipe xl-n4-upcycle-20k --from DiT-XL-2-256x256.pt --set data.path=features/imagenet256\n\n"
+        "  dcdit upcycle --recipe xl-n4-upcycle --print-recipe\n\n"
+        "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli upcycle --recipe xl-n4-upcycle --from DiT-XL-2-256x256.pt\n\n"
+        "Copies the DiT's blocks and its timestep and class embedders (frozen), adds LayerNorm adaptors on c, prints what "
+        "was copied, frozen, new and left out, then trains. To resume, run the same command again (same --from)."
+    )
+)
+def upcycle(
+    recipe: Optional[str] = RecipeOpt,
+    source: Optional[Path] = FromOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = OutOpt,
+    resume: Optional[Path] = ResumeOpt,
+    print_recipe: bool = PrintOpt,
+):
+    """Upcycle a pretrained DiT into a DC-DiT and train it (paper §4.4, Table 3)."""
+    from dcdit_cli.upcycle import upcycle as run_upcycle
+
+    _run_from_dit(run_upcycle, recipe, source, set_, out, resume, print_recipe)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit distill --recipe xl-n4-upcycle-distill --from DiT-XL-2-256x256.pt   # 5K distill + diffusion to 100K\n\n"
+        "  dcdit distill --recipe xl-n4-upcycle-distill-50k --from DiT-XL-2-256x256.pt --out runs/up-distill-50k\n\n"
+        "  dcdit distill --recipe xl-n4-upcycle-distill --from DiT-XL-2-256x256.pt --set distill.steps=2000\n\n"
+        "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli distill --recipe xl-n4-upcycle-distill --from DiT-XL-2-256x256.pt\n\n"
+        "Upcycles as `dcdit upcycle` does, then trains distill.steps steps on the MSE between the DC-DiT's and the frozen "
+        "DiT teacher's block outputs, then the diffusion loss, in one run directory (metrics.jsonl 'phase'). "
+        "To resume on either side of the switch, run the same command again (same --from)."
+    )
+)
+def distill(
+    recipe: Optional[str] = RecipeOpt,
+    source: Optional[Path] = FromOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = OutOpt,
+    resume: Optional[Path] = ResumeOpt,
+    print_recipe: bool = PrintOpt,
+):
+    """Upcycle a DiT with an activation-distillation warm-up, then diffusion (paper §4.4, Table 3)."""
+    from dcdit_cli.distill import distill as run_distill
+
+    _run_from_dit(run_distill, recipe, source, set_, out, resume, print_recipe)
+
+
+def _run_from_dit(run, recipe, source, set_, out, resume, print_recipe) -> None:
+    """Shared by upcycle and distill: recipe, --from check, run, next steps."""
+    cfg = _recipe(recipe, set_)
+    _maybe_print(cfg, print_recipe)
+    if source is None:
+        raise DcditError("no --from given: pass the pretrained DiT checkpoint, e.g. --from DiT-XL-2-256x256.pt")
+    out_dir = out or Path("runs") / cfg.run.name
+    weights = run(cfg, source, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]))
+    _next_steps(out_dir, weights)
 
 
 def _classes(text: Optional[str]) -> Optional[List[int]]:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["train", "sample", "flops"]
+COMMANDS = ["train", "sample", "flops", "upcycle", "distill"]
 
 
 def dcdit(*args, **kw):
