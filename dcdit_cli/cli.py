@@ -191,6 +191,84 @@ def _run_from_dit(run, recipe, source, set_, out, resume, print_recipe) -> None:
     _next_steps(out_dir, weights)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit extract --data-path imagenet/train --out features/imagenet256 --vae vae/\n\n"
+        "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli extract \\\n"
+        "      --data-path imagenet/train --out features/imagenet256 --vae vae/\n\n"
+        "  dcdit extract --data-path imagenet/train --out features/in256-mean --vae stabilityai/sd-vae-ft-ema --mean --flip none\n\n"
+        "Killed? Run the same command again: finished shards are skipped. The VAE is never downloaded: on a machine "
+        "with internet run `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir vae/` and copy vae/ here. "
+        "Then: dcdit train --recipe b-n4 --set data.path=features/imagenet256"
+    )
+)
+def extract(
+    data_path: Path = typer.Option(..., "--data-path", help="Image folder with one subfolder per class (ImageNet train/ layout)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the latent shards and index.json."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="diffusers AutoencoderKL directory, or a hub id in the HF cache."),
+    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE call per process (x2 with --flip both)."),
+    flip: str = typer.Option("both", "--flip", help="both: original + mirrored latent; random: one frozen random flip; none."),
+    mean: bool = typer.Option(False, "--mean", help="Store the posterior mean instead of a sample."),
+    shard_size: int = typer.Option(1024, "--shard-size", help="Images per shard: the unit of work split and resume."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the posterior noise and random flips."),
+    num_workers: int = typer.Option(8, "--num-workers", help="Image-decoding threads per process."),
+):
+    """Encode an image folder into VAE latent shards for training (resumable, multi-GPU)."""
+    from accelerate import PartialState
+
+    from dcdit_cli.extract import extract as run_extract
+
+    run_extract(data_path, out, vae, image_size=image_size, batch_size=batch_size, flip=flip, mean=mean,
+                seed=seed, shard_size=shard_size, num_workers=num_workers)
+    PartialState().destroy_process_group()  # clean exit of multi-process runs (REFERENCE §11)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit fid --samples runs/xl-n4/samples.npz --ref VIRTUAL_imagenet256_labeled.npz \\\n"
+        "      --inception-weights weights-inception-2015-12-05-6726825d.pth\n\n"
+        "  DCDIT_INCEPTION_WEIGHTS=inception.pth dcdit fid --samples samples/ --ref ref.npz --num 10000 --json\n\n"
+        "  dcdit fid --make-ref imagenet/val --out ref.npz --inception-weights inception.pth   # a reference batch\n\n"
+        "FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them, on torch-fidelity's "
+        "port of the 2015-12-05 Inception graph read from a local file."
+    )
+)
+def fid(
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Samples: an ADM .npz (arr_0) or a folder of images."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM .npz (with mu/sigma when present) or a folder."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights (or $DCDIT_INCEPTION_WEIGHTS)."),
+    num: Optional[int] = typer.Option(None, "--num", help="Use the first N samples (default: all)."),
+    batch_size: int = typer.Option(50, "--batch-size"),
+    make_ref: Optional[Path] = typer.Option(None, "--make-ref", help="Write a reference batch from this image folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --make-ref: the .npz to write."),
+    image_size: int = typer.Option(256, "--image-size", help="With --make-ref: ADM centre-crop size."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """FID / sFID / IS / precision / recall of samples against a reference batch (ADM evaluator)."""
+    import json
+
+    from dcdit_cli import fid as metrics
+
+    if make_ref is not None:
+        if out is None:
+            raise DcditError("--make-ref needs --out REF.npz: where to write the reference batch")
+        result = metrics.make_reference(make_ref, out, image_size=image_size, inception_weights=inception_weights,
+                                        num=num, batch_size=batch_size)
+    elif samples is None or ref is None:
+        raise DcditError("pass --samples S.npz and --ref REF.npz (or --make-ref DIR --out REF.npz to build a reference)")
+    else:
+        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size)
+    if json_:
+        print(json.dumps(result, indent=2, default=str))
+    elif make_ref is None:
+        console.print(metrics.report_table(result))
+    else:
+        console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped)")
+
+
 def _classes(text: Optional[str]) -> Optional[List[int]]:
     if not text:
         return None

@@ -27,7 +27,8 @@ from .console import DcditError
 
 LATENT_FORMAT = "dcdit-latents-v1"
 INDEX_NAME = "index.json"
-_EXTRACT_HINT = "`dcdit extract --data-path DIR --out FEATURES` makes the shards"
+_EXTRACT_CMD = "`dcdit extract --data-path DIR --out FEATURES`"
+_EXTRACT_HINT = f"{_EXTRACT_CMD} makes the shards"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def read_index(path: str | Path) -> dict:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DcditError(f"{index_path} is not readable JSON ({exc}): rerun {_EXTRACT_HINT[1:].split('`')[0]}") from exc
+        raise DcditError(f"{index_path} is not readable JSON ({exc}): rerun {_EXTRACT_CMD}") from exc
     if not isinstance(index, dict) or index.get("format") != LATENT_FORMAT:
         raise DcditError(f"{index_path} is not a {LATENT_FORMAT} index: {_EXTRACT_HINT}")
     for key in ("latent_shape", "shards", "image_size"):
@@ -110,12 +111,12 @@ class LatentShardDataset:
                 latents = np.load(lat_path, mmap_mode="r")
                 labels = np.load(lab_path, mmap_mode="r")
             except (OSError, ValueError) as exc:
-                raise DcditError(f"shard {shard['name']} in {self.root} is unreadable ({exc}): rerun {_EXTRACT_HINT}") from exc
+                raise DcditError(f"shard {shard['name']} in {self.root} is unreadable ({exc}): rerun {_EXTRACT_CMD}") from exc
             n = int(shard["count"])
             if latents.ndim != 5 or latents.shape[0] != n or labels.shape != (n,) or tuple(latents.shape[2:]) != self.sample_shape:
                 raise DcditError(
                     f"shard {shard['name']} in {self.root} has latents {latents.shape} / labels {labels.shape}, "
-                    f"index says {n} × {self.sample_shape}: rerun {_EXTRACT_HINT}"
+                    f"index says {n} × {self.sample_shape}: rerun {_EXTRACT_CMD}"
                 )
             self._latents.append(latents)
             self._labels.append(labels)

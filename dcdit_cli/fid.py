@@ -341,7 +341,7 @@ def load_reference(path: str | Path) -> Reference:
     if not path.is_file():
         raise DcditError(
             f"reference batch not found: {path} (download ADM's VIRTUAL_imagenet256_labeled.npz, or build one "
-            "from real images with make_reference)"
+            "from real images with `dcdit fid --make-ref DIR --out REF.npz`)"
         )
     members = _npz_members(path, "reference")
     ref = Reference(path, images=NpzImages(path, "arr_0") if "arr_0" in members else None)

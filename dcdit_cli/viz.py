@@ -54,7 +54,7 @@ def viridis(values: np.ndarray) -> np.ndarray:
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)  # Pillow ≥ 10.1 with FreeType: a scalable font
-    except TypeError:  # pragma: no cover - older Pillow: the fixed bitmap font
+    except (TypeError, ImportError):  # pragma: no cover - older Pillow or no FreeType: the bitmap font
         return ImageFont.load_default()
 
 
@@ -186,7 +186,7 @@ def _colorbar(draw: ImageDraw.ImageDraw, image: Image.Image, x: int, y: int, hei
         ty = y + round((1 - value) * (height - 1))
         draw.line([x + 12, ty, x + 16, ty], fill=(0, 0, 0))
         draw.text((x + 18, ty - 7), f"{value:g}", font=font, fill=(0, 0, 0))
-    draw.text((x - 2, y - 16), "p", font=font, fill=(0, 0, 0))
+    draw.text((x - 1, y - 22), "p", font=font, fill=(0, 0, 0))
 
 
 def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np.ndarray, t_cols: list[int],
@@ -224,7 +224,7 @@ def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np
     lx = _GUTTER + c + 6 + _text_width(draw, text, small) + 24
     draw.rectangle([lx, ly, lx + c - 1, ly + c - 1], fill=tuple(viridis(np.array(0.8)).tolist()))
     _draw_kept(draw, lx, ly, c, np.zeros((1, 1), bool), np.ones((1, 1), bool))
-    draw.text((lx + c + 6, ly - 1), "boundary (p > 0.5) removed by --budget", font=small, fill=(0, 0, 0))
+    draw.text((lx + c + 6, ly - 1), "boundary (p > 0.5) dropped by the budget (tail dropping)", font=small, fill=(0, 0, 0))
     return sheet
 
 
@@ -289,9 +289,9 @@ def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title:
     """Two panels against t (noisy on the left, clean on the right): L / kept and kept tokens;
     a thin line per sample, the mean (L / mean kept for the ratio) thick and black."""
     kept = kept_all.astype(np.float64)  # (T', B)
-    series = {
-        "compression L / kept": (tokens / kept, tokens / kept.mean(axis=1)),
-        "kept tokens": (kept, kept.mean(axis=1)),
+    series = {  # title: (y label, per sample, mean)
+        "compression ratio": ("L / kept", tokens / kept, tokens / kept.mean(axis=1)),
+        f"kept tokens (of L = {tokens})": ("kept tokens", kept, kept.mean(axis=1)),
     }
     W, H, pad = 980, 470, 78
     image = Image.new("RGB", (W, H), (255, 255, 255))
@@ -299,14 +299,16 @@ def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title:
     font, small = _font(14), _font(12)
     _centered(draw, W / 2, 8, title, font)
     xs = np.asarray(t_all, dtype=np.float64)
-    xlim = (float(xs.max()), float(xs.min())) if len(xs) > 1 else (float(xs[0]) + 1, float(xs[0]) - 1)
+    xt = nice_ticks(float(xs.min()), float(xs.max()))
+    xlim = (xt[-1], xt[0])  # t runs backwards: noisy on the left
     panel_w = (W - 2 * pad - 40) // 2
-    for i, (name, (per, mean)) in enumerate(series.items()):
+    for i, (name, (ylabel, per, mean)) in enumerate(series.items()):
         l = pad + i * (panel_w + pad - 20)
         box = (l, 64, l + panel_w, H - 100)
-        yt = nice_ticks(0.0 if "kept" in name else min(1.0, float(per.min())), float(per.max()))
+        yt = nice_ticks(0.0, float(per.max()))
         ax = _Axes(image, box, xlim, (yt[0], yt[-1]), small)
-        ax.frame(nice_ticks(min(xlim), max(xlim), 5)[::-1], yt, "timestep t   (sampling runs left → right)", name, name)
+        ax.frame(xt[::-1], yt, "timestep t  (noisy at left; sampling runs left to right)",
+                 ylabel, name)
         for b in range(per.shape[1]):
             ax.line(xs, per[:, b], _SAMPLE_COLOURS[b % len(_SAMPLE_COLOURS)], 1)
         ax.line(xs, mean, (0, 0, 0), 3)

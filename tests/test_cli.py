@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["train", "sample", "flops", "upcycle", "distill"]
+COMMANDS = ["train", "sample", "flops", "upcycle", "distill", "extract", "fid"]
 
 
 def dcdit(*args, **kw):
