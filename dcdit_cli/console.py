@@ -109,6 +109,6 @@ class MetricsWriter:
 
 
 def plain_log(message: str) -> None:
-    """A plain log line for non-terminal output (CI, log files)."""
+    """A plain log line on stderr when stdout is not a terminal (CI, log files); stdout stays for results."""
     if is_main_process() and not console.is_terminal:
-        print(message, file=sys.stdout, flush=True)
+        print(message, file=sys.stderr, flush=True)

@@ -20,27 +20,6 @@ from dcdit_cli.imaging import center_crop_arr  # noqa: E402
 from dcdit_cli.vae import decode, encode, load_vae  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
 def image_dir(tmp_path):
     rng = np.random.default_rng(0)

@@ -3,7 +3,6 @@ randomly initialised Inception (the real weights are not on this machine)."""
 
 from __future__ import annotations
 
-import io
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,29 +234,9 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the whole pipeline
 
 
-def _random_inception_state_dict() -> dict:
-    """torch-fidelity's Inception with Kaiming-initialised convs (PyTorch's default init makes
-    the features vanish and every FID exactly 0, REFERENCE §11)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    with pytest.MonkeyPatch.context() as mp:  # build the module without any weights file
-        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        net = FeatureExtractorInceptionV3("random", ["2048"], feature_extractor_weights_path=empty)
-    gen = torch.Generator().manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=gen)
-    return net.state_dict()
-
-
 @pytest.fixture(scope="module")
-def inception(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "weights-random.pth"
-    torch.save(_random_inception_state_dict(), path)
-    return fid.load_inception(path, device="cpu")
+def inception(inception_weights):
+    return fid.load_inception(inception_weights, device="cpu")
 
 
 @pytest.fixture
