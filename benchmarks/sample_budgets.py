@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: immune to the oversubscription stalls of a shared CPU)")
     args = parser.parse_args()
 
     from dcdit_cli.checkpoint import load_weights
@@ -65,6 +67,7 @@ def main() -> None:
         raise SystemExit(f"{ckpt} is a {recipe.model.kind} checkpoint: budgets need a DC-DiT")
     steps = args.steps or recipe.diffusion.sampling_steps
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     options = {name: SampleOptions(cfg_scale=args.cfg_scale, steps=steps, budget=b, uncond_budget=u, seed=args.seed,
                                    guided_channels=recipe.sample.guided_channels or None)
                for name, b, u in SETTINGS}
@@ -83,8 +86,8 @@ def main() -> None:
     L = recipe.model.input_size ** 2
     print(f"\n{recipe.run.name} (weights step {step}, {L} tokens), {args.num} images, {steps} DDPM steps, "
           f"cfg {args.cfg_scale:g}, median of {args.repeats}, torch threads {torch.get_num_threads()}")
-    head = (f"{'setting':<21} {'cond':>5} {'uncond':>6} {'time s':>8} {'kept c':>7} {'kept u':>7} {'TFLOPs/img':>11}"
-            f" | {'time x':>6} {'kept x':>6} {'TFLOPs x':>8}")
+    head = (f"{'setting':<21} {'cond':>5} {'uncond':>6} {'time s':>8} {'min-max s':>11} {'kept c':>7} {'kept u':>7}"
+            f" {'TFLOPs/img':>11} | {'time x':>6} {'kept x':>6} {'TFLOPs x':>8}")
     print(head)
     print("-" * len(head))
     base_name = SETTINGS[0][0]
@@ -94,10 +97,12 @@ def main() -> None:
     for name, b, u in SETTINGS:
         t, k = statistics.median(times[name]), kept[name]  # k (steps, B, halves)
         f = spent_tflops(recipe, k, steps)
-        print(f"{name:<21} {b:>5g} {u:>6g} {t:>8.2f} {k[..., 0].mean():>7.1f} {k[..., 1].mean():>7.1f} {f:>11.4g}"
-              f" | {t / base_t:>6.3f} {k.mean() / base_k:>6.3f} {f / base_f:>8.3f}")
+        spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
+        print(f"{name:<21} {b:>5g} {u:>6g} {t:>8.2f} {spread:>11} {k[..., 0].mean():>7.1f} {k[..., 1].mean():>7.1f}"
+              f" {f:>11.4g} | {t / base_t:>6.3f} {k.mean() / base_k:>6.3f} {f / base_f:>8.3f}")
     print("kept c / kept u: mean kept tokens per forward of the conditional / unconditional half; "
-          "x: ratio to budget 0 (kept x over both halves)")
+          "x: ratio to budget 0 (kept x over both halves).\nWall time includes the full-resolution scaffold and, "
+          "in one batched CFG forward, padding to the batch's largest kept count; on a shared CPU it is noisy.")
 
 
 if __name__ == "__main__":

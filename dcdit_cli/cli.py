@@ -312,6 +312,35 @@ def sample(
     run_sample(ckpt, num, opts, classes=_classes(classes), out=out, npz=npz, batch_size=batch_size, vae=vae)
 
 
+@app.command(
+    "viz-boundaries",
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit viz-boundaries --ckpt runs/toy --out runs/toy/boundaries\n\n"
+        "  dcdit viz-boundaries --ckpt runs/toy --budget 0.5 --timesteps 6 --out b05\n\n"
+        "  dcdit viz-boundaries --ckpt runs/toy --steps 50 --json > compression.json\n\n"
+        "  dcdit viz-boundaries --ckpt runs/xl-n4 --classes 207,360 --num 2 --vae VAE_DIR"
+    ),
+)
+def viz_boundaries(
+    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory or EMA weights (.safetensors)."),
+    num: int = typer.Option(4, "--num", help="Number of images (one sheet each)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
+    timesteps: int = typer.Option(8, "--timesteps", help="Columns: evenly spaced sampler steps, first and last included."),
+    budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),
+    out: Path = typer.Option(Path("boundaries"), "--out", help="Output directory (sample-NNN.png, compression_vs_t.png)."),
+    seed: int = typer.Option(0, "--seed"),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (default: the recipe's sample.cfg_scale)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Respaced DDPM steps (default: the recipe's sampling_steps)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
+    as_json: bool = typer.Option(False, "--json", help="Print kept tokens and compression per timestep as JSON."),
+):
+    """Draw the router's boundaries along the sampling trajectory and plot compression against t (paper Fig. 4)."""
+    from dcdit_cli.viz import run_viz
+
+    run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json)
+
+
 def main() -> None:
     try:
         app()

@@ -224,7 +224,8 @@ def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np
     lx = _GUTTER + c + 6 + _text_width(draw, text, small) + 24
     draw.rectangle([lx, ly, lx + c - 1, ly + c - 1], fill=tuple(viridis(np.array(0.8)).tolist()))
     _draw_kept(draw, lx, ly, c, np.zeros((1, 1), bool), np.ones((1, 1), bool))
-    draw.text((lx + c + 6, ly - 1), "boundary (p > 0.5) dropped by the budget (tail dropping)", font=small, fill=(0, 0, 0))
+    text = "boundary (p > 0.5) dropped by the budget (tail dropping)"
+    draw.text((lx + c + 6, ly - 1), text, font=small, fill=(0, 0, 0))
     return sheet
 
 
@@ -369,11 +370,11 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
             traj = record_batch(model, recipe, idx, opts, classes, device, cols,
                                 on_step=lambda done, total, n=len(idx): progress.update(task, advance=n))
             frames = np.stack([to_uint8(decoder(x.to(device))) for x in traj.x])  # (S, B, h, w, 3)
-            grid = lambda a: a.reshape(a.shape[0], a.shape[1], G, G).numpy()  # noqa: E731 (S, B, G, G)
-            p, mask, kept = grid(traj.p), grid(traj.mask).astype(bool), grid(traj.kept).astype(bool)
+            p, mask, kept = (a.reshape(*a.shape[:2], G, G).numpy() for a in (traj.p, traj.mask, traj.kept))
+            mask, kept = mask.astype(bool), kept.astype(bool)  # (S, B, G, G) each
             for b, i in enumerate(idx):
-                title = (f"sample {i}  ·  class {int(traj.labels[b])}  ·  budget {budget:g}  ·  cfg {cfg_scale:g}  ·  "
-                         f"{steps} DDPM steps  ·  weights step {step}")
+                title = "  ·  ".join([f"sample {i}", f"class {int(traj.labels[b])}", f"budget {budget:g}",
+                                      f"cfg {cfg_scale:g}", f"{steps} DDPM steps", f"weights step {step}"])
                 sheet = boundary_sheet(frames[:, b], p[:, b], mask[:, b], kept[:, b], traj.t_cols, title)
                 path = out_dir / f"sample-{i:03d}.png"
                 sheet.save(path)

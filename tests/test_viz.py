@@ -94,4 +94,5 @@ def test_helpers():
         column_steps(10, 0)
     assert nice_ticks(0, 999) == [0, 200, 400, 600, 800, 1000]
     colours = viridis(np.array([0.0, 0.5, 1.0]))
-    assert colours.dtype == np.uint8 and tuple(colours[0]) == (0x44, 0x01, 0x54) and tuple(colours[2]) == (0xFD, 0xE7, 0x25)
+    assert colours.dtype == np.uint8
+    assert tuple(colours[0]) == (0x44, 0x01, 0x54) and tuple(colours[2]) == (0xFD, 0xE7, 0x25)
