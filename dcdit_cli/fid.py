@@ -20,7 +20,6 @@ read in batches, so 50,000 samples are never held in memory twice.
 from __future__ import annotations
 
 import io
-import math
 import os
 import warnings
 import zipfile
@@ -217,7 +216,6 @@ class NpzImages:
             for i in range(0, n, batch_size):
                 yield np.ascontiguousarray(arr[i : min(i + batch_size, n)])
             return
-        per_image = math.prod(self.shape[1:])
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             _read_npy_header(f)
             for i in range(0, n, batch_size):

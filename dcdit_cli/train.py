@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +78,17 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> tuple[in
             f"set train.micro_batch so that it divides {global_batch // max(world_size, 1)}, or change the process count"
         )
     return micro, global_batch // (micro * world_size)
+
+
+def write_curves(out_dir: Path, name: str) -> None:
+    """curves.png beside the checkpoints: loss terms and compression against the step."""
+    from dcdit_cli.plots import training_curves
+
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        tmp = out_dir / ".curves.png.tmp"
+        training_curves(metrics, f"{name}: training curves ({metrics})").save(tmp, format="PNG")
+        os.replace(tmp, out_dir / "curves.png")
 
 
 def environment(accelerator) -> dict:
@@ -219,6 +229,7 @@ def train(
                 t_cfg.keep_last,
             )
             last_weights = export_weights(out_dir, step, ema.state_dict(), recipe.to_toml(), t_cfg.keep_last)
+            write_curves(out_dir, recipe.run.name)
         accelerator.wait_for_everyone()
 
     total = t_cfg.max_steps

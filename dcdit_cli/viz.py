@@ -24,47 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from dcdit_cli.console import DcditError, print0, progress_bar
+from dcdit_cli.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
 
 # ----------------------------------------------------------------------------------------
 # Colours and fonts
 # ----------------------------------------------------------------------------------------
 
-# Viridis at 0, 1/8, ..., 1 (the perceptually uniform map of matplotlib, van der Walt & Smith 2015);
-# values in between are linearly interpolated.
-_VIRIDIS = np.array([
-    (0x44, 0x01, 0x54), (0x48, 0x28, 0x78), (0x3E, 0x49, 0x89), (0x31, 0x68, 0x8E), (0x26, 0x82, 0x8E),
-    (0x1F, 0x9E, 0x89), (0x35, 0xB7, 0x79), (0x6E, 0xCE, 0x58), (0xFD, 0xE7, 0x25),
-], dtype=np.float64)
-
-_SAMPLE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 _KEPT_OUTER, _KEPT_INNER, _DROPPED = (0, 0, 0), (255, 255, 255), (255, 40, 40)
-
-
-def viridis(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] (any shape) → uint8 RGB (..., 3)."""
-    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    lo = np.minimum(np.floor(v).astype(int), len(_VIRIDIS) - 2)
-    frac = (v - lo)[..., None]
-    return np.round(_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac).astype(np.uint8)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow ≥ 10.1 with FreeType: a scalable font
-    except (TypeError, ImportError):  # pragma: no cover - older Pillow or no FreeType: the bitmap font
-        return ImageFont.load_default()
-
-
-def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
-    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
-    return right - left
-
-
-def _centered(draw: ImageDraw.ImageDraw, cx: float, y: float, text: str, font, fill=(0, 0, 0)) -> None:
-    draw.text((cx - _text_width(draw, text, font) / 2, y), text, font=font, fill=fill)
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,12 +165,12 @@ def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np
     layout = sheet_layout(S, G, images.shape[1])
     sheet = Image.new("RGB", layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font, small = _font(14), _font(12)
-    draw.text((_MARGIN, 5), title, font=font, fill=(0, 0, 0))
+    big, small = font(14), font(12)
+    draw.text((_MARGIN, 5), title, font=big, fill=(0, 0, 0))
     panel, L = layout.panel, G * G
     for col in range(S):
         x0, y0 = layout.panel_xy(0, col)
-        _centered(draw, x0 + panel / 2, y0 - _HEAD + 2, f"t = {t_cols[col]}", font)
+        centered(draw, x0 + panel / 2, y0 - _HEAD + 2, f"t = {t_cols[col]}", big)
         resample = Image.NEAREST if panel % images.shape[1] == 0 else Image.LANCZOS
         sheet.paste(Image.fromarray(images[col]).resize((panel, panel), resample), (x0, y0))
         x1, y1 = layout.panel_xy(1, col)
@@ -209,10 +178,10 @@ def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np
         sheet.paste(heat, (x1, y1))
         _draw_kept(draw, x1, y1, layout.cell, kept[col], mask[col] & ~kept[col])
         n = int(kept[col].sum())
-        _centered(draw, x1 + panel / 2, y1 + panel + 3, f"kept {n}/{L} ({100 * n / L:.1f}%)", small)
+        centered(draw, x1 + panel / 2, y1 + panel + 3, f"kept {n}/{L} ({100 * n / L:.1f}%)", small)
     for row, label in enumerate(("x_t", "router p")):
         _, y = layout.panel_xy(row, 0)
-        draw.text((_MARGIN - 4, y + panel / 2 - 8), label, font=font, fill=(0, 0, 0))
+        draw.text((_MARGIN - 4, y + panel / 2 - 8), label, font=big, fill=(0, 0, 0))
     _, y1 = layout.panel_xy(1, 0)
     _colorbar(draw, sheet, layout.size[0] - _MARGIN - _CBAR + 10, y1, panel, small)
     # legend
@@ -221,7 +190,7 @@ def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np
     _draw_kept(draw, _GUTTER, ly, c, np.ones((1, 1), bool), np.zeros((1, 1), bool))
     text = "kept token (runs through the inner DiT)"
     draw.text((_GUTTER + c + 6, ly - 1), text, font=small, fill=(0, 0, 0))
-    lx = _GUTTER + c + 6 + _text_width(draw, text, small) + 24
+    lx = _GUTTER + c + 6 + text_width(draw, text, small) + 24
     draw.rectangle([lx, ly, lx + c - 1, ly + c - 1], fill=tuple(viridis(np.array(0.8)).tolist()))
     _draw_kept(draw, lx, ly, c, np.zeros((1, 1), bool), np.ones((1, 1), bool))
     text = "boundary (p > 0.5) dropped by the budget (tail dropping)"
@@ -232,58 +201,6 @@ def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np
 # ----------------------------------------------------------------------------------------
 # Compression against the timestep (paper Fig. 4), drawn with Pillow
 # ----------------------------------------------------------------------------------------
-
-
-def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    """Round tick values (1, 2 or 5 × 10^k apart) covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / target
-    base = 10 ** math.floor(math.log10(raw))
-    step = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
-    start = math.floor(lo / step) * step
-    ticks, v = [], start
-    while v <= hi + 1e-9 * step:
-        ticks.append(round(v, 10))
-        v += step
-    if ticks[-1] < hi:
-        ticks.append(round(v, 10))
-    return ticks
-
-
-class _Axes:
-    """A plot box in pixels with data limits; x may run backwards (t from 999 down to 0)."""
-
-    def __init__(self, image: Image.Image, box, xlim, ylim, font):
-        self.image, self.draw = image, ImageDraw.Draw(image)
-        self.box, self.xlim, self.ylim, self.font = box, xlim, ylim, font
-
-    def px(self, x: float, y: float) -> tuple[float, float]:
-        (l, t, r, b), (x0, x1), (y0, y1) = self.box, self.xlim, self.ylim
-        return l + (x - x0) / (x1 - x0) * (r - l), b - (y - y0) / (y1 - y0) * (b - t)
-
-    def frame(self, xticks, yticks, xlabel: str, ylabel: str, title: str) -> None:
-        d, (l, t, r, b), f = self.draw, self.box, self.font
-        for y in yticks:
-            _, py = self.px(self.xlim[0], y)
-            d.line([l, py, r, py], fill=(228, 228, 228))
-            d.line([l - 4, py, l, py], fill=(0, 0, 0))
-            label = f"{y:g}"
-            d.text((l - 8 - _text_width(d, label, f), py - 7), label, font=f, fill=(0, 0, 0))
-        for x in xticks:
-            px, _ = self.px(x, self.ylim[0])
-            d.line([px, b, px, b + 4], fill=(0, 0, 0))
-            _centered(d, px, b + 6, f"{x:g}", f)
-        d.rectangle([l, t, r, b], outline=(0, 0, 0))
-        _centered(d, (l + r) / 2, b + 24, xlabel, f)
-        _centered(d, (l + r) / 2, t - 20, title, f)
-        label = Image.new("RGBA", (_text_width(d, ylabel, f) + 4, 18), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((2, 1), ylabel, font=f, fill=(0, 0, 0))
-        label = label.rotate(90, expand=True)
-        self.image.paste(label, (int(l - 58), int((t + b) / 2 - label.height / 2)), label)
-
-    def line(self, xs, ys, fill, width: int) -> None:
-        self.draw.line([self.px(x, y) for x, y in zip(xs, ys)], fill=fill, width=width, joint="curve")
 
 
 def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title: str) -> Image.Image:
@@ -297,8 +214,8 @@ def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title:
     W, H, pad = 980, 470, 78
     image = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    font, small = _font(14), _font(12)
-    _centered(draw, W / 2, 8, title, font)
+    big, small = font(14), font(12)
+    centered(draw, W / 2, 8, title, big)
     xs = np.asarray(t_all, dtype=np.float64)
     xt = nice_ticks(float(xs.min()), float(xs.max()))
     xlim = (xt[-1], xt[0])  # t runs backwards: noisy on the left
@@ -307,22 +224,22 @@ def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title:
         l = pad + i * (panel_w + pad - 20)
         box = (l, 64, l + panel_w, H - 100)
         yt = nice_ticks(0.0, float(per.max()))
-        ax = _Axes(image, box, xlim, (yt[0], yt[-1]), small)
+        ax = Axes(image, box, xlim, (yt[0], yt[-1]), small)
         ax.frame(xt[::-1], yt, "timestep t  (noisy at left; sampling runs left to right)",
                  ylabel, name)
         for b in range(per.shape[1]):
-            ax.line(xs, per[:, b], _SAMPLE_COLOURS[b % len(_SAMPLE_COLOURS)], 1)
+            ax.line(xs, per[:, b], SAMPLE_COLOURS[b % len(SAMPLE_COLOURS)], 1)
         ax.line(xs, mean, (0, 0, 0), 3)
     # legend under the panels
-    entries = [("mean", (0, 0, 0), 3)] + [(f"sample {b}", _SAMPLE_COLOURS[b % len(_SAMPLE_COLOURS)], 1)
-                                          for b in range(min(kept.shape[1], len(_SAMPLE_COLOURS)))]
-    if kept.shape[1] > len(_SAMPLE_COLOURS):
+    entries = [("mean", (0, 0, 0), 3)] + [(f"sample {b}", SAMPLE_COLOURS[b % len(SAMPLE_COLOURS)], 1)
+                                          for b in range(min(kept.shape[1], len(SAMPLE_COLOURS)))]
+    if kept.shape[1] > len(SAMPLE_COLOURS):
         entries.append((f"… {kept.shape[1]} samples", (128, 128, 128), 1))
     x, y = pad, H - 34
     for label, colour, width in entries:
         draw.line([x, y + 7, x + 22, y + 7], fill=colour, width=width)
         draw.text((x + 28, y), label, font=small, fill=(0, 0, 0))
-        x += 28 + _text_width(draw, label, small) + 22
+        x += 28 + text_width(draw, label, small) + 22
     return image
 
 

@@ -45,7 +45,10 @@ def test_run_dir_layout_retention_and_weights(tmp_path):
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000006"]
     assert (run / "checkpoints/latest").read_text().strip() == "step-0000006"
-    assert {"recipe.toml", "command.txt", "env.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert {"recipe.toml", "command.txt", "env.json", "metrics.jsonl", "curves.png"} <= {p.name for p in run.iterdir()}
+    from PIL import Image
+
+    assert Image.open(run / "curves.png").size[0] > 400
     assert json.loads((run / "env.json").read_text())["world_size"] == 1
     model, stored, step = load_weights(run)
     assert step == 6 and stored == recipe and weights.name == "step-0000006-ema.safetensors"
