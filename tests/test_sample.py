@@ -82,3 +82,24 @@ def test_png_grid_written(tiny_run, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "g.png").size[0] > 0 and report.kept_tokens >= 1 and report.tflops_per_img > 0
+
+
+def test_two_process_npz_sampling_matches_one_process(tiny_run, tmp_path):
+    import os
+    import socket
+
+    run, _, _ = tiny_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["sample", "--ckpt", str(run), "--num", "6", "--steps", "3", "--cfg-scale", "1.0", "--batch-size", "2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "dcdit_cli",
+           *args, "--npz", str(tmp_path / "two.npz")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "dcdit_cli", *args, "--npz", str(tmp_path / "one.npz")],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = np.load(tmp_path / "two.npz")["arr_0"], np.load(tmp_path / "one.npz")["arr_0"]
+    assert a.shape == (6, 8, 8, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1

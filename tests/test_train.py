@@ -110,3 +110,14 @@ def test_two_process_accelerate_launch(tmp_path):
     assert "rank 0/2: finished at step 4" in proc.stdout and "rank 1/2: finished at step 4" in proc.stdout
     assert json.loads((tmp_path / "run/env.json").read_text())["world_size"] == 2
     assert find_latest(tmp_path / "run").name == "step-0000004"
+
+
+def test_multi_budget_training_draws_one_fraction_per_step(tmp_path):
+    recipe = load_recipe("tiny", ["train.max_steps=8", "train.multi_budget_start_step=2",
+                                  "train.multi_budget_fractions=[0.0, 0.3, 0.6]"])
+    train(recipe, tmp_path / "run")
+    lines = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    budgets = [l["budget"] for l in lines]
+    assert budgets[:2] == [0.0, 0.0]  # before the start step
+    assert set(budgets[2:]) <= {0.0, 0.3, 0.6} and len(set(budgets[2:])) > 1
+    assert budgets[2:] == [budget_for_step(s, 2, [0.0, 0.3, 0.6], 0) for s in range(2, 8)]
