@@ -22,27 +22,33 @@ from __future__ import annotations
 import io
 import os
 import warnings
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
-from PIL import Image
 
 from dcdit_cli.console import DcditError, RateMeter, plain_log, print0, progress_bar
+from dcdit_cli.fid_data import (
+    IMAGE_SUFFIXES,
+    POOL_DIM,
+    SPATIAL_DIM,
+    FolderImages,
+    NpzImages,
+    Reference,
+    check_images_shape,
+    list_images,
+    load_reference,
+    load_samples,
+)
 from dcdit_cli.imaging import center_crop_arr
 
 INCEPTION_WEIGHTS_ENV = "DCDIT_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
-POOL_DIM, LOGITS_DIM, SPATIAL_DIM = 2048, 1008, 17 * 17 * 7
 PR_REF_IMAGES = 10_000  # ADM: precision / recall against the reference batch's 10,000 images
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 # -----------------------------------------------------------------------------------------
@@ -185,185 +191,6 @@ def precision_recall(real_feats, fake_feats, k: int = 3, device: str | torch.dev
 
 
 # -----------------------------------------------------------------------------------------
-#                                   Images on disk
-# -----------------------------------------------------------------------------------------
-
-
-def _check_images_shape(shape: tuple, dtype: np.dtype, where: str) -> None:
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        hint = ""
-        if len(shape) == 4 and shape[1] == 3:
-            hint = "; it looks channels-first: transpose to (N, H, W, 3)"
-        elif dtype != np.uint8:
-            hint = "; convert with np.clip(127.5 * x + 128, 0, 255).astype(np.uint8)"
-        raise DcditError(f"{where} is {dtype} {tuple(shape)}, expected uint8 (N, H, W, 3){hint}")
-
-
-class NpzImages:
-    """uint8 (N, H, W, 3) images stored as one array of an .npz, streamed batch by batch."""
-
-    def __init__(self, path: Path, key: str = "arr_0") -> None:
-        self.path, self.key, self.skipped = Path(path), key, []
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
-            self.shape, self.fortran, self.dtype = _read_npy_header(f)
-        _check_images_shape(self.shape, self.dtype, f"{self.path}: {key}")
-        self.num = self.shape[0]
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-        n = self.num if limit is None else min(limit, self.num)
-        if self.fortran:  # rare: no row streaming, read it whole
-            arr = np.load(self.path)[self.key]
-            for i in range(0, n, batch_size):
-                yield np.ascontiguousarray(arr[i : min(i + batch_size, n)])
-            return
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-            _read_npy_header(f)
-            for i in range(0, n, batch_size):
-                batch = np.empty((min(batch_size, n - i), *self.shape[1:]), np.uint8)
-                _read_into(f, batch, self.path)
-                yield batch
-
-
-def _read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = reader(f)
-    return shape, fortran, dtype
-
-
-def _read_into(f, out: np.ndarray, path: Path) -> None:
-    view, got = memoryview(out).cast("B"), 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise DcditError(f"{path} is truncated: re-create it")
-        got += n
-
-
-def _list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
-
-
-class FolderImages:
-    """The images of a folder (recursive, sorted), decoded in a thread pool; files that cannot
-    be read are skipped and listed in ``skipped``. ``transform`` maps a PIL image to uint8
-    (H, W, 3); every result must have the same size."""
-
-    def __init__(self, root: Path, files: list[Path], transform: Callable[[Image.Image], np.ndarray] = _to_rgb_array):
-        self.path, self.files, self.transform = Path(root), files, transform
-        self.num, self.skipped = len(files), []
-
-    def _load(self, path: Path) -> np.ndarray | None:
-        """uint8 (H, W, 3), or None for a file PIL cannot read."""
-        try:
-            with Image.open(path) as im:
-                return self.transform(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return None
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-        self.skipped = []
-        remaining = self.num if limit is None else limit
-        first_shape = None
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for i in range(0, self.num, batch_size):
-                if remaining <= 0:
-                    return
-                chunk = self.files[i : i + batch_size]
-                images = []
-                for path, img in zip(chunk, pool.map(self._load, chunk)):
-                    if img is None:
-                        self.skipped.append(path)
-                        continue
-                    first_shape = first_shape or (img.shape, path)
-                    if img.shape != first_shape[0]:
-                        raise DcditError(
-                            f"{path} is {img.shape[1]}×{img.shape[0]} but {first_shape[1]} is "
-                            f"{first_shape[0][1]}×{first_shape[0][0]}: all samples must share one size"
-                        )
-                    images.append(img)
-                images = images[:remaining]
-                if images:
-                    remaining -= len(images)
-                    yield np.stack(images)
-
-
-def load_samples(path: str | Path) -> NpzImages | FolderImages:
-    """Generated samples: an .npz with ``arr_0`` uint8 (N, H, W, 3), or a folder of PNG/JPG."""
-    path = Path(path)
-    if path.is_dir():
-        files = _list_images(path)
-        if not files:
-            raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}: point --samples at the sample folder or .npz")
-        return FolderImages(path, files)
-    if not path.is_file():
-        raise DcditError(f"samples not found: {path} (write them with `dcdit sample --npz PATH`, or pass a folder of images)")
-    if "arr_0" not in _npz_members(path, "samples"):
-        raise DcditError(f"{path} has no arr_0: save samples with np.savez(path, arr_0=images_uint8_nhwc)")
-    return NpzImages(path, "arr_0")
-
-
-def _npz_members(path: Path, role: str) -> set[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return {name[: -len(".npy")] for name in zf.namelist() if name.endswith(".npy")}
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DcditError(f"{role} file {path} is not a readable .npz ({e}): save it with np.savez") from None
-
-
-@dataclass
-class Reference:
-    """An ADM reference batch: precomputed statistics and / or the images (``arr_0``)."""
-
-    path: Path
-    mu: np.ndarray | None = None
-    sigma: np.ndarray | None = None
-    mu_s: np.ndarray | None = None
-    sigma_s: np.ndarray | None = None
-    images: NpzImages | None = None
-
-    @property
-    def has_stats(self) -> bool:
-        return self.mu is not None and self.mu_s is not None
-
-
-def load_reference(path: str | Path) -> Reference:
-    """An ADM reference .npz (e.g. ``VIRTUAL_imagenet256_labeled.npz``): ``mu``, ``sigma`` (pool_3),
-    ``mu_s``, ``sigma_s`` (spatial) and ``arr_0`` images. Statistics missing from the file are
-    computed from ``arr_0``; precision / recall always need ``arr_0``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcditError(
-            f"reference batch not found: {path} (download ADM's VIRTUAL_imagenet256_labeled.npz, or build one "
-            "from real images with `dcdit fid --make-ref DIR --out REF.npz`)"
-        )
-    members = _npz_members(path, "reference")
-    ref = Reference(path, images=NpzImages(path, "arr_0") if "arr_0" in members else None)
-    with np.load(path) as npz:
-        for name, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
-            cov = name.replace("mu", "sigma")
-            if name not in members and cov not in members:
-                continue
-            if name not in members or cov not in members:
-                raise DcditError(f"{path} has only one of {name}/{cov}: re-create the reference batch")
-            mu, sigma = np.asarray(npz[name], np.float64), np.asarray(npz[cov], np.float64)
-            if mu.shape != (dim,) or sigma.shape != (dim, dim):
-                raise DcditError(
-                    f"{path}: {name} {mu.shape} / {cov} {sigma.shape} are not {dim}-d Inception statistics: "
-                    "use an ADM reference batch or one made by dcdit"
-                )
-            setattr(ref, name, mu)
-            setattr(ref, cov, sigma)
-    if ref.images is None and not ref.has_stats:
-        raise DcditError(f"{path} has neither arr_0 nor mu/sigma/mu_s/sigma_s: it is not an ADM reference batch")
-    return ref
-
-
-# -----------------------------------------------------------------------------------------
 #                                       Inception
 # -----------------------------------------------------------------------------------------
 
@@ -447,7 +274,7 @@ def _as_batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> I
     if isinstance(images, np.ndarray):
         images = [images]
     for batch in images:
-        _check_images_shape(batch.shape, batch.dtype, "an image batch")
+        check_images_shape(batch.shape, batch.dtype, "an image batch")
         for i in range(0, len(batch), batch_size):
             yield batch[i : i + batch_size]
 
@@ -567,7 +394,7 @@ def make_reference(
     root, out = Path(image_dir), Path(out_npz)
     if not root.is_dir():
         raise DcditError(f"image folder not found: {root}")
-    files = _list_images(root)[:num]
+    files = list_images(root)[:num]
     if not files:
         raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     if out.suffix != ".npz":
