@@ -87,6 +87,9 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
             out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels)[:B]
         if stats is not None:
             log.per_step.append(stats.num_kept.detach().cpu().view(-1, B))
+        else:  # a DiT runs every patch token, in each CFG half
+            tokens = (model.input_size // model.patch_size) ** 2
+            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens))
         return out
 
     return model_fn
@@ -163,20 +166,14 @@ def spent_tflops(recipe, kept: np.ndarray, steps: int) -> float:
     from dcdit_cli.flops import dcdit_cost, dit_forward_flops
 
     if recipe.model.kind == "dit":
-        halves = kept.shape[2] if kept.size else 1
-        return dit_forward_flops(recipe.model) * steps * halves / 1e12
+        return dit_forward_flops(recipe.model) * steps * kept.shape[2] / 1e12
     cost = dcdit_cost(recipe.model)
     return float(cost(torch.as_tensor(kept, dtype=torch.float64)).sum(dim=(0, 2)).mean()) / 1e12
 
 
 def summarise(recipe, kept: np.ndarray, steps: int, images: int, seconds: float) -> SampleReport:
-    L = recipe.model.input_size**2
-    if recipe.model.kind == "dit" or kept.size == 0:
-        m = L / recipe.model.patch_size**2
-        kept_mean = m
-    else:
-        kept_mean = float(kept.mean())
-    return SampleReport(images, kept_mean, L / kept_mean, spent_tflops(recipe, kept, steps), seconds)
+    kept_mean = float(kept.mean())
+    return SampleReport(images, kept_mean, recipe.model.input_size**2 / kept_mean, spent_tflops(recipe, kept, steps), seconds)
 
 
 def print_report(r: SampleReport) -> None:
@@ -258,7 +255,7 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
         parts = [np.load(parts_dir / f"part-{k:06d}.npz") for k in range(n_parts)]
         arr = np.concatenate([p["images"] for p in parts])[:num]
         labels = np.concatenate([p["labels"] for p in parts])[:num]
-        kept = np.concatenate([p["kept"] for p in parts], axis=1) if parts[0]["kept"].size else np.zeros((0, 0, 0))
+        kept = np.concatenate([p["kept"] for p in parts], axis=1)
         tmp = Path(str(npz) + ".tmp.npz")
         np.savez(tmp, arr_0=arr, arr_1=labels)
         os.replace(tmp, npz)

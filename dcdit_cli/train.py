@@ -131,7 +131,8 @@ def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: 
     """Prepares runs/<name>; returns the checkpoint to resume from (or None)."""
     from dcdit_cli.checkpoint import atomic_write_text, find_latest
 
-    out_dir.mkdir(parents=True, exist_ok=True) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     stored = out_dir / "recipe.toml"
     ckpt = None
@@ -213,7 +214,7 @@ def train(
 
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     sums: dict[str, float] = defaultdict(float)
-    meter, last_weights, last_ckpt = RateMeter(), None, (ckpt_path if ckpt_path else None)
+    meter, last_weights, last_ckpt = RateMeter(), None, ckpt_path
     seed = recipe.run.seed
     null_class = m_cfg.num_classes
 
