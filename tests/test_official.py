@@ -229,3 +229,22 @@ def test_sample_viz_and_flops_read_the_authors_file(authors_file, tmp_path, vae_
     assert proc.returncode == 0 and any((tmp_path / "b").glob("*.png")), proc.stderr
     proc = dcdit("flops", "--ckpt", str(path), "--num", "1", "--json")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_train_init_from_starts_from_the_weights_and_resume_wins(tmp_path):
+    from safetensors.torch import load_file
+
+    from dcdit_cli.train import train
+
+    source = train(load_recipe("tiny", ["train.max_steps=2", "train.ckpt_every_steps=2"]), tmp_path / "a")
+    other = train(load_recipe("tiny", ["train.max_steps=1", "run.seed=7"]), tmp_path / "c")
+    frozen = load_recipe("tiny", ["train.max_steps=1", "train.lr=0.0", "train.ckpt_every_steps=1"])  # lr 0: weights stay put
+    with pytest.raises(DcditError, match="does not exist"):
+        train(frozen, tmp_path / "b", init_from=tmp_path / "missing")
+    assert not (tmp_path / "b").exists()
+    train(frozen, tmp_path / "b", init_from=tmp_path / "a")
+    a, b = load_file(str(source)), load_file(str(tmp_path / "b/checkpoints/step-0000001/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the model started from a's EMA weights
+    train(frozen.replace(train={"max_steps": 2}), tmp_path / "b", init_from=other)  # its own checkpoint wins
+    c = load_file(str(tmp_path / "b/checkpoints/step-0000002/model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
