@@ -365,7 +365,23 @@ def read_official(path: Path, weights: str = "ema"):
         raise DcditError(f"{path} is a DiT checkpoint, not a DC-DiT: upcycle it with `dcdit upcycle --from {path}`")
     step = int(path.stem) if path.stem.isdigit() else 0  # their files are named by step: 0400000.pt
     recipe = official_recipe(_plain(obj["config"]), path, name=f"official-{path.stem}")
-    return map_official_state(state, path), recipe, step
+    mapped = map_official_state(state, path)
+    _check_against(mapped, recipe, path)
+    return mapped, recipe, step
+
+
+def _check_against(state: Mapping[str, torch.Tensor], recipe, source) -> None:
+    """Every tensor of the model the config describes is present with its shape (checked on meta tensors)."""
+    from dcdit_cli.models import build_model
+
+    with torch.device("meta"):
+        expected = build_model(recipe.model).state_dict()
+    problems = [f"{k} is missing" for k in expected if k not in state]
+    problems += [f"{k} is {tuple(v.shape)} vs {tuple(expected[k].shape)} in its config's model"
+                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if problems:
+        raise DcditError(f"{source}: its weights do not match its own config ({len(problems)} tensors: "
+                         f"{'; '.join(problems[:2])}): the file is damaged or from another code version")
 
 
 def resolve_hf(reference: str) -> Path:

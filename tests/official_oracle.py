@@ -292,8 +292,9 @@ class Config:
 '''
 
 
-def save_authors_checkpoint(path, tmp_dir, model: AuthorsDCDiT, ema: AuthorsDCDiT, side=8, classes=10, depth=2):
-    """Their train.py's file: {model, ema, opt, config}, the config pickled from a module `config`."""
+def save_authors_checkpoint(path, tmp_dir, model: AuthorsDCDiT, ema, side=8, classes=10, depth=2):
+    """Their train.py's file: {model, ema, opt, config}, the config pickled from a module `config`.
+    ``ema``: a model, or a state dict (to write damaged files)."""
     pkg = tmp_dir / "authors_config"
     pkg.mkdir(exist_ok=True)
     (pkg / "config.py").write_text(textwrap.dedent(CONFIG_SOURCE))
@@ -308,7 +309,7 @@ def save_authors_checkpoint(path, tmp_dir, model: AuthorsDCDiT, ema: AuthorsDCDi
                                              multi_budget_start_step=50000, downsample_factor=4.0, ratio_loss_weight=0.03)
         cfg.data = config.DataConfig(image_size=side * 8, num_classes=classes)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "config": cfg}, path)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict() if isinstance(ema, nn.Module) else ema, "opt": opt.state_dict(), "config": cfg}, path)
     finally:
         sys.path.remove(str(pkg))
         sys.modules.pop("config", None)

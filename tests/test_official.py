@@ -251,3 +251,16 @@ def test_train_init_from_starts_from_the_weights_and_resume_wins(tmp_path):
     train(frozen.replace(train={"max_steps": 2}), tmp_path / "b", init_from=other)  # its own checkpoint wins
     c = load_file(str(tmp_path / "b/checkpoints/step-0000002/model.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_weights_that_do_not_match_their_config_are_one_line(tmp_path):
+    model = AuthorsDCDiT()
+    damaged = {k: v for k, v in model.state_dict().items() if k != "hnet.decoder.rmsnorm.weight"}
+    save_authors_checkpoint(tmp_path / "damaged.pt", tmp_path, model, damaged)
+    with pytest.raises(DcditError, match="decoder.norm.weight is missing") as e:
+        read_official(tmp_path / "damaged.pt")
+    assert "\n" not in str(e.value)
+    extra = {**model.state_dict(), "hnet.mystery.weight": torch.zeros(2)}
+    save_authors_checkpoint(tmp_path / "extra.pt", tmp_path, model, extra)
+    with pytest.raises(DcditError, match="hnet.mystery.weight"):
+        read_official(tmp_path / "extra.pt")
