@@ -58,16 +58,18 @@ def strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def safe_torch_load(path: Path, allowed: Mapping[str, object], hint: str):
+def safe_torch_load(path: Path, allowed: Mapping[str, object], hint: str, mmap: bool = False):
     """``torch.load(weights_only=True)`` with the stand-ins in ``allowed`` ({'module.Name': class}).
 
     torch's restricted unpickler resolves a GLOBAL by '__module__.__qualname__' against its own
     allow-list (tensors, storages, OrderedDict …) and the classes given here; instances of those
     classes are made with ``cls.__new__`` and filled by ``__dict__.update``: nothing else runs.
+    ``mmap`` (zip files only) maps the tensors instead of reading them all: an XL file holds model,
+    EMA and optimizer state (~11 GB) of which one state dict is used.
     """
     try:
         with torch.serialization.safe_globals(list(allowed.values())):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # any unreadable input is the user's to fix
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused:
@@ -351,7 +353,7 @@ def read_official(path: Path, weights: str = "ema"):
     if refused:
         raise DcditError(f"{path} wants to load the global {refused[0]}, which the authors' checkpoint format never "
                          f"contains: refused (nothing from it was run); {_OFFICIAL_HINT}")
-    obj = safe_torch_load(path, _STAND_INS, _OFFICIAL_HINT)
+    obj = safe_torch_load(path, _STAND_INS, _OFFICIAL_HINT, mmap=True)
     if not isinstance(obj, dict) or not {"ema", "model", "config"} <= set(obj):
         if isinstance(obj, dict) and ("x_embedder.proj.weight" in obj or isinstance(obj.get("ema"), dict)):
             raise DcditError(f"{path} is a DiT checkpoint, not a DC-DiT: upcycle it with `dcdit upcycle --from {path}`, "
