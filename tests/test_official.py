@@ -264,3 +264,17 @@ def test_weights_that_do_not_match_their_config_are_one_line(tmp_path):
     save_authors_checkpoint(tmp_path / "extra.pt", tmp_path, model, extra)
     with pytest.raises(DcditError, match="hnet.mystery.weight"):
         read_official(tmp_path / "extra.pt")
+
+
+@pytest.mark.parametrize("name, sizes", [("s-n4-official", (384, 6, 12)), ("xl-n4-official", (1152, 16, 28))])
+def test_full_size_key_map_on_meta_tensors(name, sizes):
+    from dcdit_cli.foreign import _check_against, map_official_state
+
+    width, heads, depth = sizes
+    with torch.device("meta"):
+        theirs = AuthorsDCDiT(D=width, factor=4, heads=heads, depth=depth, side=32, classes=1000).state_dict()
+    theirs.pop("pos_embed")  # values are needed to check it (meta tensors have none)
+    mapped = map_official_state(theirs, name)
+    _check_against(mapped, load_recipe(name), name)  # every tensor of the official recipe's model, with its shape
+    with torch.device("meta"):
+        assert len(mapped) == len(build_model(load_recipe(name).model).state_dict())
