@@ -34,7 +34,8 @@ from dcdit_cli.diffusion import make_diffusion
 from dcdit_cli.models import build_model
 from dcdit_cli.recipe import load_recipe
 from dcdit_cli.train import train
-from dcdit_cli.upcycle import load_dit_checkpoint, prepare_student, upcycle
+from dcdit_cli.foreign import load_dit_checkpoint
+from dcdit_cli.upcycle import prepare_student, upcycle
 
 SIZE = ["model.hidden_size=64", "model.num_heads=4", "model.depth=3"]
 

@@ -183,7 +183,12 @@ def export_weights(run_dir: Path, step: int, ema_state: dict, recipe_toml: str, 
 
 
 def resolve_weights(path: Path) -> Path:
-    """A run dir → its newest exported EMA weights; a file → itself."""
+    """A run dir → its newest exported EMA weights; ``hf:OWNER/REPO/FILE`` → the file in the local
+    Hugging Face cache; a file → itself."""
+    if str(path).startswith("hf:"):
+        from dcdit_cli.foreign import resolve_hf
+
+        return resolve_hf(str(path))
     path = Path(path)
     if path.is_dir():
         found = sorted((path / "weights").glob("step-*-ema.safetensors"))
@@ -195,14 +200,18 @@ def resolve_weights(path: Path) -> Path:
     return path
 
 
-def load_weights(path: Path, device="cpu"):
-    """(model in eval mode, recipe, step) from a run dir or an exported EMA weights file."""
+def read_weights(path: Path, weights: str = "ema"):
+    """(state dict, recipe, step) from a run dir, exported dcdit weights (.safetensors), or a
+    checkpoint of the authors' DC-DiT release (.pt, also as ``hf:amd/DynamicChunkingDiT/…``),
+    whose ``weights`` ('ema' or 'model') are mapped to dcdit's names (dcdit_cli/foreign.py)."""
     from safetensors import safe_open
 
-    from dcdit_cli.models import build_model
+    from dcdit_cli.foreign import is_safetensors, read_official
     from dcdit_cli.recipe import recipe_from_toml
 
     file = resolve_weights(path)
+    if not is_safetensors(file):
+        return read_official(file, weights)
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
@@ -211,9 +220,44 @@ def load_weights(path: Path, device="cpu"):
     if meta.get("format") != WEIGHTS_FORMAT or "recipe" not in meta:
         raise DcditError(f"{file} has no dcdit recipe in its metadata: pass weights exported by `dcdit train` (runs/NAME/weights/*.safetensors)")
     recipe = recipe_from_toml(meta["recipe"], source=f"{file} (stored recipe)")
+    return load_file(str(file), device="cpu"), recipe, int(meta.get("step", 0))
+
+
+def load_weights(path: Path, device="cpu"):
+    """(model in eval mode, recipe, step) from anything :func:`read_weights` reads."""
+    from dcdit_cli.models import build_model
+
+    state, recipe, step = read_weights(path)
     model = build_model(recipe.model)
-    state = load_file(str(file), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise DcditError(f"{file} does not match its recipe (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
-    return model.to(device).eval(), recipe, int(meta.get("step", 0))
+        raise DcditError(f"{path} does not match its recipe (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
+    return model.to(device).eval(), recipe, step
+
+
+def load_into(model: torch.nn.Module, path: Path) -> list[str]:
+    """``train --init-from``: ``path``'s weights into a freshly built ``model``; returns the keys
+    left at their initialisation. Keys must match exactly, except the DyDiT gate parameters
+    (a ``.dydit.`` component) that a model may add on top of a DC-DiT (issue 12)."""
+    state, _, _ = read_weights(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    fatal = [k for k in missing if ".dydit." not in f".{k}"]
+    if fatal or unexpected or shapes:
+        what = "; ".join(x for x in (f"missing {fatal[:3]}" if fatal else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                                     f"shapes {shapes[:2]}" if shapes else "") if x)
+        raise DcditError(f"--init-from {path} does not fit the recipe's model ({what}): use the recipe it was trained with")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def convert_weights(source: Path, out_dir: Path, weights: str = "ema") -> Path:
+    """`dcdit convert`: any checkpoint :func:`read_weights` reads → dcdit weights (safetensors
+    with the resolved recipe in the metadata) under ``out_dir``/weights, plus ``out_dir``/recipe.toml."""
+    state, recipe, step = read_weights(source, weights)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "recipe.toml", recipe.to_toml())
+    return export_weights(out_dir, step, state, recipe.to_toml(), keep_last=1_000_000)

@@ -93,6 +93,7 @@ def flops(
         "  dcdit train --recipe xl-n16 --print-recipe        # the paper's setting\n\n"
         "  dcdit train --recipe b-n4 --set data.path=features/imagenet256 --out runs/b-n4\n\n"
         "  dcdit train --recipe b-n4 --resume runs/b-n4/checkpoints/step-0100000\n\n"
+        "  dcdit train --recipe s-n4-official --init-from 0400000.pt --set train.max_steps=450000   # fine-tune a release\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
         "To resume, run the same command again: it continues from the newest complete checkpoint."
     )
@@ -102,6 +103,8 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
     resume: Optional[Path] = ResumeOpt,
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start from these weights: a run dir, dcdit .safetensors, the authors' .pt or hf:amd/…"),
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
@@ -110,8 +113,34 @@ def train(
     from dcdit_cli.train import train as run_train
 
     out_dir = out or Path("runs") / cfg.run.name
-    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]))
+    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), init_from=init_from)
     _next_steps(out_dir, weights)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit convert --from 0400000.pt --out runs/s-256-official        # the authors' S-256 release\n\n"
+        "  dcdit convert --from hf:amd/DynamicChunkingDiT/XL-256/FILE.pt --out runs/xl-256-official\n\n"
+        "  dcdit convert --from 0400000.pt --out runs/s-256-raw --weights model\n\n"
+        "Writes OUT/weights/step-N-ema.safetensors (the recipe in its metadata) and OUT/recipe.toml; then "
+        "dcdit sample --ckpt OUT reads it without any pickle."
+    )
+)
+def convert(
+    source: Path = typer.Option(..., "--from", help="The authors' DC-DiT .pt (or hf:amd/DynamicChunkingDiT/…), or dcdit weights."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (a run directory layout: weights/, recipe.toml)."),
+    weights: str = typer.Option("ema", "--weights", help="ema (default, what the authors sample from) or model (raw weights)."),
+):
+    """Convert the authors' released DC-DiT checkpoint into dcdit weights (safetensors, no pickle)."""
+    from dcdit_cli.checkpoint import convert_weights
+    from dcdit_cli.console import print0
+
+    if weights not in ("ema", "model"):
+        raise DcditError(f"--weights {weights!r}: use 'ema' (default) or 'model'")
+    written = convert_weights(source, out, weights)
+    print0(f"[bold green]wrote[/] {written}")
+    print0(f"next: dcdit sample --ckpt {out} --vae VAE_DIR --out {out}/samples.png")
 
 
 def _next_steps(out_dir: Path, weights) -> None:
@@ -175,7 +204,7 @@ def distill(
     print_recipe: bool = PrintOpt,
 ):
     """Upcycle a DiT with an activation-distillation warm-up, then diffusion (paper §4.4, Table 3)."""
-    from dcdit_cli.distill import distill as run_distill
+    from dcdit_cli.upcycle import distill as run_distill
 
     _run_from_dit(run_distill, recipe, source, set_, out, resume, print_recipe)
 

@@ -18,11 +18,11 @@ a function of the step (``Objective.until_step``), so a run resumes on either si
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from dcdit_cli.foreign import inspect_dit
 from dcdit_cli.models.dit import DiT, grid_positions, sincos_2d
 from dcdit_cli.recipe import Recipe
 from dcdit_cli.train import Objective
@@ -30,8 +30,6 @@ from dcdit_cli.train import Objective
 
 def build_teacher(source: Mapping[str, torch.Tensor], recipe: Recipe) -> DiT:
     """The frozen teacher: the pretrained DiT itself (eval mode, no gradients, in no optimizer)."""
-    from dcdit_cli.upcycle import inspect_dit
-
     shape = inspect_dit(source)
     m = recipe.model
     with torch.device("meta"):  # sizes only; the weights come from ``source``
@@ -111,10 +109,3 @@ def distill_objectives(source: Mapping[str, torch.Tensor], recipe: Recipe) -> li
         Objective("distill", diffusion_weight=0.0, extra_loss=DistillLoss(teacher, recipe.distill.weight), until_step=recipe.distill.steps),
         Objective("diffusion"),
     ]
-
-
-def distill(recipe: Recipe, source: Path, out_dir: Path, *, resume: Path | None = None, command: str = "") -> Path | None:
-    """`dcdit distill`: upcycle ``source`` into a DC-DiT, distillation warm-up, then diffusion, in one run."""
-    from dcdit_cli.upcycle import upcycle
-
-    return upcycle(recipe, source, out_dir, resume=resume, command=command, distill=True)

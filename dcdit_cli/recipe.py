@@ -64,7 +64,8 @@ class ModelConfig:
     encoder_blocks: int = 2
     decoder_blocks: int = 2
     router: str = "cosine"
-    """'cosine' (paper §3.3) or 'random' (the random-boundary ablation, paper §4.3)."""
+    """'cosine' (paper §3.3), 'random' (the random-boundary ablation, paper §4.3) or 'predictive'
+    (the authors' released router, REFERENCE §1; their checkpoints need it)."""
     target_ratio: float = 4.0
     """Target compression N of the ratio loss (paper §3.5)."""
     smoothing_sigma: float = 1.0
@@ -73,6 +74,11 @@ class ModelConfig:
     """Sin-cos positions are evaluated at (r + 0.5)·scale − 0.5 (0.5 when upcycling a DiT/2)."""
     cond_adaptor: bool = False
     """LayerNorm adaptor on the condition inside encoder and decoder (upcycling, REFERENCE §6)."""
+    force_endpoints: bool = False
+    """DC-DiT only: p = 1 at raster positions 0 and L − 1, as the authors' release does (official recipes)."""
+    norm_eps: float = 1e-5
+    """DC-DiT only: epsilon of the scaffold's GroupNorms and every RMSNorm (the authors' 1e-5;
+    the DiT blocks' LayerNorms keep DiT's 1e-6)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ SECTIONS: dict[str, type] = {
 
 CHOICES: dict[str, tuple] = {
     "model.kind": ("dcdit", "dit"),
-    "model.router": ("cosine", "random"),
+    "model.router": ("cosine", "random", "predictive"),
     "diffusion.noise_schedule": ("linear",),
     "data.kind": ("latents", "shapes"),
     "data.flip": ("random", "none"),
@@ -261,6 +267,8 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append(f"model.target_ratio must be > 1, got {m.target_ratio}")
     if m.smoothing_sigma <= 0:
         problems.append(f"model.smoothing_sigma must be > 0, got {m.smoothing_sigma}")
+    if not 0 < m.norm_eps < 1:
+        problems.append(f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
     if m.num_classes != recipe.data.num_classes:
         problems.append(
             f"model.num_classes {m.num_classes} differs from data.num_classes {recipe.data.num_classes}: set both"

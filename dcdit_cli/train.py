@@ -166,17 +166,20 @@ def train(
     command: str = "",
     model_setup: Callable | None = None,
     objectives: list[Objective] | None = None,
+    init_from: Path | None = None,
 ) -> Path | None:
     """Trains ``recipe`` into ``out_dir``; returns the last exported EMA weights.
 
     model_setup(model) → model: used by upcycling to load and freeze pretrained weights
     before the optimizer is built. objectives: consecutive phases (distillation warm-up,
-    then diffusion); by default one diffusion phase.
+    then diffusion); by default one diffusion phase. init_from: weights to start from (a run
+    dir, dcdit weights or the authors' .pt; fine-tuning), loaded before the optimizer is
+    built; when the run resumes, its own checkpoint wins.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from dcdit_cli.checkpoint import export_weights, load_checkpoint, save_checkpoint
+    from dcdit_cli.checkpoint import export_weights, load_checkpoint, load_into, resolve_weights, save_checkpoint
     from dcdit_cli.data import batch_indices, make_dataset
     from dcdit_cli.diffusion import make_diffusion
     from dcdit_cli.models import build_model
@@ -187,6 +190,8 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = batch_plan(t_cfg.global_batch, t_cfg.micro_batch, world)
     out_dir = Path(out_dir)
+    if init_from is not None:
+        resolve_weights(init_from)  # a missing file is reported before the run directory is touched
     ckpt_path = _run_dir_setup(recipe, out_dir, resume, command, accelerator)
 
     dataset = make_dataset(recipe.data, seed=recipe.run.seed)
@@ -195,6 +200,9 @@ def train(
     model = build_model(m_cfg)
     if model_setup is not None:
         model = model_setup(model)
+    if init_from is not None and ckpt_path is None:
+        fresh = load_into(model, init_from)
+        print0(f"[bold]initialised[/] from {init_from}" + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
     ema = copy.deepcopy(model)
     requires_grad(ema, False)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -23,9 +23,7 @@ the result with the shared loop (``train(..., model_setup=...)``).
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -33,140 +31,17 @@ from typing import Mapping
 import torch
 
 from dcdit_cli.console import DcditError, is_main_process, print0
+from dcdit_cli.foreign import DiTShape, inspect_dit, load_dit_checkpoint
 from dcdit_cli.recipe import Recipe
 
 # What transfers from a DiT (same names and shapes in DCDiT) and what is frozen.
 TRANSFER_PREFIXES = ("t_embedder.", "y_embedder.", "blocks.")
 EMBEDDER_PREFIXES = ("t_embedder.", "y_embedder.")
-# Keys every DiT state dict has (facebookresearch/DiT models.py; REFERENCE §4).
-DIT_KEYS = (
-    "x_embedder.proj.weight",
-    "t_embedder.mlp.0.weight",
-    "y_embedder.embedding_table.weight",
-    "blocks.0.attn.qkv.weight",
-    "blocks.0.mlp.fc1.weight",
-    "final_layer.linear.weight",
-)
-DCDIT_KEYS = ("encoder.stem.weight", "router.q_proj.weight", "residual_proj.weight")
-_HINT = "pass the official DiT checkpoint (e.g. DiT-XL-2-256x256.pt) or a DiT train.py checkpoint"
 
 
 #################################################################################
-#                        Reading a DiT checkpoint                               #
+#                        Does the DiT fit the recipe?                           #
 #################################################################################
-
-
-@dataclass(frozen=True)
-class DiTShape:
-    """The sizes of a DiT read off its state dict (the head count is not stored in it)."""
-
-    hidden_size: int
-    depth: int
-    patch_size: int
-    in_channels: int
-    num_classes: int
-    mlp_hidden: int
-    out_features: int
-    num_tokens: int | None
-    num_params: int
-
-    @property
-    def learn_sigma(self) -> bool:
-        return self.out_features == 2 * self.patch_size**2 * self.in_channels
-
-    def describe(self) -> str:
-        return f"DiT/{self.patch_size}, width {self.hidden_size}, {self.depth} blocks, {self.num_params / 1e6:.1f}M parameters"
-
-
-def _first_line(error: Exception, limit: int = 160) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def load_dit_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The DiT state dict in ``path``: a flat state dict (the official release), DiT train.py's
-    {model, ema, opt, args} (the ``ema`` weights are used), or a safetensors file (also the
-    EMA weights a ``model.kind = "dit"`` run of ``dcdit train`` exports).
-
-    Pickles are read with ``torch.load(weights_only=True)`` (plus ``argparse.Namespace``, the
-    ``args`` of DiT's train.py); anything else is a DcditError naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DcditError(f"--from {path} does not exist: {_HINT}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
-        state = _load_safetensors(path)
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unreadable input is the user's to fix
-            raise DcditError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}): {_HINT}") from None
-        state = _unwrap(obj, path)
-    inspect_dit(state, path)  # raises when it is not a DiT
-    return state
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from dcdit_cli.checkpoint import WEIGHTS_FORMAT
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-        if meta.get("format") == WEIGHTS_FORMAT and any(k in keys for k in DCDIT_KEYS):
-            raise DcditError(
-                f"{path} is the weights of a DC-DiT run (exported by dcdit), not a DiT checkpoint: {_HINT}; "
-                f"to continue that run, rerun its command or pass --resume"
-            )
-        return load_file(str(path), device="cpu")  # includes the weights of a `dcdit train` DiT run
-    except (SafetensorError, OSError) as e:
-        raise DcditError(f"{path} is not a readable safetensors file ({_first_line(e)}): {_HINT}") from None
-
-
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
-        obj = obj["ema"]  # DiT train.py: {model, ema, opt, args}; sample from the EMA
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        kind = f"a dict with keys {', '.join(list(map(str, obj))[:4])}" if isinstance(obj, dict) else type(obj).__name__
-        raise DcditError(f"{path} holds {kind}, not a DiT state dict: {_HINT}")
-    if all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def inspect_dit(state: Mapping[str, torch.Tensor], source="the checkpoint") -> DiTShape:
-    """The sizes of the DiT in ``state``; a DcditError when it is not a DiT state dict."""
-    missing = [k for k in DIT_KEYS if k not in state]
-    if missing:
-        if any(k in state for k in DCDIT_KEYS):
-            raise DcditError(f"{source} is a DC-DiT state dict, not a DiT checkpoint: {_HINT}")
-        found = ", ".join(list(state)[:3])
-        raise DcditError(f"{source} is not a DiT checkpoint (no {', '.join(missing[:2])}; it has {found}, …): {_HINT}")
-    patch = state["x_embedder.proj.weight"]
-    if patch.ndim != 4 or patch.shape[2] != patch.shape[3]:
-        raise DcditError(f"{source}: x_embedder.proj.weight has shape {tuple(patch.shape)}, not a square patch embedding: {_HINT}")
-    indices = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if indices != set(range(len(indices))):
-        raise DcditError(f"{source}: its blocks are numbered {sorted(indices)[:5]}…, not 0..n−1: {_HINT}")
-    pos = state.get("pos_embed")
-    return DiTShape(
-        hidden_size=patch.shape[0],
-        depth=len(indices),
-        patch_size=patch.shape[2],
-        in_channels=patch.shape[1],
-        num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
-        mlp_hidden=state["blocks.0.mlp.fc1.weight"].shape[0],
-        out_features=state["final_layer.linear.weight"].shape[0],
-        num_tokens=None if pos is None else pos.shape[1],
-        num_params=sum(v.numel() for v in state.values()),
-    )
 
 
 def check_fit(shape: DiTShape, recipe: Recipe, source="the checkpoint") -> None:
@@ -377,3 +252,8 @@ def upcycle(
         return model
 
     return train(recipe, Path(out_dir), resume=resume, command=command, model_setup=model_setup, objectives=objectives)
+
+
+def distill(recipe: Recipe, source: Path, out_dir: Path, *, resume: Path | None = None, command: str = "") -> Path | None:
+    """`dcdit distill`: upcycle ``source`` into a DC-DiT, distillation warm-up, then diffusion, in one run."""
+    return upcycle(recipe, source, out_dir, resume=resume, command=command, distill=True)

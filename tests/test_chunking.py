@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from dcdit_cli.models.chunking import (
     ChunkLayer,
     DeChunkLayer,
-    RandomRouter,
-    Router,
     keep_at_least_one,
     ratio_loss,
     ste,
     tail_drop,
 )
+from dcdit_cli.models.routers import RandomRouter, Router
 
 
 def test_router_matches_formula_on_hand_made_features():

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dcdit_cli.console import DcditError
-from dcdit_cli.distill import DistillLoss, activation_distillation_loss, build_teacher, distill, teacher_index
+from dcdit_cli.distill import DistillLoss, activation_distillation_loss, build_teacher, teacher_index
 from dcdit_cli.models import DiT, build_model
 from dcdit_cli.recipe import load_recipe
-from dcdit_cli.upcycle import inspect_dit, load_dit_checkpoint, map_dit_to_dcdit, prepare_student, upcycle
+from dcdit_cli.foreign import inspect_dit, load_dit_checkpoint
+from dcdit_cli.upcycle import distill, map_dit_to_dcdit, prepare_student, upcycle
 
 EMBEDDERS = ("t_embedder.", "y_embedder.")
 

@@ -1,4 +1,6 @@
-"""Dynamic chunking on a 2-D grid: Router, ChunkLayer, DeChunkLayer, STE and the ratio loss.
+"""Dynamic chunking on a 2-D grid: boundary mask, ChunkLayer, DeChunkLayer, STE and the ratio loss.
+
+The routers that score the boundaries live in ``models/routers.py``.
 
 Paper §3.3 (routing and chunking), §3.4 (de-chunking), §3.5 (ratio loss); H-Net (Hwang et
 al. 2025) for the STE gate. The exact choices where the paper is silent are REFERENCE §1.4,
@@ -16,68 +18,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-#################################################################################
-#                                    Router                                     #
-#################################################################################
-
-
-class Router(nn.Module):
-    """Cosine-similarity router (paper §3.3): p_i = (1 − q_i · k̄_i) / 2.
-
-    q and k are ℓ2-normalised projections of the encoder output (W_Q, W_K initialised to the
-    identity); k̄ is a depthwise 3×3 convolution of k, initialised to a uniform average.
-    [choice, REFERENCE §1.4] At the border the average is rescaled by 9 / (in-grid
-    neighbours) so a constant image gives the same p everywhere; the router runs in fp32.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_avg = nn.Conv2d(hidden_size, hidden_size, 3, padding=1, groups=hidden_size, bias=False)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        nn.init.eye_(self.q_proj.weight)
-        nn.init.eye_(self.k_proj.weight)
-        nn.init.constant_(self.k_avg.weight, 1.0 / 9.0)
-
-    @staticmethod
-    def border_correction(side: int, device) -> torch.Tensor:
-        """(1, 1, side, side): 9 / number of in-grid positions in each 3×3 window."""
-        ones = torch.ones(1, 1, side, side, device=device)
-        count = F.conv2d(ones, torch.ones(1, 1, 3, 3, device=device), padding=1)
-        return 9.0 / count
-
-    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
-        """h (B, L, D) → p (B, L) in [0, 1], fp32."""
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            h = h.float()
-            q = F.normalize(self.q_proj(h), dim=-1)  # (B, L, D)
-            k = F.normalize(self.k_proj(h), dim=-1)  # (B, L, D)
-            B, L, D = k.shape
-            k_grid = k.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
-            k_bar = self.k_avg(k_grid) * self.border_correction(side, h.device)  # (B, D, H, W)
-            s = (q * k_bar.flatten(2).transpose(1, 2)).sum(-1)  # (B, L)
-            return ((1.0 - s) / 2.0).clamp(0.0, 1.0)
-
-
-class RandomRouter(nn.Module):
-    """The random-boundary ablation (paper §4.3): a uniformly random subset of expected size L/N.
-
-    Scores p = clamp(1 − u·N/2, 0, 1) with u ~ U(0, 1), so P(p > 0.5) = 1/N; every other layer
-    (chunk, smoothing with these p, plug-back, STE gate) is the same code as the cosine router.
-    """
-
-    def __init__(self, target_ratio: float):
-        super().__init__()
-        self.target_ratio = target_ratio
-
-    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
-        u = torch.rand(h.shape[:2], device=h.device)  # (B, L)
-        return (1.0 - u * self.target_ratio / 2.0).clamp(0.0, 1.0)
 
 
 #################################################################################

@@ -2,8 +2,8 @@
 
     x (B,C,H,W) ─stem P=1 + Encoder─▶ h (B,L,D) ─Router─▶ p (B,L), boundary = p > 0.5
       ─ChunkLayer─▶ (B,M_max,D) ─+ sin-cos at original (r,c)─▶ DiT blocks ─▶ RMSNorm
-      ─DeChunkLayer─▶ (B,L,D) ─× STE(max(p,1−p)) + residual_proj(h)─▶ Decoder ─▶ FinalLayer
-      ─▶ [ε | v] (B,2C,H,W)
+      ─DeChunkLayer─▶ (B,L,D) ─× STE(max(p,1−p)) + residual_proj(h)─▶ Decoder (… RMSNorm(e))
+      ─▶ FinalLayer ─▶ [ε | v] (B,2C,H,W)
 
 The de-chunked features are gated by the STE of the router's confidence and the encoder
 output is added back through a zero-initialised ``residual_proj`` (H-Net; REFERENCE §1.8).
@@ -16,17 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dcdit_cli.models.chunking import (
-    ChunkLayer,
-    DeChunkLayer,
-    RandomRouter,
-    Router,
-    keep_at_least_one,
-    raster_to_rc,
-    ste,
-    tail_drop,
-)
+from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, sincos_2d
+from dcdit_cli.models.routers import force_endpoints, make_router
 from dcdit_cli.models.scaffold import Decoder, Encoder
 
 
@@ -85,6 +77,8 @@ class DCDiT(nn.Module):
         smoothing_sigma: float = 1.0,
         pos_grid_scale: float = 1.0,
         cond_adaptor: bool = False,
+        force_endpoints: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.input_size = input_size
@@ -94,27 +88,28 @@ class DCDiT(nn.Module):
         self.hidden_size = hidden_size
         self.target_ratio = target_ratio
         self.pos_grid_scale = pos_grid_scale
+        self.force_endpoints = force_endpoints  # the release's p = 1 at raster positions 0 and L − 1
         # When True, forward also returns every inner block's output in RouterStats.block_outputs
         # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
         self.record_block_outputs = False
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor)
-        self.router = Router(hidden_size) if router == "cosine" else RandomRouter(target_ratio)
+        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor, norm_eps)
+        self.router = make_router(router, hidden_size, target_ratio, norm_eps)
         self.chunk = ChunkLayer()
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.inner_norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.inner_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
         self.dechunk = DeChunkLayer(smoothing_sigma)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor)
+        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor, norm_eps)
         self.final_layer = FinalLayer(scaffold_width, self.out_channels, cond_size=hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         initialize_dit_weights(self)
-        if isinstance(self.router, Router):
-            self.router.initialize_weights()  # identity W_Q, W_K; averaging k̄ (paper §3.3)
+        if hasattr(self.router, "initialize_weights"):
+            self.router.initialize_weights()  # cosine: identity W_Q, W_K, averaging k̄ (§3.3); predictive: bias −1.1
         nn.init.zeros_(self.residual_proj.weight)  # REFERENCE §1.8: zero, unlike the reference code
         nn.init.zeros_(self.residual_proj.bias)
 
@@ -136,6 +131,8 @@ class DCDiT(nn.Module):
         c = self.condition(t, y)  # (B, D)
         h = self.encoder(x, c)  # (B, L, D)
         p = self.router(h, side)  # (B, L) fp32
+        if self.force_endpoints:
+            p = force_endpoints(p)
         mask = keep_at_least_one(p > 0.5 if boundary is None else boundary, p)  # (B, L)
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 

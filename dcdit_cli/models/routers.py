@@ -1,0 +1,133 @@
+"""Routers: the boundary probability p (B, L) of every token of the encoder output.
+
+- ``cosine`` (:class:`Router`, paper §3.3, the default): p from the cosine dissimilarity of a
+  token and its 3×3 neighbourhood;
+- ``random`` (:class:`RandomRouter`, paper §4.3): the random-boundary ablation;
+- ``predictive`` (:class:`PredictiveRouter`, REFERENCE §1 "The reference code's router"): the
+  router of the authors' released code and checkpoints, a small conv net that scores how badly
+  a token is predicted from its neighbours.
+
+All three return p in [0, 1] in fp32; threshold (p > 0.5), chunking, de-chunking, the STE gate
+and the ratio loss are shared (models/chunking.py). :func:`force_endpoints` is the release's
+p = 1 at raster positions 0 and L − 1 (``model.force_endpoints``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dcdit_cli.models.scaffold import group_norm
+
+
+class Router(nn.Module):
+    """Cosine-similarity router (paper §3.3): p_i = (1 − q_i · k̄_i) / 2.
+
+    q and k are ℓ2-normalised projections of the encoder output (W_Q, W_K initialised to the
+    identity); k̄ is a depthwise 3×3 convolution of k, initialised to a uniform average.
+    [choice, REFERENCE §1.4] At the border the average is rescaled by 9 / (in-grid
+    neighbours) so a constant image gives the same p everywhere; the router runs in fp32.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_avg = nn.Conv2d(hidden_size, hidden_size, 3, padding=1, groups=hidden_size, bias=False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        nn.init.eye_(self.q_proj.weight)
+        nn.init.eye_(self.k_proj.weight)
+        nn.init.constant_(self.k_avg.weight, 1.0 / 9.0)
+
+    @staticmethod
+    def border_correction(side: int, device) -> torch.Tensor:
+        """(1, 1, side, side): 9 / number of in-grid positions in each 3×3 window."""
+        ones = torch.ones(1, 1, side, side, device=device)
+        count = F.conv2d(ones, torch.ones(1, 1, 3, 3, device=device), padding=1)
+        return 9.0 / count
+
+    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
+        """h (B, L, D) → p (B, L) in [0, 1], fp32."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.float()
+            q = F.normalize(self.q_proj(h), dim=-1)  # (B, L, D)
+            k = F.normalize(self.k_proj(h), dim=-1)  # (B, L, D)
+            B, L, D = k.shape
+            k_grid = k.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
+            k_bar = self.k_avg(k_grid) * self.border_correction(side, h.device)  # (B, D, H, W)
+            s = (q * k_bar.flatten(2).transpose(1, 2)).sum(-1)  # (B, L)
+            return ((1.0 - s) / 2.0).clamp(0.0, 1.0)
+
+
+class RandomRouter(nn.Module):
+    """The random-boundary ablation (paper §4.3): a uniformly random subset of expected size L/N.
+
+    Scores p = clamp(1 − u·N/2, 0, 1) with u ~ U(0, 1), so P(p > 0.5) = 1/N; every other layer
+    (chunk, smoothing with these p, plug-back, STE gate) is the same code as the cosine router.
+    """
+
+    def __init__(self, target_ratio: float):
+        super().__init__()
+        self.target_ratio = target_ratio
+
+    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
+        u = torch.rand(h.shape[:2], device=h.device)  # (B, L)
+        return (1.0 - u * self.target_ratio / 2.0).clamp(0.0, 1.0)
+
+
+class PredictiveRouter(nn.Module):
+    """The authors' released router ("spatial predictability"), for their checkpoints.
+
+    On the encoder output as a grid x (B, D, H, W), in fp32:
+    a = Conv1×1(D → D/4)(x); r = a − Conv3×3(a) (the context predictor's error);
+    logit = Conv1×1(D/4 → 1)(SiLU(GroupNorm(8)(Conv3×3(r)))); p = sigmoid(logit).
+    Every conv zero-pads and has a bias; the last bias starts at −1.1, so p ≈ 0.25 = 1/N at
+    initialisation. Module names match the release (``proj``, ``context_predictor``,
+    ``residual_scorer.{0,1,3}``), so its weights map one to one.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        bottleneck = hidden_size // 4
+        self.proj = nn.Conv2d(hidden_size, bottleneck, 1)
+        self.context_predictor = nn.Conv2d(bottleneck, bottleneck, 3, padding=1)
+        self.residual_scorer = nn.Sequential(
+            nn.Conv2d(bottleneck, bottleneck, 3, padding=1),
+            group_norm(bottleneck, max_groups=8, eps=eps),
+            nn.SiLU(),
+            nn.Conv2d(bottleneck, 1, 1),
+        )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        nn.init.constant_(self.residual_scorer[-1].bias, -1.1)  # sigmoid(−1.1) ≈ 0.25
+
+    def forward(self, h: torch.Tensor, side: int) -> torch.Tensor:
+        """h (B, L, D) → p (B, L) in (0, 1), fp32."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            B, L, D = h.shape
+            x = h.float().transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
+            a = self.proj(x)  # (B, D/4, H, W)
+            residual = a - self.context_predictor(a)  # what the neighbourhood does not predict
+            logit = self.residual_scorer(residual)  # (B, 1, H, W)
+            return torch.sigmoid(logit).view(B, L)
+
+
+def force_endpoints(p: torch.Tensor) -> torch.Tensor:
+    """p (B, L) with p = 1 at raster positions 0 and L − 1 (no gradient there), as the release does."""
+    ends = torch.tensor([0, p.shape[1] - 1], device=p.device)
+    return p.index_fill(1, ends, 1.0)
+
+
+def make_router(kind: str, hidden_size: int, target_ratio: float, eps: float = 1e-5) -> nn.Module:
+    """The router named by ``model.router``."""
+    if kind == "cosine":
+        return Router(hidden_size)
+    if kind == "random":
+        return RandomRouter(target_ratio)
+    if kind == "predictive":
+        return PredictiveRouter(hidden_size, eps)
+    raise ValueError(f"unknown router {kind!r}: use 'cosine', 'random' or 'predictive'")
