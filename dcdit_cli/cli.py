@@ -2,7 +2,8 @@
 
 Each command parses its options, loads the recipe and makes one library call. Heavy
 imports (torch, accelerate, diffusers) happen inside the commands so `dcdit --help` is
-instant. A :class:`~dcdit_cli.console.DcditError` becomes one red line and exit code 2.
+instant. Every failure becomes one line on stderr (dcdit_cli/errors.py): exit code 2 for bad
+input, with the problem and its fix.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dcdit_cli.console import DcditError, console, error_line
+from dcdit_cli.console import DcditError, console
 
 app = typer.Typer(
     name="dcdit",
@@ -342,14 +343,14 @@ def viz_boundaries(
 
 
 def main() -> None:
+    """The console script: every failure ends as one line on stderr (dcdit_cli/errors.py)."""
+    from dcdit_cli.errors import report
+
     try:
-        app()
-    except DcditError as e:
-        error_line(str(e))
-        sys.exit(2)
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        sys.exit(130)
+        code = app(standalone_mode=False)
+    except (Exception, KeyboardInterrupt) as e:
+        code = report(e)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "console"]
