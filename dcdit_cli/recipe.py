@@ -418,6 +418,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise DcditError(f"{path}: not valid TOML ({e}); fix the file") from None
+    except UnicodeDecodeError as e:
+        raise DcditError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): save the recipe as UTF-8") from None
+    except OSError as e:
+        raise DcditError(f"{path} cannot be read ({e.strerror}): check the path and its permissions") from None
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})[key] = value

@@ -24,7 +24,6 @@ the result with the shared loop (``train(..., model_setup=...)``).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Mapping
 import torch
 
 from dcdit_cli.console import DcditError, is_main_process, print0
+from dcdit_cli.errors import load_error_reason
 from dcdit_cli.recipe import Recipe
 
 # What transfers from a DiT (same names and shapes in DCDiT) and what is frozen.
@@ -103,7 +103,7 @@ def load_dit_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any unreadable input is the user's to fix
-            raise DcditError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}): {_HINT}") from None
+            raise DcditError(f"{path} is not a readable PyTorch checkpoint ({load_error_reason(e)}): {_HINT}") from None
         state = _unwrap(obj, path)
     inspect_dit(state, path)  # raises when it is not a DiT
     return state
@@ -345,10 +345,11 @@ def upcycle(
     the frozen teacher and the freezing need it). With ``distill`` the first
     ``distill.steps`` steps are the activation-distillation warm-up (dcdit_cli/distill.py).
     """
-    from dcdit_cli.checkpoint import atomic_write_text
+    from dcdit_cli.atomic import check_output, write_json
     from dcdit_cli.models import build_model
     from dcdit_cli.train import train
 
+    check_output(Path(out_dir), "--out", directory=True)
     warnings = check_upcycle_recipe(recipe, distill)
     state = load_dit_checkpoint(source)
     shape = inspect_dit(state, source)
@@ -373,7 +374,7 @@ def upcycle(
         if is_main_process():
             info = {"source": str(source), "source_shape": shape.__dict__, "distill_steps": recipe.distill.steps if distill else 0,
                     **report.to_dict()}
-            atomic_write_text(Path(out_dir) / "upcycle.json", json.dumps(info, indent=1))
+            write_json(Path(out_dir) / "upcycle.json", info)
         return model
 
     return train(recipe, Path(out_dir), resume=resume, command=command, model_setup=model_setup, objectives=objectives)
