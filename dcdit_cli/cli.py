@@ -347,7 +347,7 @@ def main() -> None:
     from dcdit_cli.errors import report
 
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="dcdit", standalone_mode=False)
     except (Exception, KeyboardInterrupt) as e:
         code = report(e)
     sys.exit(code if isinstance(code, int) else 0)
