@@ -57,7 +57,8 @@ def _alive(pid: int) -> bool:
 
 
 def _on_sigterm(signum, frame) -> None:
-    raise _watch.failure("the launcher sent SIGTERM")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report, even if the launcher repeats itself
+    raise _watch.failure("the launcher stopped this one")
 
 
 def watch_ranks(accelerator, command: str) -> None:
@@ -81,5 +82,6 @@ def explain(error: BaseException) -> RankFailure | None:
     except ImportError:  # pragma: no cover
         return None
     if isinstance(error, DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower()):
-        return _watch.failure(f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM must not cut the report short
+        return _watch.failure(f"a collective failed: {type(error).__name__}")
     return None

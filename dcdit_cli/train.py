@@ -90,12 +90,17 @@ def write_curves(out_dir: Path, name: str) -> None:
         write_png(out_dir / "curves.png", training_curves(metrics, f"{name}: training curves ({metrics})"))
 
 
-def ddp_kwargs():
-    """DDP's gradient buckets as views of the gradients: no copy per step and no "grad strides
-    do not match bucket view strides" warning for parameters whose layout is not the default."""
-    from accelerate.utils import DistributedDataParallelKwargs
+def match_grad_strides(model: torch.nn.Module) -> None:
+    """Gives every gradient its parameter's strides, as DDP's bucket views expect.
 
-    return DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    A depthwise conv's backward returns its (D, 1, 3, 3) weight gradient with a stride of 1
+    on the size-1 axis, where the parameter has 9: DDP then warns "grad strides do not match
+    bucket view strides" at the first step. The copy costs one small tensor per such parameter.
+    """
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, p=p: g if g.stride() == p.stride() else torch.empty_strided(
+                p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g))
 
 
 def environment(accelerator) -> dict:
@@ -212,8 +217,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives) -> Pa
 
     t_cfg, m_cfg = recipe.train, recipe.model
     dataset = check_fits_model(make_dataset(recipe.data, seed=recipe.run.seed), m_cfg)  # before anything is written
-    accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp_kwargs()])
+    accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = batch_plan(t_cfg.global_batch, t_cfg.micro_batch, world)
     watch_ranks(accelerator, command)
@@ -236,6 +240,8 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives) -> Pa
             load_into(module, state[key], state["path"], key)
         start_step = state["step"]
         print0(f"[bold]resuming[/] from {state['path']} at step {start_step}")
+    if world > 1:
+        match_grad_strides(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]
