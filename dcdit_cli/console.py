@@ -124,10 +124,14 @@ class MetricsWriter:
         self.path = Path(path)
 
     def write(self, record: dict) -> None:
+        """One ``write`` call on an append-only descriptor: a killed run never leaves half a line."""
         if not is_main_process():
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
 
 
 def plain_log(message: str) -> None:
