@@ -46,20 +46,27 @@ def temp_path(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "wb") -> Iterator:
-    """Opens a temporary sibling of ``path``; on success fsyncs and renames it onto ``path``."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields the temporary sibling to write ``path`` into; then fsyncs it, renames it onto
+    ``path`` and fsyncs the directory. On any failure the temporary file is removed."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator:
+    """A file object writing ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+        yield f
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
@@ -107,17 +114,9 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path, tmp = Path(path), temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)  # streams to disk: no second copy in memory
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,6 +185,6 @@ def check_output(path: Path, flag: str, suffixes: tuple[str, ...] = (), director
 
 
 __all__ = [
-    "atomic_open", "check_output", "file_sha256", "fsync_dir", "remove_stale_temps", "temp_path", "tensors_sha256",
+    "atomic_open", "atomic_path", "check_output", "file_sha256", "fsync_dir", "remove_stale_temps", "temp_path", "tensors_sha256",
     "write_bytes", "write_json", "write_npy", "write_npz", "write_png", "write_safetensors", "write_text",
 ]

@@ -3,7 +3,10 @@
 A recipe is a flat TOML file with the sections below (no inheritance: one file tells the
 whole setting). Loading is strict in the manner of litgpt's ``validate_args``: unknown
 sections or keys and wrong types are errors with a did-you-mean, and every problem in a
-file is reported at once. ``--set section.key=value`` overrides are parsed as TOML
+file is reported at once. Each field's allowed values are declared on the field itself,
+``bounded("[1, inf)", 32)`` (a range in interval notation; floats must also be finite) or
+``one_of("dcdit", "dit")``; constraints between fields are in ``_cross_checks``. A new key
+gets its range the same way, so this schema stays the one place that says what is valid. ``--set section.key=value`` overrides are parsed as TOML
 literals (a bare word that is not valid TOML is taken as a string).
 
 Recipes are found by name in ``recipes/`` (the checkout's, or the copy installed inside
