@@ -38,7 +38,7 @@ OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<r
 ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N.")
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:

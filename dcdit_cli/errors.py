@@ -94,7 +94,8 @@ def report(error: BaseException) -> int:
         error_line(str(error))
         return BAD_INPUT
     if isinstance(error, typer.TyperException) and hasattr(error, "format_message"):  # typer's bundled click
-        error_line(_usage_line(error))
+        if type(error).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            error_line(_usage_line(error))
         return BAD_INPUT
     if isinstance(error, (KeyboardInterrupt, typer.Abort)):
         error_line("interrupted: rerun the same command to resume")

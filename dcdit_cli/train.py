@@ -81,9 +81,8 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> tuple[in
 
 def write_curves(out_dir: Path, name: str) -> None:
     """curves.png beside the checkpoints: loss terms and compression against the step."""
-    from dcdit_cli.plots import training_curves
-
     from dcdit_cli.atomic import write_png
+    from dcdit_cli.plots import training_curves
 
     metrics = out_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
@@ -212,7 +211,6 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives) -> Pa
     from dcdit_cli.diffusion import make_diffusion
     from dcdit_cli.models import build_model
     from dcdit_cli.models.chunking import ratio_loss
-
     from dcdit_cli.processes import watch_ranks
 
     t_cfg, m_cfg = recipe.train, recipe.model

@@ -342,14 +342,14 @@ CASES = [
     ("latents-size", T + LATENTS + S("data.path='{lat_size}'"), "holds samples of shape (4, 4, 4)"),
     # --- the command line itself
     ("unknown-command", ["trian"], "Did you mean 'train'"),
+    ("unknown-root-option", ["--bogus"], "No such option: --bogus"),
     ("unknown-option", ["sample", "--ckpt", "{run}", "--nmu", "3"], "No such option: --nmu"),
     ("bad-int", ["sample", "--ckpt", "{run}", "--num", "abc"], "Invalid value for '--num'"),
     ("missing-required", ["sample"], "Missing option '--ckpt'"),
 ]
 
 # Run as real subprocesses as well: the console script, its stderr and exit code as a user sees them.
-SUBPROCESS = {"recipe-not-utf8", "unknown-section-literal-brackets", "upcycle-pickle-runs-code", "sample-out-suffix",
-              "resume-garbled", "unknown-command"}
+SUBPROCESS = {"unknown-section-literal-brackets", "recipe-not-utf8", "upcycle-pickle-runs-code", "unknown-command"}
 
 
 def _expand(args: list[str], ws: dict) -> list[str]:
