@@ -292,7 +292,8 @@ def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, tot
             rate = meter.update(len(batch)).replace("/s", " img/s")
             progress.update(task, advance=len(batch), rate=rate)
             yield batch, feats
-    plain_log(f"{description}: {meter.count} images, {rate}")
+    if meter.count:
+        plain_log(f"{description}: {meter.count} images, {rate}")
 
 
 def compute_activations(

@@ -70,7 +70,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, inception_weights):
     """Paths of the workspace, by name."""
     from safetensors.torch import save_file
 
@@ -85,6 +85,7 @@ def ws(tmp_path_factory):
     p = {"root": root, "run": run, "weights": next((run / "weights").glob("*.safetensors")),
          "ckpt": run / "checkpoints/step-0000002", "file": root / "a-file.txt", "marker": root / "PWNED"}
     p["file"].write_text("a regular file\n")
+    p["inception"] = inception_weights
 
     # Recipes
     rec = root / "recipes"
@@ -319,6 +320,7 @@ CASES = [
     ("make-ref-suffix", ["fid", "--make-ref", "{images}", "--out", "{root}/ref.txt"], "must end in .npz"),
     ("make-ref-under-file", ["fid", "--make-ref", "{images}", "--out", "{file}/ref.npz"], "is a file, not a directory"),
     ("make-ref-empty", ["fid", "--make-ref", "{empty}", "--out", "{root}/ref.npz"], "no images"),
+    ("make-ref-non-images", ["fid", "--make-ref", "{junk}", "--out", "{root}/ref.npz", "--inception-weights", "{inception}"], "only 0 readable image(s)"),
     ("make-ref-missing", ["fid", "--make-ref", "{root}/none", "--out", "{root}/ref.npz"], "image folder not found"),
     # --- extract
     ("extract-missing", ["extract", "--data-path", "{root}/none", "--out", "{root}/f"], "does not exist"),
