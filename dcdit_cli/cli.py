@@ -293,7 +293,7 @@ def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory or EMA weights (.safetensors)."),
     num: int = typer.Option(16, "--num", help="Number of images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale, >= 1 (1 = off)."),
     steps: int = typer.Option(250, "--steps", help="Respaced sampling steps."),
     seed: int = typer.Option(0, "--seed"),
     budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),

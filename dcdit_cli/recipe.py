@@ -196,6 +196,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     cfg_scale: float = bounded("[1, inf)", 4.0)
+    """Classifier-free guidance scale; 1 turns guidance off (one forward per step), below 1 is refused."""
     guided_channels: int = bounded("[0, inf)", 3)
     """CFG guides the first N epsilon channels (DiT convention: 3); 0 means all channels."""
     method: str = one_of("ddpm", "ddim")
