@@ -2,7 +2,8 @@
 
 Each command parses its options, loads the recipe and makes one library call. Heavy
 imports (torch, accelerate, diffusers) happen inside the commands so `dcdit --help` is
-instant. A :class:`~dcdit_cli.console.DcditError` becomes one red line and exit code 2.
+instant. Every failure becomes one line on stderr (dcdit_cli/errors.py): exit code 2 for bad
+input, with the problem and its fix.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dcdit_cli.console import DcditError, console, error_line
+from dcdit_cli.console import DcditError, console
 
 app = typer.Typer(
     name="dcdit",
@@ -37,7 +38,7 @@ OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<r
 ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N.")
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
@@ -321,7 +322,7 @@ def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory or EMA weights (.safetensors)."),
     num: int = typer.Option(16, "--num", help="Number of images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale, >= 1 (1 = off)."),
     steps: int = typer.Option(250, "--steps", help="Respaced sampling steps."),
     seed: int = typer.Option(0, "--seed"),
     budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),
@@ -371,14 +372,14 @@ def viz_boundaries(
 
 
 def main() -> None:
+    """The console script: every failure ends as one line on stderr (dcdit_cli/errors.py)."""
+    from dcdit_cli.errors import report
+
     try:
-        app()
-    except DcditError as e:
-        error_line(str(e))
-        sys.exit(2)
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        sys.exit(130)
+        code = app(prog_name="dcdit", standalone_mode=False)
+    except (Exception, KeyboardInterrupt) as e:
+        code = report(e)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "console"]

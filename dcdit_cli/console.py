@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -46,8 +48,28 @@ def print0(*args, **kwargs) -> None:
         console.print(*args, **kwargs)
 
 
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def one_line(message: str) -> str:
+    """``message`` as one plain line: terminal escape codes and control characters removed,
+    line breaks folded. The result is printed as text, never parsed as rich markup."""
+    return " ".join(_ANSI.sub("", str(message)).split())
+
+
+def _stderr_line(label: str, style: str, message: str) -> None:
+    err_console.print(Text.assemble((label, style), " ", one_line(message)), soft_wrap=True)
+
+
 def error_line(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """The one line a failed command prints on stderr: ``error: <problem>: <fix>``."""
+    _stderr_line("error:", "bold red", message)
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (rank 0 only)."""
+    if is_main_process():
+        _stderr_line("warning:", "bold yellow", message)
 
 
 @contextmanager
@@ -102,10 +124,14 @@ class MetricsWriter:
         self.path = Path(path)
 
     def write(self, record: dict) -> None:
+        """One ``write`` call on an append-only descriptor: a killed run never leaves half a line."""
         if not is_main_process():
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
 
 
 def plain_log(message: str) -> None:

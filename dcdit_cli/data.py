@@ -75,7 +75,16 @@ def read_index(path: str | Path) -> dict:
     for key in ("latent_shape", "shards", "image_size"):
         if key not in index:
             raise DcditError(f"{index_path} lacks '{key}': {_EXTRACT_HINT}")
-    if sum(int(s["count"]) for s in index["shards"]) == 0:
+    shards_ok = isinstance(index["shards"], list) and all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int) and s["count"] >= 0
+        for s in index["shards"]
+    )
+    shape = index["latent_shape"]
+    if not shards_ok or not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise DcditError(f"{index_path} has malformed 'shards' or 'latent_shape' entries: rerun {_EXTRACT_CMD}")
+    if not isinstance(index["image_size"], int) or index["image_size"] < 1:
+        raise DcditError(f"{index_path} has image_size {index['image_size']!r}, not a positive integer: rerun {_EXTRACT_CMD}")
+    if sum(s["count"] for s in index["shards"]) == 0:
         raise DcditError(f"{root} holds zero images: {_EXTRACT_HINT} from a folder of class subfolders")
     return index
 
@@ -113,7 +122,7 @@ class LatentShardDataset:
             except (OSError, ValueError) as exc:
                 raise DcditError(f"shard {shard['name']} in {self.root} is unreadable ({exc}): rerun {_EXTRACT_CMD}") from exc
             n = int(shard["count"])
-            if latents.ndim != 5 or latents.shape[0] != n or labels.shape != (n,) or tuple(latents.shape[2:]) != self.sample_shape:
+            if latents.ndim != 5 or latents.shape[0] != n or latents.shape[1] not in (1, 2) or labels.shape != (n,) or tuple(latents.shape[2:]) != self.sample_shape:
                 raise DcditError(
                     f"shard {shard['name']} in {self.root} has latents {latents.shape} / labels {labels.shape}, "
                     f"index says {n} × {self.sample_shape}: rerun {_EXTRACT_CMD}"
@@ -318,12 +327,28 @@ class ShapesDataset:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_fits_model(dataset, model_cfg):
+    """``dataset`` when its samples are what the model takes, (in_channels, input_size, input_size);
+    otherwise a DcditError naming both sides, before any training starts."""
+    want = (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
+    got = tuple(int(v) for v in dataset.sample_shape)
+    if got != want:
+        source = getattr(dataset, "root", "the data")
+        raise DcditError(
+            f"{source} holds samples of shape {got} (C, H, W) but the model takes {want}: set model.in_channels="
+            f"{got[0]} and model.input_size={got[1]}, or point data.path at data made for this model"
+        )
+    return dataset
+
+
 def make_dataset(data_cfg, seed: int = 0):
     """The dataset a recipe's ``[data]`` section names (``DataConfig``)."""
     if data_cfg.kind == "shapes":
         return ShapesDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
     if data_cfg.kind != "latents":
         raise DcditError(f"data.kind must be 'latents' or 'shapes', got {data_cfg.kind!r}")
+    if not data_cfg.path:
+        raise DcditError(f"data.kind = 'latents' but data.path is empty: pass --set data.path=FEATURES ({_EXTRACT_HINT})")
     dataset = LatentShardDataset(data_cfg.path, flip=data_cfg.flip)
     if dataset.num_classes > data_cfg.num_classes:
         raise DcditError(

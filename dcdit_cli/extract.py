@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .atomic import remove_stale_temps, write_json, write_npy
 from .console import DcditError, RateMeter, plain_log, print0, progress_bar
 from .data import INDEX_NAME, LATENT_FORMAT
 from .imaging import center_crop_arr
+from .options import OptionCheck
 from .vae import VAE_SCALE, encode, latent_shape, load_vae
 
 FLIP_MODES = ("both", "random", "none")
@@ -71,39 +73,6 @@ def shard_name(k: int) -> str:
 def _seed_for(*parts) -> int:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -177,10 +146,9 @@ def extract(
     (seed, shard), so results do not depend on the number of processes. ``batch_size`` counts
     images (the VAE sees twice as many with flip="both"); ``num_workers`` threads decode images.
     """
-    if flip not in FLIP_MODES:
-        raise DcditError(f"--flip must be one of {', '.join(FLIP_MODES)}, got {flip!r}")
-    if batch_size < 1 or shard_size < 1:
-        raise DcditError("--batch-size and --shard-size must be at least 1")
+    check = OptionCheck().choice("--flip", flip, FLIP_MODES).count("--batch-size", batch_size, example=32)
+    check.count("--shard-size", shard_size, example=1024).count("--image-size", image_size, example=256)
+    check.count("--num-workers", num_workers, least=0, example=8).seed("--seed", seed).output("--out", Path(out), directory=True).done()
     state = accelerator if accelerator is not None else _process_state()
     rank, world = state.process_index, state.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -212,6 +180,9 @@ def extract(
     }
     num_shards = (len(files) + shard_size - 1) // shard_size
     out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        remove_stale_temps(out)  # what a killed write left behind
+    state.wait_for_everyone()
 
     def marker_ok(k: int) -> bool:
         marker = _read_marker(out / f"{shard_name(k)}.done.json")
@@ -262,8 +233,6 @@ def extract(
 def _encode_shard(out: Path, k: int, items, vae, shape, batch_size, flip, mean, seed, settings) -> None:
     """Encode one shard's images and write it: latents, labels, then the marker (all atomic)."""
     name = shard_name(k)
-    for stale in out.glob(f"{name}.*.tmp"):
-        stale.unlink()
     good = [(rel, label, arr) for rel, label, arr in items if not isinstance(arr, str)]
     skipped = [{"path": rel, "reason": arr} for rel, _, arr in items if isinstance(arr, str)]
     gen = torch.Generator().manual_seed(_seed_for("dcdit-extract", seed, k))
@@ -280,10 +249,10 @@ def _encode_shard(out: Path, k: int, items, vae, shape, batch_size, flip, mean, 
         z = encode(vae, x, sample=not mean, generator=gen).float().cpu()  # (F·B, C, h, w)
         latents[start : start + b] = z.reshape(num_flips, b, *shape).transpose(0, 1).numpy()
     labels = np.asarray([label for _, label, _ in good], dtype=np.int64)
-    _atomic_npy(out / f"{name}.latents.npy", latents)
-    _atomic_npy(out / f"{name}.labels.npy", labels)
+    write_npy(out / f"{name}.latents.npy", latents)
+    write_npy(out / f"{name}.labels.npy", labels)
     marker = {"name": name, "count": len(good), "files": len(items), "skipped": skipped, "settings": settings}
-    _atomic_json(out / f"{name}.done.json", marker)
+    write_json(out / f"{name}.done.json", marker)
 
 
 def _write_index(out: Path, classes, num_shards, settings, vae_name, image_size, shape, flip, mean) -> dict:
@@ -316,5 +285,5 @@ def _write_index(out: Path, classes, num_shards, settings, vae_name, image_size,
         "seed": settings["seed"],
         "shard_size": settings["shard_size"],
     }
-    _atomic_json(out / INDEX_NAME, index)
+    write_json(out / INDEX_NAME, index)
     return index

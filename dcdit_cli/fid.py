@@ -30,7 +30,10 @@ import scipy.linalg
 import scipy.special
 import torch
 
+from dcdit_cli.atomic import write_npz
 from dcdit_cli.console import DcditError, RateMeter, plain_log, print0, progress_bar
+from dcdit_cli.errors import load_error_reason
+from dcdit_cli.options import OptionCheck
 from dcdit_cli.fid_data import (
     IMAGE_SUFFIXES,
     POOL_DIM,
@@ -259,7 +262,7 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused, truncated file, not a torch file
-        raise DcditError(f"cannot read Inception weights {path} ({type(e).__name__}): download {INCEPTION_WEIGHTS_URL} again") from None
+        raise DcditError(f"cannot read Inception weights {path} ({load_error_reason(e)}): download {INCEPTION_WEIGHTS_URL} again") from None
     if not isinstance(state_dict, dict):
         raise DcditError(f"{path} does not hold a state dict: use {INCEPTION_WEIGHTS_FILE}")
     return InceptionFeatures(state_dict, device)
@@ -289,7 +292,8 @@ def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, tot
             rate = meter.update(len(batch)).replace("/s", " img/s")
             progress.update(task, advance=len(batch), rate=rate)
             yield batch, feats
-    plain_log(f"{description}: {meter.count} images, {rate}")
+    if meter.count:
+        plain_log(f"{description}: {meter.count} images, {rate}")
 
 
 def compute_activations(
@@ -337,6 +341,7 @@ def evaluate(
     """ADM-evaluator metrics of ``samples`` against the reference batch ``ref``: FID and sFID
     (against the reference's statistics), Inception Score (10 splits) and precision / recall
     (k = 3, against the reference's first 10,000 images)."""
+    OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).done()
     samples = samples if isinstance(samples, (NpzImages, FolderImages)) else load_samples(samples)
     ref = ref if isinstance(ref, Reference) else load_reference(ref)
     if num is not None and num > samples.num:
@@ -392,13 +397,13 @@ def make_reference(
     ``image_size``; ``mu``/``sigma`` and ``mu_s``/``sigma_s`` over all of them (or the first
     ``num``), ``arr_0`` = the first ``keep_images`` crops (ADM keeps 10,000). Returns a summary."""
     root, out = Path(image_dir), Path(out_npz)
+    OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).count("--image-size", image_size, example=256) \
+        .output("--out", out, (".npz",)).done()
     if not root.is_dir():
-        raise DcditError(f"image folder not found: {root}")
+        raise DcditError(f"image folder not found: {root}: pass --make-ref DIR, a folder of real images")
     files = list_images(root)[:num]
     if not files:
-        raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    if out.suffix != ".npz":
-        raise DcditError(f"reference output must end in .npz, got {out}")
+        raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}: pass --make-ref DIR, a folder of real images")
     out.parent.mkdir(parents=True, exist_ok=True)
     extractor = extractor or load_inception(inception_weights, device)
 
@@ -417,10 +422,7 @@ def make_reference(
     mu, sigma = pool_stats.result()
     mu_s, sigma_s = spatial_stats.result()
     arr_0 = np.concatenate(kept) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    os.replace(tmp, out)
+    write_npz(out, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     return {"path": str(out), "num_images": pool_stats.n, "num_stored": len(arr_0), "skipped": len(source.skipped)}
 
 

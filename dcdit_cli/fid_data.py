@@ -190,7 +190,10 @@ def load_reference(path: str | Path) -> Reference:
                 continue
             if name not in members or cov not in members:
                 raise DcditError(f"{path} has only one of {name}/{cov}: re-create the reference batch")
-            mu, sigma = np.asarray(npz[name], np.float64), np.asarray(npz[cov], np.float64)
+            try:
+                mu, sigma = np.asarray(npz[name], np.float64), np.asarray(npz[cov], np.float64)
+            except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:  # object arrays need pickle: refused
+                raise DcditError(f"{path}: {name}/{cov} are not numeric arrays ({e}): re-create the reference batch") from None
             if mu.shape != (dim,) or sigma.shape != (dim, dim):
                 raise DcditError(
                     f"{path}: {name} {mu.shape} / {cov} {sigma.shape} are not {dim}-d Inception statistics: "

@@ -148,6 +148,9 @@ def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bo
     from dcdit_cli.console import DcditError, console
     from dcdit_cli.recipe import available_recipes, load_recipe
 
+    from dcdit_cli.options import OptionCheck
+
+    OptionCheck().count("--num", num, example=4).done()
     rows = []
     if ckpt is not None:
         from dcdit_cli.sample import measure_kept_tokens

@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 
 from dcdit_cli.console import DcditError
+from dcdit_cli.errors import load_error_reason
 
 # Keys every DiT state dict has (facebookresearch/DiT models.py; REFERENCE §4).
 DIT_KEYS = (
@@ -42,11 +43,6 @@ DCDIT_KEYS = ("encoder.stem.weight", "router.q_proj.weight", "router.proj.weight
 _HINT = "pass the official DiT checkpoint (e.g. DiT-XL-2-256x256.pt) or a DiT train.py checkpoint"
 # Prefixes that training wrappers put on parameter names (DDP, torch.compile, FSDP).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def first_line(error: Exception, limit: int = 160) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,7 +71,7 @@ def safe_torch_load(path: Path, allowed: Mapping[str, object], hint: str, mmap: 
         if refused:
             raise DcditError(f"{path} wants to load the global {refused.group(1)}, which a checkpoint never needs: "
                              f"refused (nothing from it was run); {hint}") from None
-        raise DcditError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}): {hint}") from None
+        raise DcditError(f"{path} is not a readable PyTorch checkpoint ({load_error_reason(e)}): {hint}") from None
 
 
 def pickle_globals(path: Path) -> list[str] | None:
@@ -94,7 +90,7 @@ def pickle_globals(path: Path) -> list[str] | None:
             elif op.name == "STACK_GLOBAL":  # protocol ≥ 4: the name is on the stack, not in the opcode
                 found.append("<a global named on the pickle stack>")
     except Exception as e:  # a truncated or corrupt pickle
-        raise DcditError(f"{path} is truncated or corrupt ({first_line(e)}): download it again") from None
+        raise DcditError(f"{path} is truncated or corrupt ({load_error_reason(e)}): download it again") from None
     return found
 
 
@@ -159,7 +155,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             exported = (f.metadata() or {}).get("format", "").startswith("dcdit-weights")  # checkpoint.WEIGHTS_FORMAT
         state = load_file(str(path), device="cpu")  # includes the weights of a `dcdit train` DiT run
     except (SafetensorError, OSError) as e:
-        raise DcditError(f"{path} is not a readable safetensors file ({first_line(e)}): {_HINT}") from None
+        raise DcditError(f"{path} is not a readable safetensors file ({load_error_reason(e)}): {_HINT}") from None
     if exported and any(k in state for k in DCDIT_KEYS):
         raise DcditError(f"{path} is the weights of a DC-DiT run (exported by dcdit), not a DiT checkpoint: {_HINT}; "
                          f"to continue that run, rerun its command or pass --resume")
@@ -313,7 +309,7 @@ def official_recipe(cfg: dict, source, name: str):
                    "log_every_steps": cfg["logging"]["log_every"], "ckpt_every_steps": cfg["logging"]["ckpt_every"]},
         )
     except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise DcditError(f"{source}: its config lacks or mistypes {first_line(e)}: {_OFFICIAL_HINT}") from None
+        raise DcditError(f"{source}: its config lacks or mistypes {load_error_reason(e)}: {_OFFICIAL_HINT}") from None
 
 
 def map_official_state(state: Mapping[str, torch.Tensor], source) -> dict[str, torch.Tensor]:

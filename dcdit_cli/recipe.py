@@ -3,7 +3,10 @@
 A recipe is a flat TOML file with the sections below (no inheritance: one file tells the
 whole setting). Loading is strict in the manner of litgpt's ``validate_args``: unknown
 sections or keys and wrong types are errors with a did-you-mean, and every problem in a
-file is reported at once. ``--set section.key=value`` overrides are parsed as TOML
+file is reported at once. Each field's allowed values are declared on the field itself,
+``bounded("[1, inf)", 32)`` (a range in interval notation; floats must also be finite) or
+``one_of("dcdit", "dit")``; constraints between fields are in ``_cross_checks``. A new key
+gets its range the same way, so this schema stays the one place that says what is valid. ``--set section.key=value`` overrides are parsed as TOML
 literals (a bare word that is not valid TOML is taken as a string).
 
 Recipes are found by name in ``recipes/`` (the checkout's, or the copy installed inside
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,6 +32,59 @@ from dcdit_cli.console import DcditError
 
 
 # ----------------------------------------------------------------------------------------
+# Field constraints: declared next to each field, checked by recipe_from_dict
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range in interval notation: "[1, inf)", "(0, 1]", "[0, 2**63)" (for a list: each item)."""
+
+    text: str
+
+    def bounds(self) -> tuple[float, bool, float, bool]:
+        lo, hi = (_number(v.strip()) for v in self.text[1:-1].split(","))
+        return lo, self.text[0] == "[", hi, self.text[-1] == "]"
+
+    def contains(self, value: float) -> bool:
+        lo, lo_in, hi, hi_in = self.bounds()
+        return (lo < value or (lo_in and value == lo)) and (value < hi or (hi_in and value == hi))
+
+
+def _number(text: str) -> float:
+    """'inf', '-1', '0.5' or a power such as '2**63'."""
+    if text.lstrip("-") == "inf":
+        return -math.inf if text.startswith("-") else math.inf
+    if "**" in text:
+        base, exp = text.split("**")
+        return float(int(base) ** int(exp))
+    return float(text)
+
+
+def bounded(interval: str, default=dataclasses.MISSING, *, factory=dataclasses.MISSING):
+    """A numeric field whose value (or every item of it) must lie in ``interval``."""
+    return field(default=default, default_factory=factory, metadata={"range": Interval(interval)})
+
+
+def one_of(*options: str):
+    """A string field taking one of ``options``; the first is the default."""
+    return field(default=options[0], metadata={"choices": options})
+
+
+def _field_problem(key: str, value: Any, meta) -> str | None:
+    """The constraint a field's (type-checked) value breaks, or None."""
+    if "choices" in meta and value not in meta["choices"]:
+        return f"{key}: {value!r} is not one of {', '.join(meta['choices'])}{_suggest(str(value), meta['choices'])}"
+    if "range" in meta:
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{key}: {v} is not a finite number: give a value in {meta['range'].text}"
+            if not meta["range"].contains(v):
+                return f"{key}: {v!r} is outside {meta['range'].text}: give a value in that range"
+    return None
+
+
+# ----------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------
 
@@ -36,128 +93,129 @@ from dcdit_cli.console import DcditError
 class RunConfig:
     name: str = "run"
     """Run name: the default output directory is runs/<name>."""
-    seed: int = 0
+    seed: int = bounded("[0, 2**63)", 0)
     """Global seed: data order, noise and label dropout are functions of (seed, step, rank)."""
     description: str = ""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "dcdit"
+    kind: str = one_of("dcdit", "dit")
     """'dcdit' (learned dynamic chunking, P = 1) or 'dit' (fixed patchify with patch_size)."""
-    input_size: int = 32
+    input_size: int = bounded("[1, inf)", 32)
     """Side of the model's input grid (latent side for VAE runs: image_size / 8)."""
-    in_channels: int = 4
-    hidden_size: int = 768
+    in_channels: int = bounded("[1, inf)", 4)
+    hidden_size: int = bounded("[1, inf)", 768)
     """Transformer width D."""
-    depth: int = 12
+    depth: int = bounded("[1, inf)", 12)
     """Number of DiT blocks in the inner network."""
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
+    num_heads: int = bounded("[1, inf)", 12)
+    mlp_ratio: float = bounded("(0, inf)", 4.0)
+    num_classes: int = bounded("[1, inf)", 1000)
     learn_sigma: bool = True
     """Predict the learned-range variance (output channels 2·C)."""
-    patch_size: int = 2
+    patch_size: int = bounded("[1, inf)", 2)
     """DiT baseline only: the fixed patch size P."""
-    scaffold_width: int = 192
+    scaffold_width: int = bounded("[1, inf)", 192)
     """DC-DiT only: encoder/decoder width e (paper: D/4)."""
-    encoder_blocks: int = 2
-    decoder_blocks: int = 2
-    router: str = "cosine"
+    encoder_blocks: int = bounded("[1, inf)", 2)
+    decoder_blocks: int = bounded("[1, inf)", 2)
+    router: str = one_of("cosine", "random", "predictive")
     """'cosine' (paper §3.3), 'random' (the random-boundary ablation, paper §4.3) or 'predictive'
     (the authors' released router, REFERENCE §1; their checkpoints need it)."""
-    target_ratio: float = 4.0
+    target_ratio: float = bounded("(1, inf)", 4.0)
     """Target compression N of the ratio loss (paper §3.5)."""
-    smoothing_sigma: float = 1.0
+    smoothing_sigma: float = bounded("(0, inf)", 1.0)
     """Gaussian smoothing σ of the de-chunk layer (REFERENCE §1.7; 2.0 suggested at 512 px)."""
-    pos_grid_scale: float = 1.0
+    pos_grid_scale: float = bounded("(0, inf)", 1.0)
     """Sin-cos positions are evaluated at (r + 0.5)·scale − 0.5 (0.5 when upcycling a DiT/2)."""
     cond_adaptor: bool = False
     """LayerNorm adaptor on the condition inside encoder and decoder (upcycling, REFERENCE §6)."""
     force_endpoints: bool = False
     """DC-DiT only: p = 1 at raster positions 0 and L − 1, as the authors' release does (official recipes)."""
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded("(0, 1)", 1e-5)
     """DC-DiT only: epsilon of the scaffold's GroupNorms and every RMSNorm (the authors' 1e-5;
     the DiT blocks' LayerNorms keep DiT's 1e-6)."""
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    num_timesteps: int = 1000
-    noise_schedule: str = "linear"
-    sampling_steps: int = 250
+    num_timesteps: int = bounded("[1, inf)", 1000)
+    noise_schedule: str = one_of("linear")
+    sampling_steps: int = bounded("[1, inf)", 250)
     """Respaced DDPM steps used for sampling (and for the FLOP convention)."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "latents"
+    kind: str = one_of("latents", "shapes")
     """'latents' (shards written by `dcdit extract`) or 'shapes' (the built-in procedural set)."""
     path: str = ""
     """Directory of latent shards (kind = 'latents')."""
-    image_size: int = 256
+    image_size: int = bounded("[1, inf)", 256)
     """Pixel size of the images (shapes: the generated size)."""
-    num_classes: int = 1000
-    flip: str = "random"
+    num_classes: int = bounded("[1, inf)", 1000)
+    flip: str = one_of("random", "none")
     """'random': a random horizontal flip when the shards do not store both flips; 'none'."""
-    num_workers: int = 4
+    num_workers: int = bounded("[0, inf)", 4)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 400_000
-    global_batch: int = 256
-    micro_batch: int = 0
+    max_steps: int = bounded("[0, inf)", 400_000)
+    global_batch: int = bounded("[1, inf)", 256)
+    micro_batch: int = bounded("[0, inf)", 0)
     """Per-process batch; 0 means global_batch / world_size (no accumulation)."""
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    mixed_precision: str = "bf16"
+    lr: float = bounded("[0, inf)", 1e-4)
+    warmup_steps: int = bounded("[0, inf)", 0)
+    betas: list[float] = bounded("[0, 1)", factory=lambda: [0.9, 0.999])
+    weight_decay: float = bounded("[0, inf)", 0.0)
+    grad_clip: float = bounded("[0, inf)", 1.0)
+    ema_decay: float = bounded("[0, 1]", 0.9999)
+    mixed_precision: str = one_of("bf16", "fp16", "no")
     """'bf16', 'fp16' or 'no'."""
-    label_dropout: float = 0.1
-    ratio_loss_weight: float = 0.03
+    label_dropout: float = bounded("[0, 1)", 0.1)
+    ratio_loss_weight: float = bounded("[0, inf)", 0.03)
     """λ of the ratio loss (paper §4.1)."""
-    log_every_steps: int = 100
-    ckpt_every_steps: int = 10_000
-    keep_last: int = 3
-    multi_budget_start_step: int = -1
+    log_every_steps: int = bounded("[1, inf)", 100)
+    ckpt_every_steps: int = bounded("[1, inf)", 10_000)
+    keep_last: int = bounded("[1, inf)", 3)
+    multi_budget_start_step: int = bounded("[-1, inf)", -1)
     """From this step on, draw one tail-dropping fraction per step (-1: off)."""
-    multi_budget_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3])
+    multi_budget_fractions: list[float] = bounded("[0, 1)", factory=lambda: [0.0, 0.1, 0.2, 0.3])
 
 
 @dataclass(frozen=True)
 class UpcycleConfig:
-    source_patch_size: int = 2
-    source_input_size: int = 32
+    source_patch_size: int = bounded("[1, inf)", 2)
+    source_input_size: int = bounded("[1, inf)", 32)
     freeze_embedders: bool = True
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = 0
+    steps: int = bounded("[0, inf)", 0)
     """Activation-distillation warm-up steps before the diffusion objective (0: none)."""
-    weight: float = 1.0
+    weight: float = bounded("[0, inf)", 1.0)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    cfg_scale: float = 4.0
-    guided_channels: int = 3
+    cfg_scale: float = bounded("[1, inf)", 4.0)
+    """Classifier-free guidance scale; 1 turns guidance off (one forward per step), below 1 is refused."""
+    guided_channels: int = bounded("[0, inf)", 3)
     """CFG guides the first N epsilon channels (DiT convention: 3); 0 means all channels."""
-    method: str = "ddpm"
-    budget: float = 0.0
-    uncond_budget: float = -1.0
+    method: str = one_of("ddpm", "ddim")
+    budget: float = bounded("[0, 1)", 0.0)
+    uncond_budget: float = bounded("[-1, 1)", -1.0)
     """Lite-CFG budget of the unconditional half; -1 means the same as budget."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = 50_000
-    cfg_scale: float = 1.5
-    batch_size: int = 64
+    num_samples: int = bounded("[1, inf)", 50_000)
+    cfg_scale: float = bounded("[1, inf)", 1.5)
+    batch_size: int = bounded("[1, inf)", 64)
 
 
 SECTIONS: dict[str, type] = {
@@ -171,17 +229,6 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "eval": EvalConfig,
 }
-
-CHOICES: dict[str, tuple] = {
-    "model.kind": ("dcdit", "dit"),
-    "model.router": ("cosine", "random", "predictive"),
-    "diffusion.noise_schedule": ("linear",),
-    "data.kind": ("latents", "shapes"),
-    "data.flip": ("random", "none"),
-    "train.mixed_precision": ("bf16", "fp16", "no"),
-    "sample.method": ("ddpm", "ddim"),
-}
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -257,35 +304,35 @@ def _check_value(key: str, value: Any, tp) -> tuple[Any, str | None]:
 
 
 def _cross_checks(recipe: Recipe) -> list[str]:
-    m, t = recipe.model, recipe.train
+    """Constraints between fields (each field is already in its own range)."""
+    m, t, d, s = recipe.model, recipe.train, recipe.data, recipe.sample
     problems = []
     if m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
     if m.kind == "dit" and m.input_size % m.patch_size:
         problems.append(f"model.input_size {m.input_size} is not divisible by model.patch_size {m.patch_size}")
-    if m.target_ratio <= 1:
-        problems.append(f"model.target_ratio must be > 1, got {m.target_ratio}")
-    if m.smoothing_sigma <= 0:
-        problems.append(f"model.smoothing_sigma must be > 0, got {m.smoothing_sigma}")
-    if not 0 < m.norm_eps < 1:
-        problems.append(f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
-    if m.num_classes != recipe.data.num_classes:
+    if m.num_classes != d.num_classes:
+        problems.append(f"model.num_classes {m.num_classes} differs from data.num_classes {d.num_classes}: set both")
+    if d.kind == "shapes" and (d.image_size != m.input_size or m.in_channels != 3):
         problems.append(
-            f"model.num_classes {m.num_classes} differs from data.num_classes {recipe.data.num_classes}: set both"
+            f"data.kind = 'shapes' makes 3 × {d.image_size}² pixel images but the model takes {m.in_channels} × "
+            f"{m.input_size}²: set model.input_size = data.image_size and model.in_channels = 3"
         )
-    if t.max_steps < 0 or t.global_batch < 1 or t.micro_batch < 0:
-        problems.append("train.max_steps must be >= 0, train.global_batch >= 1 and train.micro_batch >= 0")
-    if t.log_every_steps < 1 or t.ckpt_every_steps < 1 or t.keep_last < 1:
-        problems.append("train.log_every_steps, train.ckpt_every_steps and train.keep_last must be >= 1")
+    if d.kind == "latents" and d.image_size % m.input_size:
+        problems.append(f"data.image_size {d.image_size} is not a multiple of model.input_size {m.input_size} (the latent side)")
+    if t.micro_batch > t.global_batch:
+        problems.append(f"train.micro_batch {t.micro_batch} exceeds train.global_batch {t.global_batch}")
     if len(t.betas) != 2:
         problems.append(f"train.betas must have two values, got {t.betas}")
-    for f_ in t.multi_budget_fractions:
-        if not 0.0 <= f_ < 1.0:
-            problems.append(f"train.multi_budget_fractions: {f_} is outside [0, 1)")
-    if not 0.0 <= recipe.sample.budget < 1.0:
-        problems.append(f"sample.budget {recipe.sample.budget} is outside [0, 1)")
-    if recipe.diffusion.sampling_steps < 1 or recipe.diffusion.sampling_steps > recipe.diffusion.num_timesteps:
+    if recipe.diffusion.sampling_steps > recipe.diffusion.num_timesteps:
         problems.append("diffusion.sampling_steps must be in [1, diffusion.num_timesteps]")
+    if s.guided_channels > m.in_channels:
+        problems.append(f"sample.guided_channels {s.guided_channels} exceeds model.in_channels {m.in_channels} (0 guides all)")
+    if -1.0 < s.uncond_budget < 0.0:
+        problems.append(f"sample.uncond_budget {s.uncond_budget}: give -1 (same as sample.budget) or a value in [0, 1)")
+    u = recipe.upcycle
+    if u.source_input_size % u.source_patch_size:
+        problems.append(f"upcycle.source_input_size {u.source_input_size} is not divisible by upcycle.source_patch_size {u.source_patch_size}")
     return problems
 
 
@@ -302,6 +349,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
             continue
         cls = SECTIONS[name]
         hints = get_type_hints(cls)
+        metas = {f.name: f.metadata for f in fields(cls)}
         kwargs = {}
         for key, value in values.items():
             full = f"{name}.{key}"
@@ -312,8 +360,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
             if problem:
                 problems.append(problem)
                 continue
-            if full in CHOICES and coerced not in CHOICES[full]:
-                problems.append(f"{full}: {coerced!r} is not one of {', '.join(CHOICES[full])}{_suggest(str(coerced), CHOICES[full])}")
+            problem = _field_problem(full, coerced, metas[key])
+            if problem:
+                problems.append(problem)
                 continue
             kwargs[key] = coerced
         sections[name] = cls(**kwargs)
@@ -379,6 +428,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise DcditError(f"{path}: not valid TOML ({e}); fix the file") from None
+    except UnicodeDecodeError as e:
+        raise DcditError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): save the recipe as UTF-8") from None
+    except OSError as e:
+        raise DcditError(f"{path} cannot be read ({e.strerror}): check the path and its permissions") from None
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})[key] = value

@@ -11,9 +11,7 @@ forward; Lite-CFG gives the unconditional half its own tail-dropping budget.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcdit_cli.atomic import remove_stale_temps, write_json, write_npz, write_png
 from dcdit_cli.console import DcditError, print0, progress_bar
 
 
@@ -48,9 +47,16 @@ class KeptLog:
         return torch.stack(self.per_step).permute(0, 2, 1).numpy() if self.per_step else np.zeros((0, 0, 0))
 
 
-def check_budget(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 <= value < 1.0:
-        raise DcditError(f"{name} {value} is outside [0, 1): pass a tail-dropping fraction such as 0.2 (0 keeps every boundary)")
+def check_sample_options(opts: SampleOptions, num: int, batch_size: int, out: Path | None = None,
+                         npz: Path | None = None) -> None:
+    """Every problem with the sampling options at once, as one DcditError, before a model loads
+    (also for the defaults a recipe's [sample] section supplies)."""
+    from dcdit_cli.options import OptionCheck
+
+    check = OptionCheck().count("--num", num).count("--batch-size", batch_size).count("--steps", opts.steps, example=250)
+    check.cfg_scale("--cfg-scale", opts.cfg_scale).fraction("--budget", opts.budget).fraction("--uncond-budget", opts.uncond_budget)
+    check.seed("--seed", opts.seed).choice("method", opts.method, ("ddpm", "ddim")).count("guided channels", opts.guided_channels, example=3)
+    check.output("--out", None if npz is not None else out, (".png",)).output("--npz", npz, (".npz",)).done()
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -148,8 +154,7 @@ def save_grid(images_uint8: np.ndarray, path: Path, nrow: int | None = None) -> 
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 256 // max(h, w))  # small (shapes) images are upscaled for a readable grid
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
-    return path
+    return write_png(path, Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST))
 
 
 @dataclass
@@ -189,10 +194,7 @@ def run_sample(ckpt, num: int, opts: SampleOptions, classes=None, out: Path | No
     """What `dcdit sample` does: a PNG grid, or an ADM .npz sharded over processes."""
     from dcdit_cli.checkpoint import load_weights
 
-    check_budget("--budget", opts.budget)
-    check_budget("--uncond-budget", opts.uncond_budget)
-    if num < 1:
-        raise DcditError(f"--num {num}: sample at least one image")
+    check_sample_options(opts, num, batch_size, Path(out or "sample.png"), npz)
     if npz is not None:
         return sample_npz(ckpt, num, opts, classes, npz, batch_size, vae)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -235,6 +237,7 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
     parts_dir = Path(str(npz) + ".parts")
     if state.is_main_process:
         parts_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(parts_dir)
     state.wait_for_everyone()
     n_parts = math.ceil(num / batch_size)
     mine = [k for k in range(state.process_index, n_parts, state.num_processes)]
@@ -245,9 +248,7 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
         for j, k in enumerate(todo):
             idx = list(range(k * batch_size, min(num, (k + 1) * batch_size)))
             x0, labels, log = sample_batch(model, recipe, idx, opts, classes, state.device)
-            tmp = parts_dir / f".part-{k:06d}.tmp.npz"
-            np.savez(tmp, images=to_uint8(decoder(x0)), labels=labels.numpy(), kept=log.as_array())
-            os.replace(tmp, parts_dir / f"part-{k:06d}.npz")
+            write_npz(parts_dir / f"part-{k:06d}.npz", images=to_uint8(decoder(x0)), labels=labels.numpy(), kept=log.as_array())
             progress.update(task, advance=1, rate=f"{(j + 1) * batch_size / (time.perf_counter() - start):.2f} img/s")
     state.wait_for_everyone()
     report = None
@@ -256,13 +257,11 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
         arr = np.concatenate([p["images"] for p in parts])[:num]
         labels = np.concatenate([p["labels"] for p in parts])[:num]
         kept = np.concatenate([p["kept"] for p in parts], axis=1)
-        tmp = Path(str(npz) + ".tmp.npz")
-        np.savez(tmp, arr_0=arr, arr_1=labels)
-        os.replace(tmp, npz)
+        write_npz(npz, arr_0=arr, arr_1=labels)
         report = summarise(recipe, kept, opts.steps, num, time.perf_counter() - start)
         print0(f"wrote {npz}: arr_0 {arr.shape} uint8 (weights at step {step})")
         print_report(report)
-        (parts_dir / "done.json").write_text(json.dumps({"num": num, "parts": n_parts}))
+        write_json(parts_dir / "done.json", {"num": num, "parts": n_parts})
     state.wait_for_everyone()
     return report
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import math
-import os
 import platform
+import shutil
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -82,13 +81,25 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> tuple[in
 
 def write_curves(out_dir: Path, name: str) -> None:
     """curves.png beside the checkpoints: loss terms and compression against the step."""
+    from dcdit_cli.atomic import write_png
     from dcdit_cli.plots import training_curves
 
     metrics = out_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
-        tmp = out_dir / ".curves.png.tmp"
-        training_curves(metrics, f"{name}: training curves ({metrics})").save(tmp, format="PNG")
-        os.replace(tmp, out_dir / "curves.png")
+        write_png(out_dir / "curves.png", training_curves(metrics, f"{name}: training curves ({metrics})"))
+
+
+def match_grad_strides(model: torch.nn.Module) -> None:
+    """Gives every gradient its parameter's strides, as DDP's bucket views expect.
+
+    A depthwise conv's backward returns its (D, 1, 3, 3) weight gradient with a stride of 1
+    on the size-1 axis, where the parameter has 9: DDP then warns "grad strides do not match
+    bucket view strides" at the first step. The copy costs one small tensor per such parameter.
+    """
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, p=p: g if g.stride() == p.stride() else torch.empty_strided(
+                p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g))
 
 
 def environment(accelerator) -> dict:
@@ -128,11 +139,14 @@ class Objective:
 
 
 def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: str, accelerator):
-    """Prepares runs/<name>; returns the checkpoint to resume from (or None)."""
-    from dcdit_cli.checkpoint import atomic_write_text, find_latest
+    """Prepares runs/<name>; returns the checkpoint to resume from (or None): the newest intact one."""
+    from dcdit_cli.atomic import remove_stale_temps, write_json, write_text
+    from dcdit_cli.checkpoint import find_latest
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (out_dir, out_dir / "checkpoints", out_dir / "weights"):
+            remove_stale_temps(folder)  # what a killed write left behind
     accelerator.wait_for_everyone()
     stored = out_dir / "recipe.toml"
     ckpt = None
@@ -151,10 +165,10 @@ def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: 
                 f"or pass --out to start a new run"
             )
     if accelerator.is_main_process:
-        atomic_write_text(stored, recipe.to_toml())
+        write_text(stored, recipe.to_toml())
         with open(out_dir / "command.txt", "a", encoding="utf-8") as f:
             f.write(command + "\n")
-        atomic_write_text(out_dir / "env.json", json.dumps(environment(accelerator), indent=2))
+        write_json(out_dir / "env.json", environment(accelerator), indent=2)
     return ckpt
 
 
@@ -174,34 +188,52 @@ def train(
     before the optimizer is built. objectives: consecutive phases (distillation warm-up,
     then diffusion); by default one diffusion phase. init_from: weights to start from (a run
     dir, dcdit weights or the authors' .pt; fine-tuning), loaded before the optimizer is
-    built; when the run resumes, its own checkpoint wins.
+    built; when the run resumes, its own checkpoint wins. A run that fails before its first
+    checkpoint leaves no run directory behind (when this call created it).
     """
+    from dcdit_cli.atomic import check_output
+    from dcdit_cli.checkpoint import resolve_weights
+    from dcdit_cli.console import is_main_process
+
+    out_dir = Path(out_dir)
+    check_output(out_dir, "--out", directory=True)
+    if init_from is not None:
+        resolve_weights(init_from)  # a missing file is reported before the run directory is touched
+    new_run = not out_dir.exists()
+    try:
+        return _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from)
+    except BaseException:
+        if new_run and is_main_process() and not any((out_dir / "checkpoints").glob("step-*")):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from) -> Path | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from dcdit_cli.checkpoint import export_weights, load_checkpoint, load_into, resolve_weights, save_checkpoint
-    from dcdit_cli.data import batch_indices, make_dataset
+    from dcdit_cli.checkpoint import export_weights, init_from as load_init, load_checkpoint, load_into, save_checkpoint
+    from dcdit_cli.data import batch_indices, check_fits_model, make_dataset
     from dcdit_cli.diffusion import make_diffusion
     from dcdit_cli.models import build_model
     from dcdit_cli.models.chunking import ratio_loss
+    from dcdit_cli.processes import watch_ranks
 
     t_cfg, m_cfg = recipe.train, recipe.model
+    dataset = check_fits_model(make_dataset(recipe.data, seed=recipe.run.seed), m_cfg)  # before anything is written
     accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = batch_plan(t_cfg.global_batch, t_cfg.micro_batch, world)
-    out_dir = Path(out_dir)
-    if init_from is not None:
-        resolve_weights(init_from)  # a missing file is reported before the run directory is touched
+    watch_ranks(accelerator, command)
     ckpt_path = _run_dir_setup(recipe, out_dir, resume, command, accelerator)
 
-    dataset = make_dataset(recipe.data, seed=recipe.run.seed)
     diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
     set_seed(recipe.run.seed)
     model = build_model(m_cfg)
     if model_setup is not None:
         model = model_setup(model)
     if init_from is not None and ckpt_path is None:
-        fresh = load_into(model, init_from)
+        fresh = load_init(model, init_from)
         print0(f"[bold]initialised[/] from {init_from}" + (f"; newly initialised: {', '.join(fresh)}" if fresh else ""))
     ema = copy.deepcopy(model)
     requires_grad(ema, False)
@@ -211,11 +243,12 @@ def train(
     start_step = 0
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        for module, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer")):
+            load_into(module, state[key], state["path"], key)
         start_step = state["step"]
         print0(f"[bold]resuming[/] from {state['path']} at step {start_step}")
+    if world > 1:
+        match_grad_strides(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]

@@ -220,10 +220,11 @@ def upcycle(
     the frozen teacher and the freezing need it). With ``distill`` the first
     ``distill.steps`` steps are the activation-distillation warm-up (dcdit_cli/distill.py).
     """
-    from dcdit_cli.checkpoint import atomic_write_text
+    from dcdit_cli.atomic import check_output, write_json
     from dcdit_cli.models import build_model
     from dcdit_cli.train import train
 
+    check_output(Path(out_dir), "--out", directory=True)
     warnings = check_upcycle_recipe(recipe, distill)
     state = load_dit_checkpoint(source)
     shape = inspect_dit(state, source)
@@ -248,7 +249,7 @@ def upcycle(
         if is_main_process():
             info = {"source": str(source), "source_shape": shape.__dict__, "distill_steps": recipe.distill.steps if distill else 0,
                     **report.to_dict()}
-            atomic_write_text(Path(out_dir) / "upcycle.json", json.dumps(info, indent=1))
+            write_json(Path(out_dir) / "upcycle.json", info)
         return model
 
     return train(recipe, Path(out_dir), resume=resume, command=command, model_setup=model_setup, objectives=objectives)

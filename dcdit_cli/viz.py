@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dcdit_cli.atomic import write_png
 from dcdit_cli.console import DcditError, print0, progress_bar
 from dcdit_cli.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
 
@@ -257,11 +258,12 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     = L / kept[i][b]; mean_kept[i] averages over the images and mean_compression[i] = L / mean_kept[i].
     """
     from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.sample import Decoder, SampleOptions, check_budget, to_uint8
+    from dcdit_cli.options import OptionCheck
+    from dcdit_cli.sample import Decoder, SampleOptions, to_uint8
 
-    check_budget("--budget", budget)
-    if num < 1:
-        raise DcditError(f"--num {num}: visualise at least one image")
+    check = OptionCheck().count("--num", num, example=4).count("--timesteps", timesteps, example=8).count("--steps", steps, example=50)
+    check.fraction("--budget", budget).cfg_scale("--cfg-scale", cfg_scale).seed("--seed", seed)
+    check.output("--out", Path(out_dir), directory=True).done()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, recipe, step = load_weights(ckpt, device)
     if recipe.model.kind != "dcdit":
@@ -269,8 +271,6 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
                          "router to draw; pass a DC-DiT run (model.kind = 'dcdit')")
     steps = recipe.diffusion.sampling_steps if steps is None else steps
     cfg_scale = recipe.sample.cfg_scale if cfg_scale is None else cfg_scale
-    if steps < 1:
-        raise DcditError(f"--steps {steps}: sample with at least 1 step")
     opts = SampleOptions(cfg_scale=cfg_scale, steps=steps, method="ddpm", budget=budget,
                          guided_channels=recipe.sample.guided_channels or None, seed=seed)
     cols = column_steps(steps, timesteps)
@@ -294,7 +294,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
                                       f"cfg {cfg_scale:g}", f"{steps} DDPM steps", f"weights step {step}"])
                 sheet = boundary_sheet(frames[:, b], p[:, b], mask[:, b], kept[:, b], traj.t_cols, title)
                 path = out_dir / f"sample-{i:03d}.png"
-                sheet.save(path)
+                write_png(path, sheet)
                 pngs.append(str(path))
             kept_cols.append(traj.kept.sum(dim=2).numpy())  # (S, B)
             t_all, t_cols = traj.t_all, traj.t_cols
@@ -304,7 +304,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     summary = out_dir / "compression_vs_t.png"
     title = (f"{recipe.run.name}: {L} tokens, budget {budget:g}, cfg {cfg_scale:g}, {num} samples, "
              f"{steps} DDPM steps (conditional half)")
-    compression_plot(t_all, kept_all, L, title).save(summary)
+    write_png(summary, compression_plot(t_all, kept_all, L, title))
 
     mean_kept = kept_cols.mean(axis=1)
     result = {

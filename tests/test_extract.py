@@ -44,7 +44,7 @@ def test_extract_round_trip_and_flips(vae_dir, image_dir, tmp_path):
     assert sorted(s["path"] for s in index["skipped"]) == ["cat/notes.txt", "dog/broken.jpg"]
     assert index["latent_shape"] == [4, 16, 16] and index["flips"] == "both"
     assert json.loads((out / "index.json").read_text()) == index
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp-*"))
 
     ds = LatentShardDataset(out)
     assert len(ds) == 6 and ds.num_classes == 2 and ds.sample_shape == (4, 16, 16)
@@ -77,7 +77,7 @@ def test_extract_resumes_and_redoes_half_written_shards(vae_dir, image_dir, tmp_
 
     # A killed run: shard 1's marker never written, a torn temporary file left behind.
     (out / "shard-000001.done.json").unlink()
-    (out / "shard-000001.latents.npy.tmp").write_bytes(b"torn")
+    (out / ".shard-000001.latents.npy.tmp-999").write_bytes(b"torn")  # a killed write (atomic.py naming)
     calls = []
     monkeypatch.undo()
     real = extract_mod.encode
@@ -85,7 +85,7 @@ def test_extract_resumes_and_redoes_half_written_shards(vae_dir, image_dir, tmp_
     again = extract(image_dir, out, str(vae_dir), image_size=32, flip="random", shard_size=3)
     assert calls and again == first  # same per-shard seeds → same result
     assert (out / "shard-000000.latents.npy").stat().st_mtime_ns == before["shard-000000.latents.npy"]
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp-*"))
     np.testing.assert_array_equal(
         np.load(out / "shard-000001.latents.npy").shape, (2, 1, 4, 16, 16)
     )  # shard 1: dog/0, dog/1 (dog/2 is in shard 2 with broken.jpg)

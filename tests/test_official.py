@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dcdit_cli.checkpoint import convert_weights, load_into, load_weights, read_weights
+from dcdit_cli.checkpoint import convert_weights, init_from, load_weights, read_weights
 from dcdit_cli.console import DcditError
 from dcdit_cli.foreign import read_official
 from dcdit_cli.models import build_model
@@ -153,13 +153,13 @@ def test_init_from_loads_strictly_but_tolerates_new_dydit_gates(authors_file):
     path, _, _ = authors_file
     _, recipe, _ = read_official(path)
     model = build_model(recipe.model)
-    assert load_into(model, path) == []
+    assert init_from(model, path) == []
     assert torch.equal(model.state_dict()["router.proj.weight"], read_official(path)[0]["router.proj.weight"])
     model.blocks[0].dydit = torch.nn.Linear(2, 2)  # a gate another stream adds (issue 12)
-    assert sorted(load_into(model, path)) == ["blocks.0.dydit.bias", "blocks.0.dydit.weight"]
+    assert sorted(init_from(model, path)) == ["blocks.0.dydit.bias", "blocks.0.dydit.weight"]
     other = build_model(load_recipe("tiny").model)
-    with pytest.raises(DcditError, match="does not fit the recipe's model"):
-        load_into(other, path)
+    with pytest.raises(DcditError, match="made by a different model"):
+        init_from(other, path)
 
 
 # ----------------------------------------------------------------------------------------
