@@ -93,6 +93,7 @@ def flops(
         "  dcdit train --recipe xl-n16 --print-recipe        # the paper's setting\n\n"
         "  dcdit train --recipe b-n4 --set data.path=features/imagenet256 --out runs/b-n4\n\n"
         "  dcdit train --recipe b-n4 --resume runs/b-n4/checkpoints/step-0100000\n\n"
+        "  dcdit train --recipe toy-dydit --init-from runs/toy   # DyDiT gates fine-tuned onto a trained DC-DiT\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
         "To resume, run the same command again: it continues from the newest complete checkpoint."
     )
@@ -102,6 +103,9 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
     resume: Optional[Path] = ResumeOpt,
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start from these weights (run dir or .safetensors); new DyDiT gates keep their init."
+    ),
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
@@ -110,7 +114,7 @@ def train(
     from dcdit_cli.train import train as run_train
 
     out_dir = out or Path("runs") / cfg.run.name
-    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]))
+    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), init_from=init_from)
     _next_steps(out_dir, weights)
 
 

@@ -14,6 +14,7 @@ exact cost at every M, which we sum per sample and per step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.models import build_model
+from dcdit_cli.models.dydit import kept_counts, saved_flops
 
 
 def _softmax_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
@@ -91,6 +93,23 @@ def dcdit_cost(model_cfg, model=None) -> QuadraticCost:
     b = f2 - f1 - 3 * c
     a = f1 - b - c
     return QuadraticCost(a, b, c)
+
+
+def static_cost(model_cfg) -> QuadraticCost:
+    """Per-sample forward FLOPs of the model without DyDiT's gates, as a function of the inner
+    token count M (constant for a DiT): F_static of the FLOPs loss and of the accounting."""
+    plain = dataclasses.replace(model_cfg, dynamic="none")
+    if plain.kind == "dit":
+        return QuadraticCost(dit_forward_flops(plain), 0.0, 0.0)
+    return dcdit_cost(plain)
+
+
+def dynamic_flops(model, cost: QuadraticCost) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_dynamic, F_static), each (B,), of the gated model's last forward: the ungated cost at
+    each sample's kept count minus what the gates saved (net of the routers' cost); differentiable
+    in the gates' straight-through masks, so the FLOPs loss trains the routers."""
+    f_static = cost(kept_counts(model).double()).float()
+    return f_static - saved_flops(model), f_static
 
 
 def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:

@@ -65,6 +65,9 @@ class ModelConfig:
     decoder_blocks: int = 2
     router: str = "cosine"
     """'cosine' (paper §3.3) or 'random' (the random-boundary ablation, paper §4.3)."""
+    dynamic: str = "none"
+    """'none', or 'dydit': DyDiT's timestep-wise dynamic width and spatial dynamic tokens in every
+    DiT block (paper §4.5, REFERENCE §7; models/dydit.py), trained with the FLOPs loss."""
     target_ratio: float = 4.0
     """Target compression N of the ratio loss (paper §3.5)."""
     smoothing_sigma: float = 1.0
@@ -114,6 +117,10 @@ class TrainConfig:
     label_dropout: float = 0.1
     ratio_loss_weight: float = 0.03
     """λ of the ratio loss (paper §4.1)."""
+    flops_target: float = 0.7
+    """λ of DyDiT's FLOPs loss (F_dynamic/F_static − λ)², read when model.dynamic = 'dydit' (paper §4.5: 0.7)."""
+    flops_loss_weight: float = 1.0
+    """Weight of the FLOPs loss; DyDiT adds it to the diffusion loss unweighted [choice: 1.0, its code is unreleased]."""
     log_every_steps: int = 100
     ckpt_every_steps: int = 10_000
     keep_last: int = 3
@@ -169,6 +176,7 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple] = {
     "model.kind": ("dcdit", "dit"),
     "model.router": ("cosine", "random"),
+    "model.dynamic": ("none", "dydit"),
     "diffusion.noise_schedule": ("linear",),
     "data.kind": ("latents", "shapes"),
     "data.flip": ("random", "none"),
@@ -274,6 +282,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     for f_ in t.multi_budget_fractions:
         if not 0.0 <= f_ < 1.0:
             problems.append(f"train.multi_budget_fractions: {f_} is outside [0, 1)")
+    if not 0.0 < t.flops_target <= 1.0 or t.flops_loss_weight < 0:
+        problems.append(f"train.flops_target must be in (0, 1] and train.flops_loss_weight >= 0, got "
+                        f"{t.flops_target} and {t.flops_loss_weight}")
     if not 0.0 <= recipe.sample.budget < 1.0:
         problems.append(f"sample.budget {recipe.sample.budget} is outside [0, 1)")
     if recipe.diffusion.sampling_steps < 1 or recipe.diffusion.sampling_steps > recipe.diffusion.num_timesteps:

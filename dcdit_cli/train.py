@@ -107,6 +107,27 @@ def environment(accelerator) -> dict:
     }
 
 
+def load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Loads a run dir's newest EMA weights (or a dcdit weights file) into ``model``: strict, except
+    that DyDiT's gate parameters (keys containing ``.dydit.``) may be missing and keep their init."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from dcdit_cli.checkpoint import resolve_weights
+
+    file = resolve_weights(Path(path))
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise DcditError(f"--init-from {file} is not a safetensors weights file ({e}): pass a run dir or weights exported by `dcdit train`") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".dydit." not in k]
+    if missing or unexpected:
+        raise DcditError(f"--init-from {file} does not fit this recipe's model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}): pass weights of the same architecture (only DyDiT's gates may be new)")
+    print0(f"[bold]initialised[/] from {file}")
+
+
 #################################################################################
 #                                 The loop                                      #
 #################################################################################
@@ -166,8 +187,12 @@ def train(
     command: str = "",
     model_setup: Callable | None = None,
     objectives: list[Objective] | None = None,
+    init_from: Path | None = None,
 ) -> Path | None:
     """Trains ``recipe`` into ``out_dir``; returns the last exported EMA weights.
+
+    init_from: a run dir or dcdit weights file loaded into the fresh model before the
+    optimizer (fine-tuning, e.g. DyDiT gates on a trained DC-DiT); ignored when resuming.
 
     model_setup(model) → model: used by upcycling to load and freeze pretrained weights
     before the optimizer is built. objectives: consecutive phases (distillation warm-up,
@@ -179,8 +204,10 @@ def train(
     from dcdit_cli.checkpoint import export_weights, load_checkpoint, save_checkpoint
     from dcdit_cli.data import batch_indices, make_dataset
     from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.flops import dynamic_flops, static_cost
     from dcdit_cli.models import build_model
     from dcdit_cli.models.chunking import ratio_loss
+    from dcdit_cli.models.dydit import flops_loss
 
     t_cfg, m_cfg = recipe.train, recipe.model
     accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -195,6 +222,8 @@ def train(
     model = build_model(m_cfg)
     if model_setup is not None:
         model = model_setup(model)
+    if init_from is not None and ckpt_path is None:
+        load_init_weights(model, init_from)
     ema = copy.deepcopy(model)
     requires_grad(ema, False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -211,6 +240,7 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]
+    ungated_cost = static_cost(m_cfg) if m_cfg.dynamic == "dydit" else None  # per-sample FLOPs at M tokens
 
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     sums: dict[str, float] = defaultdict(float)
@@ -267,6 +297,12 @@ def train(
                         r_loss = ratio_loss(stats.mask, stats.p, m_cfg.target_ratio)
                         loss = loss + t_cfg.ratio_loss_weight * r_loss
                         sums["ratio_loss"] += r_loss.item() / accum
+                    if m_cfg.dynamic == "dydit":  # DyDiT's FLOPs loss (paper §4.5, models/dydit.py)
+                        f_dyn, f_static = dynamic_flops(accelerator.unwrap_model(model), ungated_cost)
+                        f_loss = flops_loss(f_dyn, f_static, t_cfg.flops_target)
+                        loss = loss + t_cfg.flops_loss_weight * f_loss
+                        sums["flops_loss"] += f_loss.item() / accum
+                        sums["flops_ratio"] += (f_dyn / f_static).mean().item() / accum
                     if objective.extra_loss is not None:
                         extra, logs = objective.extra_loss(accelerator.unwrap_model(model), seen["x_t"], t, y, stats)
                         loss = loss + extra
