@@ -280,3 +280,36 @@ def test_gated_dcdit_sliced_equals_masked_end_to_end():
     assert torch.equal(sa.kept, sb.kept)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert isinstance(model.blocks[0], DyDiTBlock)
+
+
+def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):
+    """train --init-from a plain DC-DiT run, then sample, flops --ckpt and viz-boundaries count and draw the gates."""
+    import json
+
+    from dcdit_cli.console import DcditError
+    from dcdit_cli.flops import flops_row
+    from dcdit_cli.sample import SampleOptions, measure_kept_tokens, run_sample
+    from dcdit_cli.train import train
+    from dcdit_cli.viz import run_viz
+
+    train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "plain")
+    gated = load_recipe("tiny", ["model.dynamic=dydit", "train.max_steps=3", "train.log_every_steps=1", "train.lr=0.05"])
+    train(gated, tmp_path / "gated", init_from=tmp_path / "plain")
+    records = [json.loads(line) for line in (tmp_path / "gated" / "metrics.jsonl").read_text().splitlines()]
+    assert all("flops_loss" in r and "flops_ratio" in r for r in records)
+    assert records[0]["flops_ratio"] == pytest.approx(1.0, abs=0.05)  # all on: 1 + the routers' small cost
+
+    report = run_sample(tmp_path / "gated", 2, SampleOptions(cfg_scale=2.0, steps=3), out=tmp_path / "s.png")
+    name, recipe, kept, saved = measure_kept_tokens(tmp_path / "gated", num=2)
+    assert saved.shape == kept.shape and saved.any()
+    row = flops_row(name, recipe, kept_per_step=kept, saved_per_step=saved)
+    ungated = flops_row(name, recipe, kept_per_step=kept)
+    assert row.kind == "dcdit+dydit" and row.tflops_per_img < ungated.tflops_per_img or saved.max() < 0
+    assert report.skipped_tflops != 0.0
+
+    result = run_viz(tmp_path / "gated", num=1, timesteps=3, steps=4, out_dir=tmp_path / "viz")
+    assert result["gates"] and (tmp_path / "viz" / "gates_vs_t.png").stat().st_size > 0
+
+    with pytest.raises(DcditError, match="does not fit"):  # a DiT's weights do not fit a DC-DiT
+        train(load_recipe("tiny", ["model.kind=dit", "model.dynamic=dydit", "train.max_steps=1"]), tmp_path / "bad",
+              init_from=tmp_path / "plain")
