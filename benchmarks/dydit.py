@@ -52,6 +52,17 @@ def validation_loss(model, recipe, num: int, batch: int = 64) -> float:
     return total / num
 
 
+def blocks_share(model_cfg, kept: float) -> float:
+    """Share of one forward spent in the blocks' attention and MLP (what the gates can skip) at M kept tokens."""
+    from dcdit_cli.flops import static_cost
+    from dcdit_cli.models.dydit import block_flops
+
+    D, H, M = model_cfg.hidden_size, model_cfg.num_heads, round(kept)
+    ones = torch.ones(1, H)
+    block = block_flops(ones, ones, torch.ones(1, M), torch.ones(1, M, dtype=torch.bool), D, H, int(D * model_cfg.mlp_ratio))
+    return float(model_cfg.depth * block) / float(static_cost(model_cfg)(M))
+
+
 def sample_once(model, recipe, opts, num: int):
     """(seconds, kept, saved) for one batch of ``num`` images; kept/saved (steps, B, halves)."""
     from dcdit_cli.sample import sample_batch
@@ -66,12 +77,12 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True, help="the trained toy DC-DiT (before)")
     parser.add_argument("--dydit", type=Path, required=True, help="toy-dydit fine-tuned from --base")
     parser.add_argument("--plain", type=Path, required=True, help="toy trained on from --base for as many steps")
-    parser.add_argument("--num", type=int, default=16, help="images per sampling batch")
     parser.add_argument("--val", type=int, default=1024, help="held-out images for the validation loss")
-    parser.add_argument("--steps", type=int, default=None, help="DDPM steps (default: the recipe's)")
-    parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--num", type=int, default=16, help="images per sampling batch")
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=None, help="DDPM steps (default: the recipe's)")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     from dcdit_cli.checkpoint import load_weights
@@ -125,6 +136,13 @@ def main() -> None:
           f"{val['dydit']:.4f}, plain continuation (step {models['plain'][2]}) {val['plain']:.4f}")
     print(f"sampling wall time: plain {t_plain:.2f}s, dydit {t_dydit:.2f}s, ratio {t_dydit / t_plain:.3f} "
           f"(all: plain {[round(s, 2) for s in times['plain']]}, dydit {[round(s, 2) for s in times['dydit']]})")
+    from dcdit_cli.recipe import load_recipe
+
+    paper = load_recipe("b-n4-dydit").model
+    result["gateable_share"] = {"toy": blocks_share(recipe.model, kept.mean()),
+                                "b-n4 (M = L/4)": blocks_share(paper, paper.input_size**2 / paper.target_ratio)}
+    print(f"attention + MLP share of a forward (all the gates can skip): toy {result['gateable_share']['toy']:.3f} "
+          f"at its mean kept count, b-n4 {result['gateable_share']['b-n4 (M = L/4)']:.3f} at M = L/4")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
