@@ -119,12 +119,14 @@ def load_init_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise DcditError(f"--init-from {file} is not a safetensors weights file ({e}): pass a run dir or weights exported by `dcdit train`") from None
+        raise DcditError(f"--init-from {file} is not a safetensors weights file ({e}): pass a run dir or "
+                         "weights exported by `dcdit train`") from None
     fix = "pass weights of the same architecture (only DyDiT's gates may be new)"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise DcditError(f"--init-from {file} does not fit this recipe's model ({str(e).strip().splitlines()[-1].strip()}): {fix}") from None
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise DcditError(f"--init-from {file} does not fit this recipe's model ({detail}): {fix}") from None
     missing = [k for k in missing if ".dydit." not in k]
     if missing or unexpected:
         raise DcditError(f"--init-from {file} does not fit this recipe's model (missing {missing[:3]}, "
