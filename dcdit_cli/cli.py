@@ -95,6 +95,7 @@ def flops(
         "  dcdit train --recipe b-n4 --set data.path=features/imagenet256 --out runs/b-n4\n\n"
         "  dcdit train --recipe b-n4 --resume runs/b-n4/checkpoints/step-0100000\n\n"
         "  dcdit train --recipe s-n4-official --init-from 0400000.pt --set train.max_steps=450000   # fine-tune a release\n\n"
+        "  dcdit train --recipe toy-dydit --init-from runs/toy   # DyDiT gates fine-tuned onto a trained DC-DiT\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
         "To resume, run the same command again: it continues from the newest complete checkpoint."
     )
@@ -105,7 +106,7 @@ def train(
     out: Optional[Path] = OutOpt,
     resume: Optional[Path] = ResumeOpt,
     init_from: Optional[Path] = typer.Option(
-        None, "--init-from", help="Start from these weights: a run dir, dcdit .safetensors, the authors' .pt or hf:amd/…"),
+        None, "--init-from", help="Start from these weights: a run dir, dcdit .safetensors, the authors' .pt or hf:amd/…; new DyDiT gates keep their init."),
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""

@@ -14,14 +14,17 @@ exact cost at every M, which we sum per sample and per step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.models import build_model
+from dcdit_cli.models.dydit import kept_counts, saved_flops
 
 
 def _softmax_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
@@ -93,6 +96,23 @@ def dcdit_cost(model_cfg, model=None) -> QuadraticCost:
     return QuadraticCost(a, b, c)
 
 
+def static_cost(model_cfg) -> QuadraticCost:
+    """Per-sample forward FLOPs of the model without DyDiT's gates, as a function of the inner
+    token count M (constant for a DiT): F_static of the FLOPs loss and of the accounting."""
+    plain = dataclasses.replace(model_cfg, dynamic="none")
+    if plain.kind == "dit":
+        return QuadraticCost(dit_forward_flops(plain), 0.0, 0.0)
+    return dcdit_cost(plain)
+
+
+def dynamic_flops(model, cost: QuadraticCost) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_dynamic, F_static), each (B,), of the gated model's last forward: the ungated cost at
+    each sample's kept count minus what the gates saved (net of the routers' cost); differentiable
+    in the gates' straight-through masks, so the FLOPs loss trains the routers."""
+    f_static = cost(kept_counts(model).double()).float()
+    return f_static - saved_flops(model), f_static
+
+
 def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:
     """Paper Table 1: one forward × 2 (CFG) × (steps − 1), in TFLOPs."""
     return forward_flops * 2 * (sampling_steps - 1) / 1e12
@@ -118,25 +138,30 @@ class FlopsRow:
         return dict(self.__dict__)
 
 
-def flops_row(name: str, recipe, kept_per_step=None) -> FlopsRow:
-    """One Table-1 row. ``kept_per_step``: a (steps, images) array of kept counts measured while
-    sampling with a checkpoint (each CFG half counted at its own M); else the target N is used."""
+def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None) -> FlopsRow:
+    """One Table-1 row. ``kept_per_step``: a (steps, images, 2 halves) array of kept counts measured
+    while sampling with a checkpoint, ``saved_per_step`` what DyDiT's gates skipped there (same
+    shape); else the target N is used, and for a gated recipe λ times the ungated cost (Table 4)."""
     m, steps = recipe.model, recipe.diffusion.sampling_steps
     params = param_count(m)
-    if m.kind == "dit":
-        fwd = dit_forward_flops(m)
-        return FlopsRow(name, "dit", params, tflops_per_image(fwd, steps), float(m.patch_size**2), "fixed patchify")
-    cost = dcdit_cost(m)
+    cost = static_cost(m)
+    kind = m.kind + ("+dydit" if m.dynamic == "dydit" else "")
     L = m.input_size**2
     if kept_per_step is None:
-        kept = max(1, round(L / m.target_ratio))
-        return FlopsRow(name, "dcdit", params, tflops_per_image(cost(kept), steps), L / kept, "target N")
+        kept = (m.input_size // m.patch_size) ** 2 if m.kind == "dit" else max(1, round(L / m.target_ratio))
+        lam = recipe.train.flops_target if m.dynamic == "dydit" else 1.0
+        source = ("fixed patchify" if m.kind == "dit" else "target N") + (f" × λ {lam:g}" if lam != 1.0 else "")
+        return FlopsRow(name, kind, params, tflops_per_image(cost(kept) * lam, steps), L / kept, source)
     kept = torch.as_tensor(kept_per_step, dtype=torch.float64)  # (steps, images, 2 halves) or (steps, images)
-    per_image = cost(kept).sum(dim=0)  # summed over steps (and halves)
+    per_image = cost(kept)
+    if saved_per_step is not None and np.size(saved_per_step):
+        per_image = per_image - torch.as_tensor(saved_per_step, dtype=torch.float64)
+    per_image = per_image.sum(dim=0)  # summed over steps (and halves)
     per_image = per_image.sum(-1) if kept.ndim == 3 else per_image * 2
     scale = (steps - 1) / kept.shape[0]  # convention: steps − 1 forwards per image
     tflops = float(per_image.mean()) * scale / 1e12
-    return FlopsRow(name, "dcdit", params, tflops, float(L / kept.mean()), "checkpoint + data")
+    source = "checkpoint + data" + (" (gates as run)" if m.dynamic == "dydit" else "")
+    return FlopsRow(name, kind, params, tflops, float(L / kept.mean()), source)
 
 
 def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bool) -> list[FlopsRow]:
@@ -155,8 +180,8 @@ def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bo
     if ckpt is not None:
         from dcdit_cli.sample import measure_kept_tokens
 
-        name, recipe, kept = measure_kept_tokens(ckpt, num=num)
-        rows.append(flops_row(name, recipe, kept_per_step=kept))
+        name, recipe, kept, saved = measure_kept_tokens(ckpt, num=num)
+        rows.append(flops_row(name, recipe, kept_per_step=kept, saved_per_step=saved))
     names = available_recipes() if all_recipes else list(recipes)
     if not names and ckpt is None:
         raise DcditError("nothing to count: pass --recipe NAME, --all or --ckpt RUN")

@@ -123,6 +123,9 @@ class ModelConfig:
     router: str = one_of("cosine", "random", "predictive")
     """'cosine' (paper §3.3), 'random' (the random-boundary ablation, paper §4.3) or 'predictive'
     (the authors' released router, REFERENCE §1; their checkpoints need it)."""
+    dynamic: str = one_of("none", "dydit")
+    """'none', or 'dydit': DyDiT's timestep-wise dynamic width and spatial dynamic tokens in every
+    DiT block (paper §4.5, REFERENCE §7; models/dydit.py), trained with the FLOPs loss."""
     target_ratio: float = bounded("(1, inf)", 4.0)
     """Target compression N of the ratio loss (paper §3.5)."""
     smoothing_sigma: float = bounded("(0, inf)", 1.0)
@@ -177,6 +180,10 @@ class TrainConfig:
     label_dropout: float = bounded("[0, 1)", 0.1)
     ratio_loss_weight: float = bounded("[0, inf)", 0.03)
     """λ of the ratio loss (paper §4.1)."""
+    flops_target: float = bounded("(0, 1]", 0.7)
+    """λ of DyDiT's FLOPs loss (F_dynamic/F_static − λ)², read when model.dynamic = 'dydit' (paper §4.5: 0.7)."""
+    flops_loss_weight: float = bounded("[0, inf)", 1.0)
+    """Weight of the FLOPs loss; DyDiT adds it to the diffusion loss unweighted [choice: 1.0, its code is unreleased]."""
     log_every_steps: int = bounded("[1, inf)", 100)
     ckpt_every_steps: int = bounded("[1, inf)", 10_000)
     keep_last: int = bounded("[1, inf)", 3)

@@ -38,13 +38,19 @@ class SampleOptions:
 
 @dataclass
 class KeptLog:
-    """Kept-token counts per sampler step: a list of (halves, B) tensors."""
+    """Kept-token counts per sampler step: a list of (halves, B) tensors; ``saved``: the FLOPs that
+    DyDiT's gates skipped (net of their routers) per step, the same shape (0 without gates)."""
 
     per_step: list = field(default_factory=list)
+    saved: list = field(default_factory=list)
 
     def as_array(self) -> np.ndarray:
         """(steps, B, halves)."""
         return torch.stack(self.per_step).permute(0, 2, 1).numpy() if self.per_step else np.zeros((0, 0, 0))
+
+    def saved_array(self) -> np.ndarray:
+        """(steps, B, halves) FLOPs skipped by the gates."""
+        return torch.stack(self.saved).permute(0, 2, 1).double().numpy() if self.saved else np.zeros((0, 0, 0))
 
 
 def check_sample_options(opts: SampleOptions, num: int, batch_size: int, out: Path | None = None,
@@ -78,6 +84,7 @@ def classes_for(indices, num_classes: int, seed: int, classes: list[int] | None)
 def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
     """The sampler's model function: CFG with Lite-CFG budgets in one batched forward."""
     from dcdit_cli.diffusion import classifier_free_guidance
+    from dcdit_cli.models.dydit import saved_flops
 
     B = y.shape[0]
     use_cfg = opts.cfg_scale > 1.0
@@ -96,6 +103,9 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
         else:  # a DiT runs every patch token, in each CFG half
             tokens = (model.input_size // model.patch_size) ** 2
             log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens))
+        saved = saved_flops(model)
+        log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
+                         else saved.detach().double().cpu().view(-1, B))
         return out
 
     return model_fn
@@ -164,21 +174,26 @@ class SampleReport:
     compression: float
     tflops_per_img: float
     seconds: float
+    skipped_tflops: float = 0.0
+    """TFLOPs per image that DyDiT's gates skipped (net of their routers), already left out of tflops_per_img."""
 
 
-def spent_tflops(recipe, kept: np.ndarray, steps: int) -> float:
-    """TFLOPs actually spent per image: exact per-sample cost summed over steps (and CFG halves)."""
-    from dcdit_cli.flops import dcdit_cost, dit_forward_flops
+def spent_tflops(recipe, kept: np.ndarray, steps: int, saved: np.ndarray | None = None) -> float:
+    """TFLOPs actually spent per image: exact per-sample cost summed over steps (and CFG halves),
+    less what DyDiT's gates skipped (``saved``, the same shape as ``kept``)."""
+    from dcdit_cli.flops import static_cost
 
-    if recipe.model.kind == "dit":
-        return dit_forward_flops(recipe.model) * steps * kept.shape[2] / 1e12
-    cost = dcdit_cost(recipe.model)
-    return float(cost(torch.as_tensor(kept, dtype=torch.float64)).sum(dim=(0, 2)).mean()) / 1e12
+    spent = static_cost(recipe.model)(torch.as_tensor(kept, dtype=torch.float64))  # (steps, B, halves)
+    if saved is not None and saved.size:
+        spent = spent - torch.as_tensor(saved, dtype=torch.float64)
+    return float(spent.sum(dim=(0, 2)).mean()) / 1e12
 
 
-def summarise(recipe, kept: np.ndarray, steps: int, images: int, seconds: float) -> SampleReport:
+def summarise(recipe, kept: np.ndarray, steps: int, images: int, seconds: float, saved: np.ndarray | None = None) -> SampleReport:
     kept_mean = float(kept.mean())
-    return SampleReport(images, kept_mean, recipe.model.input_size**2 / kept_mean, spent_tflops(recipe, kept, steps), seconds)
+    skipped = float(saved.sum(axis=(0, 2)).mean()) / 1e12 if saved is not None and saved.size else 0.0
+    return SampleReport(images, kept_mean, recipe.model.input_size**2 / kept_mean, spent_tflops(recipe, kept, steps, saved),
+                        seconds, skipped)
 
 
 def print_report(r: SampleReport) -> None:
@@ -186,6 +201,7 @@ def print_report(r: SampleReport) -> None:
         f"{r.images} images in {r.seconds:.1f}s ({r.images / max(r.seconds, 1e-9):.2f} img/s): "
         f"average kept tokens {r.kept_tokens:.1f}, compression {r.compression:.2f}, "
         f"{r.tflops_per_img:.4g} TFLOPs spent per image"
+        + (f" (DyDiT gates skipped {r.skipped_tflops:.4g}, net of their routers)" if r.skipped_tflops else "")
     )
 
 
@@ -200,7 +216,7 @@ def run_sample(ckpt, num: int, opts: SampleOptions, classes=None, out: Path | No
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, recipe, step = load_weights(ckpt, device)
     decoder = Decoder(recipe, vae, device)
-    start, images, kept_all = time.perf_counter(), [], []
+    start, images, kept_all, saved_all = time.perf_counter(), [], [], []
     with progress_bar("sample") as progress:
         task = progress.add_task("sample", total=num * opts.steps, rate="")
         for lo in range(0, num, batch_size):
@@ -212,7 +228,9 @@ def run_sample(ckpt, num: int, opts: SampleOptions, classes=None, out: Path | No
             x0, _, log = sample_batch(model, recipe, idx, opts, classes, device, on_step)
             images.append(to_uint8(decoder(x0)))
             kept_all.append(log.as_array())
-    report = summarise(recipe, np.concatenate(kept_all, axis=1), opts.steps, num, time.perf_counter() - start)
+            saved_all.append(log.saved_array())
+    report = summarise(recipe, np.concatenate(kept_all, axis=1), opts.steps, num, time.perf_counter() - start,
+                       np.concatenate(saved_all, axis=1))
     grid = save_grid(np.concatenate(images), Path(out or "sample.png"))
     print0(f"wrote {grid} (weights at step {step})")
     print_report(report)
@@ -248,7 +266,8 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
         for j, k in enumerate(todo):
             idx = list(range(k * batch_size, min(num, (k + 1) * batch_size)))
             x0, labels, log = sample_batch(model, recipe, idx, opts, classes, state.device)
-            write_npz(parts_dir / f"part-{k:06d}.npz", images=to_uint8(decoder(x0)), labels=labels.numpy(), kept=log.as_array())
+            write_npz(parts_dir / f"part-{k:06d}.npz", images=to_uint8(decoder(x0)), labels=labels.numpy(), kept=log.as_array(),
+                      saved=log.saved_array())
             progress.update(task, advance=1, rate=f"{(j + 1) * batch_size / (time.perf_counter() - start):.2f} img/s")
     state.wait_for_everyone()
     report = None
@@ -257,8 +276,9 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
         arr = np.concatenate([p["images"] for p in parts])[:num]
         labels = np.concatenate([p["labels"] for p in parts])[:num]
         kept = np.concatenate([p["kept"] for p in parts], axis=1)
+        saved = np.concatenate([p["saved"] if "saved" in p else np.zeros(p["kept"].shape) for p in parts], axis=1)
         write_npz(npz, arr_0=arr, arr_1=labels)
-        report = summarise(recipe, kept, opts.steps, num, time.perf_counter() - start)
+        report = summarise(recipe, kept, opts.steps, num, time.perf_counter() - start, saved)
         print0(f"wrote {npz}: arr_0 {arr.shape} uint8 (weights at step {step})")
         print_report(report)
         write_json(parts_dir / "done.json", {"num": num, "parts": n_parts})
@@ -267,11 +287,11 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
 
 
 def measure_kept_tokens(ckpt, num: int = 4):
-    """For `dcdit flops --ckpt`: kept counts (steps, images, halves) while sampling with the recipe's settings."""
+    """For `dcdit flops --ckpt`: kept counts and gate savings (steps, images, halves) while sampling with the recipe's settings."""
     from dcdit_cli.checkpoint import load_weights
 
     model, recipe, _ = load_weights(ckpt)
     opts = SampleOptions(cfg_scale=max(recipe.sample.cfg_scale, 1.0 + 1e-6), steps=recipe.diffusion.sampling_steps,
                          method=recipe.sample.method)
     _, _, log = sample_batch(model, recipe, list(range(num)), opts)
-    return f"{recipe.run.name} (ckpt)", recipe, log.as_array()
+    return f"{recipe.run.name} (ckpt)", recipe, log.as_array(), log.saved_array()

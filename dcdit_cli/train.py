@@ -187,7 +187,7 @@ def train(
     model_setup(model) → model: used by upcycling to load and freeze pretrained weights
     before the optimizer is built. objectives: consecutive phases (distillation warm-up,
     then diffusion); by default one diffusion phase. init_from: weights to start from (a run
-    dir, dcdit weights or the authors' .pt; fine-tuning), loaded before the optimizer is
+    dir, dcdit weights or the authors' .pt; fine-tuning, e.g. DyDiT gates on a trained DC-DiT), loaded before the optimizer is
     built; when the run resumes, its own checkpoint wins. A run that fails before its first
     checkpoint leaves no run directory behind (when this call created it).
     """
@@ -215,9 +215,11 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     from dcdit_cli.checkpoint import export_weights, init_from as load_init, load_checkpoint, load_into, save_checkpoint
     from dcdit_cli.data import batch_indices, check_fits_model, make_dataset
     from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.flops import dynamic_flops, static_cost
     from dcdit_cli.models import build_model
     from dcdit_cli.models.chunking import ratio_loss
     from dcdit_cli.processes import watch_ranks
+    from dcdit_cli.models.dydit import flops_loss
 
     t_cfg, m_cfg = recipe.train, recipe.model
     dataset = check_fits_model(make_dataset(recipe.data, seed=recipe.run.seed), m_cfg)  # before anything is written
@@ -252,6 +254,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]
+    ungated_cost = static_cost(m_cfg) if m_cfg.dynamic == "dydit" else None  # per-sample FLOPs at M tokens
 
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     sums: dict[str, float] = defaultdict(float)
@@ -308,6 +311,12 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                         r_loss = ratio_loss(stats.mask, stats.p, m_cfg.target_ratio)
                         loss = loss + t_cfg.ratio_loss_weight * r_loss
                         sums["ratio_loss"] += r_loss.item() / accum
+                    if m_cfg.dynamic == "dydit":  # DyDiT's FLOPs loss (paper §4.5, models/dydit.py)
+                        f_dyn, f_static = dynamic_flops(accelerator.unwrap_model(model), ungated_cost)
+                        f_loss = flops_loss(f_dyn, f_static, t_cfg.flops_target)
+                        loss = loss + t_cfg.flops_loss_weight * f_loss
+                        sums["flops_loss"] += f_loss.item() / accum
+                        sums["flops_ratio"] += (f_dyn / f_static).mean().item() / accum
                     if objective.extra_loss is not None:
                         extra, logs = objective.extra_loss(accelerator.unwrap_model(model), seen["x_t"], t, y, stats)
                         loss = loss + extra

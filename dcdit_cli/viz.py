@@ -11,6 +11,8 @@ Outputs, all drawn with Pillow (matplotlib is not a dependency):
     DIR/sample-000.png         row 1: x_t at the chosen steps; row 2: boundary probability p
                                (viridis), kept tokens boxed, boundaries removed by --budget crossed
     DIR/compression_vs_t.png   compression L / kept and kept tokens against t, mean and per sample
+    DIR/gates_vs_t.png         gated models only (model.dynamic = 'dydit'): DyDiT's active heads and
+                               MLP groups against t, and which tokens skipped the MLP (viz_gates.py)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from PIL import Image, ImageDraw
 from dcdit_cli.atomic import write_png
 from dcdit_cli.console import DcditError, print0, progress_bar
 from dcdit_cli.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
+from dcdit_cli.viz_gates import gate_snapshot, gates_figure
 
 # ----------------------------------------------------------------------------------------
 # Colours and fonts
@@ -60,6 +63,7 @@ class _Recorder:
         self.t: list[int] = []
         self.num_kept: list[torch.Tensor] = []  # (B,) per step
         self.frames: list[dict[str, torch.Tensor]] = []
+        self.gates: list[dict] = []  # DyDiT's gates at every step (viz_gates.py); empty without gates
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -69,6 +73,9 @@ class _Recorder:
         B = self.batch
         self.t.append(int(t[0]))
         self.num_kept.append(stats.num_kept[:B].detach().cpu())
+        gates = gate_snapshot(self.model, B, stats)
+        if gates is not None:
+            self.gates.append(gates)
         if self.calls in self.record_at:
             self.frames.append({"x": x[:B].detach().float().cpu(), "p": stats.p[:B].detach().float().cpu(),
                                 "mask": stats.mask[:B].detach().cpu(), "kept": stats.kept[:B].detach().cpu()})
@@ -88,6 +95,7 @@ class Trajectory:
     p: torch.Tensor  # (S, B, L)
     mask: torch.Tensor  # (S, B, L) the router's boundaries (before tail dropping)
     kept: torch.Tensor  # (S, B, L) the tokens the inner network ran on
+    gates: list[dict] | None = None  # (T',) DyDiT's gates per step (viz_gates.gate_snapshot), None without
 
 
 def record_batch(model, recipe, indices: list[int], opts, classes, device, cols: list[int], on_step=None) -> Trajectory:
@@ -97,7 +105,7 @@ def record_batch(model, recipe, indices: list[int], opts, classes, device, cols:
     _, labels, _ = sample_batch(recorder, recipe, indices, opts, classes, device, on_step)
     frames = {k: torch.stack([f[k] for f in recorder.frames]) for k in ("x", "p", "mask", "kept")}
     return Trajectory(labels=labels, t_all=recorder.t, kept_all=torch.stack(recorder.num_kept).numpy(),
-                      t_cols=[recorder.t[k] for k in cols], **frames)
+                      t_cols=[recorder.t[k] for k in cols], gates=recorder.gates or None, **frames)
 
 
 # ----------------------------------------------------------------------------------------
@@ -305,6 +313,10 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     title = (f"{recipe.run.name}: {L} tokens, budget {budget:g}, cfg {cfg_scale:g}, {num} samples, "
              f"{steps} DDPM steps (conditional half)")
     write_png(summary, compression_plot(t_all, kept_all, L, title))
+    if traj.gates:  # a DyDiT-gated model (paper §4.5): heads / MLP groups against t, tokens that skipped the MLP
+        gates_png = out_dir / "gates_vs_t.png"
+        write_png(gates_png, gates_figure(t_all, traj.gates, t_cols, [traj.gates[k] for k in cols], G,
+                                          f"{recipe.run.name}: DyDiT gates, cfg {cfg_scale:g}, {steps} DDPM steps (conditional half)"))
 
     mean_kept = kept_cols.mean(axis=1)
     result = {
@@ -318,6 +330,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
         "steps": steps,
         "pngs": pngs,
         "summary": str(summary),
+        "gates": str(gates_png) if traj.gates else None,
     }
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
 from dcdit_cli.models.dit import DiT
+from dcdit_cli.models.dydit import add_gates
+
+
+def with_dynamic(model_cfg, model):
+    """The model with DyDiT's gates in every block when ``model.dynamic = "dydit"`` (paper §4.5)."""
+    return add_gates(model) if model_cfg.dynamic == "dydit" else model
 
 
 def build_model(model_cfg):
@@ -19,8 +25,8 @@ def build_model(model_cfg):
         learn_sigma=model_cfg.learn_sigma,
     )
     if model_cfg.kind == "dit":
-        return DiT(patch_size=model_cfg.patch_size, **common)
-    return DCDiT(
+        return with_dynamic(model_cfg, DiT(patch_size=model_cfg.patch_size, **common))
+    return with_dynamic(model_cfg, DCDiT(
         scaffold_width=model_cfg.scaffold_width,
         encoder_blocks=model_cfg.encoder_blocks,
         decoder_blocks=model_cfg.decoder_blocks,
@@ -32,7 +38,7 @@ def build_model(model_cfg):
         force_endpoints=model_cfg.force_endpoints,
         norm_eps=model_cfg.norm_eps,
         **common,
-    )
+    ))
 
 
 __all__ = ["DCDiT", "DiT", "RouterStats", "build_model"]

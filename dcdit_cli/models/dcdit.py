@@ -19,6 +19,7 @@ import torch.nn as nn
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, sincos_2d
 from dcdit_cli.models.routers import force_endpoints, make_router
+from dcdit_cli.models.dit import route_on_timestep
 from dcdit_cli.models.scaffold import Decoder, Encoder
 
 
@@ -114,7 +115,9 @@ class DCDiT(nn.Module):
         nn.init.zeros_(self.residual_proj.bias)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        t_emb = self.t_embedder(t)  # (B, D)
+        route_on_timestep(self.blocks, t_emb)  # DyDiT's width masks, once per forward
+        return t_emb + self.y_embedder(y)  # (B, D)
 
     def inner_positions(self, order: torch.Tensor, side: int) -> torch.Tensor:
         """Original (row, col) of each chunk slot, on the source grid when upcycling (REFERENCE §6)."""

@@ -91,6 +91,14 @@ class DiTBlock(nn.Module):
         return x  # (B, T, D)
 
 
+def route_on_timestep(blocks: nn.ModuleList, t_emb: torch.Tensor) -> None:
+    """Hands t_emb (B, D) to blocks that adapt their width to the timestep (DyDiT's gated blocks,
+    models/dydit.py), once per forward; plain DiT blocks have no ``route`` and are left alone."""
+    for block in blocks:
+        if hasattr(block, "route"):
+            block.route(t_emb)
+
+
 class FinalLayer(nn.Module):
     """LayerNorm (no affine) + adaLN shift/scale + Linear to the output channels."""
 
@@ -200,7 +208,9 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        t_emb = self.t_embedder(t)  # (B, D)
+        route_on_timestep(self.blocks, t_emb)  # DyDiT's width masks, once per forward
+        return t_emb + self.y_embedder(y)  # (B, D)
 
     def forward_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Each block's output (B, T, D), in order; the teacher side of activation distillation (REFERENCE §6)."""

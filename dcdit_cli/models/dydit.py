@@ -1,0 +1,302 @@
+"""DyDiT's dynamic width and dynamic tokens inside DiT blocks (paper §4.5, REFERENCE §7).
+
+DyDiT (Zhao et al. 2024, arXiv 2410.03456) adds three gates to every DiT block:
+
+    TDW  heads  (B, H) = gate(Linear(D → H)(t_emb))   masks the attention heads' outputs
+         groups (B, H) = gate(Linear(D → H)(t_emb))   masks the MLP's hidden channels in H groups
+    SDT  tokens (B, T) = gate(MLP D → D/16 → ReLU → 1 (x))   on the stream after the attention
+                                                            residual: which tokens run the MLP
+
+The width masks depend on the timestep only (not the class), so while sampling they are the
+same for every image of a step, both CFG halves included: they are computed once per step
+(:func:`~dcdit_cli.models.dit.route_on_timestep`) and the masked heads and MLP groups are
+really skipped by slicing the weights. Skipped tokens keep their residual input; at inference
+only the selected tokens are gathered into the MLP, so FLOPs and wall time drop.
+
+Training (``module.training``): Gumbel-sigmoid with temperature τ = 5 and a straight-through
+hard threshold at 0.5, masks multiplied into the dense computation, and the FLOPs loss
+(F_dynamic/F_static − λ)² of :func:`flops_loss`. Inference: plain sigmoid > 0.5.
+
+Facts taken from DyDiT's released inference code (``dynamic_model.py``, ``models.py``): the
+gate function (two Gumbel draws, sigmoid, τ, STE threshold 0.5, no noise and no temperature at
+inference); Linear(D → heads) routers on the timestep embedding t_emb (not c); the token MLP
+D → D/16 → ReLU → 1 with biases on the un-normalised stream after the attention residual; the
+head mask applied to the heads' outputs before ``proj``, the group mask to ``fc1``'s output, the
+token mask to the gated MLP branch; router biases 15 (width routers) and 35 (token router) so
+that every gate starts on (DyDiT's weights are xavier-uniform; see :meth:`DyDiTGates.initialize_weights`). Where DyDiT (whose training code
+is unreleased) is silent, the choice made here is marked [choice].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dcdit_cli.models.dit import DiTBlock, modulate
+
+GATE_TAU = 5.0
+"""Gumbel-sigmoid temperature in training (DyDiT)."""
+WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0
+"""Initial router biases (DyDiT): sigmoid(15) and sigmoid(35) keep every gate on at the start."""
+
+
+def gumbel_sigmoid_gate(logits: torch.Tensor, training: bool, tau: float = GATE_TAU) -> torch.Tensor:
+    """A 0/1 gate with the straight-through gradient of a Gumbel-sigmoid (DyDiT).
+
+    Training: soft = sigmoid((logits + g₁ − g₂)/τ) with g₁, g₂ ~ Gumbel(0, 1) (their difference is
+    Logistic(0, 1), drawn here directly), hard = soft > 0.5, forward value hard, gradient of soft.
+    Inference: soft = sigmoid(logits), hard = soft > 0.5, i.e. logits > 0.
+    """
+    if training:
+        u = torch.rand_like(logits, dtype=torch.float32).clamp_(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logits.float() + torch.log(u) - torch.log1p(-u)) / tau)
+    else:
+        soft = torch.sigmoid(logits.float())
+    hard = (soft > 0.5).float()
+    return hard + (soft - soft.detach())  # forward: exactly hard; backward: d soft
+
+
+@dataclass
+class GateDecisions:
+    """What one gated block ran in its last forward (read by the FLOPs loss, flops, sample, viz).
+
+    heads, groups (B, H) and tokens (B, T): 0/1 masks (straight-through in training, so the FLOPs
+    loss reaches the routers); valid (B, T) bool: real tokens (False for DC-DiT's batch padding).
+    """
+
+    heads: torch.Tensor
+    groups: torch.Tensor
+    tokens: torch.Tensor
+    valid: torch.Tensor
+
+
+class DyDiTGates(nn.Module):
+    """The three routers of one block; lives at ``blocks.i.dydit`` so that a plain DiT / DC-DiT
+    state dict loads into a gated model with exactly the ``.dydit.`` keys missing."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.head_router = nn.Linear(hidden_size, num_heads)
+        self.mlp_router = nn.Linear(hidden_size, num_heads)
+        self.token_router = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size // 16), nn.ReLU(), nn.Linear(hidden_size // 16, 1)
+        )
+        self.skip = True
+        """At inference, really skip masked heads, groups and tokens (False: multiply masks, as in training)."""
+        self.widths: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last: GateDecisions | None = None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DyDiT: xavier-uniform weights, biases 15 / 15 / 35. [choice] The last layer of each router
+        starts at zero weight, so every gate is on at the start whatever the scale of t_emb and of a
+        pretrained model's stream (with xavier weights a trained toy DC-DiT started with whole blocks'
+        tokens off); the routers still learn from the first step (like adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for last in (self.head_router, self.mlp_router, self.token_router[-1]):
+            nn.init.zeros_(last.weight)
+        nn.init.constant_(self.head_router.bias, WIDTH_BIAS)
+        nn.init.constant_(self.mlp_router.bias, WIDTH_BIAS)
+        nn.init.constant_(self.token_router[-1].bias, TOKEN_BIAS)
+
+    def route(self, t_emb: torch.Tensor) -> None:
+        """TDW: head and MLP-group masks (B, H) from the timestep embedding, for this forward."""
+        self.widths = (gumbel_sigmoid_gate(self.head_router(t_emb), self.training),
+                       gumbel_sigmoid_gate(self.mlp_router(t_emb), self.training))
+
+    def select_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """SDT: (B, T, D) stream after the attention residual → (B, T) 0/1 'runs the MLP'."""
+        return gumbel_sigmoid_gate(self.token_router(x).squeeze(-1), self.training)
+
+
+def _head_rows(index: torch.Tensor, width: int) -> torch.Tensor:
+    """Channel indices of the given heads (or MLP groups), each ``width`` channels wide."""
+    return (index[:, None] * width + torch.arange(width, device=index.device)).reshape(-1)
+
+
+class DyDiTBlock(DiTBlock):
+    """A DiT block with DyDiT's gates; DiTBlock's parameters and key names are unchanged.
+
+    forward(x (B, T, D), c (B, D), attn_mask (B, 1, 1, T) | None) as DiTBlock; the width masks
+    come from :meth:`route` (called once per forward by the model, from t_emb).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        self.dydit = DyDiTGates(hidden_size, num_heads)
+
+    def route(self, t_emb: torch.Tensor) -> None:
+        self.dydit.route(t_emb)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dydit.widths is None:
+            raise RuntimeError("DyDiTBlock.route(t_emb) must run before forward (models call route_on_timestep)")
+        heads, groups = self.dydit.widths  # (B, H) each
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if attn_mask is None else attn_mask[:, 0, 0, :]
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
+        sliced = self.dydit.skip and not self.training
+        attn = self._sliced_attention(h, attn_mask, heads) if sliced else self._masked_attention(h, attn_mask, heads)
+        x = x + gate_msa.unsqueeze(1) * attn
+        tokens = self.dydit.select_tokens(x)  # (B, T)
+        if sliced:
+            x = self._gathered_mlp(x, shift_mlp, scale_mlp, gate_mlp, groups, tokens.bool() & valid)
+        else:
+            mlp = self._masked_mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), groups)
+            x = x + tokens.unsqueeze(-1).to(x.dtype) * (gate_mlp.unsqueeze(1) * mlp)
+        self.dydit.last = GateDecisions(heads, groups, tokens, valid)
+        return x  # (B, T, D)
+
+    # --- training path: masks multiply the dense computation --------------------------------
+
+    def _qkv_attention(self, h, attn_mask, weight, bias, n_heads):
+        """Multi-head SDPA with the given qkv rows → (B, T, n_heads·d) before ``proj``."""
+        B, T, _ = h.shape
+        d = self.attn.head_dim
+        qkv = F.linear(h, weight, bias).reshape(B, T, 3, n_heads, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, n_heads, T, d)
+        q, k = self.attn.q_norm(q), self.attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return out.transpose(1, 2).reshape(B, T, n_heads * d)
+
+    def _masked_attention(self, h, attn_mask, heads):
+        a = self.attn
+        out = self._qkv_attention(h, attn_mask, a.qkv.weight, a.qkv.bias, a.num_heads)  # (B, T, D)
+        mask = heads.to(out.dtype).repeat_interleave(a.head_dim, dim=1)  # (B, D): head h → its d channels
+        return a.proj(a.norm(out * mask.unsqueeze(1)))
+
+    def _masked_mlp(self, h, groups):
+        m = self.mlp
+        hidden = m.fc1(h)  # (B, T, 4D)
+        mask = groups.to(hidden.dtype).repeat_interleave(hidden.shape[-1] // groups.shape[1], dim=1)
+        return m.drop2(m.fc2(m.norm(m.drop1(m.act(hidden * mask.unsqueeze(1))))))
+
+    # --- inference path: masked heads, groups and tokens are not computed -------------------
+
+    def _width_plan(self, mask: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """[(sample rows or None for all, active indices)] per distinct mask row. While sampling
+        every image of a step shares t, so this is one entry and no sample is indexed."""
+        rows, inverse = torch.unique(mask.bool(), dim=0, return_inverse=True)
+        if rows.shape[0] == 1:
+            return [(None, rows[0].nonzero().squeeze(1))]
+        return [((inverse == i).nonzero().squeeze(1), row.nonzero().squeeze(1)) for i, row in enumerate(rows)]
+
+    def _sliced_attention(self, h, attn_mask, heads):
+        a, D = self.attn, h.shape[-1]
+        d = a.head_dim
+        out = torch.empty_like(h)
+        for samples, active in self._width_plan(heads):
+            rows = _head_rows(active, d)  # (k·d,)
+            qkv_rows = torch.cat([rows, rows + D, rows + 2 * D])  # the q, k and v rows of the active heads
+            hs = h if samples is None else h[samples]
+            mask = attn_mask if attn_mask is None or samples is None else attn_mask[samples]
+            o = self._qkv_attention(hs, mask, a.qkv.weight[qkv_rows], a.qkv.bias[qkv_rows], len(active))
+            o = F.linear(o, a.proj.weight[:, rows], a.proj.bias)  # (b, T, D)
+            if samples is None:
+                return o
+            out[samples] = o
+        return out
+
+    def _gathered_mlp(self, x, shift, scale, gate, groups, selected):
+        """Only the selected tokens (B, T bool) run the MLP, on the active groups' channels."""
+        m = self.mlp
+        c = m.fc1.out_features // groups.shape[1]
+        x = x.clone()
+        for samples, active in self._width_plan(groups):
+            if samples is None:
+                chosen = selected
+            else:
+                chosen = torch.zeros_like(selected)
+                chosen[samples] = selected[samples]
+            b, t = chosen.nonzero(as_tuple=True)  # (N,) each: the tokens that run the MLP
+            rows = _head_rows(active, c)
+            h = self.norm2(x[b, t]) * (1 + scale[b]) + shift[b]  # (N, D) modulated
+            h = m.act(F.linear(h, m.fc1.weight[rows], m.fc1.bias[rows]))  # (N, g·c)
+            x[b, t] = x[b, t] + gate[b] * F.linear(m.norm(h), m.fc2.weight[:, rows], m.fc2.bias)
+        return x
+
+
+#################################################################################
+#                       Building gated models and counting                      #
+#################################################################################
+
+
+def add_gates(model: nn.Module) -> nn.Module:
+    """Replaces every ``model.blocks[i]`` (a DiTBlock) by a DyDiTBlock holding the same weights.
+
+    The plain model is built first, so its weights are those of ``dynamic = "none"`` with the
+    same seed; the gates are initialised after it (all on). Returns the model.
+    """
+    for i, block in enumerate(model.blocks):
+        D, H = block.attn.qkv.in_features, block.attn.num_heads
+        gated = DyDiTBlock(D, H, block.mlp.fc1.out_features / D).to(block.attn.qkv.weight.device)
+        missing, unexpected = gated.load_state_dict(block.state_dict(), strict=False, assign=True)
+        assert not unexpected and all(k.startswith("dydit.") for k in missing), (missing, unexpected)
+        assert isinstance(gated.attn.norm, nn.Identity), "head slicing needs an attention without a norm over heads"
+        model.blocks[i] = gated
+    return model
+
+
+def gated_blocks(model: nn.Module) -> list[DyDiTBlock]:
+    return [b for b in getattr(model, "blocks", []) if isinstance(b, DyDiTBlock)]
+
+
+def set_gate_execution(model: nn.Module, skip: bool) -> None:
+    """skip=True (default): inference slices weights and gathers tokens; False: multiplies masks."""
+    for block in gated_blocks(model):
+        block.dydit.skip = skip
+
+
+def block_flops(heads, groups, tokens, valid, dim: int, num_heads: int, mlp_hidden: int) -> torch.Tensor:
+    """(B,) FLOPs of one block's attention and MLP with the given masks, REFERENCE §5 convention.
+
+    M real tokens (``valid``), h active heads of width d, g active MLP groups of width c, n tokens
+    that run the MLP: qkv 2·M·D·3hd + attention h·M²·(4d + 3) + proj 2·M·hd·D + MLP 2·2·n·D·gc.
+    Differentiable in the (straight-through) masks. adaLN and norms do not change and are not here.
+    """
+    d, c = dim // num_heads, mlp_hidden // num_heads
+    valid = valid.float()
+    M = valid.sum(1)
+    h, g, n = heads.float().sum(1), groups.float().sum(1), (tokens.float() * valid).sum(1)
+    return 2 * M * dim * 3 * h * d + h * M * M * (4 * d + 3) + 2 * M * h * d * dim + 4 * n * dim * g * c
+
+
+def gate_overhead_flops(M: torch.Tensor, dim: int, num_heads: int) -> torch.Tensor:
+    """(B,) FLOPs of one block's routers: two Linear(D → H) on t_emb, the token MLP on M tokens."""
+    r = dim // 16
+    return 2 * 2 * dim * num_heads + 2 * M * (dim * r + r)
+
+
+def saved_flops(model: nn.Module) -> torch.Tensor | None:
+    """(B,) FLOPs the gates saved in the model's last forward, net of the routers' own cost
+    (negative while every gate is on); None for an ungated model."""
+    total = None
+    for block in gated_blocks(model):
+        g = block.dydit.last
+        D, H, hidden = block.attn.qkv.in_features, block.attn.num_heads, block.mlp.fc1.out_features
+        ones = torch.ones_like(g.heads, dtype=torch.float32)
+        static = block_flops(ones, ones, torch.ones_like(g.valid, dtype=torch.float32), g.valid, D, H, hidden)
+        used = block_flops(g.heads, g.groups, g.tokens, g.valid, D, H, hidden)
+        saved = static - used - gate_overhead_flops(g.valid.float().sum(1), D, H)
+        total = saved if total is None else total + saved
+    return total
+
+
+def kept_counts(model: nn.Module) -> torch.Tensor:
+    """(B,) tokens the inner blocks ran on in the last forward (DC-DiT's kept count M)."""
+    return gated_blocks(model)[0].dydit.last.valid.sum(1)
+
+
+def flops_loss(dynamic_flops: torch.Tensor, static_flops: torch.Tensor, target: float) -> torch.Tensor:
+    """DyDiT's FLOPs loss ((1/B)·Σ_b F_dynamic,b / F_static,b − λ)² over the batch's samples.
+
+    F_static,b is the ungated model's cost on sample b's own kept tokens [choice], so λ is the
+    fraction of the DC-DiT's own cost that the gates may spend; with fixed patchify it is a constant.
+    """
+    return ((dynamic_flops / static_flops).mean() - target) ** 2
