@@ -94,6 +94,8 @@ def write_curves(out_dir: Path, name: str) -> None:
 def environment(accelerator) -> dict:
     import accelerate
 
+    from dcdit_cli.models.attention import select_backend
+
     return {
         "world_size": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
@@ -104,6 +106,7 @@ def environment(accelerator) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cuda_devices": torch.cuda.device_count(),
+        "attention_backend": select_backend(accelerator.device),
     }
 
 

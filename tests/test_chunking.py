@@ -57,11 +57,13 @@ def test_chunk_keeps_boundaries_in_raster_order_and_pads_with_highest_p():
     h = torch.arange(2 * L * D, dtype=torch.float32).reshape(2, L, D)
     p = torch.tensor([[0.9, 0.1, 0.6, 0.3, 0.8, 0.2], [0.2, 0.7, 0.4, 0.1, 0.45, 0.3]])
     mask = p > 0.5
-    tokens, order, valid = ChunkLayer()(h, mask, p)
+    tokens, order, valid, layout = ChunkLayer()(h, mask, p)
     assert order[0].tolist() == [0, 2, 4]
     assert order[1, 0].item() == 1 and valid[1].tolist() == [True, False, False]
     assert order[1, 1:].tolist() == [4, 2]  # padding: highest-p non-boundaries (0.45, 0.4)
-    assert torch.equal(tokens[1, 1], h[1, 4])
+    assert torch.equal(tokens, torch.stack([h[0, 0], h[0, 2], h[0, 4], h[1, 1]]))  # packed: exactly the kept
+    assert layout.cu_seqlens.tolist() == [0, 3, 4] and layout.sample.tolist() == [0, 0, 0, 1]
+    assert layout.max_len == 3 and torch.equal(layout.unpad(layout.pad(tokens)), tokens)
 
 
 def test_keep_at_least_one_and_tail_drop():
@@ -175,7 +177,7 @@ def _random_chunks(seed, batch=3, side=9, density=(0.02, 0.3, 0.7)):
     masks[:, 0] |= ~masks.any(1)  # at least one kept
     p = torch.rand(batch, L, generator=g) * 0.5 + 0.5
     z = torch.randn(batch, L, 6, generator=g)
-    _, order, valid = ChunkLayer()(z, masks, p)
+    _, order, valid, _ = ChunkLayer()(z, masks, p)
     return z.gather(1, order[..., None].expand(-1, -1, 6)), order, valid, p
 
 

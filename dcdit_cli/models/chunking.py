@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcdit_cli.models.attention import FALLBACK, PackedLayout
+
 
 #################################################################################
 #                                    Router                                     #
@@ -111,24 +113,29 @@ def tail_drop(mask: torch.Tensor, p: torch.Tensor, fraction: torch.Tensor) -> to
 
 
 class ChunkLayer(nn.Module):
-    """Keeps the boundary tokens in raster order and pads the batch to M_max (paper §3.3).
+    """Keeps the boundary tokens in raster order, packed over the batch (paper §3.3).
 
-    Padding slots take each sample's highest-p non-boundary tokens, as the paper does;
-    [choice, REFERENCE §1.5] they are marked invalid so attention, smoothing and plug-back
-    ignore them and a sample's output never depends on its batch.
+    The inner network runs on exactly the kept tokens: tokens (N, D), N = Σ_b M_b, with a
+    :class:`PackedLayout`. ``order``/``valid`` (B, M_max) describe the same tokens per sample
+    for de-chunking and the statistics; their padding slots take each sample's highest-p
+    non-boundary tokens, as the paper does, and [choice, REFERENCE §1.5] are marked invalid
+    so smoothing and plug-back ignore them and a sample's output never depends on its batch.
     """
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor):
-        """h (B, L, D), mask (B, L), p (B, L) → tokens (B, M_max, D), order (B, M_max), valid (B, M_max)."""
-        B, L, _ = h.shape
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, backend: str = FALLBACK):
+        """h (B, L, D), mask (B, L), p (B, L) → tokens (N, D), order (B, M_max), valid (B, M_max), layout."""
+        B, L, D = h.shape
         n = mask.sum(dim=1)  # (B,)
-        m_max = int(n.max())
+        # The forward's one host synchronisation: N and M_max fix the shapes of everything after.
+        total, m_max = torch.stack([n.sum(), n.max()]).tolist()
         raster = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
         key = torch.where(mask, raster, L + 1.0 - p.double())  # boundaries by raster index, then by descending p
         order = key.argsort(dim=1, stable=True)[:, :m_max]  # (B, M_max)
-        tokens = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))  # (B, M_max, D)
         valid = torch.arange(m_max, device=h.device)[None] < n[:, None]  # (B, M_max)
-        return tokens, order, valid
+        layout = PackedLayout.from_valid(valid, total, backend)
+        flat = layout.unpad(order + L * torch.arange(B, device=h.device)[:, None])  # (N,) rows of h.flatten(0, 1)
+        tokens = h.reshape(B * L, D).index_select(0, flat)  # (N, D)
+        return tokens, order, valid, layout
 
 
 def raster_to_rc(index: torch.Tensor, side: int) -> torch.Tensor:
