@@ -39,13 +39,13 @@ class SampleOptions:
 
 @dataclass
 class KeptLog:
-    """Kept-token counts per sampler step: a list of (halves, B) tensors."""
+    """Kept-token counts per sampler step: a list of (halves, B) tensors, left on the device (read once, at the end)."""
 
     per_step: list = field(default_factory=list)
 
     def as_array(self) -> np.ndarray:
         """(steps, B, halves)."""
-        return torch.stack(self.per_step).permute(0, 2, 1).numpy() if self.per_step else np.zeros((0, 0, 0))
+        return torch.stack(self.per_step).permute(0, 2, 1).cpu().numpy() if self.per_step else np.zeros((0, 0, 0))
 
 
 def check_budget(name: str, value: float | None) -> None:
@@ -76,20 +76,20 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
     B = y.shape[0]
     use_cfg = opts.cfg_scale > 1.0
     uncond_budget = opts.budget if opts.uncond_budget is None else opts.uncond_budget
-    null = torch.full_like(y, model.num_classes)
+    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])  # [cond; uncond] labels
+    budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(y.device)  # once, not per step
 
     def model_fn(x, t):
         if not use_cfg:
             out, stats = model(x, t, y, budget=opts.budget)
-        else:
-            budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(x.device)
-            out, stats = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), budget=budgets)
+        else:  # both halves in one forward, each at its own kept count (the inner network is packed)
+            out, stats = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg, budget=budgets)
             out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels)[:B]
         if stats is not None:
-            log.per_step.append(stats.num_kept.detach().cpu().view(-1, B))
+            log.per_step.append(stats.num_kept.detach().view(-1, B))
         else:  # a DiT runs every patch token, in each CFG half
             tokens = (model.input_size // model.patch_size) ** 2
-            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens))
+            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
         return out
 
     return model_fn

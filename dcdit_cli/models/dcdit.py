@@ -149,7 +149,7 @@ class DCDiT(nn.Module):
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 
         backend = select_backend(x.device, self.attention)
-        tokens, order, valid, layout = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
+        tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
         tokens = tokens + sincos_2d(positions, self.hidden_size).to(tokens.dtype)
         block_outputs = [] if self.record_block_outputs else None
@@ -159,7 +159,7 @@ class DCDiT(nn.Module):
                 block_outputs.append(layout.pad(tokens))  # (B, M_max, D)
         tokens = self.inner_norm(tokens)
 
-        z = self.dechunk(layout.pad(tokens), order, valid, p, side)  # (B, L, D) fp32
+        z = self.dechunk(layout.pad(tokens), order, valid, p, side, radius)  # (B, L, D) fp32
         confidence = torch.maximum(p, 1 - p)  # (B, L)
         z = z.to(h.dtype) * ste(confidence)[..., None].to(h.dtype) + self.residual_proj(h)  # (B, L, D)
         out = self.decoder(z, c, side)  # (B, L, e)
