@@ -47,6 +47,19 @@ def matmul_rate(device, dtype, n: int) -> float:
     return 2 * n**3 / statistics.median(samples)
 
 
+def interleaved_medians(fns: dict, repeats: int, device) -> dict[str, float]:
+    """Median seconds of each fn, timed A B C A B C … with the device drained around each call."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def setups(args, device):
     """[(label, recipe, model as called, params, loss)]: the DiT, then the DC-DiT once per attention backend."""
     torch.manual_seed(0)
@@ -105,7 +118,6 @@ def main() -> None:
             p.grad = None
         steps[label] = step
 
-    times = {k: [] for k in steps}
     peak = {}
     for k, fn in steps.items():  # warm-up and peak memory, one model at a time
         if device.type == "cuda":
@@ -114,14 +126,7 @@ def main() -> None:
         fn()
         sync(device)
         peak[k] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    for _ in range(args.repeats):  # interleaved
-        for k, fn in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(steps, args.repeats, device)
     print(f"{'setting':<28} {'img/s':>8} {'step ms':>9} {'peak GiB':>9} {'GFLOP/step':>11} {'MFU':>6}")
     for k in steps:
         print(f"{k:<28} {args.batch / med[k]:8.1f} {med[k] * 1e3:9.1f} {peak[k]:9.2f} {flops[k] / 1e9:11.1f} {flops[k] / med[k] / rate:6.3f}")
@@ -146,7 +151,7 @@ def sampling(rows, args, device, dtype) -> None:
         x = torch.randn(args.batch, ch, side, side, device=device)
         y = torch.zeros(args.batch, dtype=torch.long, device=device)
         t = torch.full((args.batch,), 200, device=device)
-        fns, spent, times = {}, {}, {}
+        fns, spent = {}, {}
         for s, (b, u) in settings.items():
             log = KeptLog()
             fn = make_model_fn(model, y, SampleOptions(cfg_scale=4.0, budget=b, uncond_budget=u), log)
@@ -158,18 +163,11 @@ def sampling(rows, args, device, dtype) -> None:
 
             one()
             spent[s] = float(cost(log.per_step[-1].double().cpu()).sum())
-            fns[s], times[s] = one, []
-        for _ in range(args.repeats):
-            for s, fn in fns.items():
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[s].append(time.perf_counter() - start)
+            fns[s] = one
+        times = interleaved_medians(fns, args.repeats, device)
         base = next(iter(settings))
-        b_t = statistics.median(times[base])
         for s in settings:
-            tr, fr = statistics.median(times[s]) / b_t, spent[s] / spent[base]
+            tr, fr = times[s] / times[base], spent[s] / spent[base]
             print(f"sampling step {label} {s:<20} time x {tr:.3f}  FLOPs x {fr:.3f}  time/FLOP {tr / fr:.3f}")
 
 

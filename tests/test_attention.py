@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from dcdit_cli.models import DCDiT
 from dcdit_cli.models.attention import PackedLayout, available_backends, select_backend, varlen_attention
 from dcdit_cli.models.dit import DiTBlock
+from test_models import _randomise
 
 CPU_BACKENDS = available_backends("cpu")
 LENGTHS = [5, 1, 9, 3]
@@ -19,12 +20,19 @@ def _layout(lengths, backend):
     return PackedLayout.from_valid(valid, sum(lengths), backend)
 
 
-def _randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+def _per_sample(fn, lengths):
+    """torch.cat of fn(b, rows of sample b) over the samples of a packed tensor: the unpadded reference."""
+    out, lo = [], 0
+    for b, m in enumerate(lengths):
+        out.append(fn(b, slice(lo, lo + m)))
+        lo += m
+    return torch.cat(out)
+
+
+def _check(out, grads, ref, ref_grads, atol):
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=atol)
 
 
 def test_cpu_has_the_portable_backends_and_auto_picks_the_fallback():
@@ -54,16 +62,9 @@ def test_backend_equals_per_sample_attention_forward_and_backward(backend):
     grad_out = torch.randn(N, H, d, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
-    refs, lo = [], 0
-    for m in LENGTHS:  # each sample alone, no mask at all
-        sl = slice(lo, lo + m)
-        refs.append(F.scaled_dot_product_attention(*(a[sl].transpose(0, 1) for a in (q, k, v))).transpose(0, 1))
-        lo += m
-    ref = torch.cat(refs)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    assert torch.allclose(out, ref, atol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        assert torch.allclose(a, b, atol=1e-5)
+    ref = _per_sample(  # each sample alone, no mask at all
+        lambda b, rows: F.scaled_dot_product_attention(*(a[rows].transpose(0, 1) for a in (q, k, v))).transpose(0, 1), LENGTHS)
+    _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -78,15 +79,9 @@ def test_packed_block_equals_dense_block_per_sample(backend):
     out = block(x, c, _layout(LENGTHS, backend))  # (N, D)
     grads = torch.autograd.grad((out * w).sum(), inputs)
 
-    refs, lo = [], 0
-    for b, m in enumerate(LENGTHS):  # the (B, T, D) path of the DiT baseline, one sample at a time
-        refs.append(block(x[None, lo : lo + m], c[b : b + 1])[0])
-        lo += m
-    ref = torch.cat(refs)
-    ref_grads = torch.autograd.grad((ref * w).sum(), inputs)
-    assert torch.allclose(out, ref, atol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        assert torch.allclose(a, b, atol=1e-4)
+    # The (B, T, D) path of the DiT baseline, one sample at a time.
+    ref = _per_sample(lambda b, rows: block(x[None, rows], c[b : b + 1])[0], LENGTHS)
+    _check(out, grads, ref, torch.autograd.grad((ref * w).sum(), inputs), atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

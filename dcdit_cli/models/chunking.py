@@ -170,24 +170,29 @@ def nearest_kept_row(kept: torch.Tensor):
     return best_row, (rows - best_row).square(), has
 
 
-def plug_back_radius(kept: torch.Tensor) -> torch.Tensor:
+def plug_back_radius(kept: torch.Tensor, window: int = 2) -> torch.Tensor:
     """Device scalar: the largest |c − c'| the nearest kept token of any position can have.
 
-    kept (B, H, W) bool. For each position, the
-    nearest token in its own column or in the nearest such column left and right bounds the
-    squared distance D_up; the nearest one overall has (c − c')² ≤ D_up.
+    kept (B, H, W) bool. For each position, the nearest token among the columns within ``window``
+    of its own and the nearest column with a token on either side bounds the squared distance
+    D_up; the nearest token overall has (c − c')² ≤ D_up, so ⌊√max D_up⌋ bounds |c − c'|.
     """
     _, g2, has = nearest_kept_row(kept)
-    has = has[:, 0]  # (B, W)
     B, H, W = g2.shape
     cols = torch.arange(W, device=g2.device)
+    big = torch.iinfo(torch.long).max // 4
+    g2 = torch.where(has, g2, big)
+    has = has[:, 0]  # (B, W)
     left = torch.where(has, cols, -4 * W).cummax(dim=1).values  # (B, W) nearest column ≤ c with a token
     right = torch.where(has, cols, 8 * W).flip(1).cummin(dim=1).values.flip(1)
-    d_up = torch.full_like(g2, torch.iinfo(torch.long).max)
+    d_up = torch.full_like(g2, big)
     for c_near in (left, right):
         inside = (c_near >= 0) & (c_near < W)
         g_near = g2.gather(2, c_near.clamp(0, W - 1)[:, None, :].expand(B, H, W))
         d_up = torch.where(inside[:, None, :], torch.minimum(d_up, (cols - c_near).square()[:, None, :] + g_near), d_up)
+    padded = F.pad(g2, (window, window), value=big)
+    for delta in range(-window, window + 1):
+        d_up = torch.minimum(d_up, padded[..., window + delta : window + delta + W] + delta * delta)
     return d_up.max().double().sqrt().floor().long().clamp(max=W - 1)
 
 
