@@ -52,10 +52,13 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
-    """The machine's fp32 matmul rate (FLOP/s) at this thread count: the MFU denominator."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / statistics.median(timed(lambda: a @ b) for _ in range(repeats))
+MATMUL_N = 1024
+
+
+def matmul_fn():
+    """A 1024² fp32 matmul: timed among the steps, it gives the machine's matmul rate (MFU's denominator)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    return lambda: a @ b
 
 
 def kept_masks(batch: int, side: int, ratio: float, spread: float, seed: int = 0) -> torch.Tensor:
@@ -140,11 +143,11 @@ def bench_train(args) -> None:
 
         steps[name] = step
         flops[name] = useful_flops(model, loss_fn, x, y, t)
-    times = interleaved(steps, args.repeats)
-    rate = matmul_rate()
+    times = interleaved({**steps, "matmul": matmul_fn()}, args.repeats)
+    rate = 2 * MATMUL_N**3 / times["matmul"]
     (dc, _, dc_model, _), (dit, *_) = models
     print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, median of {args.repeats} "
-          f"(interleaved), torch threads {torch.get_num_threads()}, matmul rate {rate / 1e9:.1f} GFLOP/s")
+          f"(interleaved), torch threads {torch.get_num_threads()}, matmul rate {rate / 1e9:.1f} GFLOP/s (measured among the steps)")
     for name in (dit, dc):
         print(f"  {name:<18} {times[name] * 1e3:9.1f} ms  {flops[name] / 1e9:9.2f} GFLOP (fwd+bwd)  "
               f"MFU {flops[name] / times[name] / rate:.2f}")
@@ -204,7 +207,8 @@ def bench_sample(args) -> None:
         print(f"  {label:<20} {times[label] * 1e3:8.1f} ms  time x {tr:.3f}  FLOPs x {fr:.3f}  time/FLOP ratio {tr / fr:.3f}")
 
 
-def _scaffold_one(side: int, dim: int, batch: int, repeats: int, queue) -> None:
+def scaffold_fn(side: int, dim: int, batch: int):
+    """Router + chunk + de-chunk of a batch on a side×side grid, as one callable."""
     from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, Router
 
     torch.manual_seed(0)
@@ -212,32 +216,40 @@ def _scaffold_one(side: int, dim: int, batch: int, repeats: int, queue) -> None:
     h = torch.randn(batch, side * side, dim)
     masks = kept_masks(batch, side, 4.0, 0.3)
 
+    @torch.no_grad()
     def run():
-        with torch.no_grad():
-            p = router(h, side)
-            tokens, order, valid, layout, radius = chunk(h, masks, p)
-            return dechunk(layout.pad(tokens), order, valid, p, side, radius)
+        p = router(h, side)
+        tokens, order, valid, layout, radius = chunk(h, masks, p)
+        return dechunk(layout.pad(tokens), order, valid, p, side, radius)
 
+    return run
+
+
+def _scaffold_peak(side: int, dim: int, batch: int, queue) -> None:
+    run = scaffold_fn(side, dim, batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    queue.put((statistics.median(timed(run) for _ in range(repeats)), peak))
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
 def bench_scaffold(args) -> None:
-    """Router + chunk + de-chunk time and peak memory growth per grid side (one process per side)."""
+    """Router + chunk + de-chunk: time (all sides interleaved in this process) and peak memory
+    growth (one fresh process per side)."""
     ctx = mp.get_context("spawn")
-    rows = []
+    peak = {}
     for side in args.sides:
         q = ctx.Queue()
-        p = ctx.Process(target=_scaffold_one, args=(side, args.dim, args.batch, args.repeats, q))
+        p = ctx.Process(target=_scaffold_peak, args=(side, args.dim, args.batch, q))
         p.start()
-        rows.append((side, *q.get()))
+        peak[side] = q.get()
         p.join()
-    print(f"router + chunk + de-chunk, batch {args.batch}, width {args.dim}, kept L/4 ±30%, median of {args.repeats}")
-    for i, (side, sec, mb) in enumerate(rows):
-        step = "" if i == 0 else f"  x{sec / rows[i - 1][1]:.2f} time, x{mb / max(rows[i - 1][2], 1e-9):.2f} memory per doubling"
-        print(f"  {side:>4}²  {sec * 1e3:9.1f} ms  peak +{mb:8.1f} MB{step}")
+    times = interleaved({side: scaffold_fn(side, args.dim, args.batch) for side in args.sides}, args.repeats)
+    print(f"router + chunk + de-chunk, batch {args.batch}, width {args.dim}, kept L/4 ±30%, median of {args.repeats} (interleaved)")
+    prev = None
+    for side in args.sides:
+        step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, x{peak[side] / max(peak[prev], 1e-9):.2f} memory per doubling"
+        print(f"  {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MB{step}")
+        prev = side
 
 
 def bench_attention(args) -> None:

@@ -59,8 +59,10 @@ def test_depthwise_conv_backward_counts_groups():
 
 
 def test_batch_flops_count_exactly_the_kept_tokens():
-    """Linear layers run on Σ M tokens, not B·M_max: a batch with kept counts (20, 7) costs b·13 less
-    than one with (20, 20); the portable attention pads to M_max, so its cost does not change."""
+    """The inner network runs on Σ M tokens, not B·M_max: a batch with kept counts (20, 7) costs exactly
+    cost(20) − cost(7) less than one with (20, 20) (the portable attention pads each half of a batch
+    only to that half's length, so with two samples it pads nothing); four samples (20, 7 | 9, 3)
+    pay attention padding within each half only."""
     import torch
 
     from dcdit_cli.flops import count_flops
@@ -70,11 +72,15 @@ def test_batch_flops_count_exactly_the_kept_tokens():
     model.attention = "sdpa_pad"
     cost = dcdit_cost(recipe.model, model)
     side, ch = recipe.model.input_size, recipe.model.in_channels
-    x, t, y = torch.zeros(2, ch, side, side), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    x, t, y = torch.zeros(1, ch, side, side), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
 
-    def batch_flops(m1, m2):
-        boundary = torch.zeros(2, side * side, dtype=torch.bool)
-        boundary[0, :m1], boundary[1, :m2] = True, True
-        return count_flops(model, x, t, y, boundary=boundary)
+    def batch_flops(*ms):
+        boundary = torch.zeros(len(ms), side * side, dtype=torch.bool)
+        for i, m in enumerate(ms):
+            boundary[i, :m] = True
+        n = len(ms)
+        return count_flops(model, x.expand(n, -1, -1, -1), t.expand(n), y.expand(n), boundary=boundary)
 
-    assert batch_flops(20, 20) - batch_flops(20, 7) == pytest.approx(cost.b * 13, rel=1e-9)
+    assert batch_flops(20, 20) - batch_flops(20, 7) == pytest.approx(cost(20) - cost(7), rel=1e-9)
+    # Within a half, attention pads to the half's longest sample: only the linear layers shrink.
+    assert batch_flops(20, 20, 9, 9) - batch_flops(20, 7, 9, 3) == pytest.approx(cost.b * (13 + 6), rel=1e-9)

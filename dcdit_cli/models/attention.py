@@ -9,8 +9,9 @@ backends, chosen by :func:`select_backend` (and recorded in a run's ``env.json``
 - ``varlen``: PyTorch's native ``torch.nn.attention.varlen.varlen_attn`` (CUDA builds that have it);
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (``pip install dcdit[flash]``, CUDA);
 - ``sdpa_pad``: the portable fallback (CPU, ROCm, MPS): q, k, v are scattered into a padded
-  (B, H, M_max, d) batch, SDPA runs with a key-padding mask, and the rows are gathered back;
-  only attention pays for the padding, the linear layers do not;
+  (B, H, M_max, d) batch, SDPA runs with a key-padding mask on each half of the batch at that
+  half's own longest length (so a Lite-CFG unconditional half is not padded to the conditional
+  one), and the rows are gathered back; only attention pays for padding, the linear layers do not;
 - ``sdpa_blockdiag``: SDPA over all N tokens with a block-diagonal mask (N² scores, B× the work).
 
 On CPU ``sdpa_pad`` is the faster portable one (``benchmarks/perf.py attention``), so it is the
@@ -38,7 +39,9 @@ class PackedLayout:
     cu_seqlens (B + 1,) int32: sample b owns packed rows cu_seqlens[b]:cu_seqlens[b + 1];
     max_len: the largest M_b (a host int: the forward's one synchronisation);
     sample (N,) int64: the sample of each packed row; slot (N,) int64: its index in the
-    flattened (B, max_len) padded layout; valid (B, max_len): real slots of that layout.
+    flattened (B, max_len) padded layout; valid (B, max_len): real slots of that layout;
+    group_len: the largest M in each of len(group_len) equal contiguous groups of samples (host
+    ints; the padded fallback pads each group only to its own length: the two CFG halves).
     """
 
     cu_seqlens: torch.Tensor
@@ -47,10 +50,17 @@ class PackedLayout:
     slot: torch.Tensor
     valid: torch.Tensor
     backend: str = FALLBACK
+    group_len: tuple[int, ...] = ()
+
+    @staticmethod
+    def groups(batch: int) -> int:
+        """How many contiguous groups the padded fallback splits a batch into: its halves when even."""
+        return 2 if batch % 2 == 0 else 1
 
     @classmethod
-    def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK) -> "PackedLayout":
-        """From the padded validity mask (B, M_max) whose rows are left-aligned, and N = valid.sum()."""
+    def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK, group_len=None) -> "PackedLayout":
+        """From the padded validity mask (B, M_max) whose rows are left-aligned, N = valid.sum(), and
+        the groups' lengths (None: read them from ``valid``, a host synchronisation)."""
         B, m_max = valid.shape
         flat = valid.flatten()
         # Row r of the packed tensor is the r-th True of ``flat``; False entries go to a dump row.
@@ -59,7 +69,9 @@ class PackedLayout:
         slot = slot.scatter_(0, dest, torch.arange(flat.numel(), device=valid.device))[:total]  # (N,)
         counts = valid.sum(dim=1)
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
-        return cls(cu, m_max, torch.div(slot, m_max, rounding_mode="floor"), slot, valid, backend)
+        if group_len is None:
+            group_len = counts.view(cls.groups(B), -1).amax(dim=1).tolist()
+        return cls(cu, m_max, torch.div(slot, m_max, rounding_mode="floor"), slot, valid, backend, tuple(group_len))
 
     @property
     def batch(self) -> int:
@@ -86,7 +98,12 @@ class PackedLayout:
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
     qp, kp, vp = (layout.pad(a).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max, d)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=layout.valid[:, None, None, :])
+    out = torch.zeros_like(qp)
+    size = layout.batch // len(layout.group_len)
+    for g, m in enumerate(layout.group_len):  # each group padded to its own length only
+        rows = slice(g * size, (g + 1) * size)
+        mask = layout.valid[rows, None, None, :m]  # (B_g, 1, 1, m) key padding
+        out[rows, :, :m] = F.scaled_dot_product_attention(qp[rows, :, :m], kp[rows, :, :m], vp[rows, :, :m], attn_mask=mask)
     return layout.unpad(out.transpose(1, 2))  # (N, H, d)
 
 

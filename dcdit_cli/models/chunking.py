@@ -129,13 +129,15 @@ class ChunkLayer(nn.Module):
         side = math.isqrt(L)
         n = mask.sum(dim=1)  # (B,)
         radius = plug_back_radius(mask.view(B, side, side))
-        # The forward's one host synchronisation: N, M_max and the radius fix the shapes and loops after.
-        total, m_max, radius = torch.stack([n.sum(), n.max(), radius]).tolist()
+        group_len = n.view(PackedLayout.groups(B), -1).amax(dim=1)
+        # The forward's one host synchronisation: N, M_max, the radius and the attention groups' lengths
+        # fix the shapes and loops after.
+        total, m_max, radius, *group_len = torch.cat([torch.stack([n.sum(), n.max(), radius]), group_len]).tolist()
         raster = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
         key = torch.where(mask, raster, L + 1.0 - p.double())  # boundaries by raster index, then by descending p
         order = key.argsort(dim=1, stable=True)[:, :m_max]  # (B, M_max)
         valid = torch.arange(m_max, device=h.device)[None] < n[:, None]  # (B, M_max)
-        layout = PackedLayout.from_valid(valid, total, backend)
+        layout = PackedLayout.from_valid(valid, total, backend, group_len)
         flat = layout.unpad(order + L * torch.arange(B, device=h.device)[:, None])  # (N,) rows of h.flatten(0, 1)
         tokens = h.reshape(B * L, D).index_select(0, flat)  # (N, D)
         return tokens, order, valid, layout, radius
