@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from dcdit_cli.flops import count_flops, count_train_flops
+from dcdit_cli.flops import count_train_flops
 from dcdit_cli.losses import loss_for_recipe
 from dcdit_cli.models import build_model
 from dcdit_cli.recipe import load_recipe
