@@ -10,7 +10,7 @@ f spread evenly over [1 − spread, 1 + spread] across the batch (a trained rout
     python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--batch 8]
-    python benchmarks/perf.py compile [--steps 12]
+    python benchmarks/perf.py compile [--steps 12] [--whole]
 """
 
 from __future__ import annotations
@@ -284,28 +284,42 @@ def bench_attention(args) -> None:
 
 
 def bench_compile(args) -> None:
-    """torch.compile(dynamic=True) of the toy DC-DiT: recompiles as M changes, and time against eager."""
+    """torch.compile(dynamic=True) as the kept counts change: one toy-width DiT block on packed tokens
+    (default), or the whole toy DC-DiT training step (``--whole``); recompiles and time against eager."""
     import torch._dynamo as dynamo
 
-    recipe = load_recipe("toy")
+    from dcdit_cli.models.attention import PackedLayout
+    from dcdit_cli.models.dit import DiTBlock
+
     torch.manual_seed(0)
-    model = build_model(recipe.model)
+    if args.whole:
+        recipe = load_recipe("toy")
+        model, loss_fn = build_model(recipe.model), loss_for_recipe(recipe)
+        x, y, t = inputs(recipe, args.batch)
+        batches = [kept_masks(args.batch, recipe.model.input_size, 4.0, 0.3, seed=s) for s in range(args.steps)]
+        step = lambda m, b: loss_fn(WithBoundary(m, b), x, y, t=t)[0].backward()  # noqa: E731
+    else:
+        model = DiTBlock(96, 4)
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randint(16, 96, (args.batch,), generator=g)).tolist() for _ in range(args.steps)]
+
+        def step(m, lengths):
+            valid = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+            layout = PackedLayout.from_valid(valid, sum(lengths), "sdpa_pad")
+            tokens = torch.randn(sum(lengths), 96, requires_grad=True)
+            m(tokens, torch.randn(len(lengths), 96), layout).square().mean().backward()
+
     compiled = torch.compile(model, dynamic=True)
-    loss_fn = loss_for_recipe(recipe)
-    x, y, t = inputs(recipe, args.batch)
-    spreads = [kept_masks(args.batch, recipe.model.input_size, 4.0, 0.3, seed=s) for s in range(args.steps)]
     dynamo.utils.counters.clear()
-    start = time.perf_counter()
-    step = lambda m, b: loss_fn(WithBoundary(m, b), x, y, t=t)[0].backward()  # noqa: E731
-    step(compiled, spreads[0])
-    cold = time.perf_counter() - start
-    for b in spreads[1:]:
-        step(compiled, b)
-    frames = dict(dynamo.utils.counters["stats"])
-    times = interleaved({"eager": lambda: step(model, spreads[1]), "compiled": lambda: step(compiled, spreads[1])}, args.repeats)
-    print(f"torch.compile(dynamic=True), toy DC-DiT, batch {args.batch}, {args.steps} steps with different kept counts")
-    print(f"  cold compile + first step {cold:.0f} s; dynamo stats {frames}; graph breaks {sum(dynamo.utils.counters['graph_break'].values())}")
-    print(f"  step time compiled / eager = {times['compiled'] / times['eager']:.2f} (median of {args.repeats})")
+    cold = timed(lambda: step(compiled, batches[0]))
+    later = [timed(lambda b=b: step(compiled, b)) for b in batches[1:]]
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    times = interleaved({"eager": lambda: step(model, batches[1]), "compiled": lambda: step(compiled, batches[1])}, args.repeats)
+    what = "the toy DC-DiT training step" if args.whole else "a width-96 DiT block on packed tokens (fwd + bwd)"
+    print(f"torch.compile(dynamic=True), {what}, batch {args.batch}, {args.steps} batches with different kept counts")
+    print(f"  cold compile + first step {cold:.1f} s; later steps {', '.join(f'{s:.2f}' for s in later)} s; "
+          f"unique graphs {graphs}; graph breaks {sum(dynamo.utils.counters['graph_break'].values())}")
+    print(f"  step time compiled / eager = {times['compiled'] / times['eager']:.2f} (median of {args.repeats}, interleaved)")
 
 
 def main() -> None:
@@ -319,6 +333,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--components", action="store_true", help="train: also the forward time by component")
+    parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT step, not one block")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
