@@ -41,7 +41,8 @@ def main() -> None:
         p = torch.rand(args.batch, L)
         mask = torch.rand(args.batch, L) < 1 / args.ratio
         h = torch.randn(args.batch, L, args.dim)
-        z, order, valid = ChunkLayer()(h, mask, p)
+        _, order, valid, _, _ = ChunkLayer()(h, mask, p)
+        z = h.gather(1, order[..., None].expand(-1, -1, args.dim))
         p_kept = p.gather(1, order).clamp(1e-4, 1 - 1e-4)
         pos = raster_to_rc(order, side)
 

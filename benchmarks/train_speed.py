@@ -20,10 +20,9 @@ def measure(recipe_name: str, steps: int, batch: int, queue) -> None:
     import torch
 
     from dcdit_cli.data import batch_indices, make_dataset
-    from dcdit_cli.diffusion import make_diffusion
     from dcdit_cli.flops import flops_row
+    from dcdit_cli.losses import loss_for_recipe
     from dcdit_cli.models import build_model
-    from dcdit_cli.models.chunking import ratio_loss
     from dcdit_cli.recipe import load_recipe
 
     recipe = load_recipe(recipe_name)
@@ -31,7 +30,7 @@ def measure(recipe_name: str, steps: int, batch: int, queue) -> None:
     model = build_model(recipe.model)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr)
     data = make_dataset(recipe.data)
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    loss_fn = loss_for_recipe(recipe)  # the training step's loss object
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, kept = [], []
     for step in range(steps + 5):  # 5 warm-up steps
@@ -39,16 +38,9 @@ def measure(recipe_name: str, steps: int, batch: int, queue) -> None:
         x, y = data.batch(idx, flips)[:2]
         t = torch.randint(0, 1000, (batch,))
         start = time.perf_counter()
-        seen = {}
-
-        def fn(x_t, t_):
-            out, seen["stats"] = model(x_t, t_, y)
-            return out
-
-        loss = diffusion.training_losses(fn, x, t)["loss"].mean()
-        if seen["stats"] is not None:
-            loss = loss + recipe.train.ratio_loss_weight * ratio_loss(seen["stats"].mask, seen["stats"].p, recipe.model.target_ratio)
-            kept.append(seen["stats"].num_kept.float().mean().item())
+        loss, logs, stats = loss_fn(model, x, y, t=t)
+        if stats is not None:
+            kept.append(logs["kept_tokens"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -60,7 +52,7 @@ def measure(recipe_name: str, steps: int, batch: int, queue) -> None:
         "step_s": statistics.median(times),
         "tflops_per_img": row.tflops_per_img,
         "peak_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
-        "kept": statistics.mean(kept) if kept else None,
+        "kept": float(torch.stack(kept).mean()) if kept else None,
     })
 
 

@@ -8,7 +8,8 @@ model always sees the original integer timestep.
 
 Shapes: x is (B, C, H, W); the model output is (B, 2C, H, W); t is a (B,) long tensor of
 indices into *this* diffusion's schedule (for a respaced diffusion: the respaced index).
-Schedules are float64 numpy arrays; ``_extract`` gathers them into float32 tensors.
+Schedules are float64 numpy arrays; ``_extract`` gathers them into float32 tensors from copies
+made once per device (no host-to-device copy per call).
 """
 
 from __future__ import annotations
@@ -87,12 +88,6 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     return set(steps)
 
 
-def _extract(arr: np.ndarray, t: Tensor, shape: Sequence[int]) -> Tensor:
-    """Gather ``arr[t]`` as float32 on t's device, shaped (B, 1, ..., 1) to broadcast against ``shape``."""
-    out = torch.as_tensor(arr, device=t.device)[t].float()
-    return out.reshape(out.shape + (1,) * (len(shape) - out.ndim))
-
-
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension except the batch one: (B, ...) -> (B,)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -146,12 +141,21 @@ def randn_like_per_sample(shape: Sequence[int], generators: torch.Generator | Se
     if generators is None:
         return torch.randn(shape, device=device)
     if isinstance(generators, torch.Generator):
-        return torch.randn(shape, generator=generators, device=generators.device).to(device)
+        return to_device(torch.randn(shape, generator=generators, device=generators.device), device)
     generators = list(generators)
     if len(generators) != shape[0]:
         raise DcditError(f"got {len(generators)} generators for a batch of {shape[0]}; pass one per sample")
     rows = [torch.randn(shape[1:], generator=g, device=g.device) for g in generators]
-    return torch.stack(rows).to(device)
+    return to_device(torch.stack(rows), device)
+
+
+def to_device(x: Tensor, device: str | torch.device) -> Tensor:
+    """A host tensor onto ``device`` without stalling a GPU: a copy from pageable memory waits for
+    the device's queue, one from pinned memory does not."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,6 +191,17 @@ class GaussianDiffusion:
             else self.betas)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        self._on_device: dict = {}  # (id of a schedule array above, device) → its tensor
+
+    def _extract(self, arr: np.ndarray, t: Tensor, shape: Sequence[int]) -> Tensor:
+        """Gather ``arr[t]`` (``arr`` one of this diffusion's schedules) as float32 on t's device,
+        shaped (B, 1, ..., 1) to broadcast against ``shape``."""
+        key = (id(arr), t.device)
+        if key not in self._on_device:
+            self._on_device[key] = torch.as_tensor(arr, device=t.device)
+        out = self._on_device[key][t].float()
+        return out.reshape(out.shape + (1,) * (len(shape) - out.ndim))
 
     # -- model timesteps (overridden by SpacedDiffusion) --------------------------------
 
@@ -195,7 +210,11 @@ class GaussianDiffusion:
         return t
 
     def _call(self, model_out_fn: ModelOutFn, x_t: Tensor, t: Tensor) -> Tensor:
-        out = model_out_fn(x_t, self.model_timesteps(t))
+        return self.check_output(model_out_fn(x_t, self.model_timesteps(t)), x_t)
+
+    @staticmethod
+    def check_output(out: Tensor, x_t: Tensor) -> Tensor:
+        """The model output, after checking it is (B, 2C, H, W) for x_t (B, C, H, W)."""
         if out.shape[1] != 2 * x_t.shape[1] or out.shape[2:] != x_t.shape[2:]:
             raise DcditError(f"model output has shape {tuple(out.shape)} for input {tuple(x_t.shape)}; "
                              "the model must output 2C channels [eps | v] (learned variance)")
@@ -207,15 +226,15 @@ class GaussianDiffusion:
         """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (_extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (_extract(self.posterior_mean_coef1, t, x_t.shape) * x0
-                + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        return (mean, _extract(self.posterior_variance, t, x_t.shape),
-                _extract(self.posterior_log_variance_clipped, t, x_t.shape))
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t.shape) * x0
+                + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        return (mean, self._extract(self.posterior_variance, t, x_t.shape),
+                self._extract(self.posterior_log_variance_clipped, t, x_t.shape))
 
     # -- reverse process ----------------------------------------------------------------
 
@@ -227,16 +246,16 @@ class GaussianDiffusion:
         """
         C = x_t.shape[1]
         eps, v = model_out[:, :C], model_out[:, C:]                                   # (B, C, H, W) each
-        min_log = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
-        max_log = _extract(np.log(self.betas), t, x_t.shape)
+        min_log = self._extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        max_log = self._extract(self.log_betas, t, x_t.shape)
         frac = (v + 1.0) / 2.0
         log_variance = frac * max_log + (1.0 - frac) * min_log
-        pred_xstart = (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                       - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        pred_xstart = (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                       - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
         if self.clip_denoised:  # ADM: clamp x_0, and re-derive ε from it for DDIM
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
-            eps = ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                   / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+            eps = ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+                   / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
                 "pred_xstart": pred_xstart, "eps": eps}
@@ -259,7 +278,10 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        model_out = self._call(model_out_fn, x_t, t)                                  # (B, 2C, H, W)
+        return self.loss_terms(self._call(model_out_fn, x_t, t), x0, x_t, t, noise)
+
+    def loss_terms(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        """:meth:`training_losses` from the model output (B, 2C, H, W) at x_t = q_sample(x0, t, noise)."""
         C = x0.shape[1]
         eps, v = model_out[:, :C], model_out[:, C:]
         frozen = torch.cat([eps.detach(), v], dim=1)
@@ -281,8 +303,8 @@ class GaussianDiffusion:
         """One DDIM step (ADM ddim_sample, DDIM eq. 12 with σ scaled by eta)."""
         out = self.p_mean_variance(self._call(model_out_fn, x, t), x, t)
         eps = out["eps"]
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
         sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
                  * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
@@ -338,7 +360,9 @@ class SpacedDiffusion(GaussianDiffusion):
         super().__init__(np.array(new_betas, dtype=np.float64))
 
     def model_timesteps(self, t: Tensor) -> Tensor:
-        return self.timestep_map.to(t.device)[t]
+        if self.timestep_map.device != t.device:
+            self.timestep_map = self.timestep_map.to(t.device)  # once, not every call
+        return self.timestep_map[t]
 
 
 def make_diffusion(respacing: str = "", num_timesteps: int = 1000, clip_denoised: bool = False) -> GaussianDiffusion:

@@ -10,7 +10,8 @@ grafting approach of Chandrasegaran et al. 2025). REFERENCE §6 fixes the pairin
     error (mean over channels) is averaged over the kept tokens of the batch and the blocks.
 
 Both networks see the same (x_t, t, y): those of the diffusion step, which the training
-loop hands to ``Objective.extra_loss``. During the warm-up the diffusion loss is weighted
+:class:`DistillLoss` draws through the diffusion loss it wraps. During the warm-up the diffusion
+loss is weighted
 0 ([choice]: the paper trains the warm-up "with an MSE loss", nothing else) and is still
 logged; the ratio loss stays on so the router keeps its target compression. The switch is
 a function of the step (``Objective.until_step``), so a run resumes on either side of it.
@@ -23,6 +24,7 @@ from typing import Mapping
 import torch
 
 from dcdit_cli.foreign import inspect_dit
+from dcdit_cli.losses import DiffusionLoss, loss_for_recipe
 from dcdit_cli.models.dit import DiT, grid_positions, sincos_2d
 from dcdit_cli.recipe import Recipe
 from dcdit_cli.train import Objective
@@ -80,32 +82,35 @@ def activation_distillation_loss(
 
 
 class DistillLoss:
-    """``Objective.extra_loss`` of the warm-up: weight · activation-distillation MSE.
+    """The warm-up's loss: a :class:`~dcdit_cli.losses.DiffusionLoss` (weighted 0 during the warm-up,
+    still logged) + weight · activation-distillation MSE, same ``(model, x, y, …) -> (loss, logs, stats)``.
 
     Reads the student's block outputs from ``stats.block_outputs`` (the student is built
     with ``record_block_outputs = True``) and runs the teacher on the same (x_t, t, y).
     """
 
-    def __init__(self, teacher: DiT, weight: float = 1.0):
+    def __init__(self, base: DiffusionLoss, teacher: DiT, weight: float = 1.0):
+        self.base = base
         self.teacher = teacher
         self.patch_size = teacher.patch_size
         self.weight = weight
 
-    def __call__(self, model, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, stats):
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None):
+        loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise)
         if stats is None or stats.block_outputs is None:
             raise RuntimeError("activation distillation needs the student's block outputs: set model.record_block_outputs = True")
         if next(self.teacher.parameters()).device != x_t.device:
             self.teacher.to(x_t.device)
         with torch.no_grad():
-            teacher_blocks = self.teacher.forward_blocks(x_t, t, y)  # per block (B, T, D)
-        loss = activation_distillation_loss(stats.block_outputs, teacher_blocks, stats.order, stats.valid, x_t.shape[-1], self.patch_size)
-        return self.weight * loss, {"distill_loss": loss.detach()}
+            teacher_blocks = self.teacher.forward_blocks(x_t, self.base.diffusion.model_timesteps(t), y)  # per block (B, T, D)
+        distill = activation_distillation_loss(stats.block_outputs, teacher_blocks, stats.order, stats.valid, x_t.shape[-1], self.patch_size)
+        loss = loss + self.weight * distill
+        logs.update(distill_loss=distill.detach(), loss=loss.detach())
+        return loss, logs, stats
 
 
 def distill_objectives(source: Mapping[str, torch.Tensor], recipe: Recipe) -> list[Objective]:
     """The two phases: distillation for ``distill.steps`` steps, then diffusion to the end."""
     teacher = build_teacher(source, recipe)
-    return [
-        Objective("distill", diffusion_weight=0.0, extra_loss=DistillLoss(teacher, recipe.distill.weight), until_step=recipe.distill.steps),
-        Objective("diffusion"),
-    ]
+    warmup = DistillLoss(loss_for_recipe(recipe, diffusion_weight=0.0), teacher, recipe.distill.weight)
+    return [Objective("distill", loss=warmup, until_step=recipe.distill.steps), Objective("diffusion")]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from dcdit_cli.models import build_model
 from dcdit_cli.models.dydit import kept_counts, saved_flops
@@ -31,13 +31,32 @@ def _softmax_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
     return 3 * math.prod(input_shape)
 
 
-_CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax: _softmax_flops}
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Both gradients of a convolution cost what its forward costs (same multiply-adds).
+
+    torch's formula builds the weight gradient's count from transposed input and grad-output
+    shapes and ignores ``groups``: a 96-channel depthwise 3×3 conv counts 96× too much.
+    """
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+_CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax: _softmax_flops,
+           torch.ops.aten.convolution_backward: _conv_backward_flops}
 
 
 def count_flops(fn, *args, **kwargs) -> int:
     """FLOPs of ``fn(*args, **kwargs)`` in the REFERENCE §5 convention."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
         fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def count_train_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs).backward()`` forward and backward (fn returns a scalar loss)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        fn(*args, **kwargs).backward()
     return counter.get_total_flops()
 
 

@@ -141,9 +141,12 @@ def load_dit_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def is_safetensors(path: Path) -> bool:
+    """By name, or by content: a u64 header length, then the JSON header."""
+    if Path(path).suffix == ".safetensors":
+        return True
     with open(path, "rb") as f:
         head = f.read(9)
-    return head[8:9] == b"{"  # safetensors: u64 header length, then the JSON header
+    return head[8:9] == b"{"
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -39,18 +39,19 @@ class SampleOptions:
 @dataclass
 class KeptLog:
     """Kept-token counts per sampler step: a list of (halves, B) tensors; ``saved``: the FLOPs that
-    DyDiT's gates skipped (net of their routers) per step, the same shape (0 without gates)."""
+    DyDiT's gates skipped (net of their routers) per step, the same shape (0 without gates). Both
+    stay on the device and are read once, at the end."""
 
     per_step: list = field(default_factory=list)
     saved: list = field(default_factory=list)
 
     def as_array(self) -> np.ndarray:
         """(steps, B, halves)."""
-        return torch.stack(self.per_step).permute(0, 2, 1).numpy() if self.per_step else np.zeros((0, 0, 0))
+        return torch.stack(self.per_step).permute(0, 2, 1).cpu().numpy() if self.per_step else np.zeros((0, 0, 0))
 
     def saved_array(self) -> np.ndarray:
         """(steps, B, halves) FLOPs skipped by the gates."""
-        return torch.stack(self.saved).permute(0, 2, 1).double().numpy() if self.saved else np.zeros((0, 0, 0))
+        return torch.stack(self.saved).permute(0, 2, 1).double().cpu().numpy() if self.saved else np.zeros((0, 0, 0))
 
 
 def check_sample_options(opts: SampleOptions, num: int, batch_size: int, out: Path | None = None,
@@ -89,23 +90,23 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
     B = y.shape[0]
     use_cfg = opts.cfg_scale > 1.0
     uncond_budget = opts.budget if opts.uncond_budget is None else opts.uncond_budget
-    null = torch.full_like(y, model.num_classes)
+    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])  # [cond; uncond] labels
+    budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(y.device)  # once, not per step
 
     def model_fn(x, t):
         if not use_cfg:
             out, stats = model(x, t, y, budget=opts.budget)
-        else:
-            budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(x.device)
-            out, stats = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), budget=budgets)
+        else:  # both halves in one forward, each at its own kept count (the inner network is packed)
+            out, stats = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg, budget=budgets)
             out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels)[:B]
         if stats is not None:
-            log.per_step.append(stats.num_kept.detach().cpu().view(-1, B))
+            log.per_step.append(stats.num_kept.detach().view(-1, B))
         else:  # a DiT runs every patch token, in each CFG half
             tokens = (model.input_size // model.patch_size) ** 2
-            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens))
+            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
         saved = saved_flops(model)
         log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
-                         else saved.detach().double().cpu().view(-1, B))
+                         else saved.detach().double().view(-1, B))
         return out
 
     return model_fn

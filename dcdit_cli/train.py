@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
 import platform
 import shutil
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -58,9 +56,10 @@ def budget_for_step(step: int, start: int, fractions: list[float], seed: int) ->
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model, every parameter in one foreach kernel."""
     ema_params = dict(ema.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    names = [name for name, _ in model.named_parameters()]
+    torch._foreach_lerp_([ema_params[n] for n in names], [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def requires_grad(model: torch.nn.Module, flag: bool) -> None:
@@ -102,8 +101,21 @@ def match_grad_strides(model: torch.nn.Module) -> None:
                 p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g))
 
 
+def check_finite(accelerator, first_bad: torch.Tensor, last_ckpt) -> None:
+    """Stops the run if any rank saw a non-finite loss since the start (one gather, at logs and checkpoints)."""
+    bad = [int(s) for s in accelerator.gather(first_bad[None]).tolist() if s >= 0]
+    if bad:
+        raise DcditError(
+            f"training diverged at step {min(bad)}: the loss is not finite; last good checkpoint: "
+            f"{last_ckpt or 'none (no checkpoint written yet)'}. Lower train.lr or use "
+            f"train.mixed_precision='no', then rerun the same command to resume from it"
+        )
+
+
 def environment(accelerator) -> dict:
     import accelerate
+
+    from dcdit_cli.models.attention import select_backend
 
     return {
         "world_size": accelerator.num_processes,
@@ -115,6 +127,7 @@ def environment(accelerator) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cuda_devices": torch.cuda.device_count(),
+        "attention_backend": select_backend(accelerator.device),
     }
 
 
@@ -125,17 +138,16 @@ def environment(accelerator) -> dict:
 
 @dataclass
 class Objective:
-    """What a phase of training minimises; the default is diffusion + λ·ratio loss.
+    """A phase of training: its loss object and the step that ends it.
 
-    ``extra_loss(model, x_t, t, y, stats) -> (loss, {name: value})`` adds a term (distillation).
-    ``until_step`` ends the phase (the distill warm-up); None runs to train.max_steps.
+    ``loss(model, x, y, t=…, budget=…) -> (loss, logs, stats)`` (``dcdit_cli/losses.py``); None is
+    the recipe's diffusion + λ·ratio loss. ``until_step`` ends the phase (the distill warm-up);
+    None runs to train.max_steps.
     """
 
     name: str = "diffusion"
-    diffusion_weight: float = 1.0
-    extra_loss: Callable | None = None
+    loss: Callable | None = None
     until_step: int | None = None
-    log_terms: dict = field(default_factory=dict)
 
 
 def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: str, accelerator):
@@ -214,12 +226,10 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
 
     from dcdit_cli.checkpoint import export_weights, init_from as load_init, load_checkpoint, load_into, save_checkpoint
     from dcdit_cli.data import batch_indices, check_fits_model, make_dataset
-    from dcdit_cli.diffusion import make_diffusion
-    from dcdit_cli.flops import dynamic_flops, static_cost
+    from dcdit_cli.diffusion import make_diffusion, to_device
+    from dcdit_cli.losses import loss_for_recipe
     from dcdit_cli.models import build_model
-    from dcdit_cli.models.chunking import ratio_loss
     from dcdit_cli.processes import watch_ranks
-    from dcdit_cli.models.dydit import flops_loss
 
     t_cfg, m_cfg = recipe.train, recipe.model
     dataset = check_fits_model(make_dataset(recipe.data, seed=recipe.run.seed), m_cfg)  # before anything is written
@@ -254,10 +264,11 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]
-    ungated_cost = static_cost(m_cfg) if m_cfg.dynamic == "dydit" else None  # per-sample FLOPs at M tokens
+    default_loss = loss_for_recipe(recipe)  # diffusion + λ·ratio (+ DyDiT's FLOPs loss)
 
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, torch.Tensor] = {}  # metric sums since the last log, on the device
+    first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first step with a non-finite loss
     meter, last_weights, last_ckpt = RateMeter(), None, ckpt_path
     seed = recipe.run.seed
     null_class = m_cfg.num_classes
@@ -287,71 +298,41 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 group["lr"] = lr
             budget = budget_for_step(step, t_cfg.multi_budget_start_step, t_cfg.multi_budget_fractions, seed)
             model.train()
-            step_loss = 0.0
+            loss_fn = objective.loss or default_loss
             for a in range(accum):
                 torch.manual_seed(step_seed(seed, step, rank, a))  # noise, t, dropout, random router
                 idx, flips = batch_indices(seed, step * accum + a, rank, micro, len(dataset))
                 batch = dataset.batch(idx, flips)
-                x, y = batch[0].to(accelerator.device), batch[1].to(accelerator.device)
+                x, y = to_device(batch[0], accelerator.device), to_device(batch[1], accelerator.device)
                 t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
                 drop = torch.rand(x.shape[0], device=x.device) < t_cfg.label_dropout
                 y = torch.where(drop, torch.full_like(y, null_class), y)
-                seen = {}
-
-                def model_fn(x_t, t_):
-                    out, stats = model(x_t, t_, y, budget=budget)
-                    seen["stats"], seen["x_t"] = stats, x_t
-                    return out
-
                 with accelerator.autocast():
-                    terms = diffusion.training_losses(model_fn, x, t)
-                    loss = objective.diffusion_weight * terms["loss"].mean()
-                    stats = seen["stats"]
-                    if stats is not None and t_cfg.ratio_loss_weight > 0:
-                        r_loss = ratio_loss(stats.mask, stats.p, m_cfg.target_ratio)
-                        loss = loss + t_cfg.ratio_loss_weight * r_loss
-                        sums["ratio_loss"] += r_loss.item() / accum
-                    if m_cfg.dynamic == "dydit":  # DyDiT's FLOPs loss (paper §4.5, models/dydit.py)
-                        f_dyn, f_static = dynamic_flops(accelerator.unwrap_model(model), ungated_cost)
-                        f_loss = flops_loss(f_dyn, f_static, t_cfg.flops_target)
-                        loss = loss + t_cfg.flops_loss_weight * f_loss
-                        sums["flops_loss"] += f_loss.item() / accum
-                        sums["flops_ratio"] += (f_dyn / f_static).mean().item() / accum
-                    if objective.extra_loss is not None:
-                        extra, logs = objective.extra_loss(accelerator.unwrap_model(model), seen["x_t"], t, y, stats)
-                        loss = loss + extra
-                        for k, v in logs.items():
-                            sums[k] += float(v) / accum
+                    loss, logs, _ = loss_fn(model, x, y, t=t, budget=budget)
                 sync = a == accum - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx:
                     accelerator.backward(loss / accum)
-                sums["loss"] += loss.item() / accum
-                step_loss += loss.item() / accum
-                sums["mse"] += terms["mse"].mean().item() / accum
-                sums["vb"] += terms["vb"].mean().item() / accum
-                if stats is not None:
-                    sums["compression"] += stats.compression.mean().item() / accum
-                    sums["kept_tokens"] += stats.num_kept.float().mean().item() / accum
-            # Stop before a non-finite loss can reach the weights (checked on every rank alike).
-            global_loss = accelerator.reduce(torch.tensor([step_loss], device=accelerator.device), reduction="sum").item()
-            if not math.isfinite(global_loss):
-                raise DcditError(
-                    f"training diverged at step {step + 1}: the loss is {global_loss}; last good checkpoint: "
-                    f"{last_ckpt or 'none (no checkpoint written yet)'}. Lower train.lr or use "
-                    f"train.mixed_precision='no', then rerun the same command to resume from it"
-                )
+                for k, v in logs.items():  # accumulated on the device: no host synchronisation
+                    sums[k] = sums.get(k, 0) + v.float() / accum
+                # A non-finite loss is noted on the device and acted on at the next log or checkpoint,
+                # before any weights are written.
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(logs["loss"]), step + 1, first_bad)
             if t_cfg.grad_clip > 0:
-                sums["grad_norm"] += float(accelerator.clip_grad_norm_(params, t_cfg.grad_clip))
+                sums["grad_norm"] = sums.get("grad_norm", 0) + accelerator.clip_grad_norm_(params, t_cfg.grad_clip).float()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, accelerator.unwrap_model(model), t_cfg.ema_decay)
             done = step + 1
             rate = meter.update(t_cfg.global_batch)
 
-            if done % t_cfg.log_every_steps == 0 or done == total:
+            log_now = done % t_cfg.log_every_steps == 0 or done == total
+            ckpt_now = done % t_cfg.ckpt_every_steps == 0 or done == total
+            if log_now or ckpt_now:
+                check_finite(accelerator, first_bad, last_ckpt)
+            if log_now:
                 n = t_cfg.log_every_steps if done % t_cfg.log_every_steps == 0 else done % t_cfg.log_every_steps
-                local = torch.tensor([sums[k] / n for k in sorted(sums)], device=accelerator.device)
+                local = torch.stack([sums[k] / n for k in sorted(sums)])
                 mean = accelerator.reduce(local, reduction="mean")
                 record = dict(zip(sorted(sums), mean.tolist()))
                 record.update(step=done, lr=lr, images_per_s=float(rate.split('/')[0]), phase=objective.name, budget=budget)
@@ -363,7 +344,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 plain_log(f"step {done}/{total}  {status}  {record['images_per_s']:.1f} img/s  lr {lr:.2e}")
                 sums.clear()
             progress.update(task, advance=1, rate=f"{rate.split('/')[0]} img/s")
-            if done % t_cfg.ckpt_every_steps == 0 or done == total:
+            if ckpt_now:
                 save(done)
 
     print(f"rank {rank}/{world}: finished at step {total}", flush=True)

@@ -23,7 +23,6 @@ the result with the shared loop (``train(..., model_setup=...)``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping

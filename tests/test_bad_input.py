@@ -259,10 +259,10 @@ CASES = [
     # --- upcycle / distill
     ("upcycle-no-from", ["upcycle", "--recipe", "tiny-upcycle"], "no --from given"),
     ("upcycle-from-missing", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{root}/nope.pt"], "does not exist"),
-    ("upcycle-pickle-runs-code", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{evil}", "--out", "{root}/up"], "never unpickles"),
+    ("upcycle-pickle-runs-code", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{evil}", "--out", "{root}/up"], "refused (nothing from it was run)"),
     ("upcycle-not-a-state-dict", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{list_pt}", "--out", "{root}/up"], "not a DiT state dict"),
     ("upcycle-text-file", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{file}", "--out", "{root}/up"], "not a readable PyTorch checkpoint"),
-    ("upcycle-zero-byte", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{w_zero}", "--out", "{root}/up"], "not a readable PyTorch checkpoint"),
+    ("upcycle-zero-byte", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{w_zero}", "--out", "{root}/up"], "not a readable safetensors file"),
     ("upcycle-dcdit-weights", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{weights}", "--out", "{root}/up"], "not a DiT"),
     ("upcycle-out-under-file", ["upcycle", "--recipe", "tiny-upcycle", "--from", "{evil}", "--out", "{file}/up"], "is a file, not a directory"),
     ("distill-no-from", ["distill", "--recipe", "tiny-upcycle-distill"], "no --from given"),
@@ -273,7 +273,7 @@ CASES = [
     ("sample-zero-byte-weights", ["sample", "--ckpt", "{w_zero}", "--out", "{root}/o.png"], "not a safetensors file"),
     ("sample-garbled-weights", ["sample", "--ckpt", "{w_garbled}", "--out", "{root}/o.png"], "do not match their checksum"),
     ("sample-other-recipe-weights", ["sample", "--ckpt", "{other_weights}", "--out", "{root}/o.png"], "made by a different model"),
-    ("sample-pickle", ["sample", "--ckpt", "{evil}", "--out", "{root}/o.png"], "not a safetensors file"),
+    ("sample-pickle", ["sample", "--ckpt", "{evil}", "--out", "{root}/o.png"], "refused (nothing from it was run)"),
     ("sample-no-metadata", ["sample", "--ckpt", "{w_nometa}", "--out", "{root}/o.png"], "has no dcdit recipe"),
     # --- sample: options (all fail before the model loads)
     ("sample-num-0", ["sample", "--ckpt", "{run}", "--num", "0"], "--num 0: give at least 1"),

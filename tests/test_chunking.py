@@ -52,15 +52,17 @@ def test_router_orthogonal_neighbours_give_half():
 
 
 def test_chunk_keeps_boundaries_in_raster_order_and_pads_with_highest_p():
-    L, D = 6, 3
+    L, D = 9, 3  # a 3×3 grid
     h = torch.arange(2 * L * D, dtype=torch.float32).reshape(2, L, D)
-    p = torch.tensor([[0.9, 0.1, 0.6, 0.3, 0.8, 0.2], [0.2, 0.7, 0.4, 0.1, 0.45, 0.3]])
+    p = torch.tensor([[0.9, 0.1, 0.6, 0.3, 0.8, 0.2, 0.05, 0.04, 0.03], [0.2, 0.7, 0.4, 0.1, 0.45, 0.3, 0.05, 0.04, 0.03]])
     mask = p > 0.5
-    tokens, order, valid = ChunkLayer()(h, mask, p)
+    tokens, order, valid, layout, _ = ChunkLayer()(h, mask, p)
     assert order[0].tolist() == [0, 2, 4]
     assert order[1, 0].item() == 1 and valid[1].tolist() == [True, False, False]
     assert order[1, 1:].tolist() == [4, 2]  # padding: highest-p non-boundaries (0.45, 0.4)
-    assert torch.equal(tokens[1, 1], h[1, 4])
+    assert torch.equal(tokens, torch.stack([h[0, 0], h[0, 2], h[0, 4], h[1, 1]]))  # packed: exactly the kept
+    assert layout.cu_seqlens.tolist() == [0, 3, 4] and layout.sample.tolist() == [0, 0, 0, 1]
+    assert layout.max_len == 3 and torch.equal(layout.unpad(layout.pad(tokens)), tokens)
 
 
 def test_keep_at_least_one_and_tail_drop():
@@ -174,7 +176,7 @@ def _random_chunks(seed, batch=3, side=9, density=(0.02, 0.3, 0.7)):
     masks[:, 0] |= ~masks.any(1)  # at least one kept
     p = torch.rand(batch, L, generator=g) * 0.5 + 0.5
     z = torch.randn(batch, L, 6, generator=g)
-    _, order, valid = ChunkLayer()(z, masks, p)
+    _, order, valid, _, _ = ChunkLayer()(z, masks, p)
     return z.gather(1, order[..., None].expand(-1, -1, 6)), order, valid, p
 
 
@@ -187,6 +189,31 @@ def test_grid_plug_back_equals_brute_force_oracle(seed):
     fast = DeChunkLayer.plug_back_index(order, valid, side)
     oracle = DeChunkLayer.plug_back_reference(raster_to_rc(order, side), valid, side)
     assert torch.equal(fast, oracle)
+    assert torch.equal(DeChunkLayer.plug_back_index_dense(order, valid, side), oracle)
+
+
+@pytest.mark.parametrize("side", [1, 2, 5, 12, 17])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.25, 0.9])
+def test_linear_plug_back_equals_both_oracles_on_random_masks(side, density):
+    """The O(L·radius) transform against the brute force and the previous dense transform, with
+    single tokens (large radius), sparse and dense masks and the exact ties of symmetric grids."""
+    from dcdit_cli.models.chunking import plug_back_radius, raster_to_rc
+
+    g = torch.Generator().manual_seed(side * 100 + int(density * 100))
+    B, L = 6, side * side
+    masks = torch.rand(B, L, generator=g) < density
+    masks[0] = False
+    masks[0, L // 2] = True  # one token in the centre: every position ties with nothing but it
+    if L > 3:
+        masks[1] = False
+        masks[1, [0, L - 1]] = True  # two opposite corners: the anti-diagonal ties
+    masks[:, 0] |= ~masks.any(1)
+    p = torch.rand(B, L, generator=g)
+    _, order, valid, _, radius = ChunkLayer()(torch.zeros(B, L, 1), masks, p)
+    assert radius == int(plug_back_radius(masks.view(B, side, side)))
+    oracle = DeChunkLayer.plug_back_reference(raster_to_rc(order, side), valid, side)
+    assert torch.equal(DeChunkLayer.plug_back_index(order, valid, side, radius), oracle)
+    assert torch.equal(DeChunkLayer.plug_back_index_dense(order, valid, side), oracle)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -5,6 +5,8 @@ import dataclasses
 import pytest
 import torch
 
+from dcdit_cli.models.attention import PackedLayout
+
 from dcdit_cli.flops import count_flops, dynamic_flops, static_cost
 from dcdit_cli.models import build_model
 from dcdit_cli.models.dit import DiTBlock
@@ -158,13 +160,13 @@ def test_gated_inference_path_equals_the_masked_training_path_with_padding_and_m
     valid = torch.ones(4, 12, dtype=torch.bool)
     valid[1, 9:] = False
     valid[3, 5:] = False
-    mask = valid[:, None, None, :]
+    layout = PackedLayout.from_valid(valid, int(valid.sum()))  # the DC-DiT's packed tokens
     gated.eval()
     outs = {}
     for skip in (False, True):
         gated.dydit.skip = skip
         gated.route(t_emb)
-        outs[skip] = gated(x, c, mask)
+        outs[skip] = layout.pad(gated(layout.unpad(x), c, layout))
     heads = gated.dydit.last.heads
     assert len({tuple(r.tolist()) for r in heads}) > 1 and 0 < heads.sum() < heads.numel()
     torch.testing.assert_close(outs[True][valid], outs[False][valid], rtol=1e-5, atol=1e-5)

@@ -44,3 +44,43 @@ def test_dcdit_row_from_target_and_from_measured_counts():
     measured = flops_row("tiny", recipe, kept_per_step=kept)
     assert measured.tflops_per_img == pytest.approx(by_target.tflops_per_img * steps / (steps - 1) * (steps - 1) / steps)
     assert measured.compression == pytest.approx(4.0)
+
+
+def test_depthwise_conv_backward_counts_groups():
+    import torch
+
+    from dcdit_cli.flops import count_flops, count_train_flops
+
+    conv = torch.nn.Conv2d(96, 96, 3, padding=1, groups=96, bias=False)
+    x = torch.randn(1, 96, 16, 16, requires_grad=True)
+    forward = count_flops(conv, x)
+    assert forward == 2 * 96 * 9 * 16 * 16
+    assert count_train_flops(lambda: conv(x).sum()) == 3 * forward  # forward + grad input + grad weight
+
+
+def test_batch_flops_count_exactly_the_kept_tokens():
+    """The inner network runs on Σ M tokens, not B·M_max: a batch with kept counts (20, 7) costs exactly
+    cost(20) − cost(7) less than one with (20, 20) (the portable attention pads each half of a batch
+    only to that half's length, so with two samples it pads nothing); four samples (20, 7 | 9, 3)
+    pay attention padding within each half only."""
+    import torch
+
+    from dcdit_cli.flops import count_flops
+
+    recipe = load_recipe("tiny")
+    model = build_for_counting(recipe.model, "cpu")
+    model.attention = "sdpa_pad"
+    cost = dcdit_cost(recipe.model, model)
+    side, ch = recipe.model.input_size, recipe.model.in_channels
+    x, t, y = torch.zeros(1, ch, side, side), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+
+    def batch_flops(*ms):
+        boundary = torch.zeros(len(ms), side * side, dtype=torch.bool)
+        for i, m in enumerate(ms):
+            boundary[i, :m] = True
+        n = len(ms)
+        return count_flops(model, x.expand(n, -1, -1, -1), t.expand(n), y.expand(n), boundary=boundary)
+
+    assert batch_flops(20, 20) - batch_flops(20, 7) == pytest.approx(cost(20) - cost(7), rel=1e-9)
+    # Within a half, attention pads to the half's longest sample: only the linear layers shrink.
+    assert batch_flops(20, 20, 9, 9) - batch_flops(20, 7, 9, 3) == pytest.approx(cost.b * (13 + 6), rel=1e-9)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from dcdit_cli.console import DcditError
 from dcdit_cli.distill import DistillLoss, activation_distillation_loss, build_teacher, teacher_index
+from dcdit_cli.diffusion import make_diffusion
+from dcdit_cli.losses import DiffusionLoss
 from dcdit_cli.models import DiT, build_model
 from dcdit_cli.recipe import load_recipe
 from dcdit_cli.foreign import inspect_dit, load_dit_checkpoint
@@ -137,14 +139,15 @@ def test_distillation_loss_falls_and_teacher_never_changes(source):
     student = build_model(recipe.model)
     prepare_student(student, ema, recipe)
     student.record_block_outputs = True
-    loss_fn = DistillLoss(teacher, recipe.distill.weight)
+    loss_fn = DistillLoss(DiffusionLoss(make_diffusion("", 1000), diffusion_weight=0.0), teacher, recipe.distill.weight)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    x_t, t, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g), torch.randint(0, 7, (8,), generator=g)
+    x0, t, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g), torch.randint(0, 7, (8,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
     losses = []
     for _ in range(12):
-        _, stats = student(x_t, t, y)
-        loss, logs = loss_fn(student, x_t, t, y, stats)
+        loss, logs, stats = loss_fn(student, x0, y, t=t, noise=noise)
+        assert stats.block_outputs is not None and torch.equal(logs["loss"], loss.detach())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

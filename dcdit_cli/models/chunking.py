@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcdit_cli.models.attention import FALLBACK, PackedLayout
+
 
 #################################################################################
 #                          Boundary mask and tail dropping                      #
@@ -51,29 +53,89 @@ def tail_drop(mask: torch.Tensor, p: torch.Tensor, fraction: torch.Tensor) -> to
 
 
 class ChunkLayer(nn.Module):
-    """Keeps the boundary tokens in raster order and pads the batch to M_max (paper §3.3).
+    """Keeps the boundary tokens in raster order, packed over the batch (paper §3.3).
 
-    Padding slots take each sample's highest-p non-boundary tokens, as the paper does;
-    [choice, REFERENCE §1.5] they are marked invalid so attention, smoothing and plug-back
-    ignore them and a sample's output never depends on its batch.
+    The inner network runs on exactly the kept tokens: tokens (N, D), N = Σ_b M_b, with a
+    :class:`PackedLayout`. ``order``/``valid`` (B, M_max) describe the same tokens per sample
+    for de-chunking and the statistics; their padding slots take each sample's highest-p
+    non-boundary tokens, as the paper does, and [choice, REFERENCE §1.5] are marked invalid
+    so smoothing and plug-back ignore them and a sample's output never depends on its batch.
     """
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor):
-        """h (B, L, D), mask (B, L), p (B, L) → tokens (B, M_max, D), order (B, M_max), valid (B, M_max)."""
-        B, L, _ = h.shape
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, backend: str = FALLBACK):
+        """h (B, L, D), mask (B, L), p (B, L) → tokens (N, D), order (B, M_max), valid (B, M_max), layout,
+        and the plug-back search radius (a host int, :func:`plug_back_radius`)."""
+        B, L, D = h.shape
+        side = math.isqrt(L)
         n = mask.sum(dim=1)  # (B,)
-        m_max = int(n.max())
+        radius = plug_back_radius(mask.view(B, side, side))
+        group_len = n.view(PackedLayout.groups(B), -1).amax(dim=1)
+        # The forward's one host synchronisation: N, M_max, the radius and the attention groups' lengths
+        # fix the shapes and loops after.
+        total, m_max, radius, *group_len = torch.cat([torch.stack([n.sum(), n.max(), radius]), group_len]).tolist()
         raster = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
         key = torch.where(mask, raster, L + 1.0 - p.double())  # boundaries by raster index, then by descending p
         order = key.argsort(dim=1, stable=True)[:, :m_max]  # (B, M_max)
-        tokens = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))  # (B, M_max, D)
         valid = torch.arange(m_max, device=h.device)[None] < n[:, None]  # (B, M_max)
-        return tokens, order, valid
+        layout = PackedLayout.from_valid(valid, total, backend, group_len)
+        flat = layout.unpad(order + L * torch.arange(B, device=h.device)[:, None])  # (N,) rows of h.flatten(0, 1)
+        tokens = h.reshape(B * L, D).index_select(0, flat)  # (N, D)
+        return tokens, order, valid, layout, radius
 
 
 def raster_to_rc(index: torch.Tensor, side: int) -> torch.Tensor:
     """Raster indices (...) → float (row, col) positions (..., 2)."""
     return torch.stack([torch.div(index, side, rounding_mode="floor"), index % side], dim=-1).float()
+
+
+def kept_slots(order, valid, side: int) -> torch.Tensor:
+    """(B, H, W): the chunk slot of each kept grid position, −1 elsewhere."""
+    B, M = order.shape
+    L = side * side
+    slot_of = torch.full((B, L + 1), -1, dtype=torch.long, device=order.device)
+    slot_of.scatter_(1, order.masked_fill(~valid, L), torch.arange(M, device=order.device).expand(B, M))
+    return slot_of[:, :L].view(B, side, side)
+
+
+def nearest_kept_row(kept: torch.Tensor):
+    """Pass 1 of plug-back, per column of a kept grid (B, H, W) bool: the nearest kept row.
+
+    → best_row (B, H, W) (ties → above: the smaller raster index), g2 (B, H, W) its squared
+    vertical distance, has (B, H, W) whether the column holds a kept token at all.
+    """
+    B, H, W = kept.shape
+    rows = torch.arange(H, device=kept.device).view(1, H, 1).expand(B, H, W)
+    above = torch.where(kept, rows, -4 * H).cummax(dim=1).values
+    below = torch.where(kept, rows, 8 * H).flip(1).cummin(dim=1).values.flip(1)
+    best_row = torch.where((rows - above) <= (below - rows), above, below)  # (B, H, W)
+    has = (best_row >= 0) & (best_row < H)
+    return best_row, (rows - best_row).square(), has
+
+
+def plug_back_radius(kept: torch.Tensor, window: int = 2) -> torch.Tensor:
+    """Device scalar: the largest |c − c'| the nearest kept token of any position can have.
+
+    kept (B, H, W) bool. For each position, the nearest token among the columns within ``window``
+    of its own and the nearest column with a token on either side bounds the squared distance
+    D_up; the nearest token overall has (c − c')² ≤ D_up, so ⌊√max D_up⌋ bounds |c − c'|.
+    """
+    _, g2, has = nearest_kept_row(kept)
+    B, H, W = g2.shape
+    cols = torch.arange(W, device=g2.device)
+    big = torch.iinfo(torch.long).max // 4
+    g2 = torch.where(has, g2, big)
+    has = has[:, 0]  # (B, W)
+    left = torch.where(has, cols, -4 * W).cummax(dim=1).values  # (B, W) nearest column ≤ c with a token
+    right = torch.where(has, cols, 8 * W).flip(1).cummin(dim=1).values.flip(1)
+    d_up = torch.full_like(g2, big)
+    for c_near in (left, right):
+        inside = (c_near >= 0) & (c_near < W)
+        g_near = g2.gather(2, c_near.clamp(0, W - 1)[:, None, :].expand(B, H, W))
+        d_up = torch.where(inside[:, None, :], torch.minimum(d_up, (cols - c_near).square()[:, None, :] + g_near), d_up)
+    padded = F.pad(g2, (window, window), value=big)
+    for delta in range(-window, window + 1):
+        d_up = torch.minimum(d_up, padded[..., window + delta : window + delta + W] + delta * delta)
+    return d_up.max().double().sqrt().floor().long().clamp(max=W - 1)
 
 
 class DeChunkLayer(nn.Module):
@@ -87,9 +149,10 @@ class DeChunkLayer(nn.Module):
     Both run on the grid so the cost grows with L, not with L·M or M²: smoothing is a
     separable Gaussian convolution of the scattered p·h and p, truncated at 6σ (the dropped
     weights are below e^−18 of the token's own); plug-back is an exact two-pass distance
-    transform (nearest kept row per column by cumulative max/min, then the best column per
-    row), O(L·√L). ``smooth_reference`` and ``plug_back_reference`` are the direct
-    O(M²) and O(L·M) formulations, kept as test oracles.
+    transform (nearest kept row per column by cumulative max/min, then the lower envelope of
+    parabolas per row), O(L·log √L). ``smooth_reference`` and ``plug_back_reference`` are the direct
+    O(M²) and O(L·M) formulations, and ``plug_back_index_dense`` the previous O(L·√L) transform,
+    kept as test oracles.
     """
 
     def __init__(self, sigma: float = 1.0):
@@ -139,23 +202,44 @@ class DeChunkLayer(nn.Module):
         return p * z + (1 - p) * smoothed
 
     @staticmethod
-    def plug_back_index(order, valid, side: int) -> torch.Tensor:
-        """Exact nearest kept slot for each grid position (ties → smallest raster index): (B, L)."""
-        B, M = order.shape
-        L = side * side
+    def plug_back_index(order, valid, side: int, radius: int | None = None) -> torch.Tensor:
+        """Exact nearest kept slot for each grid position (ties → smallest raster index): (B, L).
+
+        A separable exact transform. Pass 1, per column: the nearest kept row (cumulative max/min).
+        Pass 2, per row: min over columns c' of a·((c − c')² + g²(c')) + raster(c'), a = L + 1, so
+        the minimum is the nearest token and ties go to the smallest raster index. The optimal c'
+        lies within ``radius`` = max ⌊√D_up⌋ columns of c (:func:`plug_back_radius`), so pass 2 scans
+        2·radius + 1 shifted copies of the row: O(L·radius) work, O(L) memory, linear in L at a
+        given kept density. ``radius`` is a host int (the chunk layer reads it in the forward's one
+        synchronisation); None reads it here.
+        """
+        slot_of = kept_slots(order, valid, side)
+        best_row, g2, has = nearest_kept_row(slot_of >= 0)
+        B, L, W = order.shape[0], side * side, side
+        if radius is None:
+            radius = int(plug_back_radius(slot_of >= 0))
+        cols = torch.arange(W, device=order.device)
+        a = L + 1
+        base = torch.where(has, a * g2 + best_row.clamp(0, side - 1) * side + cols, torch.iinfo(torch.long).max // 2)
+        base = F.pad(base, (radius, radius), value=torch.iinfo(torch.long).max // 2)  # (B, H, W + 2·radius)
+        best_key = torch.full_like(g2, torch.iinfo(torch.long).max)
+        best = torch.zeros_like(g2)
+        for delta in range(-radius, radius + 1):  # candidate column c' = c + delta
+            key = base[..., radius + delta : radius + delta + W] + a * delta * delta
+            better = key < best_key
+            best_key = torch.where(better, key, best_key)
+            best = torch.where(better, cols + delta, best)
+        src = best_row.gather(2, best).clamp(0, side - 1) * side + best  # (B, H, W) raster index of the source
+        return slot_of.view(B, L).gather(1, src.view(B, L))
+
+    @staticmethod
+    def plug_back_index_dense(order, valid, side: int) -> torch.Tensor:
+        """The previous exact transform, kept as a test oracle: pass 2 compares every column pair,
+        a (B, H, W, W) tensor, O(L·√L) time and memory."""
+        slot_of = kept_slots(order, valid, side)
+        best_row, g2, has = nearest_kept_row(slot_of >= 0)
+        B, L = order.shape[0], side * side
         device = order.device
-        slot_of = torch.full((B, L + 1), -1, dtype=torch.long, device=device)
-        slot_of.scatter_(1, order.masked_fill(~valid, L), torch.arange(M, device=device).expand(B, M))
-        slot_of = slot_of[:, :L].view(B, side, side)  # (B, H, W): kept slot or −1
-        kept = slot_of >= 0
-        rows = torch.arange(side, device=device).view(1, side, 1).expand(B, side, side)
-        big = 4 * side
-        # Pass 1, per column: the nearest kept row above (ties prefer it: smaller raster index) and below.
-        above = torch.where(kept, rows, torch.full_like(rows, -big)).cummax(dim=1).values
-        below = torch.where(kept, rows, torch.full_like(rows, 2 * big)).flip(1).cummin(dim=1).values.flip(1)
-        best_row = torch.where((rows - above) <= (below - rows), above, below)  # (B, H, W')
-        g2 = (rows - best_row).square()  # vertical distance² to that column's nearest kept token
-        has = (best_row >= 0) & (best_row < side)
         # Pass 2, per row: the best column c' for every c, keyed by (distance², raster index).
         cols = torch.arange(side, device=device)
         d2 = (cols.view(1, 1, side, 1) - cols.view(1, 1, 1, side)).square() + g2[:, :, None, :]  # (B, H, W, W')
@@ -167,13 +251,13 @@ class DeChunkLayer(nn.Module):
         src = src_row.clamp(0, side - 1) * side + best
         return slot_of.view(B, L).gather(1, src.view(B, L))
 
-    def forward(self, z, order, valid, p, side: int) -> torch.Tensor:
-        """z (B, M, D) inner output, order/valid (B, M), p (B, L) → (B, L, D)."""
+    def forward(self, z, order, valid, p, side: int, radius: int | None = None) -> torch.Tensor:
+        """z (B, M, D) inner output, order/valid (B, M), p (B, L), plug-back radius → (B, L, D)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.float()
             p_kept = p.float().gather(1, order).clamp(1e-4, 1 - 1e-4)  # (B, M)
             z = self.smooth(z, order, valid, p_kept, side)  # (B, M, D)
-            nearest = self.plug_back_index(order, valid, side)  # (B, L)
+            nearest = self.plug_back_index(order, valid, side, radius)  # (B, L)
             return z.gather(1, nearest[..., None].expand(-1, -1, z.shape[-1]))  # (B, L, D)
 
 

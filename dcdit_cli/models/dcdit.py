@@ -1,12 +1,13 @@
 """DC-DiT: a DiT whose fixed patchify is replaced by learned dynamic chunking (paper §3).
 
     x (B,C,H,W) ─stem P=1 + Encoder─▶ h (B,L,D) ─Router─▶ p (B,L), boundary = p > 0.5
-      ─ChunkLayer─▶ (B,M_max,D) ─+ sin-cos at original (r,c)─▶ DiT blocks ─▶ RMSNorm
+      ─ChunkLayer─▶ (N = ΣM, D) packed ─+ sin-cos at original (r,c)─▶ DiT blocks ─▶ RMSNorm
       ─DeChunkLayer─▶ (B,L,D) ─× STE(max(p,1−p)) + residual_proj(h)─▶ Decoder (… RMSNorm(e))
       ─▶ FinalLayer ─▶ [ε | v] (B,2C,H,W)
 
 The de-chunked features are gated by the STE of the router's confidence and the encoder
 output is added back through a zero-initialised ``residual_proj`` (H-Net; REFERENCE §1.8).
+The inner network runs on exactly the kept tokens, packed over the batch (models/attention.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from dcdit_cli.models.attention import select_backend
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, sincos_2d
 from dcdit_cli.models.routers import force_endpoints, make_router
@@ -54,8 +56,11 @@ def as_fraction(budget, batch: int, device) -> torch.Tensor:
     f = f.expand(batch) if f.ndim == 0 else f
     if f.shape != (batch,):
         raise ValueError(f"budget must be a scalar or have one value per sample ({batch}), got shape {tuple(f.shape)}")
-    if bool(((f < 0) | (f >= 1)).any()):
-        raise ValueError(f"budget fractions must lie in [0, 1), got {f.tolist()}")
+    if not torch.is_tensor(budget):  # a host value: checked on the host
+        if not 0.0 <= float(0.0 if budget is None else budget) < 1.0:
+            raise ValueError(f"budget fractions must lie in [0, 1), got {budget}")
+    else:  # checked on the device, without waiting for it
+        torch._assert_async(((f >= 0) & (f < 1)).all(), "budget fractions must lie in [0, 1)")
     return f
 
 
@@ -80,6 +85,7 @@ class DCDiT(nn.Module):
         cond_adaptor: bool = False,
         force_endpoints: bool = False,
         norm_eps: float = 1e-5,
+        attention: str = "auto",
     ):
         super().__init__()
         self.input_size = input_size
@@ -93,6 +99,9 @@ class DCDiT(nn.Module):
         # When True, forward also returns every inner block's output in RouterStats.block_outputs
         # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
         self.record_block_outputs = False
+        # Variable-length attention backend of the inner network (models/attention.py); "auto" picks
+        # the best one the device supports.
+        self.attention = attention
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -139,17 +148,18 @@ class DCDiT(nn.Module):
         mask = keep_at_least_one(p > 0.5 if boundary is None else boundary, p)  # (B, L)
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 
-        tokens, order, valid = self.chunk(h, kept, p)  # (B, M_max, D), (B, M_max), (B, M_max)
-        tokens = tokens + sincos_2d(self.inner_positions(order, side), self.hidden_size).to(tokens.dtype)
-        attn_mask = None if bool(valid.all()) else valid[:, None, None, :]  # (B, 1, 1, M_max) key padding
+        backend = select_backend(x.device, self.attention)
+        tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
+        positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
+        tokens = tokens + sincos_2d(positions, self.hidden_size).to(tokens.dtype)
         block_outputs = [] if self.record_block_outputs else None
         for block in self.blocks:
-            tokens = block(tokens, c, attn_mask)  # (B, M_max, D)
+            tokens = block(tokens, c, layout)  # (N, D): exactly the kept tokens
             if block_outputs is not None:
-                block_outputs.append(tokens)
+                block_outputs.append(layout.pad(tokens))  # (B, M_max, D)
         tokens = self.inner_norm(tokens)
 
-        z = self.dechunk(tokens, order, valid, p, side)  # (B, L, D) fp32
+        z = self.dechunk(layout.pad(tokens), order, valid, p, side, radius)  # (B, L, D) fp32
         confidence = torch.maximum(p, 1 - p)  # (B, L)
         z = z.to(h.dtype) * ste(confidence)[..., None].to(h.dtype) + self.residual_proj(h)  # (B, L, D)
         out = self.decoder(z, c, side)  # (B, L, e)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp, PatchEmbed
 
+from dcdit_cli.models.attention import PackedLayout, packed_self_attention
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x·(1 + scale) + shift, broadcast over tokens."""
@@ -74,7 +76,13 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A DiT block with adaLN-Zero conditioning; ``attn_mask`` (B,1,1,T) excludes padding keys."""
+    """A DiT block with adaLN-Zero conditioning.
+
+    Two token layouts, one set of weights: x (B, T, D) with c (B, D) (the DiT baseline), or
+    packed variable-length tokens x (N, D) with a :class:`PackedLayout` (DC-DiT's inner
+    network), whose per-sample modulation rows are expanded to one per token and whose
+    attention stays within each sample.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -84,11 +92,16 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask=attn_mask)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x  # (B, T, D)
+    def attend(self, x: torch.Tensor, layout: PackedLayout | None) -> torch.Tensor:
+        return self.attn(x) if layout is None else packed_self_attention(self.attn, x, layout)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)  # (B, 6D): once per sample, not per token
+        mod = mod.unsqueeze(1) if layout is None else layout.per_token(mod)  # (B, 1, 6D) or (N, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attend(self.norm1(x) * (1 + scale_msa) + shift_msa, layout)
+        x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        return x  # (B, T, D) or (N, D)
 
 
 def route_on_timestep(blocks: nn.ModuleList, t_emb: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcdit_cli.models.attention import PackedLayout
 from dcdit_cli.models.dit import DiTBlock, modulate
 
 GATE_TAU = 5.0
@@ -123,8 +124,10 @@ def _head_rows(index: torch.Tensor, width: int) -> torch.Tensor:
 class DyDiTBlock(DiTBlock):
     """A DiT block with DyDiT's gates; DiTBlock's parameters and key names are unchanged.
 
-    forward(x (B, T, D), c (B, D), attn_mask (B, 1, 1, T) | None) as DiTBlock; the width masks
-    come from :meth:`route` (called once per forward by the model, from t_emb).
+    forward(x, c, layout) as DiTBlock: tokens (B, T, D) (the DiT baseline) or packed (N, D) with a
+    :class:`~dcdit_cli.models.attention.PackedLayout` (DC-DiT), which the gated block runs padded
+    to (B, M_max, D) with padding masked out of attention and of the MLP; the width masks come
+    from :meth:`route` (called once per forward by the model, from t_emb).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -134,7 +137,14 @@ class DyDiTBlock(DiTBlock):
     def route(self, t_emb: torch.Tensor) -> None:
         self.dydit.route(t_emb)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout | None = None) -> torch.Tensor:
+        if layout is None:
+            return self._forward_padded(x, c, None)  # (B, T, D)
+        padded = self._forward_padded(layout.pad(x), c, layout.valid[:, None, None, :])  # (B, M_max, D)
+        return layout.unpad(padded)  # (N, D)
+
+    def _forward_padded(self, x: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, D), c (B, D), attn_mask (B, 1, 1, T) key padding or None → (B, T, D)."""
         if self.dydit.widths is None:
             raise RuntimeError("DyDiTBlock.route(t_emb) must run before forward (models call route_on_timestep)")
         heads, groups = self.dydit.widths  # (B, H) each

@@ -1,0 +1,345 @@
+"""Where DC-DiT's time goes, against the FLOP-matched DiT, measured in one process (docs/performance.md).
+
+Every ratio comes from one run: the settings are timed interleaved (A B A B …) and the
+medians compared, so drift in machine load hits both alike. FLOPs are counted on what runs
+(FlopCounterMode, forward + backward for training, dcdit_cli/flops.py). Kept counts are set
+with the model's ``boundary`` argument: each sample keeps L/N · f tokens at random positions,
+f spread evenly over [1 − spread, 1 + spread] across the batch (a trained router's spread).
+
+    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5]
+    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5]
+    python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
+    python benchmarks/perf.py attention [--batch 8]
+    python benchmarks/perf.py compile [--steps 12] [--whole]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+from dcdit_cli.flops import count_train_flops
+from dcdit_cli.losses import loss_for_recipe
+from dcdit_cli.models import build_model
+from dcdit_cli.recipe import load_recipe
+
+# (DC-DiT N4, FLOP-matched DiT P2) per size. The B width runs at a short depth that fits a CPU,
+# keeping the full-size recipes' difference of 17 − 12 = 5 blocks (the DiT's extra blocks pay for
+# the DC-DiT's scaffold).
+SIZES = {
+    "toy": (("toy", []), ("toy-dit", [])),
+    "b": (("b-n4", ["model.depth=3"]), ("dit-b-p2-isoflop", ["model.depth=8"])),
+}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, timed A B C A B C … after one warm-up round."""
+    for fn in fns.values():
+        fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(timed(fn))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+MATMUL_N = 1536
+
+
+def matmul_fn():
+    """A 1536² fp32 matmul: timed among the steps, it gives the machine's matmul rate (MFU's denominator)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    return lambda: a @ b
+
+
+def kept_masks(batch: int, side: int, ratio: float, spread: float, seed: int = 0) -> torch.Tensor:
+    """(B, L) boundary masks keeping L/ratio · f tokens, f evenly over [1 − spread, 1 + spread]."""
+    L = side * side
+    g = torch.Generator().manual_seed(seed)
+    f = torch.linspace(1 - spread, 1 + spread, batch) if batch > 1 else torch.ones(1)
+    masks = torch.zeros(batch, L, dtype=torch.bool)
+    for b in range(batch):
+        masks[b, torch.randperm(L, generator=g)[: max(1, round(L / ratio * float(f[b])))]] = True
+    return masks
+
+
+class WithBoundary:
+    """A model whose router decision is fixed (kept counts under test), optionally with its own
+    attention backend; the rest of the model runs as usual."""
+
+    def __init__(self, model, boundary, attention: str | None = None):
+        self.model, self.boundary, self.backend = model, boundary, attention
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, t, y, budget=None):
+        if self.backend is not None:
+            self.model.attention = self.backend
+        reps = x.shape[0] // self.boundary.shape[0]  # CFG: both halves see the same boundaries
+        return self.model(x, t, y, budget=budget, boundary=self.boundary.repeat(reps, 1))
+
+
+def build(size: str, batch: int, spread: float):
+    """[(name, recipe, model as called, loss object)] for the DC-DiT and the DiT of ``size``."""
+    torch.manual_seed(0)
+    out = []
+    for name, overrides in SIZES[size]:
+        recipe = load_recipe(name, overrides)
+        model = build_model(recipe.model)
+        if recipe.model.kind == "dcdit":
+            model = WithBoundary(model, kept_masks(batch, recipe.model.input_size, recipe.model.target_ratio, spread))
+        out.append((name, recipe, model, loss_for_recipe(recipe)))
+    return out
+
+
+def inputs(recipe, batch: int):
+    g = torch.Generator().manual_seed(1)
+    side, ch = recipe.model.input_size, recipe.model.in_channels
+    x = torch.randn(batch, ch, side, side, generator=g)
+    return x, torch.randint(0, recipe.model.num_classes, (batch,), generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+def padding_waste(masks: torch.Tensor) -> tuple[float, float, float]:
+    """Share of padded work: linear layers and attention when every sample is padded to the batch's
+    M_max (before), and attention when each half is padded to its own longest sample (sdpa_pad now)."""
+    from dcdit_cli.models.attention import PackedLayout
+
+    m = masks.sum(1).double()
+    halves = m.view(PackedLayout.groups(len(m)), -1)
+    padded_halves = (halves.shape[1] * halves.amax(1).square()).sum()
+    return (float(1 - m.sum() / (len(m) * m.max())), float(1 - m.square().sum() / (len(m) * m.max() ** 2)),
+            float(1 - m.square().sum() / padded_halves))
+
+
+def useful_flops(model, loss_fn, x, y, t) -> float:
+    """Training FLOPs (forward + backward) of the batch without padding: each sample counted alone,
+    as an exact varlen kernel runs it (the CPU fallback pads attention to M_max; that shows in time)."""
+    if not isinstance(model, WithBoundary):
+        return count_train_flops(lambda: loss_fn(model, x, y, t=t)[0])
+    total = 0
+    for b in range(x.shape[0]):
+        one = WithBoundary(model.model, model.boundary[b : b + 1])
+        total += count_train_flops(lambda: loss_fn(one, x[b : b + 1], y[b : b + 1], t=t[b : b + 1])[0])
+    return total
+
+
+def bench_train(args) -> None:
+    models = build(args.size, args.batch, args.spread)
+    steps, flops = {}, {}
+    for name, recipe, model, loss_fn in models:
+        x, y, t = inputs(recipe, args.batch)
+        params = [p for p in (model.model if isinstance(model, WithBoundary) else model).parameters()]
+
+        def step(model=model, loss_fn=loss_fn, x=x, y=y, t=t, params=params):
+            torch.manual_seed(0)
+            loss, _, _ = loss_fn(model, x, y, t=t)
+            loss.backward()
+            for p in params:
+                p.grad = None
+
+        steps[name] = step
+        flops[name] = useful_flops(model, loss_fn, x, y, t)
+    times = interleaved({**steps, "matmul": matmul_fn()}, args.repeats)
+    rate = 2 * MATMUL_N**3 / times["matmul"]
+    (dc, _, dc_model, _), (dit, *_) = models
+    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, median of {args.repeats} "
+          f"(interleaved), torch threads {torch.get_num_threads()}, matmul rate {rate / 1e9:.1f} GFLOP/s (measured among the steps)")
+    for name in (dit, dc):
+        print(f"  {name:<18} {times[name] * 1e3:9.1f} ms  {flops[name] / 1e9:9.2f} GFLOP (fwd+bwd)  "
+              f"MFU {flops[name] / times[name] / rate:.2f}")
+    tr, fr = times[dc] / times[dit], flops[dc] / flops[dit]
+    lin, att, att_now = padding_waste(dc_model.boundary)
+    print(f"  time ratio {tr:.3f} / FLOP ratio {fr:.3f} = {tr / fr:.3f} (DC-DiT time per FLOP relative to DiT; "
+          f"FLOPs without padding)")
+    print(f"  padding waste: before (batch padded to M_max) {lin:.1%} of linear-layer tokens, {att:.1%} of attention "
+          f"scores; now 0% of linear-layer tokens, attention {att_now:.1%} (CPU sdpa_pad, halves padded apart; "
+          f"0% with a varlen kernel)")
+    if args.components:
+        components(dc_model, *inputs(models[0][1], args.batch), args.repeats)
+
+
+def components(model, x, y, t, repeats: int) -> None:
+    """Share of a DC-DiT forward's time by component, from forward hooks (CPU: synchronous)."""
+    inner = model.model
+    parts = {"encoder": [inner.encoder], "router": [inner.router], "chunk": [inner.chunk],
+             "inner blocks": list(inner.blocks), "de-chunk": [inner.dechunk], "decoder + final": [inner.decoder, inner.final_layer]}
+    spent = {k: 0.0 for k in parts}
+    clock = {}
+    for k, mods in parts.items():
+        mods[0].register_forward_pre_hook(lambda m, a, k=k: clock.__setitem__(k, time.perf_counter()))
+        mods[-1].register_forward_hook(lambda m, a, o, k=k: spent.__setitem__(k, spent[k] + time.perf_counter() - clock[k]))
+    with torch.no_grad():
+        model(x, t, y)
+        for k in spent:
+            spent[k] = 0.0
+        total = sum(timed(lambda: model(x, t, y)) for _ in range(repeats))
+    print("  forward time by component: " + ", ".join(f"{k} {v / total:.1%}" for k, v in spent.items())
+          + f", other {1 - sum(spent.values()) / total:.1%}")
+
+
+def bench_sample(args) -> None:
+    from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.flops import dcdit_cost
+    from dcdit_cli.sample import KeptLog, SampleOptions, make_model_fn
+
+    (name, recipe, model, _), _ = build(args.size, args.batch, args.spread)
+    settings = {"budget 0 (full CFG)": (0.0, 0.0), "budget 0.2": (0.2, 0.2), "Lite-CFG 0.0 / 0.9": (0.0, 0.9)}
+    diffusion = make_diffusion("250", recipe.diffusion.num_timesteps)
+    x, y, _ = inputs(recipe, args.batch)
+    t = torch.full((args.batch,), 200)
+    cost = dcdit_cost(recipe.model)
+    fns, spent = {}, {}
+    for label, (b, u) in settings.items():
+        log = KeptLog()
+        fn = make_model_fn(model, y, SampleOptions(cfg_scale=4.0, budget=b, uncond_budget=u), log)
+        with torch.no_grad():
+            fn(x, t)
+        spent[label] = float(cost(log.per_step[-1].double()).sum())  # exact per-sample cost, both halves
+        fns[label] = lambda fn=fn: torch.no_grad()(diffusion.p_sample)(fn, x, t)
+    times = interleaved(fns, args.repeats)
+    base = next(iter(settings))
+    print(f"sampling step (CFG 4, one forward of both halves), {name}, batch {args.batch}, kept spread ±{args.spread:.0%}, "
+          f"median of {args.repeats} (interleaved)")
+    for label in settings:
+        tr, fr = times[label] / times[base], spent[label] / spent[base]
+        print(f"  {label:<20} {times[label] * 1e3:8.1f} ms  time x {tr:.3f}  FLOPs x {fr:.3f}  time/FLOP ratio {tr / fr:.3f}")
+
+
+def scaffold_fn(side: int, dim: int, batch: int):
+    """Router + chunk + de-chunk of a batch on a side×side grid, as one callable."""
+    from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, Router
+
+    torch.manual_seed(0)
+    router, chunk, dechunk = Router(dim), ChunkLayer(), DeChunkLayer(1.0)
+    h = torch.randn(batch, side * side, dim)
+    masks = kept_masks(batch, side, 4.0, 0.3)
+
+    @torch.no_grad()
+    def run():
+        p = router(h, side)
+        tokens, order, valid, layout, radius = chunk(h, masks, p)
+        return dechunk(layout.pad(tokens), order, valid, p, side, radius)
+
+    return run
+
+
+def _scaffold_peak(side: int, dim: int, batch: int, queue) -> None:
+    run = scaffold_fn(side, dim, batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def bench_scaffold(args) -> None:
+    """Router + chunk + de-chunk: time (all sides interleaved in this process) and peak memory
+    growth (one fresh process per side)."""
+    ctx = mp.get_context("spawn")
+    peak = {}
+    for side in args.sides:
+        q = ctx.Queue()
+        p = ctx.Process(target=_scaffold_peak, args=(side, args.dim, args.batch, q))
+        p.start()
+        peak[side] = q.get()
+        p.join()
+    times = interleaved({side: scaffold_fn(side, args.dim, args.batch) for side in args.sides}, args.repeats)
+    print(f"router + chunk + de-chunk, batch {args.batch}, width {args.dim}, kept L/4 ±30%, median of {args.repeats} (interleaved)")
+    prev = None
+    for side in args.sides:
+        step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, x{peak[side] / max(peak[prev], 1e-9):.2f} memory per doubling"
+        print(f"  {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MB{step}")
+        prev = side
+
+
+def bench_attention(args) -> None:
+    """The portable attention backends at B width on packed kept counts (forward + backward)."""
+    from dcdit_cli.models.attention import PackedLayout, available_backends, varlen_attention
+
+    masks = kept_masks(args.batch, 32, 4.0, args.spread)
+    n = masks.sum(1)
+    m_max = int(n.max())
+    valid = torch.arange(m_max)[None] < n[:, None]
+    q, k, v = (torch.randn(int(n.sum()), 12, 64, requires_grad=True) for _ in range(3))
+
+    def run(backend):
+        out = varlen_attention(q, k, v, PackedLayout.from_valid(valid, int(n.sum()), backend))
+        out.sum().backward()
+
+    names = [b for b in available_backends("cpu")]
+    times = interleaved({b: (lambda b=b: run(b)) for b in names}, args.repeats)
+    print(f"packed attention fwd+bwd, batch {args.batch}, 12 heads × 64, kept {n.tolist()}, median of {args.repeats}")
+    for b in names:
+        print(f"  {b:<16} {times[b] * 1e3:8.1f} ms  x{times[b] / times[names[0]]:.2f}")
+
+
+def bench_compile(args) -> None:
+    """torch.compile(dynamic=True) as the kept counts change: one toy-width DiT block on packed tokens
+    (default), or the whole toy DC-DiT training step (``--whole``); recompiles and time against eager."""
+    import torch._dynamo as dynamo
+
+    from dcdit_cli.models.attention import PackedLayout
+    from dcdit_cli.models.dit import DiTBlock
+
+    torch.manual_seed(0)
+    if args.whole:
+        recipe = load_recipe("toy")
+        model, loss_fn = build_model(recipe.model), loss_for_recipe(recipe)
+        x, y, t = inputs(recipe, args.batch)
+        batches = [kept_masks(args.batch, recipe.model.input_size, 4.0, 0.3, seed=s) for s in range(args.steps)]
+        step = lambda m, b: loss_fn(WithBoundary(m, b), x, y, t=t)[0].backward()  # noqa: E731
+    else:
+        model = DiTBlock(96, 4)
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randint(16, 96, (args.batch,), generator=g)).tolist() for _ in range(args.steps)]
+
+        def step(m, lengths):
+            valid = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+            layout = PackedLayout.from_valid(valid, sum(lengths), "sdpa_pad")
+            tokens = torch.randn(sum(lengths), 96, requires_grad=True)
+            m(tokens, torch.randn(len(lengths), 96), layout).square().mean().backward()
+
+    compiled = torch.compile(model, dynamic=True)
+    dynamo.utils.counters.clear()
+    cold = timed(lambda: step(compiled, batches[0]))
+    later = [timed(lambda b=b: step(compiled, b)) for b in batches[1:]]
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    times = interleaved({"eager": lambda: step(model, batches[1]), "compiled": lambda: step(compiled, batches[1])}, args.repeats)
+    what = "the toy DC-DiT training step" if args.whole else "a width-96 DiT block on packed tokens (fwd + bwd)"
+    print(f"torch.compile(dynamic=True), {what}, batch {args.batch}, {args.steps} batches with different kept counts")
+    print(f"  cold compile + first step {cold:.1f} s; later steps {', '.join(f'{s:.2f}' for s in later)} s; "
+          f"unique graphs {graphs}; graph breaks {sum(dynamo.utils.counters['graph_break'].values())}")
+    print(f"  step time compiled / eager = {times['compiled'] / times['eager']:.2f} (median of {args.repeats}, interleaved)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["train", "sample", "scaffold", "attention", "compile"])
+    parser.add_argument("--size", choices=sorted(SIZES), default="toy")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--spread", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--components", action="store_true", help="train: also the forward time by component")
+    parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT step, not one block")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,
+     "compile": bench_compile}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Attention over packed variable-length sequences: the DC-DiT inner network runs on exactly
+the kept tokens (the authors' code does the same with flash-attn's varlen kernel).
+
+The B samples' kept tokens are concatenated into one (N, D) tensor, N = Σ M_b, described by a
+:class:`PackedLayout`. Everything in a DiT block except attention is per token, so it runs on
+the packed tensor directly; attention runs over each sample's own tokens through one of these
+backends, chosen by :func:`select_backend` (and recorded in a run's ``env.json``):
+
+- ``varlen``: PyTorch's native ``torch.nn.attention.varlen.varlen_attn`` (CUDA builds that have it);
+- ``flash``: flash-attn's ``flash_attn_varlen_func`` (``pip install dcdit[flash]``, CUDA);
+- ``sdpa_pad``: the portable fallback (CPU, ROCm, MPS): q, k, v are scattered into a padded
+  (B, H, M_max, d) batch, SDPA runs with a key-padding mask on each half of the batch at that
+  half's own longest length (so a Lite-CFG unconditional half is not padded to the conditional
+  one), and the rows are gathered back; only attention pays for padding, the linear layers do not;
+- ``sdpa_blockdiag``: SDPA over all N tokens with a block-diagonal mask (N² scores, B× the work).
+
+On CPU ``sdpa_pad`` is the faster portable one (``benchmarks/perf.py attention``), so it is the
+fallback. ``flex_attention`` with a document mask was considered: torch 2.14 has no CPU backward
+for it, so it cannot train there.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("varlen", "flash", "sdpa_pad", "sdpa_blockdiag")
+FALLBACK = "sdpa_pad"
+
+
+@dataclass
+class PackedLayout:
+    """Where each of the N packed tokens sits.
+
+    cu_seqlens (B + 1,) int32: sample b owns packed rows cu_seqlens[b]:cu_seqlens[b + 1];
+    max_len: the largest M_b (a host int: the forward's one synchronisation);
+    sample (N,) int64: the sample of each packed row; slot (N,) int64: its index in the
+    flattened (B, max_len) padded layout; valid (B, max_len): real slots of that layout;
+    group_len: the largest M in each of len(group_len) equal contiguous groups of samples (host
+    ints; the padded fallback pads each group only to its own length: the two CFG halves).
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    sample: torch.Tensor
+    slot: torch.Tensor
+    valid: torch.Tensor
+    backend: str = FALLBACK
+    group_len: tuple[int, ...] = ()
+
+    @staticmethod
+    def groups(batch: int) -> int:
+        """How many contiguous groups the padded fallback splits a batch into: its halves when even."""
+        return 2 if batch % 2 == 0 else 1
+
+    @classmethod
+    def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK, group_len=None) -> "PackedLayout":
+        """From the padded validity mask (B, M_max) whose rows are left-aligned, N = valid.sum(), and
+        the groups' lengths (None: read them from ``valid``, a host synchronisation)."""
+        B, m_max = valid.shape
+        flat = valid.flatten()
+        # Row r of the packed tensor is the r-th True of ``flat``; False entries go to a dump row.
+        dest = torch.where(flat, flat.cumsum(0) - 1, total)
+        slot = torch.zeros(total + 1, dtype=torch.long, device=valid.device)
+        slot = slot.scatter_(0, dest, torch.arange(flat.numel(), device=valid.device))[:total]  # (N,)
+        counts = valid.sum(dim=1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
+        if group_len is None:
+            group_len = counts.view(cls.groups(B), -1).amax(dim=1).tolist()
+        return cls(cu, m_max, torch.div(slot, m_max, rounding_mode="floor"), slot, valid, backend, tuple(group_len))
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    def per_token(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows (B, ...) → one per packed token (N, ...)."""
+        return rows.index_select(0, self.sample)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """(N, ...) → (B, max_len, ...), zeros in the padding slots (memory only, no compute)."""
+        out = packed.new_zeros((self.batch * self.max_len, *packed.shape[1:]))
+        return out.index_copy(0, self.slot, packed).view(self.batch, self.max_len, *packed.shape[1:])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, max_len, ...) → (N, ...)."""
+        return padded.flatten(0, 1).index_select(0, self.slot)
+
+
+#################################################################################
+#                                   Backends                                    #
+#################################################################################
+
+
+def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    qp, kp, vp = (layout.pad(a).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max, d)
+    out = torch.zeros_like(qp)
+    size = layout.batch // len(layout.group_len)
+    for g, m in enumerate(layout.group_len):  # each group padded to its own length only
+        rows = slice(g * size, (g + 1) * size)
+        mask = layout.valid[rows, None, None, :m]  # (B_g, 1, 1, m) key padding
+        out[rows, :, :m] = F.scaled_dot_product_attention(qp[rows, :, :m], kp[rows, :, :m], vp[rows, :, :m], attn_mask=mask)
+    return layout.unpad(out.transpose(1, 2))  # (N, H, d)
+
+
+def _sdpa_blockdiag(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    same = layout.sample[:, None] == layout.sample[None, :]  # (N, N)
+    out = F.scaled_dot_product_attention(*(a.transpose(0, 1)[None] for a in (q, k, v)), attn_mask=same)
+    return out[0].transpose(0, 1)  # (N, H, d)
+
+
+def _varlen(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    m = layout.max_len
+    return varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
+
+
+def _flash(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    m = layout.max_len
+    return flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens, m, m)
+
+
+_KERNELS = {"varlen": _varlen, "flash": _flash, "sdpa_pad": _sdpa_pad, "sdpa_blockdiag": _sdpa_blockdiag}
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """q, k, v (N, H, d) → (N, H, d): softmax(q kᵀ/√d) v within each sample, by ``layout.backend``.
+
+    The flash kernels take only half precision; an fp32 forward uses the portable fallback.
+    """
+    backend = layout.backend
+    if backend in ("varlen", "flash") and q.dtype not in (torch.float16, torch.bfloat16):
+        backend = FALLBACK
+    return _KERNELS[backend](q, k, v, layout)
+
+
+def available_backends(device) -> list[str]:
+    """The backends that run on ``device`` with the installed packages, best first."""
+    return list(_available(torch.device(device).type))
+
+
+@functools.lru_cache(maxsize=None)
+def _available(device_type: str) -> tuple[str, ...]:
+    names = []
+    if device_type == "cuda":
+        from torch.nn.attention import varlen as native
+
+        if hasattr(native, "varlen_attn"):
+            names.append("varlen")
+        if importlib.util.find_spec("flash_attn") is not None:
+            names.append("flash")
+    return (*names, "sdpa_pad", "sdpa_blockdiag")
+
+
+def select_backend(device, requested: str = "auto") -> str:
+    """``requested`` if it runs on ``device``, else the first available (``auto``)."""
+    names = available_backends(device)
+    if requested == "auto":
+        return names[0]
+    if requested not in names:
+        raise ValueError(f"attention backend {requested!r} is not available on {device}; use one of {names} or 'auto'")
+    return requested
+
+
+def packed_self_attention(attn, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """timm ``Attention`` (its qkv/proj weights, so checkpoint keys stay) on packed tokens (N, D) → (N, D)."""
+    N = x.shape[0]
+    q, k, v = attn.qkv(x).view(N, 3, attn.num_heads, attn.head_dim).unbind(1)  # (N, H, d) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    x = varlen_attention(q, k, v, layout).reshape(N, attn.attn_dim)  # (N, H·d)
+    return attn.proj(attn.norm(x))

@@ -1,0 +1,106 @@
+"""Packed variable-length inner network: every attention backend equals the per-sample reference,
+forward and backward; DiT blocks on packed tokens equal the (B, T, D) path sample by sample."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcdit_cli.models import DCDiT
+from dcdit_cli.models.attention import PackedLayout, available_backends, select_backend, varlen_attention
+from dcdit_cli.models.dit import DiTBlock
+from test_models import _randomise
+
+CPU_BACKENDS = available_backends("cpu")
+LENGTHS = [5, 1, 9, 3]
+
+
+def _layout(lengths, backend):
+    m_max = max(lengths)
+    valid = torch.arange(m_max)[None] < torch.tensor(lengths)[:, None]
+    return PackedLayout.from_valid(valid, sum(lengths), backend)
+
+
+def _per_sample(fn, lengths):
+    """torch.cat of fn(b, rows of sample b) over the samples of a packed tensor: the unpadded reference."""
+    out, lo = [], 0
+    for b, m in enumerate(lengths):
+        out.append(fn(b, slice(lo, lo + m)))
+        lo += m
+    return torch.cat(out)
+
+
+def _check(out, grads, ref, ref_grads, atol):
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=atol)
+
+
+def test_cpu_has_the_portable_backends_and_auto_picks_the_fallback():
+    assert {"sdpa_pad", "sdpa_blockdiag"} <= set(CPU_BACKENDS)
+    assert "varlen" not in CPU_BACKENDS and "flash" not in CPU_BACKENDS  # CUDA kernels
+    assert select_backend("cpu") == "sdpa_pad"
+    with pytest.raises(ValueError, match="not available"):
+        select_backend("cpu", "varlen")
+
+
+def test_layout_offsets_and_sample_ids():
+    layout = _layout(LENGTHS, "sdpa_pad")
+    assert layout.cu_seqlens.tolist() == [0, 5, 6, 15, 18]
+    assert layout.sample.tolist() == [0] * 5 + [1] + [2] * 9 + [3] * 3
+    x = torch.randn(18, 4)
+    padded = layout.pad(x)  # (4, 9, 4)
+    assert torch.equal(padded[2, :9], x[6:15]) and torch.count_nonzero(padded[1, 1:]) == 0
+    assert torch.equal(layout.unpad(padded), x)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_equals_per_sample_attention_forward_and_backward(backend):
+    g = torch.Generator().manual_seed(0)
+    N, H, d = sum(LENGTHS), 2, 8
+    q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
+    out = varlen_attention(q, k, v, _layout(LENGTHS, backend))
+    grad_out = torch.randn(N, H, d, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    ref = _per_sample(  # each sample alone, no mask at all
+        lambda b, rows: F.scaled_dot_product_attention(*(a[rows].transpose(0, 1) for a in (q, k, v))).transpose(0, 1), LENGTHS)
+    _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_block_equals_dense_block_per_sample(backend):
+    torch.manual_seed(0)
+    block = _randomise(DiTBlock(32, 2))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(LENGTHS), 32, generator=g, requires_grad=True)
+    c = torch.randn(len(LENGTHS), 32, generator=g)
+    w = torch.randn(sum(LENGTHS), 32, generator=g)
+    inputs = [x, *block.parameters()]
+    out = block(x, c, _layout(LENGTHS, backend))  # (N, D)
+    grads = torch.autograd.grad((out * w).sum(), inputs)
+
+    # The (B, T, D) path of the DiT baseline, one sample at a time.
+    ref = _per_sample(lambda b, rows: block(x[None, rows], c[b : b + 1])[0], LENGTHS)
+    _check(out, grads, ref, torch.autograd.grad((ref * w).sum(), inputs), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dcdit_batch_of_four_equals_four_batches_of_one(backend):
+    torch.manual_seed(0)
+    m = _randomise(DCDiT(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+                         scaffold_width=16, attention=backend)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.5])[:, None, None, None]
+    t, y = torch.randint(0, 1000, (4,), generator=g), torch.randint(0, 5, (4,), generator=g)
+    with torch.no_grad():
+        batched, stats = m(x, t, y)
+        assert len(set(stats.num_kept.tolist())) > 1, "the test needs different kept counts"
+        for i in range(4):
+            alone, _ = m(x[i : i + 1], t[i : i + 1], y[i : i + 1])
+            assert torch.allclose(alone[0], batched[i], atol=1e-5), i
+
+
+def test_block_keeps_the_official_key_names():
+    keys = set(DiTBlock(32, 2).state_dict())
+    assert keys == {"attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight",
+                    "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"}
