@@ -82,7 +82,12 @@ def flops(
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
     from dcdit_cli.flops import run_flops
 
-    run_flops(recipes=recipe or [], all_recipes=all_, ckpt=ckpt, num=num, overrides=set_ or [], as_json=json_)
+    measured = None
+    if ckpt is not None:
+        from dcdit_cli.sample import measure_kept_tokens
+
+        measured = measure_kept_tokens(ckpt, num=num)
+    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_)
 
 
 @app.command(
@@ -269,6 +274,14 @@ def fid(
         console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped)")
 
 
+# Sampling options: None = the checkpoint recipe's value ([sample], diffusion.sampling_steps).
+CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the recipe's sample.cfg_scale).")
+StepsOpt = typer.Option(None, "--steps", help="Respaced sampler steps (default: the recipe's diffusion.sampling_steps).")
+BudgetOpt = typer.Option(None, "--budget", help="Tail-dropping fraction in [0, 1) (default: the recipe's sample.budget).")
+UncondOpt = typer.Option(None, "--uncond-budget", help="Lite-CFG: the unconditional half's budget; -1 = as --budget (default: the recipe's).")
+AllChannelsOpt = typer.Option(False, "--guide-all-channels", help="Guide all ε channels (default: the recipe's sample.guided_channels).")
+
+
 def _classes(text: Optional[str]) -> Optional[List[int]]:
     if not text:
         return None
@@ -292,24 +305,26 @@ def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory or EMA weights (.safetensors)."),
     num: int = typer.Option(16, "--num", help="Number of images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
-    steps: int = typer.Option(250, "--steps", help="Respaced sampling steps."),
+    cfg_scale: Optional[float] = CfgOpt,
+    steps: Optional[int] = StepsOpt,
     seed: int = typer.Option(0, "--seed"),
-    budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),
-    uncond_budget: Optional[float] = typer.Option(None, "--uncond-budget", help="Lite-CFG: budget of the unconditional half."),
-    ddim: bool = typer.Option(False, "--ddim", help="DDIM (eta 0) instead of DDPM."),
-    all_channels: bool = typer.Option(False, "--guide-all-channels", help="Guide all ε channels, not the first 3."),
+    budget: Optional[float] = BudgetOpt,
+    uncond_budget: Optional[float] = UncondOpt,
+    method: Optional[str] = typer.Option(None, "--method", help="ddpm or ddim (eta 0) (default: the recipe's sample.method)."),
+    all_channels: bool = AllChannelsOpt,
     out: Path = typer.Option(Path("sample.png"), "--out", help="PNG grid to write."),
     npz: Optional[Path] = typer.Option(None, "--npz", help="Write an ADM-evaluator .npz instead of a grid."),
     batch_size: int = typer.Option(16, "--batch-size"),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
 ):
-    """Sample images from a checkpoint: PNG grid or ADM .npz, with elastic budgets and Lite-CFG."""
-    from dcdit_cli.sample import SampleOptions, run_sample
+    """Sample images from a checkpoint: PNG grid or ADM .npz, with elastic budgets and Lite-CFG.
 
-    opts = SampleOptions(cfg_scale=cfg_scale, steps=steps, method="ddim" if ddim else "ddpm", budget=budget,
-                         uncond_budget=uncond_budget, guided_channels=None if all_channels else 3, seed=seed)
-    run_sample(ckpt, num, opts, classes=_classes(classes), out=out, npz=npz, batch_size=batch_size, vae=vae)
+    Sampling options default to the checkpoint recipe's [sample] section and diffusion.sampling_steps."""
+    from dcdit_cli.sample import run_sample
+
+    flags = dict(cfg_scale=cfg_scale, steps=steps, method=method, budget=budget, uncond_budget=uncond_budget,
+                 guided_channels=0 if all_channels else None, seed=seed)
+    run_sample(ckpt, num, flags, classes=_classes(classes), out=out, npz=npz, batch_size=batch_size, vae=vae)
 
 
 @app.command(
@@ -327,11 +342,11 @@ def viz_boundaries(
     num: int = typer.Option(4, "--num", help="Number of images (one sheet each)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
     timesteps: int = typer.Option(8, "--timesteps", help="Columns: evenly spaced sampler steps, first and last included."),
-    budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),
+    budget: Optional[float] = BudgetOpt,
     out: Path = typer.Option(Path("boundaries"), "--out", help="Output directory (sample-NNN.png, compression_vs_t.png)."),
     seed: int = typer.Option(0, "--seed"),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (default: the recipe's sample.cfg_scale)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Respaced DDPM steps (default: the recipe's sampling_steps)."),
+    cfg_scale: Optional[float] = CfgOpt,
+    steps: Optional[int] = StepsOpt,
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
     as_json: bool = typer.Option(False, "--json", help="Print kept tokens and compression per timestep as JSON."),
 ):

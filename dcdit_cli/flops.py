@@ -14,9 +14,11 @@ exact cost at every M, which we sum per sample and per step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -98,6 +100,30 @@ def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:
     return forward_flops * 2 * (sampling_steps - 1) / 1e12
 
 
+def per_image_flops(model_cfg, kept) -> np.ndarray:
+    """FLOPs each image actually cost: the exact forward cost at its kept count, summed over the
+    sampler steps and CFG halves. ``kept``: (steps, images, halves) or (steps, images) counts
+    (a DiT's are its fixed patch tokens). The one place that turns kept tokens into FLOPs."""
+    kept = torch.as_tensor(np.asarray(kept), dtype=torch.float64)
+    kept = kept[..., None] if kept.ndim == 2 else kept  # (steps, images, halves)
+    if model_cfg.kind == "dit":
+        return np.full(kept.shape[1], float(_dit_forward_cached(model_cfg)) * kept.shape[0] * kept.shape[2])
+    return _dcdit_cost_cached(model_cfg)(kept).sum(dim=(0, 2)).numpy()
+
+
+# Counting builds the model: once per configuration (ModelConfig is frozen, hence hashable).
+_dit_forward_cached = functools.lru_cache(maxsize=8)(dit_forward_flops)
+_dcdit_cost_cached = functools.lru_cache(maxsize=8)(dcdit_cost)
+
+
+def table1_tflops(model_cfg, kept, sampling_steps: int) -> float:
+    """TFLOPs/img in paper Table 1's convention from measured kept counts: the images' mean
+    forward cost × 2 (CFG halves, counted even when guidance is off) × (sampling_steps − 1)."""
+    kept = np.asarray(kept)
+    forwards = kept.shape[0] * (kept.shape[2] if kept.ndim == 3 else 1)
+    return tflops_per_image(float(per_image_flops(model_cfg, kept).mean()) / forwards, sampling_steps)
+
+
 def param_count(model_cfg) -> int:
     with torch.device("meta"):
         model = build_model(model_cfg)
@@ -126,21 +152,18 @@ def flops_row(name: str, recipe, kept_per_step=None) -> FlopsRow:
     if m.kind == "dit":
         fwd = dit_forward_flops(m)
         return FlopsRow(name, "dit", params, tflops_per_image(fwd, steps), float(m.patch_size**2), "fixed patchify")
-    cost = dcdit_cost(m)
     L = m.input_size**2
     if kept_per_step is None:
+        cost = dcdit_cost(m)
         kept = max(1, round(L / m.target_ratio))
         return FlopsRow(name, "dcdit", params, tflops_per_image(cost(kept), steps), L / kept, "target N")
-    kept = torch.as_tensor(kept_per_step, dtype=torch.float64)  # (steps, images, 2 halves) or (steps, images)
-    per_image = cost(kept).sum(dim=0)  # summed over steps (and halves)
-    per_image = per_image.sum(-1) if kept.ndim == 3 else per_image * 2
-    scale = (steps - 1) / kept.shape[0]  # convention: steps − 1 forwards per image
-    tflops = float(per_image.mean()) * scale / 1e12
-    return FlopsRow(name, "dcdit", params, tflops, float(L / kept.mean()), "checkpoint + data")
+    kept = np.asarray(kept_per_step, dtype=np.float64)  # (steps, images, halves) or (steps, images)
+    return FlopsRow(name, "dcdit", params, table1_tflops(m, kept, steps), float(L / kept.mean()), "checkpoint + data")
 
 
-def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bool) -> list[FlopsRow]:
-    """What `dcdit flops` does: build the rows, print a rich table or JSON."""
+def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) -> list[FlopsRow]:
+    """What `dcdit flops` does: build the rows, print a rich table or JSON. ``measured``: None or
+    (name, recipe, kept counts) from :func:`dcdit_cli.sample.measure_kept_tokens`."""
     import json
 
     from rich.table import Table
@@ -149,13 +172,11 @@ def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bo
     from dcdit_cli.recipe import available_recipes, load_recipe
 
     rows = []
-    if ckpt is not None:
-        from dcdit_cli.sample import measure_kept_tokens
-
-        name, recipe, kept = measure_kept_tokens(ckpt, num=num)
+    if measured is not None:
+        name, recipe, kept = measured
         rows.append(flops_row(name, recipe, kept_per_step=kept))
     names = available_recipes() if all_recipes else list(recipes)
-    if not names and ckpt is None:
+    if not names and measured is None:
         raise DcditError("nothing to count: pass --recipe NAME, --all or --ckpt RUN")
     rows += [flops_row(n, load_recipe(n, overrides)) for n in names]
     if as_json:

@@ -10,6 +10,7 @@ forward; Lite-CFG gives the unconditional half its own tail-dropping budget.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,19 +23,33 @@ import numpy as np
 import torch
 
 from dcdit_cli.console import DcditError, print0, progress_bar
+from dcdit_cli.flops import per_image_flops, tflops_per_image
+from dcdit_cli.recipe import CHOICES, SampleConfig
 
 
 @dataclass(frozen=True)
-class SampleOptions:
-    cfg_scale: float = 4.0
+class SampleOptions(SampleConfig):
+    """How to sample: the recipe's ``[sample]`` keys (same names, same conventions: uncond_budget
+    −1 = as budget, guided_channels 0 = all) plus the sampler's steps and the seed."""
+
     steps: int = 250
-    method: str = "ddpm"
-    budget: float = 0.0
-    uncond_budget: float | None = None
-    """Lite-CFG: the unconditional half's budget (None: the same as ``budget``)."""
-    guided_channels: int | None = 3
-    """CFG on the first N ε channels (DiT: 3); None guides all channels."""
+    """Respaced sampler steps (default: the recipe's diffusion.sampling_steps)."""
     seed: int = 0
+    """Seed of the per-image noise and classes."""
+
+    @classmethod
+    def from_recipe(cls, recipe, **flags) -> "SampleOptions":
+        """The recipe's defaults with the flags that were given (None: not given) on top."""
+        values = {**dataclasses.asdict(recipe.sample), "steps": recipe.diffusion.sampling_steps}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        opts = cls(**values)
+        check_options(opts)
+        return opts
+
+    @property
+    def uncond(self) -> float:
+        """The unconditional half's budget."""
+        return self.budget if self.uncond_budget < 0 else self.uncond_budget
 
 
 @dataclass
@@ -48,9 +63,20 @@ class KeptLog:
         return torch.stack(self.per_step).permute(0, 2, 1).numpy() if self.per_step else np.zeros((0, 0, 0))
 
 
-def check_budget(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 <= value < 1.0:
+def check_budget(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
         raise DcditError(f"{name} {value} is outside [0, 1): pass a tail-dropping fraction such as 0.2 (0 keeps every boundary)")
+
+
+def check_options(opts: SampleOptions) -> None:
+    """Bad sampling options → one line naming the option, before any work starts."""
+    check_budget("--budget", opts.budget)
+    if opts.uncond_budget != -1.0:
+        check_budget("--uncond-budget", opts.uncond_budget)
+    if opts.steps < 1:
+        raise DcditError(f"--steps {opts.steps}: sample with at least 1 step")
+    if opts.method not in CHOICES["sample.method"]:
+        raise DcditError(f"--method {opts.method!r}: use one of {', '.join(CHOICES['sample.method'])}")
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -75,7 +101,7 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
 
     B = y.shape[0]
     use_cfg = opts.cfg_scale > 1.0
-    uncond_budget = opts.budget if opts.uncond_budget is None else opts.uncond_budget
+    uncond_budget = opts.uncond
     null = torch.full_like(y, model.num_classes)
 
     def model_fn(x, t):
@@ -84,7 +110,7 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
         else:
             budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(x.device)
             out, stats = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), budget=budgets)
-            out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels)[:B]
+            out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels or None)[:B]
         if stats is not None:
             log.per_step.append(stats.num_kept.detach().cpu().view(-1, B))
         else:  # a DiT runs every patch token, in each CFG half
@@ -158,45 +184,47 @@ class SampleReport:
     kept_tokens: float
     compression: float
     tflops_per_img: float
+    """TFLOPs actually spent per image (every sampler step, the CFG halves that ran)."""
+    table1_tflops: float
+    """The same kept tokens in paper Table 1's convention (× 2 CFG halves × (steps − 1) forwards)."""
     seconds: float
+    """Sampling seconds (for a resumed .npz: the parts' own times, summed over processes)."""
 
 
-def spent_tflops(recipe, kept: np.ndarray, steps: int) -> float:
-    """TFLOPs actually spent per image: exact per-sample cost summed over steps (and CFG halves)."""
-    from dcdit_cli.flops import dcdit_cost, dit_forward_flops
-
-    if recipe.model.kind == "dit":
-        return dit_forward_flops(recipe.model) * steps * kept.shape[2] / 1e12
-    cost = dcdit_cost(recipe.model)
-    return float(cost(torch.as_tensor(kept, dtype=torch.float64)).sum(dim=(0, 2)).mean()) / 1e12
-
-
-def summarise(recipe, kept: np.ndarray, steps: int, images: int, seconds: float) -> SampleReport:
-    kept_mean = float(kept.mean())
-    return SampleReport(images, kept_mean, recipe.model.input_size**2 / kept_mean, spent_tflops(recipe, kept, steps), seconds)
+def summarise(recipe, kept_parts, images: int, seconds: float) -> SampleReport:
+    """``kept_parts``: (steps, images, halves) kept-token counts, one array per batch of images
+    (an iterable, so 50,000 images' counts need not be held at once)."""
+    per_image, kept_sum, kept_n = [], 0.0, 0
+    for kept in kept_parts:
+        per_image.append(per_image_flops(recipe.model, kept))
+        kept_sum, kept_n, (steps, _, halves) = kept_sum + float(kept.sum()), kept_n + kept.size, kept.shape
+    flops = np.concatenate(per_image)
+    kept_mean = kept_sum / kept_n
+    table1 = tflops_per_image(float(flops.mean()) / (steps * halves), steps)
+    return SampleReport(images, kept_mean, recipe.model.input_size**2 / kept_mean, float(flops.mean()) / 1e12, table1, seconds)
 
 
 def print_report(r: SampleReport) -> None:
     print0(
         f"{r.images} images in {r.seconds:.1f}s ({r.images / max(r.seconds, 1e-9):.2f} img/s): "
         f"average kept tokens {r.kept_tokens:.1f}, compression {r.compression:.2f}, "
-        f"{r.tflops_per_img:.4g} TFLOPs spent per image"
+        f"{r.tflops_per_img:.4g} TFLOPs spent per image ({r.table1_tflops:.4g} in paper Table 1's convention)"
     )
 
 
-def run_sample(ckpt, num: int, opts: SampleOptions, classes=None, out: Path | None = None, npz: Path | None = None,
-               batch_size: int = 16, vae: str | None = None) -> SampleReport:
-    """What `dcdit sample` does: a PNG grid, or an ADM .npz sharded over processes."""
+def run_sample(ckpt, num: int, flags: dict | None = None, classes=None, out: Path | None = None,
+               npz: Path | None = None, batch_size: int = 16, vae: str | None = None) -> SampleReport:
+    """What `dcdit sample` does: a PNG grid, or an ADM .npz sharded over processes. ``flags``:
+    the sampling options given on the command line (see :meth:`SampleOptions.from_recipe`)."""
     from dcdit_cli.checkpoint import load_weights
 
-    check_budget("--budget", opts.budget)
-    check_budget("--uncond-budget", opts.uncond_budget)
     if num < 1:
         raise DcditError(f"--num {num}: sample at least one image")
     if npz is not None:
-        return sample_npz(ckpt, num, opts, classes, npz, batch_size, vae)
+        return sample_npz(ckpt, num, flags, classes, npz, batch_size, vae)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, recipe, step = load_weights(ckpt, device)
+    opts = SampleOptions.from_recipe(recipe, **(flags or {}))
     decoder = Decoder(recipe, vae, device)
     start, images, kept_all = time.perf_counter(), [], []
     with progress_bar("sample") as progress:
@@ -210,7 +238,7 @@ def run_sample(ckpt, num: int, opts: SampleOptions, classes=None, out: Path | No
             x0, _, log = sample_batch(model, recipe, idx, opts, classes, device, on_step)
             images.append(to_uint8(decoder(x0)))
             kept_all.append(log.as_array())
-    report = summarise(recipe, np.concatenate(kept_all, axis=1), opts.steps, num, time.perf_counter() - start)
+    report = summarise(recipe, kept_all, num, time.perf_counter() - start)
     grid = save_grid(np.concatenate(images), Path(out or "sample.png"))
     print0(f"wrote {grid} (weights at step {step})")
     print_report(report)
@@ -222,19 +250,67 @@ def _img_rate(start: float, done_before: int, n: int, step: int, total: int) -> 
     return f"{images / max(time.perf_counter() - start, 1e-9):.2f} img/s"
 
 
-def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_size: int, vae) -> SampleReport:
+def _check_parts_stamp(parts_dir: Path, stamp: dict) -> None:
+    """Parts are reused only by a rerun of the same sampling: other options → one clear error."""
+    path = parts_dir / "options.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != stamp:
+            diff = ", ".join(f"{k}: {old.get(k)!r} → {v!r}" for k, v in stamp.items() if old.get(k) != v)
+            raise DcditError(f"{parts_dir} holds parts sampled with other settings ({diff}): delete it or write to another --npz")
+    else:
+        path.write_text(json.dumps(stamp, indent=1))
+
+
+def _write_npz_streaming(npz: Path, part_files: list[Path], num: int) -> tuple:
+    """ADM's layout (``arr_0`` uint8 (N, H, W, 3), ``arr_1`` labels) written part by part into the
+    zip, so the N images are never in memory (not even once). Returns arr_0's shape."""
+    import zipfile
+
+    with np.load(part_files[0]) as first:
+        shape, labels = (num, *first["images"].shape[1:]), []
+    tmp = Path(str(npz) + ".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            left = num
+            for part in part_files:
+                with np.load(part) as p:
+                    images = p["images"][:left]
+                    labels.append(p["labels"][: len(images)])
+                f.write(np.ascontiguousarray(images).tobytes())
+                left -= len(images)
+        with zf.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.concatenate(labels))
+    os.replace(tmp, npz)
+    return shape
+
+
+def _part_kept(part_files: list[Path]):
+    for part in part_files:
+        with np.load(part) as p:
+            yield p["kept"]
+
+
+def sample_npz(ckpt, num: int, flags: dict | None, classes, npz: Path, batch_size: int, vae) -> SampleReport:
     """FID-scale sampling: parts of ``batch_size`` images, rank r takes parts r, r+W, …; each part
-    is written atomically and skipped when rerun; rank 0 assembles ``arr_0`` (N, H, W, 3) uint8."""
+    is written atomically (with its kept-token counts and seconds) and skipped when rerun with the
+    same settings; rank 0 streams them into ``arr_0`` (N, H, W, 3) uint8. Returns the report on
+    rank 0 (``seconds``: the parts' sampling time, summed), None elsewhere."""
     from accelerate import PartialState
 
     from dcdit_cli.checkpoint import load_weights
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU ranks would each run alone
     model, recipe, step = load_weights(ckpt, state.device)
+    opts = SampleOptions.from_recipe(recipe, **(flags or {}))
     decoder = Decoder(recipe, vae, state.device)
     parts_dir = Path(str(npz) + ".parts")
     if state.is_main_process:
         parts_dir.mkdir(parents=True, exist_ok=True)
+        stamp = {"options": dataclasses.asdict(opts), "num": num, "batch_size": batch_size, "classes": classes,
+                 "step": step, "recipe": recipe.run.name}
+        _check_parts_stamp(parts_dir, stamp)
     state.wait_for_everyone()
     n_parts = math.ceil(num / batch_size)
     mine = [k for k in range(state.process_index, n_parts, state.num_processes)]
@@ -243,24 +319,25 @@ def sample_npz(ckpt, num: int, opts: SampleOptions, classes, npz: Path, batch_si
     with progress_bar("sample npz") as progress:
         task = progress.add_task("sample npz", total=len(todo), rate="")
         for j, k in enumerate(todo):
+            t0 = time.perf_counter()
             idx = list(range(k * batch_size, min(num, (k + 1) * batch_size)))
             x0, labels, log = sample_batch(model, recipe, idx, opts, classes, state.device)
+            images = to_uint8(decoder(x0))
             tmp = parts_dir / f".part-{k:06d}.tmp.npz"
-            np.savez(tmp, images=to_uint8(decoder(x0)), labels=labels.numpy(), kept=log.as_array())
+            np.savez(tmp, images=images, labels=labels.numpy(), kept=log.as_array(), seconds=time.perf_counter() - t0)
             os.replace(tmp, parts_dir / f"part-{k:06d}.npz")
             progress.update(task, advance=1, rate=f"{(j + 1) * batch_size / (time.perf_counter() - start):.2f} img/s")
     state.wait_for_everyone()
     report = None
     if state.is_main_process:
-        parts = [np.load(parts_dir / f"part-{k:06d}.npz") for k in range(n_parts)]
-        arr = np.concatenate([p["images"] for p in parts])[:num]
-        labels = np.concatenate([p["labels"] for p in parts])[:num]
-        kept = np.concatenate([p["kept"] for p in parts], axis=1)
-        tmp = Path(str(npz) + ".tmp.npz")
-        np.savez(tmp, arr_0=arr, arr_1=labels)
-        os.replace(tmp, npz)
-        report = summarise(recipe, kept, opts.steps, num, time.perf_counter() - start)
-        print0(f"wrote {npz}: arr_0 {arr.shape} uint8 (weights at step {step})")
+        files = [parts_dir / f"part-{k:06d}.npz" for k in range(n_parts)]
+        shape = _write_npz_streaming(npz, files, num)
+        seconds = 0.0
+        for part in files:
+            with np.load(part) as p:
+                seconds += float(p["seconds"]) if "seconds" in p.files else 0.0
+        report = summarise(recipe, _part_kept(files), num, seconds)
+        print0(f"wrote {npz}: arr_0 {shape} uint8 (weights at step {step})")
         print_report(report)
         (parts_dir / "done.json").write_text(json.dumps({"num": num, "parts": n_parts}))
     state.wait_for_everyone()
@@ -272,7 +349,6 @@ def measure_kept_tokens(ckpt, num: int = 4):
     from dcdit_cli.checkpoint import load_weights
 
     model, recipe, _ = load_weights(ckpt)
-    opts = SampleOptions(cfg_scale=max(recipe.sample.cfg_scale, 1.0 + 1e-6), steps=recipe.diffusion.sampling_steps,
-                         method=recipe.sample.method)
+    opts = SampleOptions.from_recipe(recipe, cfg_scale=max(recipe.sample.cfg_scale, 1.0 + 1e-6))
     _, _, log = sample_batch(model, recipe, list(range(num)), opts)
     return f"{recipe.run.name} (ckpt)", recipe, log.as_array()
