@@ -39,6 +39,7 @@ class RunConfig:
     seed: int = 0
     """Global seed: data order, noise and label dropout are functions of (seed, step, rank)."""
     description: str = ""
+    """One line saying what the recipe is for (shown in docs and stored with the run)."""
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,17 @@ class ModelConfig:
     input_size: int = 32
     """Side of the model's input grid (latent side for VAE runs: image_size / 8)."""
     in_channels: int = 4
+    """Channels of the model's input (4 for SD-VAE latents, 3 for the pixel-space shapes set)."""
     hidden_size: int = 768
     """Transformer width D."""
     depth: int = 12
     """Number of DiT blocks in the inner network."""
     num_heads: int = 12
+    """Attention heads of every block (hidden_size must be divisible by it)."""
     mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the block width."""
     num_classes: int = 1000
+    """Class labels; one more embedding row is the null class for classifier-free guidance."""
     learn_sigma: bool = True
     """Predict the learned-range variance (output channels 2·C)."""
     patch_size: int = 2
@@ -62,7 +67,9 @@ class ModelConfig:
     scaffold_width: int = 192
     """DC-DiT only: encoder/decoder width e (paper: D/4)."""
     encoder_blocks: int = 2
+    """DC-DiT only: full-resolution blocks of width e before the router."""
     decoder_blocks: int = 2
+    """DC-DiT only: full-resolution blocks of width e after the de-chunk layer."""
     router: str = "cosine"
     """'cosine' (paper §3.3) or 'random' (the random-boundary ablation, paper §4.3)."""
     target_ratio: float = 4.0
@@ -78,9 +85,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     num_timesteps: int = 1000
-    noise_schedule: str = "linear"
+    """Diffusion steps T of the linear β schedule (1e-4 to 0.02, DiT / ADM)."""
     sampling_steps: int = 250
-    """Respaced DDPM steps used for sampling (and for the FLOP convention)."""
+    """Respaced sampler steps: the default of `sample`, `viz-boundaries` and `eval`, and the
+    step count of the FLOP convention (TFLOPs/img counts steps − 1 forwards)."""
 
 
 @dataclass(frozen=True)
@@ -92,41 +100,57 @@ class DataConfig:
     image_size: int = 256
     """Pixel size of the images (shapes: the generated size)."""
     num_classes: int = 1000
+    """Classes in the data (must equal model.num_classes)."""
     flip: str = "random"
     """'random': a random horizontal flip when the shards do not store both flips; 'none'."""
-    num_workers: int = 4
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 400_000
+    """Optimizer steps of the run (paper: 400K)."""
     global_batch: int = 256
+    """Images per optimizer step over all processes (paper: 256)."""
     micro_batch: int = 0
     """Per-process batch; 0 means global_batch / world_size (no accumulation)."""
     lr: float = 1e-4
+    """AdamW learning rate, constant after warm-up (DiT: 1e-4)."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up steps (0: none, as DiT)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (β1, β2)."""
     weight_decay: float = 0.0
+    """AdamW weight decay (DiT: 0)."""
     grad_clip: float = 1.0
+    """Gradient-norm clipping (reference code: 1.0)."""
     ema_decay: float = 0.9999
+    """Decay of the EMA weights that `sample` and `eval` use."""
     mixed_precision: str = "bf16"
     """'bf16', 'fp16' or 'no'."""
     label_dropout: float = 0.1
+    """Probability of replacing a label by the null class (trains the unconditional half of CFG)."""
     ratio_loss_weight: float = 0.03
     """λ of the ratio loss (paper §4.1)."""
     log_every_steps: int = 100
+    """Steps between log lines and metrics.jsonl records."""
     ckpt_every_steps: int = 10_000
+    """Steps between checkpoints (and exported EMA weights)."""
     keep_last: int = 3
+    """Checkpoints kept on disk; older ones are pruned."""
     multi_budget_start_step: int = -1
     """From this step on, draw one tail-dropping fraction per step (-1: off)."""
     multi_budget_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3])
+    """The fractions drawn from in multi-budget training (README default {0, 0.1, 0.2, 0.3})."""
 
 
 @dataclass(frozen=True)
 class UpcycleConfig:
     source_patch_size: int = 2
+    """Patch size P of the pretrained DiT that `upcycle` / `distill` copy from."""
     source_input_size: int = 32
+    """Latent grid side of the pretrained DiT (32 for 256 px)."""
     freeze_embedders: bool = True
+    """Keep the copied timestep and class embedders frozen (paper §4.4)."""
 
 
 @dataclass(frozen=True)
@@ -134,15 +158,19 @@ class DistillConfig:
     steps: int = 0
     """Activation-distillation warm-up steps before the diffusion objective (0: none)."""
     weight: float = 1.0
+    """Weight of the activation-distillation MSE during the warm-up."""
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     cfg_scale: float = 4.0
+    """Classifier-free guidance scale for pictures (DiT: 4.0; 1 = off); `eval` uses eval.cfg_scale."""
     guided_channels: int = 3
     """CFG guides the first N epsilon channels (DiT convention: 3); 0 means all channels."""
     method: str = "ddpm"
+    """Sampler: 'ddpm' or 'ddim' (η = 0)."""
     budget: float = 0.0
+    """Tail-dropping fraction f in [0, 1) of elastic inference (0 keeps every boundary)."""
     uncond_budget: float = -1.0
     """Lite-CFG budget of the unconditional half; -1 means the same as budget."""
 
@@ -150,8 +178,11 @@ class SampleConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = 50_000
+    """Samples per setting in `dcdit eval` (ADM and the paper: 50,000)."""
     cfg_scale: float = 1.5
+    """Guidance scale of `dcdit eval` when --cfg-scales is not given (DiT's FID setting: 1.5)."""
     batch_size: int = 64
+    """Images per sampling batch and process in `dcdit eval` (the unit of resume)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -166,10 +197,15 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 
+REMOVED_KEYS: dict[str, str] = {
+    "diffusion.noise_schedule": "the β schedule is always DiT's linear one",
+    "data.num_workers": "data loading needs no worker processes",
+}
+"""Keys that recipes once had: dropped from recipes stored in old checkpoints, an error in files."""
+
 CHOICES: dict[str, tuple] = {
     "model.kind": ("dcdit", "dit"),
     "model.router": ("cosine", "random"),
-    "diffusion.noise_schedule": ("linear",),
     "data.kind": ("latents", "shapes"),
     "data.flip": ("random", "none"),
     "train.mixed_precision": ("bf16", "fp16", "no"),
@@ -281,8 +317,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     return problems
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validates a nested dict against the schema, collecting every problem."""
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", drop_removed: bool = False) -> Recipe:
+    """Validates a nested dict against the schema, collecting every problem. ``drop_removed``:
+    ignore :data:`REMOVED_KEYS` (recipes stored by older versions) instead of reporting them."""
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for name, values in data.items():
@@ -297,6 +334,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         kwargs = {}
         for key, value in values.items():
             full = f"{name}.{key}"
+            if full in REMOVED_KEYS:
+                if not drop_removed:
+                    problems.append(f"{full} was removed ({REMOVED_KEYS[full]}): delete the line")
+                continue
             if key not in hints:
                 problems.append(f"unknown key {full}{_suggest(key, hints)}")
                 continue
@@ -380,7 +421,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 def recipe_from_toml(text: str, source: str) -> Recipe:
     """A recipe stored in a checkpoint's metadata or a run directory."""
     try:
-        return recipe_from_dict(tomllib.loads(text), source=source)
+        return recipe_from_dict(tomllib.loads(text), source=source, drop_removed=True)
     except tomllib.TOMLDecodeError as e:
         raise DcditError(f"{source}: the stored recipe is not valid TOML ({e})") from None
 
