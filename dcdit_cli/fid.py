@@ -445,6 +445,21 @@ def _warn_skipped(source) -> None:
 # -----------------------------------------------------------------------------------------
 
 
+def reference_features(ref: Reference, extractor: InceptionFeatures, batch_size: int = 50) -> np.ndarray | None:
+    """The reference's pool features for precision / recall (its first 10,000 images), filling in
+    its FID / sFID statistics from ``arr_0`` when the file has none. None without ``arr_0``."""
+    if ref.images is None:
+        print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
+        return None
+    limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
+    acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size,
+                               total=limit or ref.images.num, description="reference")
+    if not ref.has_stats:
+        ref.mu, ref.sigma = acts.pool_stats.result()
+        ref.mu_s, ref.sigma_s = acts.spatial_stats.result()
+    return acts.pool[:PR_REF_IMAGES]
+
+
 def evaluate(
     samples: str | Path | NpzImages | FolderImages,
     ref: str | Path | Reference,
@@ -473,16 +488,7 @@ def evaluate(
     if num is not None and len(acts.pool) < num:
         raise DcditError(f"asked for {num} samples but only {len(acts.pool)} under {samples.path} are readable: lower --num")
 
-    ref_pool = None
-    if ref.images is not None:
-        limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
-        ref_acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size, total=limit or ref.images.num, description="reference")
-        if not ref.has_stats:
-            ref.mu, ref.sigma = ref_acts.pool_stats.result()
-            ref.mu_s, ref.sigma_s = ref_acts.spatial_stats.result()
-        ref_pool = ref_acts.pool[:PR_REF_IMAGES]
-    else:
-        print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
+    ref_pool = reference_features(ref, extractor, batch_size)
     return sample_metrics(acts, ref, ref_pool, split_size=split_size, distances=distances, device=extractor.device)
 
 
