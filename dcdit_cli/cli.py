@@ -363,7 +363,7 @@ def viz_boundaries(
     "eval",
     epilog=(
         "Examples:\n\n"
-        "  dcdit eval --ckpt runs/xl-n4 --ref VIRTUAL_imagenet256_labeled.npz --num 50000 --cfg-scales 1.5   # Table 1\n\n"
+        "  dcdit eval --ckpt runs/xl-n4 --ref VIRTUAL_imagenet256_labeled.npz --num 50000 --cfg-scales 1.0   # a Table 1 row\n\n"
         "  dcdit eval --ckpt runs/b-n4-multibudget --ref REF.npz --budgets 0,0.1,0.2,0.3 --compare runs/dit-b-p2\n\n"
         "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --cfg-scales 1.25 --budgets 0 --uncond-budget 0.9   # Lite-CFG\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli eval --ckpt runs/xl-n4 --ref REF.npz\n\n"

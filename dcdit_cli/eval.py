@@ -119,6 +119,7 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     from dcdit_cli import fid
     from dcdit_cli.checkpoint import load_weights
     from dcdit_cli.eval_figures import elastic_figure, pareto_figure
+    from dcdit_cli.precision_recall import DISTANCE_PRECISIONS
     from dcdit_cli.sample import SampleOptions, sample_npz
 
     # Every input is checked before the first image is sampled.
@@ -131,8 +132,8 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     batch_size = recipe.eval.batch_size if batch_size is None else batch_size
     if num < 4 or batch_size < 1:
         raise DcditError(f"--num {num} / --batch-size {batch_size}: evaluate at least 4 samples (precision/recall use k = 3) in batches of >= 1")
-    if distances not in fid.DISTANCE_PRECISIONS:
-        raise DcditError(f"--pr-distances {distances!r}: use one of {', '.join(fid.DISTANCE_PRECISIONS)}")
+    if distances not in DISTANCE_PRECISIONS:
+        raise DcditError(f"--pr-distances {distances!r}: use one of {', '.join(DISTANCE_PRECISIONS)}")
     reference = fid.load_reference(ref)
     fid.resolve_inception_weights(inception_weights)
     others = [(p, load_records(find_eval_json(p))) for p in compare]

@@ -14,6 +14,7 @@ from PIL import Image
 from rich.console import Console
 
 from dcdit_cli import fid
+from dcdit_cli import precision_recall as pr
 from dcdit_cli.console import DcditError
 from dcdit_cli.imaging import center_crop_arr
 
@@ -146,7 +147,7 @@ def test_precision_recall_fp16_rounding_flips_a_neighbour():
     assert fid.precision_recall(real, fake, device="cpu", distances="float64") == (1.0, 1.0)
     assert fid.precision_recall(real, fake, device="cpu", distances="float32") == (1.0, 1.0)
     assert fid.precision_recall(real, fake, device="cpu") == (0.75, 1.0)  # distances="adm"
-    radii = fid.manifold_radii(torch.tensor(real, dtype=torch.float32), 3, "adm")
+    radii = pr.manifold_radii(torch.tensor(real, dtype=torch.float32), 3, "adm")
     assert radii[-1] == 20.0
 
 
@@ -155,10 +156,10 @@ def test_adm_falls_back_to_float32_per_block():
     other blocks keep float16 (the radius² of 64 and 67 is 8 there, not 9)."""
     x = torch.tensor([64.0, 65.0, 66.0, 67.0, 300.0, 301.0, 302.0, 303.0])[:, None]
     exact = [9.0, 4.0, 4.0, 9.0, 9.0, 4.0, 4.0, 9.0]
-    assert fid.manifold_radii(x, 3, "adm", block=4).tolist() == [8.0, 4.0, 4.0, 8.0, 9.0, 4.0, 4.0, 9.0]
-    assert fid.manifold_radii(x, 3, "adm", block=8).tolist() == exact  # one block, it overflows
-    assert fid.manifold_radii(x, 3, "float32", block=4).tolist() == exact
-    assert fid.manifold_radii(x.double(), 3, "float64", block=3).tolist() == exact
+    assert pr.manifold_radii(x, 3, "adm", block=4).tolist() == [8.0, 4.0, 4.0, 8.0, 9.0, 4.0, 4.0, 9.0]
+    assert pr.manifold_radii(x, 3, "adm", block=8).tolist() == exact  # one block, it overflows
+    assert pr.manifold_radii(x, 3, "float32", block=4).tolist() == exact
+    assert pr.manifold_radii(x.double(), 3, "float64", block=3).tolist() == exact
 
 
 def test_precision_recall_blocks_match_one_block(monkeypatch):
@@ -166,7 +167,7 @@ def test_precision_recall_blocks_match_one_block(monkeypatch):
     rng = np.random.default_rng(7)
     real, fake = rng.normal(size=(70, 16)), rng.normal(0.3, 1.0, size=(50, 16))
     whole = fid.precision_recall(real, fake, device="cpu")
-    monkeypatch.setattr(fid, "_SLICE_VALUES", 40)
+    monkeypatch.setattr(pr, "_SLICE_VALUES", 40)
     assert fid.precision_recall(real, fake, device="cpu") == whole
     assert 0.0 < whole[0] < 1.0 and 0.0 < whole[1] < 1.0
 
