@@ -143,34 +143,17 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
         (out / "samples").mkdir(parents=True, exist_ok=True)
     old = load_records(out / EVAL_FILE) if (out / EVAL_FILE).exists() else []
 
-    extractor = ref_pool = None
-    if state.is_main_process:
-        extractor = fid.load_inception(inception_weights)
-        ref_pool = fid.reference_features(reference, extractor)
-    records = []
-    for s in settings:
-        npz = out / "samples" / f"{s.name}.npz"
-        report = sample_npz(ckpt, num, {"steps": steps, "seed": seed, **s.flags()}, None, npz, batch_size, vae)
-        if not state.is_main_process:
-            continue
-        opts = SampleOptions.from_recipe(recipe, steps=steps, seed=seed, **s.flags())
-        samples = fid.load_samples(npz)
-        acts = fid.compute_activations(samples.batches(50, limit=num), extractor, 50, total=num, description=f"inception {s.name}")
-        t0 = time.perf_counter()
-        metrics = fid.sample_metrics(acts, reference, ref_pool, distances=distances, device=extractor.device)
-        records.append({
-            "run": recipe.run.name, "setting": s.name, "cfg_scale": s.cfg_scale, "budget": s.budget,
-            "uncond_budget": opts.uncond, **metrics, "metric_seconds": time.perf_counter() - t0,
-            "tflops_per_img": report.table1_tflops, "tflops_spent_per_img": report.tflops_per_img,
-            "compression": report.compression, "kept_tokens": report.kept_tokens,
-            "images_per_s": num / max(report.seconds, 1e-9), "steps": opts.steps, "method": opts.method,
-            "guided_channels": opts.guided_channels, "pr_distances": distances, "samples": str(npz),
-            "reference": str(ref), "checkpoint": str(ckpt), "step": step, "seed": seed, "command": command,
-            "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-    state.wait_for_everyone()
+    # Sample every setting first (all processes), then evaluate on rank 0: no rank waits at a
+    # barrier while another runs the Inception net.
+    reports = {s: sample_npz(ckpt, num, {"steps": steps, "seed": seed, **s.flags()}, None, out / "samples" / f"{s.name}.npz",
+                             batch_size, vae) for s in settings}
     if not state.is_main_process:
-        return []
+        return []  # no barrier after this: rank 0 may evaluate for longer than a collective's timeout
+    extractor = fid.load_inception(inception_weights)
+    ref_pool = fid.reference_features(reference, extractor)
+    args = dict(steps=steps, seed=seed, distances=distances, ref=ref, ckpt=ckpt, command=command)
+    records = [_evaluate_setting(s, report, recipe, step, extractor, reference, ref_pool, out, num, args)
+               for s, report in reports.items()]
     merged = merge_records(old, records)
     (out / EVAL_FILE).write_text(json.dumps(merged, indent=1))
     pareto_figure(merged, others, f"{recipe.run.name}: FID against inference cost").save(out / "pareto.png")
@@ -178,6 +161,30 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     console.print(results_table(merged, f"dcdit eval: {recipe.run.name} (weights step {step}, {num:,} samples)"))
     print0(f"wrote {out / EVAL_FILE}, {out / 'pareto.png'}, {out / 'elastic.png'}")
     return records
+
+
+def _evaluate_setting(s: Setting, report, recipe, step: int, extractor, reference, ref_pool, out: Path, num: int,
+                      args: dict) -> dict:
+    """The record of one sampled setting: ADM metrics of its .npz plus cost, speed and provenance."""
+    from dcdit_cli import fid
+    from dcdit_cli.sample import SampleOptions
+
+    opts = SampleOptions.from_recipe(recipe, steps=args["steps"], seed=args["seed"], **s.flags())
+    npz = out / "samples" / f"{s.name}.npz"
+    samples = fid.load_samples(npz)
+    acts = fid.compute_activations(samples.batches(50, limit=num), extractor, 50, total=num, description=f"inception {s.name}")
+    t0 = time.perf_counter()
+    metrics = fid.sample_metrics(acts, reference, ref_pool, distances=args["distances"], device=extractor.device)
+    return {
+        "run": recipe.run.name, "setting": s.name, "cfg_scale": s.cfg_scale, "budget": s.budget,
+        "uncond_budget": opts.uncond, **metrics, "metric_seconds": time.perf_counter() - t0,
+        "tflops_per_img": report.table1_tflops, "tflops_spent_per_img": report.tflops_per_img,
+        "compression": report.compression, "kept_tokens": report.kept_tokens,
+        "images_per_s": num / max(report.seconds, 1e-9), "steps": opts.steps, "method": opts.method,
+        "guided_channels": opts.guided_channels, "pr_distances": args["distances"], "samples": str(npz),
+        "reference": str(args["ref"]), "checkpoint": str(args["ckpt"]), "step": step, "seed": opts.seed,
+        "command": args["command"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def results_table(records: list[dict], title: str):
