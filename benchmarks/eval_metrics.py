@@ -63,20 +63,18 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.num[0], args.distances[0], args.threads)))
         return
-    rows = []
+    print(f"{'N':>7} {'distances':>9} {'threads':>7} {'wall s':>8} {'CPU s':>8} {'CPU s / 10k':>11} {'features MiB':>12} "
+          f"{'RSS before MiB':>14} {'peak extra MiB':>14}", flush=True)
     for num in args.num:
         for distances in args.distances:
             cmd = [sys.executable, __file__, "--child", "--num", str(num), "--distances", distances, "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if proc.returncode:
                 raise SystemExit(proc.stderr[-2000:])
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{'N':>7} {'distances':>9} {'threads':>7} {'wall s':>8} {'CPU s':>8} {'CPU s / 10k':>11} {'features MiB':>12} "
-          f"{'RSS before MiB':>14} {'peak extra MiB':>14}")
-    for r in rows:
-        print(f"{r['num']:>7,} {r['distances']:>9} {r['threads']:>7} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} "
-              f"{r['cpu_seconds'] * 1e4 / r['num']:>11.1f} "
-              f"{r['features_mib']:>12.0f} {r['resident_before_mib']:>14.0f} {r['metric_step_peak_extra_mib']:>14.0f}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{r['num']:>7,} {r['distances']:>9} {r['threads']:>7} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} "
+                  f"{r['cpu_seconds'] * 1e4 / r['num']:>11.1f} {r['features_mib']:>12.0f} {r['resident_before_mib']:>14.0f} "
+                  f"{r['metric_step_peak_extra_mib']:>14.0f}", flush=True)
     print("CPU s: process CPU time (robust on a shared machine, = wall time on an idle one with 1 thread); peak extra: "
           "resident memory the metric step adds on top of the features (ru_maxrss, a fresh process each).")
 

@@ -158,7 +158,8 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     (out / EVAL_FILE).write_text(json.dumps(merged, indent=1))
     pareto_figure(merged, others, f"{recipe.run.name}: FID against inference cost").save(out / "pareto.png")
     elastic_figure(merged, f"{recipe.run.name}: quality and cost across tail-dropping budgets").save(out / "elastic.png")
-    console.print(results_table(merged, f"dcdit eval: {recipe.run.name} (weights step {step}, {num:,} samples)"))
+    table = results_table(merged, f"dcdit eval: {recipe.run.name} (weights step {step}, {num:,} samples)")
+    console.print(table, width=None if console.is_terminal else 132)  # logs: no truncated numbers
     print0(f"wrote {out / EVAL_FILE}, {out / 'pareto.png'}, {out / 'elastic.png'}")
     return records
 

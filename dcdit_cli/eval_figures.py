@@ -23,6 +23,12 @@ def _frontier(records: list[dict]) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _label(r: dict) -> str:
+    """'cfg 1.5, f 0.2', with the unconditional half's budget after a slash under Lite-CFG."""
+    lite = f"/{r['uncond_budget']:g}" if r.get("uncond_budget", r["budget"]) != r["budget"] else ""
+    return f"cfg {r['cfg_scale']:g}, f {r['budget']:g}{lite}"
+
+
 def pareto_figure(records: list[dict], others: list[tuple[Path, list[dict]]], title: str) -> Image.Image:
     """FID (lower is better) against TFLOPs/img for this run's settings and the compared runs'."""
     runs = [(records[0]["run"] if records else "this run", records)]
@@ -41,7 +47,7 @@ def pareto_figure(records: list[dict], others: list[tuple[Path, list[dict]]], ti
         xs, ys = _frontier(recs)
         if len(xs) > 1:
             ax.line(xs, ys, colour, 2)
-        labels = [f"cfg {r['cfg_scale']:g}, f {r['budget']:g}" for r in recs] if i == 0 else None
+        labels = [_label(r) for r in recs] if i == 0 else None
         ax.points([r["tflops_per_img"] for r in recs], [r["fid"] for r in recs], colour, labels=labels)
         entries.append((name, colour))
     legend(draw, _PAD, _H - 36, entries, small)

@@ -126,16 +126,16 @@ def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT_SIZE
     ADM takes two chunks of 5,000). Rows that are non-negative and sum to 1 are taken as
     probabilities; anything else as logits and passed through a softmax (float64).
     """
-    x = np.asarray(logits_or_probs, np.float64)
+    x = np.asarray(logits_or_probs)  # no copy: each chunk is converted to float64 on its own
     if x.ndim != 2 or x.shape[0] == 0:
         raise DcditError(f"Inception Score needs (N, classes) predictions, got shape {x.shape}")
     if split_size < 1:
         raise DcditError(f"Inception Score split size must be >= 1, got {split_size}")
-    is_probs = (x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-6)
-    probs = x if is_probs else scipy.special.softmax(x, axis=1)
+    is_probs = (x >= 0).all() and np.allclose(x.sum(axis=1, dtype=np.float64), 1.0, atol=1e-6)
     scores = []
-    for i in range(0, len(probs), split_size):
-        part = probs[i : i + split_size]
+    for i in range(0, len(x), split_size):
+        part = x[i : i + split_size].astype(np.float64)
+        part = part if is_probs else scipy.special.softmax(part, axis=1)
         p_y = part.mean(axis=0, keepdims=True)  # marginal over the chunk
         kl = scipy.special.rel_entr(part, p_y).sum(axis=1)  # p log(p / p_y), 0 where p = 0
         scores.append(np.exp(kl.mean()))
