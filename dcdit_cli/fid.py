@@ -131,10 +131,11 @@ def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT_SIZE
         raise DcditError(f"Inception Score needs (N, classes) predictions, got shape {x.shape}")
     if split_size < 1:
         raise DcditError(f"Inception Score split size must be >= 1, got {split_size}")
-    is_probs = (x >= 0).all() and np.allclose(x.sum(axis=1, dtype=np.float64), 1.0, atol=1e-6)
+    chunks = [x[i : i + split_size] for i in range(0, len(x), split_size)]
+    is_probs = all((c >= 0).all() and np.allclose(c.astype(np.float64).sum(axis=1), 1.0, atol=1e-6) for c in chunks)
     scores = []
-    for i in range(0, len(x), split_size):
-        part = x[i : i + split_size].astype(np.float64)
+    for part in chunks:
+        part = part.astype(np.float64)
         part = part if is_probs else scipy.special.softmax(part, axis=1)
         p_y = part.mean(axis=0, keepdims=True)  # marginal over the chunk
         kl = scipy.special.rel_entr(part, p_y).sum(axis=1)  # p log(p / p_y), 0 where p = 0
