@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from dcdit_cli.plots import SAMPLE_COLOURS, Axes, centered, font, legend, padded_limits
 
 _W, _H, _PAD = 760, 520, 80
+_MAX_LABELS = 5  # more labelled points than this overlap: the elastic figure tells them apart
 
 
 def _frontier(records: list[dict]) -> tuple[list[float], list[float]]:
@@ -47,7 +48,7 @@ def pareto_figure(records: list[dict], others: list[tuple[Path, list[dict]]], ti
         xs, ys = _frontier(recs)
         if len(xs) > 1:
             ax.line(xs, ys, colour, 2)
-        labels = [_label(r) for r in recs] if i == 0 else None
+        labels = [_label(r) for r in recs] if i == 0 and len(recs) <= _MAX_LABELS else None
         ax.points([r["tflops_per_img"] for r in recs], [r["fid"] for r in recs], colour, labels=labels)
         entries.append((name, colour))
     legend(draw, _PAD, _H - 36, entries, small)
@@ -62,14 +63,16 @@ def elastic_figure(records: list[dict], title: str) -> Image.Image:
     scales = sorted({r["cfg_scale"] for r in records})
     b0, b1, bt = padded_limits([r["budget"] for r in records])
     panel_w = (image.width - 2 * _PAD - 60) // 2
-    for k, (key, label) in enumerate((("fid", "FID (lower is better)"), ("tflops_per_img", "TFLOPs / image"))):
-        y0, y1, yt = padded_limits([r[key] for r in records])
+    small_cost = max(r["tflops_per_img"] for r in records) < 0.01  # toy models: GFLOPs keep the ticks short
+    cost_label, cost_scale = ("GFLOPs / image", 1e3) if small_cost else ("TFLOPs / image", 1.0)
+    for k, (key, label, scale) in enumerate((("fid", "FID (lower is better)", 1.0), ("tflops_per_img", cost_label, cost_scale))):
+        y0, y1, yt = padded_limits([r[key] * scale for r in records])
         left = _PAD + k * (panel_w + _PAD + 30)
         ax = Axes(image, (left, 60, left + panel_w, _H - 100), (b0, b1), (y0, y1), small)
         ax.frame(bt, yt, "tail-dropping budget f (share of boundaries dropped)", label, label.split(" (")[0])
         for i, c in enumerate(scales):
             recs = sorted((r for r in records if r["cfg_scale"] == c), key=lambda r: r["budget"])
-            xs, ys = [r["budget"] for r in recs], [r[key] for r in recs]
+            xs, ys = [r["budget"] for r in recs], [r[key] * scale for r in recs]
             colour = SAMPLE_COLOURS[i % len(SAMPLE_COLOURS)]
             if len(xs) > 1:
                 ax.line(xs, ys, colour, 2)
