@@ -58,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.sample import SampleOptions, spent_tflops
+    from dcdit_cli.flops import per_image_flops
+    from dcdit_cli.sample import SampleOptions
 
     with tempfile.TemporaryDirectory(prefix="dcdit-bench-") as tmp:
         ckpt = args.ckpt or train_toy(Path(tmp) / "toy", args.train_steps)
@@ -68,11 +69,11 @@ def main() -> None:
     steps = args.steps or recipe.diffusion.sampling_steps
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    options = {name: SampleOptions(cfg_scale=args.cfg_scale, steps=steps, budget=b, uncond_budget=u, seed=args.seed,
-                                   guided_channels=recipe.sample.guided_channels or None)
+    options = {name: SampleOptions.from_recipe(recipe, cfg_scale=args.cfg_scale, steps=steps, budget=b, uncond_budget=u,
+                                               seed=args.seed)
                for name, b, u in SETTINGS}
 
-    measure(model, recipe, SampleOptions(cfg_scale=args.cfg_scale, steps=2, seed=args.seed), args.num)  # warm-up
+    measure(model, recipe, SampleOptions.from_recipe(recipe, cfg_scale=args.cfg_scale, steps=2, seed=args.seed), args.num)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in options}
     kept: dict[str, np.ndarray] = {}
     for _ in range(args.repeats):  # interleaved: every setting sees the same drift in machine load
@@ -93,10 +94,10 @@ def main() -> None:
     base_name = SETTINGS[0][0]
     base_t = statistics.median(times[base_name])
     base_k = kept[base_name].mean()
-    base_f = spent_tflops(recipe, kept[base_name], steps)
+    base_f = per_image_flops(recipe.model, kept[base_name]).mean() / 1e12
     for name, b, u in SETTINGS:
         t, k = statistics.median(times[name]), kept[name]  # k (steps, B, halves)
-        f = spent_tflops(recipe, k, steps)
+        f = per_image_flops(recipe.model, k).mean() / 1e12
         spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
         print(f"{name:<21} {b:>5g} {u:>6g} {t:>8.2f} {spread:>11} {k[..., 0].mean():>7.1f} {k[..., 1].mean():>7.1f}"
               f" {f:>11.4g} | {t / base_t:>6.3f} {k.mean() / base_k:>6.3f} {f / base_f:>8.3f}")

@@ -36,6 +36,16 @@ SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set tra
 PrintOpt = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit.")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>).")
 ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N.")
+PrDistancesOpt = typer.Option(
+    "adm", "--pr-distances",
+    help="Precision/recall distances: adm (ADM's default: float16 per 10,000² block, float32 where that overflows), float32 or float64.")
+
+# Sampling options: None = the checkpoint recipe's value ([sample], diffusion.sampling_steps).
+CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the recipe's sample.cfg_scale).")
+StepsOpt = typer.Option(None, "--steps", help="Respaced sampler steps (default: the recipe's diffusion.sampling_steps).")
+BudgetOpt = typer.Option(None, "--budget", help="Tail-dropping fraction in [0, 1) (default: the recipe's sample.budget).")
+UncondOpt = typer.Option(None, "--uncond-budget", help="Lite-CFG: the unconditional half's budget; -1 = as --budget (default: the recipe's).")
+AllChannelsOpt = typer.Option(False, "--guide-all-channels", help="Guide all ε channels (default: the recipe's sample.guided_channels).")
 
 
 @app.callback(invoke_without_command=True)
@@ -75,7 +85,7 @@ def _maybe_print(recipe, print_recipe: bool) -> None:
 def flops(
     recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="Recipe(s) to report (repeatable)."),
     all_: bool = typer.Option(False, "--all", help="Report every shipped recipe."),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run dir or EMA weights: count kept tokens by sampling."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run dir, dcdit weights, the authors' .pt or hf:…: count kept tokens by sampling."),
     num: int = typer.Option(4, "--num", help="Images sampled with --ckpt to measure kept tokens."),
     set_: Optional[List[str]] = SetOpt,
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -83,7 +93,12 @@ def flops(
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
     from dcdit_cli.flops import run_flops
 
-    run_flops(recipes=recipe or [], all_recipes=all_, ckpt=ckpt, num=num, overrides=set_ or [], as_json=json_)
+    measured = None
+    if ckpt is not None:
+        from dcdit_cli.sample import measure_kept_tokens
+
+        measured = measure_kept_tokens(ckpt, num=num)
+    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_)
 
 
 @app.command(
@@ -277,6 +292,7 @@ def fid(
     out: Optional[Path] = typer.Option(None, "--out", help="With --make-ref: the .npz to write."),
     image_size: int = typer.Option(256, "--image-size", help="With --make-ref: ADM centre-crop size."),
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    pr_distances: str = PrDistancesOpt,
 ):
     """FID / sFID / IS / precision / recall of samples against a reference batch (ADM evaluator)."""
     import json
@@ -291,7 +307,7 @@ def fid(
     elif samples is None or ref is None:
         raise DcditError("pass --samples S.npz and --ref REF.npz (or --make-ref DIR --out REF.npz to build a reference)")
     else:
-        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size)
+        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size, distances=pr_distances)
     if json_:
         print(json.dumps(result, indent=2, default=str))
     elif make_ref is None:
@@ -320,27 +336,29 @@ def _classes(text: Optional[str]) -> Optional[List[int]]:
     )
 )
 def sample(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory or EMA weights (.safetensors)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     num: int = typer.Option(16, "--num", help="Number of images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale, >= 1 (1 = off)."),
-    steps: int = typer.Option(250, "--steps", help="Respaced sampling steps."),
+    cfg_scale: Optional[float] = CfgOpt,
+    steps: Optional[int] = StepsOpt,
     seed: int = typer.Option(0, "--seed"),
-    budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),
-    uncond_budget: Optional[float] = typer.Option(None, "--uncond-budget", help="Lite-CFG: budget of the unconditional half."),
-    ddim: bool = typer.Option(False, "--ddim", help="DDIM (eta 0) instead of DDPM."),
-    all_channels: bool = typer.Option(False, "--guide-all-channels", help="Guide all ε channels, not the first 3."),
+    budget: Optional[float] = BudgetOpt,
+    uncond_budget: Optional[float] = UncondOpt,
+    method: Optional[str] = typer.Option(None, "--method", help="ddpm or ddim (eta 0) (default: the recipe's sample.method)."),
+    all_channels: bool = AllChannelsOpt,
     out: Path = typer.Option(Path("sample.png"), "--out", help="PNG grid to write."),
     npz: Optional[Path] = typer.Option(None, "--npz", help="Write an ADM-evaluator .npz instead of a grid."),
     batch_size: int = typer.Option(16, "--batch-size"),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
 ):
-    """Sample images from a checkpoint: PNG grid or ADM .npz, with elastic budgets and Lite-CFG."""
-    from dcdit_cli.sample import SampleOptions, run_sample
+    """Sample images from a checkpoint: PNG grid or ADM .npz, with elastic budgets and Lite-CFG.
 
-    opts = SampleOptions(cfg_scale=cfg_scale, steps=steps, method="ddim" if ddim else "ddpm", budget=budget,
-                         uncond_budget=uncond_budget, guided_channels=None if all_channels else 3, seed=seed)
-    run_sample(ckpt, num, opts, classes=_classes(classes), out=out, npz=npz, batch_size=batch_size, vae=vae)
+    Sampling options default to the checkpoint recipe's [sample] section and diffusion.sampling_steps."""
+    from dcdit_cli.sample import run_sample
+
+    flags = dict(cfg_scale=cfg_scale, steps=steps, method=method, budget=budget, uncond_budget=uncond_budget,
+                 guided_channels=0 if all_channels else None, seed=seed)
+    run_sample(ckpt, num, flags, classes=_classes(classes), out=out, npz=npz, batch_size=batch_size, vae=vae)
 
 
 @app.command(
@@ -354,15 +372,15 @@ def sample(
     ),
 )
 def viz_boundaries(
-    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory or EMA weights (.safetensors)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     num: int = typer.Option(4, "--num", help="Number of images (one sheet each)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
     timesteps: int = typer.Option(8, "--timesteps", help="Columns: evenly spaced sampler steps, first and last included."),
-    budget: float = typer.Option(0.0, "--budget", help="Tail-dropping fraction in [0, 1) (elastic inference)."),
+    budget: Optional[float] = BudgetOpt,
     out: Path = typer.Option(Path("boundaries"), "--out", help="Output directory (sample-NNN.png, compression_vs_t.png)."),
     seed: int = typer.Option(0, "--seed"),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="CFG scale (default: the recipe's sample.cfg_scale)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Respaced DDPM steps (default: the recipe's sampling_steps)."),
+    cfg_scale: Optional[float] = CfgOpt,
+    steps: Optional[int] = StepsOpt,
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
     as_json: bool = typer.Option(False, "--json", help="Print kept tokens and compression per timestep as JSON."),
 ):
@@ -370,6 +388,48 @@ def viz_boundaries(
     from dcdit_cli.viz import run_viz
 
     run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json)
+
+
+@app.command(
+    "eval",
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit eval --ckpt runs/xl-n4 --ref VIRTUAL_imagenet256_labeled.npz --num 50000 --cfg-scales 1.0   # a Table 1 row\n\n"
+        "  dcdit eval --ckpt runs/b-n4-multibudget --ref REF.npz --budgets 0,0.1,0.2,0.3 --compare runs/dit-b-p2\n\n"
+        "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --cfg-scales 1.25 --budgets 0 --uncond-budget 0.9   # Lite-CFG\n\n"
+        "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli eval --ckpt runs/xl-n4 --ref REF.npz\n\n"
+        "  dcdit eval --ckpt runs/toy --ref ref.npz --num 64 --steps 20 --inception-weights inception.pth\n\n"
+        "Defaults come from the checkpoint's recipe (\\[eval] num_samples, cfg_scale, batch_size; \\[sample] budget; "
+        "diffusion.sampling_steps). Killed? Run the same command again: finished parts are skipped. "
+        "Writes eval.json, pareto.png and elastic.png to --out (default RUN/eval)."
+    ),
+)
+def eval_(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ref: Path = typer.Option(..., "--ref", help="Reference batch: ADM's VIRTUAL_imagenet256_labeled.npz or `dcdit fid --make-ref`."),
+    num: Optional[int] = typer.Option(None, "--num", help="Samples per setting (default: the recipe's eval.num_samples)."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated tail-dropping budgets (default: sample.budget)."),
+    uncond_budget: Optional[float] = UncondOpt,
+    cfg_scales: Optional[str] = typer.Option(None, "--cfg-scales", help="Comma-separated guidance scales (default: eval.cfg_scale)."),
+    steps: Optional[int] = StepsOpt,
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per part and process (default: eval.batch_size)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/eval)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights (or $DCDIT_INCEPTION_WEIGHTS)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
+    compare: Optional[List[Path]] = typer.Option(None, "--compare", help="Other runs' eval.json (file, eval dir or run dir) to overlay; repeatable."),
+    pr_distances: str = PrDistancesOpt,
+):
+    """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img."""
+    from accelerate import PartialState
+
+    from dcdit_cli.eval import parse_floats, run_eval
+
+    run_eval(ckpt, ref, num=num, budgets=parse_floats(budgets, "--budgets"), uncond_budget=uncond_budget,
+             cfg_scales=parse_floats(cfg_scales, "--cfg-scales"), steps=steps, seed=seed, batch_size=batch_size, out=out,
+             inception_weights=inception_weights, vae=vae, compare=compare or [], distances=pr_distances,
+             command=" ".join(["dcdit", *sys.argv[1:]]))
+    PartialState().destroy_process_group()  # clean exit of multi-process runs (REFERENCE §11)
 
 
 def main() -> None:

@@ -10,8 +10,10 @@ same quantities in PyTorch:
   ``Mixed_6d.branch1x1``, 17×17×7 flattened as h, w, c: 2023-d), taken with a forward hook.
 * Weights come from a local file only (``--inception-weights`` or ``DCDIT_INCEPTION_WEIGHTS``),
   read with ``torch.load(weights_only=True)``.
-* Metrics in float64 with numpy / scipy; precision / recall (Kynkäänniemi et al. 2019) with
-  batched torch distance blocks.
+* FID, sFID and IS in float64 with numpy / scipy; IS over ADM's contiguous chunks of 5,000.
+  Precision / recall (Kynkäänniemi et al. 2019) with ADM's distance precision by default
+  (float16 per 10,000 × 10,000 block where finite, else float32), float64 on request; the
+  blocks are computed in row slices, so no N × N matrix is ever held (:mod:`dcdit_cli.precision_recall`).
 
 Samples are an ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) or a folder of images; they are
 read in batches, so 50,000 samples are never held in memory twice.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,11 +50,13 @@ from dcdit_cli.fid_data import (
     load_samples,
 )
 from dcdit_cli.imaging import center_crop_arr
+from dcdit_cli.precision_recall import precision_recall
 
 INCEPTION_WEIGHTS_ENV = "DCDIT_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 PR_REF_IMAGES = 10_000  # ADM: precision / recall against the reference batch's 10,000 images
+IS_SPLIT_SIZE = 5_000  # ADM: Inception Score over contiguous chunks of 5,000 samples
 
 
 # -----------------------------------------------------------------------------------------
@@ -93,14 +98,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (ddof 1, as ``np.cov``) of (N, D) features, in float64."""
-    x = np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise DcditError(f"need at least 2 images for a covariance, got features of shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
 class RunningStats:
     """Mean and covariance accumulated batch by batch (float64 sums), for reference sets too
     large to keep their features (e.g. all of ImageNet train)."""
@@ -124,73 +121,29 @@ class RunningStats:
         return mu, sigma
 
 
-def inception_score(logits_or_probs: np.ndarray, splits: int = 10) -> float:
-    """ADM's Inception Score: mean over contiguous splits of exp(E_x KL(p(y|x) ‖ p(y))).
+def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """ADM's Inception Score: mean over contiguous chunks of ``split_size`` samples (ADM: 5,000;
+    the last chunk may be shorter) of exp(E_x KL(p(y|x) ‖ p(y))).
 
-    Rows that are non-negative and sum to 1 are taken as probabilities; anything else as
-    logits and passed through a softmax (float64).
+    The chunk rule matters: ten equal splits agree with ADM only at N = 50,000 (at N = 10,000
+    ADM takes two chunks of 5,000). Rows that are non-negative and sum to 1 are taken as
+    probabilities; anything else as logits and passed through a softmax (float64).
     """
-    x = np.asarray(logits_or_probs, np.float64)
+    x = np.asarray(logits_or_probs)  # no copy: each chunk is converted to float64 on its own
     if x.ndim != 2 or x.shape[0] == 0:
         raise DcditError(f"Inception Score needs (N, classes) predictions, got shape {x.shape}")
-    is_probs = (x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-6)
-    probs = x if is_probs else scipy.special.softmax(x, axis=1)
+    if split_size < 1:
+        raise DcditError(f"Inception Score split size must be >= 1, got {split_size}")
+    chunks = [x[i : i + split_size] for i in range(0, len(x), split_size)]
+    is_probs = all((c >= 0).all() and np.allclose(c.astype(np.float64).sum(axis=1), 1.0, atol=1e-6) for c in chunks)
     scores = []
-    for part in np.array_split(probs, min(splits, len(probs))):
-        p_y = part.mean(axis=0, keepdims=True)  # marginal over the split
+    for part in chunks:
+        part = part.astype(np.float64)
+        part = part if is_probs else scipy.special.softmax(part, axis=1)
+        p_y = part.mean(axis=0, keepdims=True)  # marginal over the chunk
         kl = scipy.special.rel_entr(part, p_y).sum(axis=1)  # p log(p / p_y), 0 where p = 0
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores))
-
-
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (n, m) between the rows of a (n, D) and b (m, D)."""
-    return (a.square().sum(1)[:, None] - 2.0 * (a @ b.T) + b.square().sum(1)[None, :]).clamp_min_(0)
-
-
-def _row_block(n_cols: int, budget: int = 1 << 24) -> int:
-    """Rows per distance block so that one block holds about ``budget`` float64 values."""
-    return max(1, budget // max(n_cols, 1))
-
-
-def _knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Squared distance from each row of x to its k-th nearest other row."""
-    radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    step = _row_block(len(x))
-    for i in range(0, len(x), step):
-        d = _sq_dists(x[i : i + step], x)  # (rows, N), each row's own 0 included
-        radii[i : i + step] = d.kthvalue(k + 1, dim=1).values
-    return radii
-
-
-def _coverage(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor) -> float:
-    """Fraction of queries inside at least one ball (points[j], radii[j])."""
-    inside = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
-    cols = min(len(points), 1 << 14)
-    rows = _row_block(cols)
-    for j in range(0, len(points), cols):
-        p, r = points[j : j + cols], radii[j : j + cols]
-        for i in range(0, len(queries), rows):
-            inside[i : i + rows] |= (_sq_dists(queries[i : i + rows], p) <= r[None, :]).any(dim=1)
-    return float(inside.double().mean())
-
-
-def precision_recall(real_feats, fake_feats, k: int = 3, device: str | torch.device | None = None) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019), as in the ADM evaluator.
-
-    Each set's manifold is the union of balls around its points with radius = distance to the
-    k-th nearest neighbour in the same set. Precision: share of fakes inside the real manifold;
-    recall: share of reals inside the fake manifold.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float64, device=device)
-    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float64, device=device)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise DcditError(f"precision/recall: features must be (N, D) with one D, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    if min(len(real), len(fake)) <= k:
-        raise DcditError(f"precision/recall with k={k} need more than {k} images per set, got {len(real)} and {len(fake)}")
-    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
-    return _coverage(fake, real, real_radii), _coverage(real, fake, fake_radii)
 
 
 # -----------------------------------------------------------------------------------------
@@ -296,6 +249,45 @@ def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, tot
         plain_log(f"{description}: {meter.count} images, {rate}")
 
 
+@dataclass
+class Activations:
+    """What the metrics need from N images, held once: ``pool`` (N, 2048) and ``logits``
+    (N, 1008) float32 (precision / recall and IS need every row), and running mean / covariance
+    of pool and spatial features (FID, sFID), so the 2023-d spatial features are never kept."""
+
+    pool: np.ndarray
+    logits: np.ndarray
+    pool_stats: RunningStats
+    spatial_stats: RunningStats
+
+    @classmethod
+    def from_features(cls, pool: np.ndarray, logits: np.ndarray, spatial: np.ndarray) -> "Activations":
+        acts = cls(pool, logits, RunningStats(pool.shape[1]), RunningStats(spatial.shape[1]))
+        acts.pool_stats.update(pool)
+        acts.spatial_stats.update(spatial)
+        return acts
+
+
+class _Rows:
+    """Rows appended batch by batch into one array allocated for ``total`` rows when known
+    (no concatenation copy at 50,000 images), else collected and concatenated."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.array, self.parts, self.n = total, None, [], 0
+
+    def add(self, x: np.ndarray) -> None:
+        if self.total is None:
+            self.parts.append(x)
+        else:
+            if self.array is None:
+                self.array = np.empty((self.total, *x.shape[1:]), x.dtype)
+            self.array[self.n : self.n + len(x)] = x
+        self.n += len(x)
+
+    def result(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.total is None else self.array[: self.n]
+
+
 def compute_activations(
     images: np.ndarray | Iterable[np.ndarray],
     extractor: InceptionFeatures,
@@ -303,18 +295,40 @@ def compute_activations(
     *,
     total: int | None = None,
     description: str = "inception",
-) -> dict[str, np.ndarray]:
-    """Inception features of uint8 (N, H, W, 3) images (an array or an iterable of batches):
-    ``pool`` (N, 2048), ``logits`` (N, 1008), ``spatial`` (N, 2023), float32."""
+) -> Activations:
+    """Inception features of uint8 (N, H, W, 3) images (an array or an iterable of at most
+    ``total`` images in batches)."""
     if total is None and isinstance(images, np.ndarray):
         total = len(images)
-    parts = {"pool": [], "logits": [], "spatial": []}
+    pool, logits = _Rows(total), _Rows(total)
+    pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
     for _, feats in _iter_activations(images, extractor, batch_size, total, description):
-        for name in parts:
-            parts[name].append(feats[name])
-    if not parts["pool"]:
+        pool.add(feats["pool"])
+        logits.add(feats["logits"])
+        pool_stats.update(feats["pool"])
+        spatial_stats.update(feats["spatial"])
+    if pool.n == 0:
         raise DcditError("no images to evaluate")
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    return Activations(pool.result(), logits.result(), pool_stats, spatial_stats)
+
+
+def sample_metrics(acts: Activations, ref: Reference, ref_pool: np.ndarray | None, *, split_size: int = IS_SPLIT_SIZE,
+                   distances: str = "adm", device: str | torch.device | None = None) -> dict:
+    """The metric step: FID, sFID, IS and precision / recall of the samples' activations against
+    the reference's statistics and (for precision / recall) its pool features."""
+    (mu, sigma), (mu_s, sigma_s) = acts.pool_stats.result(), acts.spatial_stats.result()
+    precision = recall = None
+    if ref_pool is not None:
+        precision, recall = precision_recall(ref_pool, acts.pool, k=3, device=device, distances=distances)
+    return {
+        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+        "inception_score": inception_score(acts.logits, split_size=split_size),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": int(len(acts.pool)),
+        "num_ref": int(len(ref_pool)) if ref_pool is not None else 0,
+    }
 
 
 def _warn_skipped(source) -> None:
@@ -327,6 +341,21 @@ def _warn_skipped(source) -> None:
 # -----------------------------------------------------------------------------------------
 
 
+def reference_features(ref: Reference, extractor: InceptionFeatures, batch_size: int = 50) -> np.ndarray | None:
+    """The reference's pool features for precision / recall (its first 10,000 images), filling in
+    its FID / sFID statistics from ``arr_0`` when the file has none. None without ``arr_0``."""
+    if ref.images is None:
+        print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
+        return None
+    limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
+    acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size,
+                               total=limit or ref.images.num, description="reference")
+    if not ref.has_stats:
+        ref.mu, ref.sigma = acts.pool_stats.result()
+        ref.mu_s, ref.sigma_s = acts.spatial_stats.result()
+    return acts.pool[:PR_REF_IMAGES]
+
+
 def evaluate(
     samples: str | Path | NpzImages | FolderImages,
     ref: str | Path | Reference,
@@ -334,13 +363,15 @@ def evaluate(
     *,
     num: int | None = None,
     batch_size: int = 50,
-    splits: int = 10,
+    split_size: int = IS_SPLIT_SIZE,
+    distances: str = "adm",
     device: str | torch.device | None = None,
     extractor: InceptionFeatures | None = None,
 ) -> dict:
     """ADM-evaluator metrics of ``samples`` against the reference batch ``ref``: FID and sFID
-    (against the reference's statistics), Inception Score (10 splits) and precision / recall
-    (k = 3, against the reference's first 10,000 images)."""
+    (against the reference's statistics), Inception Score (contiguous chunks of ``split_size``)
+    and precision / recall (k = 3, against the reference's first 10,000 images, distances in
+    ``distances`` precision: see :func:`precision_recall`)."""
     OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).done()
     samples = samples if isinstance(samples, (NpzImages, FolderImages)) else load_samples(samples)
     ref = ref if isinstance(ref, Reference) else load_reference(ref)
@@ -351,34 +382,11 @@ def evaluate(
     n = samples.num if num is None else num
     acts = compute_activations(samples.batches(batch_size, limit=n), extractor, batch_size, total=n, description="samples")
     _warn_skipped(samples)
-    if num is not None and len(acts["pool"]) < num:
-        raise DcditError(f"asked for {num} samples but only {len(acts['pool'])} under {samples.path} are readable: lower --num")
+    if num is not None and len(acts.pool) < num:
+        raise DcditError(f"asked for {num} samples but only {len(acts.pool)} under {samples.path} are readable: lower --num")
 
-    ref_pool = None
-    if ref.images is not None:
-        limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
-        ref_acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size, total=limit or ref.images.num, description="reference")
-        if not ref.has_stats:
-            ref.mu, ref.sigma = feature_stats(ref_acts["pool"])
-            ref.mu_s, ref.sigma_s = feature_stats(ref_acts["spatial"])
-        ref_pool = ref_acts["pool"][:PR_REF_IMAGES]
-    else:
-        print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
-
-    mu, sigma = feature_stats(acts["pool"])
-    mu_s, sigma_s = feature_stats(acts["spatial"])
-    precision = recall = None
-    if ref_pool is not None:
-        precision, recall = precision_recall(ref_pool, acts["pool"], k=3, device=extractor.device)
-    return {
-        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
-        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
-        "inception_score": inception_score(acts["logits"], splits=splits),
-        "precision": precision,
-        "recall": recall,
-        "num_samples": int(len(acts["pool"])),
-        "num_ref": int(len(ref_pool)) if ref_pool is not None else 0,
-    }
+    ref_pool = reference_features(ref, extractor, batch_size)
+    return sample_metrics(acts, ref, ref_pool, split_size=split_size, distances=distances, device=extractor.device)
 
 
 def make_reference(

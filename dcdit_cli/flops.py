@@ -15,6 +15,7 @@ exact cost at every M, which we sum per sample and per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -137,6 +138,32 @@ def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:
     return forward_flops * 2 * (sampling_steps - 1) / 1e12
 
 
+def per_image_flops(model_cfg, kept, saved=None) -> np.ndarray:
+    """FLOPs each image actually cost: the exact ungated forward cost at its kept count (a DiT's are
+    its fixed patch tokens) minus what DyDiT's gates skipped (``saved``, the same shape), summed
+    over the sampler steps and CFG halves. ``kept``: (steps, images, halves) or (steps, images)
+    counts. The one place that turns kept tokens into FLOPs."""
+    kept = torch.as_tensor(np.asarray(kept), dtype=torch.float64)
+    kept = kept[..., None] if kept.ndim == 2 else kept  # (steps, images, halves)
+    cost = _static_cost_cached(model_cfg)(kept).expand_as(kept)
+    if saved is not None and np.size(saved):
+        cost = cost - torch.as_tensor(np.asarray(saved), dtype=torch.float64).view_as(kept)
+    return cost.sum(dim=(0, 2)).numpy()
+
+
+# Counting builds the model: once per configuration (ModelConfig is frozen, hence hashable).
+_static_cost_cached = functools.lru_cache(maxsize=8)(static_cost)
+
+
+def table1_tflops(model_cfg, kept, sampling_steps: int, saved=None) -> float:
+    """TFLOPs/img in paper Table 1's convention from measured kept counts (and DyDiT's savings):
+    the images' mean forward cost × 2 (CFG halves, counted even when guidance is off) ×
+    (sampling_steps − 1)."""
+    kept = np.asarray(kept)
+    forwards = kept.shape[0] * (kept.shape[2] if kept.ndim == 3 else 1)
+    return tflops_per_image(float(per_image_flops(model_cfg, kept, saved).mean()) / forwards, sampling_steps)
+
+
 def param_count(model_cfg) -> int:
     with torch.device("meta"):
         model = build_model(model_cfg)
@@ -163,28 +190,21 @@ def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None) -> Flo
     shape); else the target N is used, and for a gated recipe λ times the ungated cost (Table 4)."""
     m, steps = recipe.model, recipe.diffusion.sampling_steps
     params = param_count(m)
-    cost = static_cost(m)
     kind = m.kind + ("+dydit" if m.dynamic == "dydit" else "")
     L = m.input_size**2
     if kept_per_step is None:
         kept = (m.input_size // m.patch_size) ** 2 if m.kind == "dit" else max(1, round(L / m.target_ratio))
         lam = recipe.train.flops_target if m.dynamic == "dydit" else 1.0
         source = ("fixed patchify" if m.kind == "dit" else "target N") + (f" × λ {lam:g}" if lam != 1.0 else "")
-        return FlopsRow(name, kind, params, tflops_per_image(cost(kept) * lam, steps), L / kept, source)
-    kept = torch.as_tensor(kept_per_step, dtype=torch.float64)  # (steps, images, 2 halves) or (steps, images)
-    per_image = cost(kept)
-    if saved_per_step is not None and np.size(saved_per_step):
-        per_image = per_image - torch.as_tensor(saved_per_step, dtype=torch.float64)
-    per_image = per_image.sum(dim=0)  # summed over steps (and halves)
-    per_image = per_image.sum(-1) if kept.ndim == 3 else per_image * 2
-    scale = (steps - 1) / kept.shape[0]  # convention: steps − 1 forwards per image
-    tflops = float(per_image.mean()) * scale / 1e12
+        return FlopsRow(name, kind, params, tflops_per_image(_static_cost_cached(m)(kept) * lam, steps), L / kept, source)
+    kept = np.asarray(kept_per_step, dtype=np.float64)  # (steps, images, halves) or (steps, images)
     source = "checkpoint + data" + (" (gates as run)" if m.dynamic == "dydit" else "")
-    return FlopsRow(name, kind, params, tflops, float(L / kept.mean()), source)
+    return FlopsRow(name, kind, params, table1_tflops(m, kept, steps, saved_per_step), float(L / kept.mean()), source)
 
 
-def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bool) -> list[FlopsRow]:
-    """What `dcdit flops` does: build the rows, print a rich table or JSON."""
+def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) -> list[FlopsRow]:
+    """What `dcdit flops` does: build the rows, print a rich table or JSON. ``measured``: None or
+    (name, recipe, kept counts) from :func:`dcdit_cli.sample.measure_kept_tokens`."""
     import json
 
     from rich.table import Table
@@ -192,17 +212,12 @@ def run_flops(recipes, all_recipes: bool, ckpt, num: int, overrides, as_json: bo
     from dcdit_cli.console import DcditError, console
     from dcdit_cli.recipe import available_recipes, load_recipe
 
-    from dcdit_cli.options import OptionCheck
-
-    OptionCheck().count("--num", num, example=4).done()
     rows = []
-    if ckpt is not None:
-        from dcdit_cli.sample import measure_kept_tokens
-
-        name, recipe, kept, saved = measure_kept_tokens(ckpt, num=num)
+    if measured is not None:
+        name, recipe, kept, saved = measured
         rows.append(flops_row(name, recipe, kept_per_step=kept, saved_per_step=saved))
     names = available_recipes() if all_recipes else list(recipes)
-    if not names and ckpt is None:
+    if not names and measured is None:
         raise DcditError("nothing to count: pass --recipe NAME, --all or --ckpt RUN")
     rows += [flops_row(n, load_recipe(n, overrides)) for n in names]
     if as_json:

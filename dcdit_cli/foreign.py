@@ -284,6 +284,8 @@ def official_recipe(cfg: dict, source, name: str):
         n = n[0] if isinstance(n, list) and len(n) == 1 else n
         if not isinstance(n, (int, float)):
             problems.append(f"downsample_factor {n} (one stage, one N)")
+        if diff["noise_schedule"] != "linear":
+            problems.append(f"noise_schedule {diff['noise_schedule']!r} (dcdit has DiT's linear β schedule)")
         if tr["class_dropout_prob"] <= 0:
             problems.append("class_dropout_prob 0 (dcdit's label table always has the CFG null row)")
         if problems:
@@ -301,7 +303,7 @@ def official_recipe(cfg: dict, source, name: str):
                    "learn_sigma": tr["learn_sigma"], "patch_size": 1, "scaffold_width": scaffold, "encoder_blocks": enc,
                    "decoder_blocks": dec, "router": "predictive", "target_ratio": float(n),
                    "smoothing_sigma": float(hnet["dechunk_kernel_sigma"]), "force_endpoints": True, "norm_eps": 1e-5},
-            diffusion={"num_timesteps": diff["diffusion_steps"], "noise_schedule": diff["noise_schedule"]},
+            diffusion={"num_timesteps": diff["diffusion_steps"]},
             data={"path": f"features/imagenet{image}", "image_size": image, "num_classes": data["num_classes"]},
             train={"global_batch": tr["global_batch_size"], "lr": float(tr["learning_rate"]),
                    "weight_decay": float(tr["weight_decay"]), "grad_clip": float(tr["max_grad_norm"]),

@@ -96,6 +96,30 @@ class Axes:
     def line(self, xs, ys, fill, width: int) -> None:
         self.draw.line([self.px(x, y) for x, y in zip(xs, ys)], fill=fill, width=width, joint="curve")
 
+    def points(self, xs, ys, fill, radius: int = 5, labels=None) -> None:
+        """Filled circles with a black rim, each optionally labelled to its upper right."""
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            px, py = self.px(x, y)
+            self.draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=fill, outline=(0, 0, 0))
+            if labels is not None:
+                self.draw.text((px + radius + 2, py - radius - 12), labels[i], font=self.font, fill=(60, 60, 60))
+
+
+def legend(draw: ImageDraw.ImageDraw, x: int, y: int, entries, font) -> None:
+    """A row of (label, colour) entries starting at (x, y)."""
+    for label, colour in entries:
+        draw.ellipse([x, y + 2, x + 12, y + 14], fill=colour, outline=(0, 0, 0))
+        draw.text((x + 18, y), label, font=font, fill=(0, 0, 0))
+        x += 36 + text_width(draw, label, font)
+
+
+def padded_limits(values, pad: float = 0.08) -> tuple[float, float, list[float]]:
+    """Nice ticks around the values with a margin, and the limits they span."""
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    span = (hi - lo) or max(abs(hi), 1.0)
+    ticks = nice_ticks(lo - pad * span, hi + pad * span)
+    return ticks[0], ticks[-1], ticks
+
 
 
 

@@ -96,6 +96,7 @@ class RunConfig:
     seed: int = bounded("[0, 2**63)", 0)
     """Global seed: data order, noise and label dropout are functions of (seed, step, rank)."""
     description: str = ""
+    """One line saying what the recipe is for (shown in docs and stored with the run)."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,17 @@ class ModelConfig:
     input_size: int = bounded("[1, inf)", 32)
     """Side of the model's input grid (latent side for VAE runs: image_size / 8)."""
     in_channels: int = bounded("[1, inf)", 4)
+    """Channels of the model's input (4 for SD-VAE latents, 3 for the pixel-space shapes set)."""
     hidden_size: int = bounded("[1, inf)", 768)
     """Transformer width D."""
     depth: int = bounded("[1, inf)", 12)
     """Number of DiT blocks in the inner network."""
     num_heads: int = bounded("[1, inf)", 12)
+    """Attention heads of every block (hidden_size must be divisible by it)."""
     mlp_ratio: float = bounded("(0, inf)", 4.0)
+    """MLP hidden width as a multiple of the block width."""
     num_classes: int = bounded("[1, inf)", 1000)
+    """Class labels; one more embedding row is the null class for classifier-free guidance."""
     learn_sigma: bool = True
     """Predict the learned-range variance (output channels 2·C)."""
     patch_size: int = bounded("[1, inf)", 2)
@@ -119,7 +124,9 @@ class ModelConfig:
     scaffold_width: int = bounded("[1, inf)", 192)
     """DC-DiT only: encoder/decoder width e (paper: D/4)."""
     encoder_blocks: int = bounded("[1, inf)", 2)
+    """DC-DiT only: full-resolution blocks of width e before the router."""
     decoder_blocks: int = bounded("[1, inf)", 2)
+    """DC-DiT only: full-resolution blocks of width e after the de-chunk layer."""
     router: str = one_of("cosine", "random", "predictive")
     """'cosine' (paper §3.3), 'random' (the random-boundary ablation, paper §4.3) or 'predictive'
     (the authors' released router, REFERENCE §1; their checkpoints need it)."""
@@ -144,9 +151,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     num_timesteps: int = bounded("[1, inf)", 1000)
-    noise_schedule: str = one_of("linear")
+    """Diffusion steps T of the linear β schedule (1e-4 to 0.02, DiT / ADM)."""
     sampling_steps: int = bounded("[1, inf)", 250)
-    """Respaced DDPM steps used for sampling (and for the FLOP convention)."""
+    """Respaced sampler steps: the default of `sample`, `viz-boundaries` and `eval`, and the
+    step count of the FLOP convention (TFLOPs/img counts steps − 1 forwards)."""
 
 
 @dataclass(frozen=True)
@@ -158,26 +166,35 @@ class DataConfig:
     image_size: int = bounded("[1, inf)", 256)
     """Pixel size of the images (shapes: the generated size)."""
     num_classes: int = bounded("[1, inf)", 1000)
+    """Classes in the data (must equal model.num_classes)."""
     flip: str = one_of("random", "none")
     """'random': a random horizontal flip when the shards do not store both flips; 'none'."""
-    num_workers: int = bounded("[0, inf)", 4)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = bounded("[0, inf)", 400_000)
+    """Optimizer steps of the run (paper: 400K)."""
     global_batch: int = bounded("[1, inf)", 256)
+    """Images per optimizer step over all processes (paper: 256)."""
     micro_batch: int = bounded("[0, inf)", 0)
     """Per-process batch; 0 means global_batch / world_size (no accumulation)."""
     lr: float = bounded("[0, inf)", 1e-4)
+    """AdamW learning rate, constant after warm-up (DiT: 1e-4)."""
     warmup_steps: int = bounded("[0, inf)", 0)
+    """Linear learning-rate warm-up steps (0: none, as DiT)."""
     betas: list[float] = bounded("[0, 1)", factory=lambda: [0.9, 0.999])
+    """AdamW (β1, β2)."""
     weight_decay: float = bounded("[0, inf)", 0.0)
+    """AdamW weight decay (DiT: 0)."""
     grad_clip: float = bounded("[0, inf)", 1.0)
+    """Gradient-norm clipping (reference code: 1.0)."""
     ema_decay: float = bounded("[0, 1]", 0.9999)
+    """Decay of the EMA weights that `sample` and `eval` use."""
     mixed_precision: str = one_of("bf16", "fp16", "no")
     """'bf16', 'fp16' or 'no'."""
     label_dropout: float = bounded("[0, 1)", 0.1)
+    """Probability of replacing a label by the null class (trains the unconditional half of CFG)."""
     ratio_loss_weight: float = bounded("[0, inf)", 0.03)
     """λ of the ratio loss (paper §4.1)."""
     flops_target: float = bounded("(0, 1]", 0.7)
@@ -185,18 +202,25 @@ class TrainConfig:
     flops_loss_weight: float = bounded("[0, inf)", 1.0)
     """Weight of the FLOPs loss; DyDiT adds it to the diffusion loss unweighted [choice: 1.0, its code is unreleased]."""
     log_every_steps: int = bounded("[1, inf)", 100)
+    """Steps between log lines and metrics.jsonl records."""
     ckpt_every_steps: int = bounded("[1, inf)", 10_000)
+    """Steps between checkpoints (and exported EMA weights)."""
     keep_last: int = bounded("[1, inf)", 3)
+    """Checkpoints kept on disk; older ones are pruned."""
     multi_budget_start_step: int = bounded("[-1, inf)", -1)
     """From this step on, draw one tail-dropping fraction per step (-1: off)."""
     multi_budget_fractions: list[float] = bounded("[0, 1)", factory=lambda: [0.0, 0.1, 0.2, 0.3])
+    """The fractions drawn from in multi-budget training (README default {0, 0.1, 0.2, 0.3})."""
 
 
 @dataclass(frozen=True)
 class UpcycleConfig:
     source_patch_size: int = bounded("[1, inf)", 2)
+    """Patch size P of the pretrained DiT that `upcycle` / `distill` copy from."""
     source_input_size: int = bounded("[1, inf)", 32)
+    """Latent grid side of the pretrained DiT (32 for 256 px)."""
     freeze_embedders: bool = True
+    """Keep the copied timestep and class embedders frozen (paper §4.4)."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +228,7 @@ class DistillConfig:
     steps: int = bounded("[0, inf)", 0)
     """Activation-distillation warm-up steps before the diffusion objective (0: none)."""
     weight: float = bounded("[0, inf)", 1.0)
+    """Weight of the activation-distillation MSE during the warm-up."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +238,9 @@ class SampleConfig:
     guided_channels: int = bounded("[0, inf)", 3)
     """CFG guides the first N epsilon channels (DiT convention: 3); 0 means all channels."""
     method: str = one_of("ddpm", "ddim")
+    """Sampler: 'ddpm' or 'ddim' (η = 0)."""
     budget: float = bounded("[0, 1)", 0.0)
+    """Tail-dropping fraction f in [0, 1) of elastic inference (0 keeps every boundary)."""
     uncond_budget: float = bounded("[-1, 1)", -1.0)
     """Lite-CFG budget of the unconditional half; -1 means the same as budget."""
 
@@ -221,8 +248,11 @@ class SampleConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = bounded("[1, inf)", 50_000)
+    """Samples per setting in `dcdit eval` (ADM and the paper: 50,000)."""
     cfg_scale: float = bounded("[1, inf)", 1.5)
+    """Guidance scale of `dcdit eval` when --cfg-scales is not given (DiT's FID setting: 1.5)."""
     batch_size: int = bounded("[1, inf)", 64)
+    """Images per sampling batch and process in `dcdit eval` (the unit of resume)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -236,6 +266,12 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "eval": EvalConfig,
 }
+
+REMOVED_KEYS: dict[str, str] = {
+    "diffusion.noise_schedule": "the β schedule is always DiT's linear one",
+    "data.num_workers": "data loading needs no worker processes",
+}
+"""Keys that recipes once had: dropped from recipes stored in old checkpoints, an error in files."""
 
 @dataclass(frozen=True)
 class Recipe:
@@ -343,8 +379,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     return problems
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validates a nested dict against the schema, collecting every problem."""
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", drop_removed: bool = False) -> Recipe:
+    """Validates a nested dict against the schema, collecting every problem. ``drop_removed``:
+    ignore :data:`REMOVED_KEYS` (recipes stored by older versions) instead of reporting them."""
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for name, values in data.items():
@@ -360,6 +397,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         kwargs = {}
         for key, value in values.items():
             full = f"{name}.{key}"
+            if full in REMOVED_KEYS:
+                if not drop_removed:
+                    problems.append(f"{full} was removed ({REMOVED_KEYS[full]}): delete the line")
+                continue
             if key not in hints:
                 problems.append(f"unknown key {full}{_suggest(key, hints)}")
                 continue
@@ -448,7 +489,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 def recipe_from_toml(text: str, source: str) -> Recipe:
     """A recipe stored in a checkpoint's metadata or a run directory."""
     try:
-        return recipe_from_dict(tomllib.loads(text), source=source)
+        return recipe_from_dict(tomllib.loads(text), source=source, drop_removed=True)
     except tomllib.TOMLDecodeError as e:
         raise DcditError(f"{source}: the stored recipe is not valid TOML ({e})") from None
 

@@ -24,7 +24,7 @@ from dcdit_cli.console import DcditError, MetricsWriter, RateMeter, plain_log, p
 from dcdit_cli.recipe import Recipe, recipe_diff, recipe_from_toml
 
 # Keys that may change when a run is resumed; any other change is refused with the diff.
-RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.num_workers", "data.path"}
+RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.path"}
 
 
 #################################################################################

@@ -257,7 +257,7 @@ def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title:
 # ----------------------------------------------------------------------------------------
 
 
-def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int = 8, budget: float = 0.0,
+def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int = 8, budget: float | None = None,
             out_dir: Path = Path("boundaries"), seed: int = 0, cfg_scale: float | None = None,
             steps: int | None = None, vae: str | None = None, as_json: bool = False) -> dict:
     """What `dcdit viz-boundaries` does; returns the JSON summary plus the paths written.
@@ -277,10 +277,8 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     if recipe.model.kind != "dcdit":
         raise DcditError(f"{ckpt} is a {recipe.model.kind} checkpoint: it patchifies with a fixed grid and has no "
                          "router to draw; pass a DC-DiT run (model.kind = 'dcdit')")
-    steps = recipe.diffusion.sampling_steps if steps is None else steps
-    cfg_scale = recipe.sample.cfg_scale if cfg_scale is None else cfg_scale
-    opts = SampleOptions(cfg_scale=cfg_scale, steps=steps, method="ddpm", budget=budget,
-                         guided_channels=recipe.sample.guided_channels or None, seed=seed)
+    opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, budget=budget, seed=seed)
+    steps, cfg_scale, budget = opts.steps, opts.cfg_scale, opts.budget
     cols = column_steps(steps, timesteps)
     decoder = Decoder(recipe, vae, device)
     G, out_dir = recipe.model.input_size, Path(out_dir)
@@ -299,7 +297,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
             mask, kept = mask.astype(bool), kept.astype(bool)  # (S, B, G, G) each
             for b, i in enumerate(idx):
                 title = "  ·  ".join([f"sample {i}", f"class {int(traj.labels[b])}", f"budget {budget:g}",
-                                      f"cfg {cfg_scale:g}", f"{steps} DDPM steps", f"weights step {step}"])
+                                      f"cfg {cfg_scale:g}", f"{steps} {opts.method.upper()} steps", f"weights step {step}"])
                 sheet = boundary_sheet(frames[:, b], p[:, b], mask[:, b], kept[:, b], traj.t_cols, title)
                 path = out_dir / f"sample-{i:03d}.png"
                 write_png(path, sheet)
@@ -311,12 +309,13 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
 
     summary = out_dir / "compression_vs_t.png"
     title = (f"{recipe.run.name}: {L} tokens, budget {budget:g}, cfg {cfg_scale:g}, {num} samples, "
-             f"{steps} DDPM steps (conditional half)")
+             f"{steps} {opts.method.upper()} steps (conditional half)")
     write_png(summary, compression_plot(t_all, kept_all, L, title))
     if traj.gates:  # a DyDiT-gated model (paper §4.5): heads / MLP groups against t, tokens that skipped the MLP
         gates_png = out_dir / "gates_vs_t.png"
         write_png(gates_png, gates_figure(t_all, traj.gates, t_cols, [traj.gates[k] for k in cols], G,
-                                          f"{recipe.run.name}: DyDiT gates, cfg {cfg_scale:g}, {steps} DDPM steps (conditional half)"))
+                                          f"{recipe.run.name}: DyDiT gates, cfg {cfg_scale:g}, {steps} "
+                                          f"{opts.method.upper()} steps (conditional half)"))
 
     mean_kept = kept_cols.mean(axis=1)
     result = {

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["train", "sample", "flops", "upcycle", "distill", "extract", "fid", "viz-boundaries", "convert"]
+COMMANDS = ["train", "sample", "flops", "upcycle", "distill", "extract", "fid", "viz-boundaries", "convert", "eval"]
 
 
 def dcdit(*args, **kw):

@@ -14,6 +14,7 @@ from PIL import Image
 from rich.console import Console
 
 from dcdit_cli import fid
+from dcdit_cli import precision_recall as pr
 from dcdit_cli.console import DcditError
 from dcdit_cli.imaging import center_crop_arr
 
@@ -91,10 +92,25 @@ def test_inception_score_uniform_is_one():
 def test_inception_score_one_hot_over_k_classes_is_k():
     k = 4
     probs = np.eye(10)[np.arange(40) % k]  # every split of 4 holds each class once
-    assert fid.inception_score(probs, splits=10) == pytest.approx(k)
-    assert fid.inception_score(probs, splits=1) == pytest.approx(k)
+    assert fid.inception_score(probs, split_size=4) == pytest.approx(k)
+    assert fid.inception_score(probs, split_size=40) == pytest.approx(k)
     logits = np.where(probs > 0, 50.0, -50.0)  # near one-hot after the softmax
-    assert fid.inception_score(logits, splits=10) == pytest.approx(k, rel=1e-6)
+    assert fid.inception_score(logits, split_size=4) == pytest.approx(k, rel=1e-6)
+
+
+def test_inception_score_uses_adm_contiguous_chunks_of_5000():
+    """N = 10,000: ADM scores two chunks of 5,000 (3.0); ten equal splits of 1,000 give 2.6."""
+    eye = np.eye(8)
+    first = eye[np.repeat([0, 1], 2500)]  # 2,500 × class 0 then 2,500 × class 1: chunk IS 2
+    second = eye[np.arange(5000) % 4]  # classes 0..3 cycling: chunk IS 4
+    probs = np.concatenate([first, second])
+    assert fid.inception_score(probs) == pytest.approx((2 + 4) / 2)
+    # the old rule (10 equal splits = chunks of 1,000): splits of one class score 1, the one
+    # across the switch at 2,500 scores 2
+    assert fid.inception_score(probs, split_size=1000) == pytest.approx((1 + 1 + 2 + 1 + 1 + 5 * 4) / 10)
+    # N = 12,000: chunks 5,000 / 5,000 / 2,000, the last one shorter, as ADM
+    third = eye[np.arange(2000) % 8]
+    assert fid.inception_score(np.concatenate([probs, third])) == pytest.approx((2 + 4 + 8) / 3)
 
 
 # ------------------------------------------------------------------ precision / recall
@@ -116,6 +132,49 @@ def test_precision_recall_fake_inside_part_of_real():
     precision, recall = fid.precision_recall(real, fake, k=3, device="cpu")
     assert precision == 1.0
     assert recall < 0.6
+
+
+def test_precision_recall_fp16_rounding_flips_a_neighbour():
+    """ADM's default distances are float16: a fake that lies inside a real ball falls outside.
+
+    Real 69.25 has radius² 20.25 (its 3rd neighbour is 64.75); fake 73.5 is at distance²
+    18.0625 from it, so it is inside. In float16 (spacing 4 between 4096 and 8192):
+    ‖u‖² = 4795.5625 → 4796, ‖v‖² = 5402.25 → 5404, u·v = 5089.875 → 5088, so
+    d² = (4796 − 10176) + 5404 = 24, while the radius² becomes 20: outside, precision 3/4.
+    """
+    real = np.array([62.25, 64.75, 68.0, 68.25, 69.25])[:, None]
+    fake = np.array([60.25, 63.75, 65.75, 73.5])[:, None]
+    assert fid.precision_recall(real, fake, device="cpu", distances="float64") == (1.0, 1.0)
+    assert fid.precision_recall(real, fake, device="cpu", distances="float32") == (1.0, 1.0)
+    assert fid.precision_recall(real, fake, device="cpu") == (0.75, 1.0)  # distances="adm"
+    radii = pr.manifold_radii(torch.tensor(real, dtype=torch.float32), 3, "adm")
+    assert radii[-1] == 20.0
+
+
+def test_adm_falls_back_to_float32_per_block():
+    """A block whose float16 distances overflow (300² > 65504) is recomputed in float32; the
+    other blocks keep float16 (the radius² of 64 and 67 is 8 there, not 9)."""
+    x = torch.tensor([64.0, 65.0, 66.0, 67.0, 300.0, 301.0, 302.0, 303.0])[:, None]
+    exact = [9.0, 4.0, 4.0, 9.0, 9.0, 4.0, 4.0, 9.0]
+    assert pr.manifold_radii(x, 3, "adm", block=4).tolist() == [8.0, 4.0, 4.0, 8.0, 9.0, 4.0, 4.0, 9.0]
+    assert pr.manifold_radii(x, 3, "adm", block=8).tolist() == exact  # one block, it overflows
+    assert pr.manifold_radii(x, 3, "float32", block=4).tolist() == exact
+    assert pr.manifold_radii(x.double(), 3, "float64", block=3).tolist() == exact
+
+
+def test_precision_recall_blocks_match_one_block(monkeypatch):
+    """Slicing blocks into rows changes nothing: tiny slices give the same answer as whole blocks."""
+    rng = np.random.default_rng(7)
+    real, fake = rng.normal(size=(70, 16)), rng.normal(0.3, 1.0, size=(50, 16))
+    whole = fid.precision_recall(real, fake, device="cpu")
+    monkeypatch.setattr(pr, "_SLICE_VALUES", 40)
+    assert fid.precision_recall(real, fake, device="cpu") == whole
+    assert 0.0 < whole[0] < 1.0 and 0.0 < whole[1] < 1.0
+
+
+def test_precision_recall_rejects_unknown_precision():
+    with pytest.raises(DcditError, match="adm, float32, float64"):
+        fid.precision_recall(np.zeros((5, 2)), np.zeros((5, 2)), distances="half")
 
 
 def test_precision_recall_needs_more_than_k_points():

@@ -84,3 +84,24 @@ def test_batch_flops_count_exactly_the_kept_tokens():
     assert batch_flops(20, 20) - batch_flops(20, 7) == pytest.approx(cost(20) - cost(7), rel=1e-9)
     # Within a half, attention pads to the half's longest sample: only the linear layers shrink.
     assert batch_flops(20, 20, 9, 9) - batch_flops(20, 7, 9, 3) == pytest.approx(cost.b * (13 + 6), rel=1e-9)
+
+
+def test_per_image_flops_is_the_one_cost_function():
+    """Spent FLOPs per image sum the exact forward cost over steps and halves; Table 1's
+    convention rescales the mean forward to 2 halves × (steps − 1)."""
+    import numpy as np
+
+    from dcdit_cli.flops import per_image_flops, table1_tflops
+
+    recipe = load_recipe("tiny")
+    cost = dcdit_cost(recipe.model)
+    kept = np.array([[[16, 8], [4, 4]], [[16, 16], [4, 2]]])  # (2 steps, 2 images, 2 halves)
+    per = per_image_flops(recipe.model, kept)
+    assert per[0] == pytest.approx(cost(16) + cost(8) + cost(16) + cost(16))
+    assert per[1] == pytest.approx(cost(4) + cost(4) + cost(4) + cost(2))
+    assert table1_tflops(recipe.model, kept, 250) == pytest.approx(per.mean() / 4 * 2 * 249 / 1e12)
+    dit = load_recipe("toy-dit")
+    tokens = (dit.model.input_size // dit.model.patch_size) ** 2
+    one_half = np.full((3, 2, 1), tokens)  # guidance off: one half ran, the convention still counts two
+    steps = dit.diffusion.sampling_steps
+    assert table1_tflops(dit.model, one_half, steps) == pytest.approx(flops_row("toy-dit", dit).tflops_per_img)

@@ -81,3 +81,30 @@ def test_to_toml_roundtrip():
 
     r = load_recipe("xl-n16")
     assert recipe_from_toml(r.to_toml(), "x") == r
+
+
+def test_every_recipe_key_has_a_docstring():
+    from dcdit_cli.recipe_docs import field_docs
+
+    for section, cls in SECTIONS.items():
+        missing = set(cls.__dataclass_fields__) - set(field_docs(cls))
+        assert not missing, f"[{section}] keys without a docstring in recipe.py: {sorted(missing)}"
+
+
+def test_docs_recipes_md_is_up_to_date():
+    from dcdit_cli.recipe_docs import render
+
+    committed = (recipes_dir().parent / "docs" / "recipes.md").read_text(encoding="utf-8")
+    assert committed == render(), "docs/recipes.md is stale: run `python -m dcdit_cli.recipe_docs > docs/recipes.md`"
+    assert "`sampling_steps`" in committed and "`cfg_scale`" in committed
+
+
+def test_removed_keys_error_in_files_and_are_dropped_from_stored_recipes(tmp_path):
+    from dcdit_cli.recipe import recipe_from_toml
+
+    text = (recipes_dir() / "tiny.toml").read_text().replace("[data]\n", "[data]\nnum_workers = 4\n")
+    path = tmp_path / "old.toml"
+    path.write_text(text)
+    with pytest.raises(DcditError, match="data.num_workers was removed.*delete the line"):
+        load_recipe(str(path))
+    assert recipe_from_toml(text, "checkpoint") == load_recipe("tiny")  # an old checkpoint still loads

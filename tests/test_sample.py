@@ -50,7 +50,7 @@ def test_out_of_range_budget_is_one_clear_error(tiny_run):
     run, _, _ = tiny_run
     for bad in (1.0, -0.1):
         with pytest.raises(DcditError, match=r"outside \[0, 1\)"):
-            run_sample(run, 2, SampleOptions(steps=2, budget=bad))
+            run_sample(run, 2, {"steps": 2, "budget": bad})
     proc = subprocess.run([sys.executable, "-m", "dcdit_cli", "sample", "--ckpt", str(run), "--uncond-budget", "1.5"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "outside [0, 1)" in proc.stderr and "Traceback" not in proc.stderr
@@ -59,7 +59,7 @@ def test_out_of_range_budget_is_one_clear_error(tiny_run):
 def test_npz_layout_and_resume(tiny_run, tmp_path):
     run, _, _ = tiny_run
     npz = tmp_path / "s.npz"
-    run_sample(run, 5, SampleOptions(steps=3, cfg_scale=1.0), npz=npz, batch_size=2)
+    run_sample(run, 5, {"steps": 3, "cfg_scale": 1.0}, npz=npz, batch_size=2)
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
     parts = sorted((tmp_path / "s.npz.parts").glob("part-*.npz"))
@@ -67,8 +67,28 @@ def test_npz_layout_and_resume(tiny_run, tmp_path):
     # A rerun skips finished parts: tamper with one and it must come back unchanged.
     first = np.load(parts[0])["images"].copy()
     np.savez(parts[0], images=np.zeros_like(first), labels=np.load(parts[0])["labels"], kept=np.load(parts[0])["kept"])
-    run_sample(run, 5, SampleOptions(steps=3, cfg_scale=1.0), npz=npz, batch_size=2)
+    run_sample(run, 5, {"steps": 3, "cfg_scale": 1.0}, npz=npz, batch_size=2)
     assert (np.load(npz)["arr_0"][:2] == 0).all()
+    # ... but not by a run with other settings: one clear error instead of mixed parts
+    with pytest.raises(DcditError, match="other settings.*cfg_scale"):
+        run_sample(run, 5, {"steps": 3, "cfg_scale": 2.0}, npz=npz, batch_size=2)
+
+
+def test_recipe_is_the_source_of_sampling_defaults(tiny_run, tmp_path):
+    """No flag: the checkpoint recipe's [sample] and diffusion.sampling_steps; a flag overrides one key."""
+    run, _, recipe = tiny_run
+    opts = SampleOptions.from_recipe(recipe)
+    assert (opts.cfg_scale, opts.steps, opts.method, opts.budget) == (recipe.sample.cfg_scale, recipe.diffusion.sampling_steps,
+                                                                      recipe.sample.method, recipe.sample.budget)
+    assert opts.uncond_budget == -1.0 and opts.uncond == opts.budget  # one convention: -1 = as budget
+    assert SampleOptions.from_recipe(recipe, budget=0.3, uncond_budget=None).uncond == 0.3
+    assert SampleOptions.from_recipe(recipe, steps=3, cfg_scale=None).steps == 3
+    with pytest.raises(DcditError, match="--method 'euler'"):
+        SampleOptions.from_recipe(recipe, method="euler")
+    npz = tmp_path / "d.npz"
+    run_sample(run, 2, {"cfg_scale": 1.0}, npz=npz, batch_size=2)  # no --steps: the recipe's 10
+    kept = np.load(tmp_path / "d.npz.parts" / "part-000000.npz")["kept"]
+    assert kept.shape[0] == recipe.diffusion.sampling_steps
 
 
 def test_to_uint8_adm_convention():
@@ -78,7 +98,7 @@ def test_to_uint8_adm_convention():
 
 def test_png_grid_written(tiny_run, tmp_path):
     run, _, _ = tiny_run
-    report = run_sample(run, 4, SampleOptions(steps=3), out=tmp_path / "g.png")
+    report = run_sample(run, 4, {"steps": 3}, out=tmp_path / "g.png")
     from PIL import Image
 
     assert Image.open(tmp_path / "g.png").size[0] > 0 and report.kept_tokens >= 1 and report.tflops_per_img > 0
