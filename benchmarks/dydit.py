@@ -85,7 +85,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.sample import SampleOptions, spent_tflops
+    from dcdit_cli.flops import per_image_flops
+    from dcdit_cli.sample import SampleOptions
+
+    def spent_tflops(recipe, kept, saved=None) -> float:  # TFLOPs actually spent per image
+        return float(per_image_flops(recipe.model, kept, saved).mean()) / 1e12
 
     torch.set_num_threads(1)
     models = {name: load_weights(path) for name, path in (("base", args.base), ("dydit", args.dydit), ("plain", args.plain))}
@@ -95,7 +99,7 @@ def main() -> None:
     steps = args.steps or recipe.diffusion.sampling_steps
     val = {name: validation_loss(m, r, args.val) for name, (m, r, _) in models.items()}
 
-    opts = SampleOptions(cfg_scale=args.cfg_scale, steps=steps, seed=0, guided_channels=recipe.sample.guided_channels or None)
+    opts = SampleOptions(cfg_scale=args.cfg_scale, steps=steps, seed=0, guided_channels=recipe.sample.guided_channels)
     timed = ("plain", "dydit")
     for name in timed:  # warm-up
         sample_once(models[name][0], models[name][1], SampleOptions(cfg_scale=args.cfg_scale, steps=2), args.num)
@@ -108,9 +112,9 @@ def main() -> None:
             logs[name] = (kept, saved)
 
     kept, saved = logs["dydit"]
-    spent = spent_tflops(recipe, kept, steps, saved)
-    ungated = spent_tflops(recipe, kept, steps)
-    plain_spent = spent_tflops(models["plain"][1], logs["plain"][0], steps)
+    spent = spent_tflops(recipe, kept, saved)
+    ungated = spent_tflops(recipe, kept)
+    plain_spent = spent_tflops(models["plain"][1], logs["plain"][0])
     t_plain, t_dydit = statistics.median(times["plain"]), statistics.median(times["dydit"])
     metrics = [json.loads(line) for line in (args.dydit / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = {

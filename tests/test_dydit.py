@@ -290,7 +290,7 @@ def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):
 
     from dcdit_cli.console import DcditError
     from dcdit_cli.flops import flops_row
-    from dcdit_cli.sample import SampleOptions, measure_kept_tokens, run_sample
+    from dcdit_cli.sample import measure_kept_tokens, run_sample
     from dcdit_cli.train import train
     from dcdit_cli.viz import run_viz
 
@@ -301,7 +301,7 @@ def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):
     assert all("flops_loss" in r and "flops_ratio" in r for r in records)
     assert records[0]["flops_ratio"] == pytest.approx(1.0, abs=0.05)  # all on: 1 + the routers' small cost
 
-    report = run_sample(tmp_path / "gated", 2, SampleOptions(cfg_scale=2.0, steps=3), out=tmp_path / "s.png")
+    report = run_sample(tmp_path / "gated", 2, {"cfg_scale": 2.0, "steps": 3}, out=tmp_path / "s.png")
     name, recipe, kept, saved = measure_kept_tokens(tmp_path / "gated", num=2)
     assert saved.shape == kept.shape and saved.any()
     row = flops_row(name, recipe, kept_per_step=kept, saved_per_step=saved)
