@@ -73,6 +73,14 @@ class ModelConfig:
     """Sin-cos positions are evaluated at (r + 0.5)·scale − 0.5 (0.5 when upcycling a DiT/2)."""
     cond_adaptor: bool = False
     """LayerNorm adaptor on the condition inside encoder and decoder (upcycling, REFERENCE §6)."""
+    norm_groups: int = 32
+    """DC-DiT only: GroupNorm groups in the scaffold's res-blocks (paper: 32, i.e. 6 channels per group
+    at e = 192; the largest divisor of the width that is at most this). The toy recipe uses 8: at
+    e = 32, 32 groups would be one channel per group (docs/router-study.md)."""
+    init: str = "dit"
+    """DC-DiT only: 'dit' (DiT's init, the paper's: xavier linears, N(0, 0.02) label table and t-MLP) or
+    'torch' (PyTorch's default init of linears and embeddings; not the paper's, used by the toy recipe,
+    see docs/router-study.md). Identity router, averaging k̄ and every zero init are kept in both."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class DataConfig:
     kind: str = "latents"
-    """'latents' (shards written by `dcdit extract`) or 'shapes' (the built-in procedural set)."""
+    """'latents' (shards written by `dcdit extract`), 'shapes' (the built-in procedural set) or 'photos'
+    (16×16-ish crops of four photographs shipped by scikit-image, `pip install 'dcdit[photos]'`)."""
     path: str = ""
     """Directory of latent shards (kind = 'latents')."""
     image_size: int = 256
@@ -169,8 +178,9 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple] = {
     "model.kind": ("dcdit", "dit"),
     "model.router": ("cosine", "random"),
+    "model.init": ("dit", "torch"),
     "diffusion.noise_schedule": ("linear",),
-    "data.kind": ("latents", "shapes"),
+    "data.kind": ("latents", "shapes", "photos"),
     "data.flip": ("random", "none"),
     "train.mixed_precision": ("bf16", "fp16", "no"),
     "sample.method": ("ddpm", "ddim"),

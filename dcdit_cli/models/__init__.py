@@ -29,6 +29,8 @@ def build_model(model_cfg):
         smoothing_sigma=model_cfg.smoothing_sigma,
         pos_grid_scale=model_cfg.pos_grid_scale,
         cond_adaptor=model_cfg.cond_adaptor,
+        norm_groups=model_cfg.norm_groups,
+        init=model_cfg.init,
         **common,
     )
 

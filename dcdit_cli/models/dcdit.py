@@ -85,6 +85,8 @@ class DCDiT(nn.Module):
         smoothing_sigma: float = 1.0,
         pos_grid_scale: float = 1.0,
         cond_adaptor: bool = False,
+        norm_groups: int = 32,
+        init: str = "dit",
     ):
         super().__init__()
         self.input_size = input_size
@@ -94,25 +96,32 @@ class DCDiT(nn.Module):
         self.hidden_size = hidden_size
         self.target_ratio = target_ratio
         self.pos_grid_scale = pos_grid_scale
+        self.init = init
         # When True, forward also returns every inner block's output in RouterStats.block_outputs
         # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
         self.record_block_outputs = False
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor)
+        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor, norm_groups)
         self.router = Router(hidden_size) if router == "cosine" else RandomRouter(target_ratio)
         self.chunk = ChunkLayer()
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.inner_norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.dechunk = DeChunkLayer(smoothing_sigma)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor)
+        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor, norm_groups)
         self.final_layer = FinalLayer(scaffold_width, self.out_channels, cond_size=hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         initialize_dit_weights(self)
+        if self.init == "torch":  # recipe option, not the paper's: PyTorch's defaults (docs/router-study.md)
+            zero = {id(m.adaLN_modulation[-1]) for m in self.modules() if isinstance(m, (DiTBlock, FinalLayer))}
+            zero.add(id(self.final_layer.linear))
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)) and id(m) not in zero:
+                    m.reset_parameters()
         if isinstance(self.router, Router):
             self.router.initialize_weights()  # identity W_Q, W_K; averaging k̄ (paper §3.3)
         nn.init.zeros_(self.residual_proj.weight)  # REFERENCE §1.8: zero, unlike the reference code
