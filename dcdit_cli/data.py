@@ -8,6 +8,7 @@ Two datasets share one small interface, which is all ``train.py`` reads:
 ``LatentShardDataset`` reads the shards that ``dcdit extract`` writes (REFERENCE §8 [choice]:
 many latents per file, both flips stored, an ``index.json``). ``ShapesDataset`` draws coloured,
 textured shapes from (seed, index) alone: no files, for the ``toy`` and ``tiny`` recipes.
+``PhotosDataset`` (``photos.py``) crops real photographs shipped by scikit-image.
 
 ``batch_indices(seed, step, rank, ...)`` is the only source of data order: a pure function of
 its arguments, so resuming at step k sees exactly the batches a straight run would.
@@ -345,8 +346,12 @@ def make_dataset(data_cfg, seed: int = 0):
     """The dataset a recipe's ``[data]`` section names (``DataConfig``)."""
     if data_cfg.kind == "shapes":
         return ShapesDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
+    if data_cfg.kind == "photos":
+        from .photos import PhotosDataset
+
+        return PhotosDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
     if data_cfg.kind != "latents":
-        raise DcditError(f"data.kind must be 'latents' or 'shapes', got {data_cfg.kind!r}")
+        raise DcditError(f"data.kind must be 'latents', 'shapes' or 'photos', got {data_cfg.kind!r}")
     if not data_cfg.path:
         raise DcditError(f"data.kind = 'latents' but data.path is empty: pass --set data.path=FEATURES ({_EXTRACT_HINT})")
     dataset = LatentShardDataset(data_cfg.path, flip=data_cfg.flip)

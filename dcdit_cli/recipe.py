@@ -146,6 +146,14 @@ class ModelConfig:
     norm_eps: float = bounded("(0, 1)", 1e-5)
     """DC-DiT only: epsilon of the scaffold's GroupNorms and every RMSNorm (the authors' 1e-5;
     the DiT blocks' LayerNorms keep DiT's 1e-6)."""
+    norm_groups: int = bounded("[1, inf)", 32)
+    """DC-DiT only: GroupNorm groups in the scaffold's res-blocks (paper: 32, i.e. 6 channels per group
+    at e = 192; the largest divisor of the width that is at most this). The toy recipe uses 8: at
+    e = 32, 32 groups would be one channel per group (docs/router-study.md)."""
+    init: str = one_of("dit", "torch")
+    """DC-DiT only: 'dit' (DiT's init, the paper's: xavier linears, N(0, 0.02) label table and t-MLP) or
+    'torch' (PyTorch's default init of linears and embeddings; not the paper's, used by the toy recipe,
+    see docs/router-study.md). Identity router, averaging k̄ and every zero init are kept in both."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +167,9 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = one_of("latents", "shapes")
-    """'latents' (shards written by `dcdit extract`) or 'shapes' (the built-in procedural set)."""
+    kind: str = one_of("latents", "shapes", "photos")
+    """'latents' (shards written by `dcdit extract`), 'shapes' (the built-in procedural set) or 'photos'
+    (16×16-ish crops of four photographs shipped by scikit-image, `pip install 'dcdit[photos]'`)."""
     path: str = ""
     """Directory of latent shards (kind = 'latents')."""
     image_size: int = bounded("[1, inf)", 256)
@@ -273,6 +282,7 @@ REMOVED_KEYS: dict[str, str] = {
 }
 """Keys that recipes once had: dropped from recipes stored in old checkpoints, an error in files."""
 
+
 @dataclass(frozen=True)
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
@@ -356,9 +366,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append(f"model.input_size {m.input_size} is not divisible by model.patch_size {m.patch_size}")
     if m.num_classes != d.num_classes:
         problems.append(f"model.num_classes {m.num_classes} differs from data.num_classes {d.num_classes}: set both")
-    if d.kind == "shapes" and (d.image_size != m.input_size or m.in_channels != 3):
+    if d.kind in ("shapes", "photos") and (d.image_size != m.input_size or m.in_channels != 3):
         problems.append(
-            f"data.kind = 'shapes' makes 3 × {d.image_size}² pixel images but the model takes {m.in_channels} × "
+            f"data.kind = '{d.kind}' makes 3 × {d.image_size}² pixel images but the model takes {m.in_channels} × "
             f"{m.input_size}²: set model.input_size = data.image_size and model.in_channels = 3"
         )
     if d.kind == "latents" and d.image_size % m.input_size:

@@ -134,3 +134,23 @@ def test_dit_unpatchify_roundtrip_and_forward():
     img = m.unpatchify(tokens)
     # token (0,0), sub-position (p=1, q=0), channel 2 → index (1·2 + 0)·6 + 2 = 14
     assert img[0, 2, 1, 0] == tokens[0, 0, 14]
+
+
+def test_recipe_options_norm_groups_and_torch_init():
+    """model.norm_groups sets the scaffold's GroupNorms; model.init = 'torch' keeps every structural init."""
+    dit_init, torch_init = DCDiT(**TINY), DCDiT(**TINY, norm_groups=4, init="torch")
+    gns = [m for m in torch_init.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert gns and all(m.num_groups == 4 for m in gns)
+    assert all(m.num_groups == m.num_channels for m in dit_init.modules() if isinstance(m, torch.nn.GroupNorm))  # 16, 32 ≤ 32
+    # The condition: N(0, 0.02) in DiT's init, PyTorch's N(0, 1) table and U(±1/√fan_in) MLP otherwise.
+    assert dit_init.y_embedder.embedding_table.weight.std() < 0.05 < 0.5 < torch_init.y_embedder.embedding_table.weight.std()
+    w = torch_init.t_embedder.mlp[0].weight
+    assert w.abs().max() <= 1 / 256**0.5 and w.std() > 0.5 / 256**0.5
+    # Structural inits are the same in both: identity router, zero residual, adaLN-zero, zero final layer.
+    assert torch.equal(torch_init.router.q_proj.weight, torch.eye(32)) and torch.equal(torch_init.router.k_proj.weight, torch.eye(32))
+    assert torch.count_nonzero(torch_init.residual_proj.weight) == 0 and torch.count_nonzero(torch_init.final_layer.linear.weight) == 0
+    assert all(torch.count_nonzero(b.adaLN_modulation[-1].weight) == 0 for b in torch_init.blocks)
+    assert torch.count_nonzero(torch_init.final_layer.adaLN_modulation[-1].weight) == 0
+    toy = load_recipe("toy").model
+    assert (toy.init, toy.norm_groups) == ("torch", 8)
+    assert (load_recipe("b-n4").model.init, load_recipe("b-n4").model.norm_groups) == ("dit", 32)

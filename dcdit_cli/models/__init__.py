@@ -37,6 +37,8 @@ def build_model(model_cfg):
         cond_adaptor=model_cfg.cond_adaptor,
         force_endpoints=model_cfg.force_endpoints,
         norm_eps=model_cfg.norm_eps,
+        norm_groups=model_cfg.norm_groups,
+        init=model_cfg.init,
         **common,
     ))
 

@@ -85,6 +85,8 @@ class DCDiT(nn.Module):
         cond_adaptor: bool = False,
         force_endpoints: bool = False,
         norm_eps: float = 1e-5,
+        norm_groups: int = 32,
+        init: str = "dit",
         attention: str = "auto",
     ):
         super().__init__()
@@ -96,6 +98,7 @@ class DCDiT(nn.Module):
         self.target_ratio = target_ratio
         self.pos_grid_scale = pos_grid_scale
         self.force_endpoints = force_endpoints  # the release's p = 1 at raster positions 0 and L − 1
+        self.init = init
         # When True, forward also returns every inner block's output in RouterStats.block_outputs
         # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
         self.record_block_outputs = False
@@ -105,19 +108,25 @@ class DCDiT(nn.Module):
 
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor, norm_eps)
+        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor, norm_eps, norm_groups)
         self.router = make_router(router, hidden_size, target_ratio, norm_eps)
         self.chunk = ChunkLayer()
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.inner_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
         self.dechunk = DeChunkLayer(smoothing_sigma)
         self.residual_proj = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor, norm_eps)
+        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor, norm_eps, norm_groups)
         self.final_layer = FinalLayer(scaffold_width, self.out_channels, cond_size=hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         initialize_dit_weights(self)
+        if self.init == "torch":  # recipe option, not the paper's: PyTorch's defaults (docs/router-study.md)
+            zero = {id(m.adaLN_modulation[-1]) for m in self.modules() if isinstance(m, (DiTBlock, FinalLayer))}
+            zero.add(id(self.final_layer.linear))
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)) and id(m) not in zero:
+                    m.reset_parameters()
         if hasattr(self.router, "initialize_weights"):
             self.router.initialize_weights()  # cosine: identity W_Q, W_K, averaging k̄ (§3.3); predictive: bias −1.1
         nn.init.zeros_(self.residual_proj.weight)  # REFERENCE §1.8: zero, unlike the reference code

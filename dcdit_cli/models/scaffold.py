@@ -13,7 +13,7 @@ import torch.nn as nn
 
 
 def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
-    """GroupNorm(32) as in the paper; fewer groups for the tiny test widths."""
+    """GroupNorm(32) as in the paper (``max_groups`` = model.norm_groups); fewer groups for tiny widths."""
     groups = max(g for g in range(1, max_groups + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels, eps=eps)
 
@@ -27,13 +27,13 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, inner_ch: int, cond_size: int, cond_adaptor: bool = False,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, norm_groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_ch, eps=eps)
+        self.norm1 = group_norm(in_ch, norm_groups, eps)
         self.conv1 = nn.Conv2d(in_ch, inner_ch, 3, padding=1)
         self.cond_norm = nn.LayerNorm(cond_size) if cond_adaptor else nn.Identity()
         self.cond_proj = nn.Linear(cond_size, inner_ch)
-        self.norm2 = group_norm(inner_ch, eps=eps)
+        self.norm2 = group_norm(inner_ch, norm_groups, eps)
         self.conv2 = nn.Conv2d(inner_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.act = nn.SiLU()
@@ -57,11 +57,11 @@ class Encoder(nn.Module):
     """Stem Conv3×3(C → e) on the P = 1 grid, res-blocks e→…→D, RMSNorm(D)."""
 
     def __init__(self, in_channels: int, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, norm_groups: int = 32):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList(
-            [ResBlock(i, o, width, hidden_size, cond_adaptor, eps) for i, o in _widths(n_blocks, width, hidden_size)]
+            [ResBlock(i, o, width, hidden_size, cond_adaptor, eps, norm_groups) for i, o in _widths(n_blocks, width, hidden_size)]
         )
         self.norm = nn.RMSNorm(hidden_size, eps=eps)
 
@@ -76,10 +76,11 @@ class Decoder(nn.Module):
     """Res-blocks D→e→…→e on the restored grid, then RMSNorm(e) (REFERENCE §1.9, as in the
     authors' decoder); the final layer follows in DCDiT."""
 
-    def __init__(self, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False, eps: float = 1e-5):
+    def __init__(self, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False, eps: float = 1e-5,
+                 norm_groups: int = 32):
         super().__init__()
         self.blocks = nn.ModuleList(
-            [ResBlock(i, o, width, hidden_size, cond_adaptor, eps) for i, o in _widths(n_blocks, hidden_size, width)]
+            [ResBlock(i, o, width, hidden_size, cond_adaptor, eps, norm_groups) for i, o in _widths(n_blocks, hidden_size, width)]
         )
         self.norm = nn.RMSNorm(width, eps=eps)
 
