@@ -219,7 +219,8 @@ def bench_sample(args) -> None:
 
 def scaffold_fn(side: int, dim: int, batch: int):
     """Router + chunk + de-chunk of a batch on a side×side grid, as one callable."""
-    from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, Router
+    from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer
+    from dcdit_cli.models.routers import Router
 
     torch.manual_seed(0)
     router, chunk, dechunk = Router(dim), ChunkLayer(), DeChunkLayer(1.0)
