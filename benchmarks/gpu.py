@@ -8,6 +8,7 @@ Kept counts are L/4 spread ±30% over the batch (as trained routers give), set t
 model's ``boundary`` argument.
 
     python benchmarks/gpu.py                           # one CUDA GPU, ~3 minutes
+    python benchmarks/gpu.py --compile                 # the same with the blocks compiled (dcdit train --compile)
     python benchmarks/gpu.py --device cpu --smoke      # tiny models on the CPU: checks the script runs
 """
 
@@ -22,7 +23,7 @@ from perf import WithBoundary, kept_masks
 
 from dcdit_cli.flops import count_train_flops, dcdit_cost
 from dcdit_cli.losses import loss_for_recipe
-from dcdit_cli.models import build_model
+from dcdit_cli.models import build_model, compile_blocks
 from dcdit_cli.models.attention import available_backends
 from dcdit_cli.recipe import load_recipe
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script, not the speed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (dcdit train --compile)")
     args = parser.parse_args()
     if args.smoke:
         args.batch, args.repeats = 2, 2
@@ -93,7 +95,8 @@ def main() -> None:
     dtype = torch.bfloat16
     rate = matmul_rate(device, dtype, 512 if args.smoke else 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, batch {args.batch}, bf16 autocast, measured bf16 matmul {rate / 1e12:.1f} TFLOP/s")
+    print(f"{name}, torch {torch.__version__}, batch {args.batch}, bf16 autocast, measured bf16 matmul {rate / 1e12:.1f} TFLOP/s"
+          + (", blocks compiled" if args.compile else ""))
 
     rows = setups(args, device)
     steps, flops = {}, {}
@@ -117,6 +120,9 @@ def main() -> None:
         for p in params:
             p.grad = None
         steps[label] = step
+    if args.compile:  # after counting: FLOPs are counted on the eager model
+        for model in {id(m): m for m in (getattr(r[2], "model", r[2]) for r in rows)}.values():
+            compile_blocks(model)
 
     peak = {}
     for k, fn in steps.items():  # warm-up and peak memory, one model at a time

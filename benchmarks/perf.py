@@ -285,41 +285,44 @@ def bench_attention(args) -> None:
 
 
 def bench_compile(args) -> None:
-    """torch.compile(dynamic=True) as the kept counts change: one toy-width DiT block on packed tokens
-    (default), or the whole toy DC-DiT training step (``--whole``); recompiles and time against eager."""
+    """torch.compile as the kept counts change, on the toy DC-DiT training step: its transformer blocks
+    compiled with dynamic shapes (``dcdit train --compile``, the default here), or the whole model
+    (``--whole``); recompiles, graph breaks, agreement with eager and time against eager."""
+    import copy
+
     import torch._dynamo as dynamo
 
-    from dcdit_cli.models.attention import PackedLayout
-    from dcdit_cli.models.dit import DiTBlock
+    from dcdit_cli.models import compile_blocks
 
     torch.manual_seed(0)
+    recipe = load_recipe("toy")
+    eager, loss_fn = build_model(recipe.model), loss_for_recipe(recipe)
+    x, y, t = inputs(recipe, args.batch)
+    batches = [kept_masks(args.batch, recipe.model.input_size, 4.0, 0.3, seed=s) for s in range(args.steps)]
     if args.whole:
-        recipe = load_recipe("toy")
-        model, loss_fn = build_model(recipe.model), loss_for_recipe(recipe)
-        x, y, t = inputs(recipe, args.batch)
-        batches = [kept_masks(args.batch, recipe.model.input_size, 4.0, 0.3, seed=s) for s in range(args.steps)]
-        step = lambda m, b: loss_fn(WithBoundary(m, b), x, y, t=t)[0].backward()  # noqa: E731
+        compiled = torch.compile(copy.deepcopy(eager), dynamic=True)
     else:
-        model = DiTBlock(96, 4)
-        g = torch.Generator().manual_seed(0)
-        batches = [(torch.randint(16, 96, (args.batch,), generator=g)).tolist() for _ in range(args.steps)]
+        compiled = copy.deepcopy(eager)
+        compile_blocks(compiled)
 
-        def step(m, lengths):
-            valid = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
-            layout = PackedLayout.from_valid(valid, sum(lengths), "sdpa_pad")
-            tokens = torch.randn(sum(lengths), 96, requires_grad=True)
-            m(tokens, torch.randn(len(lengths), 96), layout).square().mean().backward()
+    def step(m, b, seed=0):
+        torch.manual_seed(seed)  # the loss draws its noise: the same draw for both models
+        loss = loss_fn(WithBoundary(m, b), x, y, t=t)[0]
+        loss.backward()
+        return loss.detach()
 
-    compiled = torch.compile(model, dynamic=True)
     dynamo.utils.counters.clear()
     cold = timed(lambda: step(compiled, batches[0]))
     later = [timed(lambda b=b: step(compiled, b)) for b in batches[1:]]
     graphs = dynamo.utils.counters["stats"]["unique_graphs"]
-    times = interleaved({"eager": lambda: step(model, batches[1]), "compiled": lambda: step(compiled, batches[1])}, args.repeats)
-    what = "the toy DC-DiT training step" if args.whole else "a width-96 DiT block on packed tokens (fwd + bwd)"
-    print(f"torch.compile(dynamic=True), {what}, batch {args.batch}, {args.steps} batches with different kept counts")
+    breaks = sum(dynamo.utils.counters["graph_break"].values())
+    gap = max(float((step(compiled, b, i) - step(eager, b, i)).abs()) for i, b in enumerate(batches[:3]))
+    times = interleaved({"eager": lambda: step(eager, batches[1]), "compiled": lambda: step(compiled, batches[1])}, args.repeats)
+    what = "the whole model" if args.whole else "its transformer blocks"
+    print(f"torch.compile(dynamic=True) of {what}: toy DC-DiT training step, batch {args.batch}, "
+          f"{args.steps} batches with different kept counts")
     print(f"  cold compile + first step {cold:.1f} s; later steps {', '.join(f'{s:.2f}' for s in later)} s; "
-          f"unique graphs {graphs}; graph breaks {sum(dynamo.utils.counters['graph_break'].values())}")
+          f"unique graphs {graphs}; graph breaks {breaks}; |loss compiled − eager| ≤ {gap:.1e}")
     print(f"  step time compiled / eager = {times['compiled'] / times['eager']:.2f} (median of {args.repeats}, interleaved)")
 
 
@@ -334,7 +337,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--components", action="store_true", help="train: also the forward time by component")
-    parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT step, not one block")
+    parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT, not its blocks")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -111,6 +111,7 @@ def flops(
         "  dcdit train --recipe b-n4 --resume runs/b-n4/checkpoints/step-0100000\n\n"
         "  dcdit train --recipe s-n4-official --init-from 0400000.pt --set train.max_steps=450000   # fine-tune a release\n\n"
         "  dcdit train --recipe toy-dydit --init-from runs/toy   # DyDiT gates fine-tuned onto a trained DC-DiT\n\n"
+        "  dcdit train --recipe b-n4 --compile   # torch.compile the transformer blocks\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
         "To resume, run the same command again: it continues from the newest complete checkpoint."
     )
@@ -122,6 +123,8 @@ def train(
     resume: Optional[Path] = ResumeOpt,
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start from these weights: a run dir, dcdit .safetensors, the authors' .pt or hf:amd/…; new DyDiT gates keep their init."),
+    compile_: bool = typer.Option(
+        False, "--compile", help="torch.compile the transformer blocks (dynamic shapes: no recompiles as the kept count changes)."),
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
@@ -130,7 +133,8 @@ def train(
     from dcdit_cli.train import train as run_train
 
     out_dir = out or Path("runs") / cfg.run.name
-    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), init_from=init_from)
+    weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), init_from=init_from,
+                        compile_blocks=compile_)
     _next_steps(out_dir, weights)
 
 

@@ -112,7 +112,7 @@ def check_finite(accelerator, first_bad: torch.Tensor, last_ckpt) -> None:
         )
 
 
-def environment(accelerator) -> dict:
+def environment(accelerator, compiled: bool = False) -> dict:
     import accelerate
 
     from dcdit_cli.models.attention import select_backend
@@ -128,6 +128,7 @@ def environment(accelerator) -> dict:
         "platform": platform.platform(),
         "cuda_devices": torch.cuda.device_count(),
         "attention_backend": select_backend(accelerator.device),
+        "compile": "blocks" if compiled else "none",
     }
 
 
@@ -150,7 +151,7 @@ class Objective:
     until_step: int | None = None
 
 
-def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: str, accelerator):
+def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: str, accelerator, compiled: bool):
     """Prepares runs/<name>; returns the checkpoint to resume from (or None): the newest intact one."""
     from dcdit_cli.atomic import remove_stale_temps, write_json, write_text
     from dcdit_cli.checkpoint import find_latest
@@ -180,7 +181,7 @@ def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: 
         write_text(stored, recipe.to_toml())
         with open(out_dir / "command.txt", "a", encoding="utf-8") as f:
             f.write(command + "\n")
-        write_json(out_dir / "env.json", environment(accelerator), indent=2)
+        write_json(out_dir / "env.json", environment(accelerator, compiled), indent=2)
     return ckpt
 
 
@@ -193,6 +194,7 @@ def train(
     model_setup: Callable | None = None,
     objectives: list[Objective] | None = None,
     init_from: Path | None = None,
+    compile_blocks: bool = False,
 ) -> Path | None:
     """Trains ``recipe`` into ``out_dir``; returns the last exported EMA weights.
 
@@ -201,7 +203,8 @@ def train(
     then diffusion); by default one diffusion phase. init_from: weights to start from (a run
     dir, dcdit weights or the authors' .pt; fine-tuning, e.g. DyDiT gates on a trained DC-DiT), loaded before the optimizer is
     built; when the run resumes, its own checkpoint wins. A run that fails before its first
-    checkpoint leaves no run directory behind (when this call created it).
+    checkpoint leaves no run directory behind (when this call created it). compile_blocks:
+    ``torch.compile`` the transformer blocks (:func:`dcdit_cli.models.compile_blocks`).
     """
     from dcdit_cli.atomic import check_output
     from dcdit_cli.checkpoint import resolve_weights
@@ -213,14 +216,14 @@ def train(
         resolve_weights(init_from)  # a missing file is reported before the run directory is touched
     new_run = not out_dir.exists()
     try:
-        return _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from)
+        return _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, compile_blocks)
     except BaseException:
         if new_run and is_main_process() and not any((out_dir / "checkpoints").glob("step-*")):
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
 
-def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from) -> Path | None:
+def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, compiled) -> Path | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -228,7 +231,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     from dcdit_cli.data import batch_indices, check_fits_model, make_dataset
     from dcdit_cli.diffusion import make_diffusion, to_device
     from dcdit_cli.losses import loss_for_recipe
-    from dcdit_cli.models import build_model
+    from dcdit_cli.models import build_model, compile_blocks
     from dcdit_cli.processes import watch_ranks
 
     t_cfg, m_cfg = recipe.train, recipe.model
@@ -237,7 +240,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = batch_plan(t_cfg.global_batch, t_cfg.micro_batch, world)
     watch_ranks(accelerator, command)
-    ckpt_path = _run_dir_setup(recipe, out_dir, resume, command, accelerator)
+    ckpt_path = _run_dir_setup(recipe, out_dir, resume, command, accelerator, compiled)
 
     diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
     set_seed(recipe.run.seed)
@@ -261,6 +264,8 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
         print0(f"[bold]resuming[/] from {state['path']} at step {start_step}")
     if world > 1:
         match_grad_strides(model)
+    if compiled:
+        compile_blocks(model)  # after the EMA copy: the EMA model samples in eager mode
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]

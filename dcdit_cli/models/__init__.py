@@ -43,4 +43,16 @@ def build_model(model_cfg):
     ))
 
 
-__all__ = ["DCDiT", "DiT", "RouterStats", "build_model"]
+def compile_blocks(model) -> None:
+    """``torch.compile`` every transformer block in place, with dynamic shapes.
+
+    The DC-DiT's blocks see a new packed length N = Σ M every step; compiled with dynamic shapes
+    they do not recompile as it changes (docs/performance.md). Compiling the blocks, not the whole
+    model, keeps the scaffold's one host synchronisation outside the graphs, and the state-dict
+    names unchanged (``nn.Module.compile`` wraps the call, not the module).
+    """
+    for block in model.blocks:
+        block.compile(dynamic=True)
+
+
+__all__ = ["DCDiT", "DiT", "RouterStats", "build_model", "compile_blocks"]

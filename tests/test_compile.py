@@ -1,0 +1,66 @@
+"""torch.compile of the transformer blocks (``dcdit train --compile``): the numbers of eager mode,
+one graph for every kept count, the same state-dict names."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from safetensors.torch import load_file
+
+from dcdit_cli.models import build_model, compile_blocks
+from dcdit_cli.recipe import load_recipe
+from dcdit_cli.train import train
+
+pytestmark = pytest.mark.slow  # Inductor's cold compile takes 10–30 s on 2 cores
+
+
+def _boundary(counts: list[int], side: int) -> torch.Tensor:
+    """(B, L) masks keeping counts[b] tokens at random positions."""
+    g = torch.Generator().manual_seed(sum(counts))
+    mask = torch.zeros(len(counts), side * side, dtype=torch.bool)
+    for b, m in enumerate(counts):
+        mask[b, torch.randperm(side * side, generator=g)[:m]] = True
+    return mask
+
+
+def test_compiled_blocks_match_eager_without_recompiling_as_kept_counts_change():
+    recipe = load_recipe("tiny")
+    torch.manual_seed(0)
+    eager = build_model(recipe.model)
+    for p in eager.parameters():  # trained-like weights: DiT's init zeroes the adaLN outputs
+        p.data.add_(0.05 * torch.randn_like(p))
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    side = recipe.model.input_size
+    x, y, t = torch.randn(3, recipe.model.in_channels, side, side), torch.tensor([0, 1, 2]), torch.tensor([5, 500, 900])
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    for counts in ([16, 9, 21], [5, 30, 12], [40, 3, 17]):  # N = 46, 47, 60; M_max = 21, 30, 40
+        outs = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            out, _ = model(x, t, y, boundary=_boundary(counts, side))
+            out.square().mean().backward()
+            outs.append((out.detach(), [p.grad.clone() for p in model.blocks.parameters()]))
+        (out_e, grads_e), (out_c, grads_c) = outs
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+        for g_c, g_e in zip(grads_c, grads_e):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-6)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1  # every block, every N: one graph
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def test_train_compile_records_it_and_writes_the_usual_weights(tmp_path):
+    recipe = load_recipe("tiny", ["train.max_steps=2"])
+    train(recipe, tmp_path / "eager")
+    train(recipe, tmp_path / "compiled", compile_blocks=True)
+    env = json.loads((tmp_path / "compiled" / "env.json").read_text())
+    assert env["compile"] == "blocks"
+    assert json.loads((tmp_path / "eager" / "env.json").read_text())["compile"] == "none"
+    a = load_file(str(tmp_path / "eager" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
