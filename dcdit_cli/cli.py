@@ -34,6 +34,8 @@ app = typer.Typer(
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/NAME.toml) or path to a .toml file.")
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.lr=2e-4 (TOML literal; repeatable).")
 PrintOpt = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit.")
+CompileOpt = typer.Option(
+    False, "--compile", help="torch.compile the transformer blocks (dynamic shapes: no recompiles as the kept count changes).")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>).")
 ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N.")
 PrDistancesOpt = typer.Option(
@@ -123,8 +125,7 @@ def train(
     resume: Optional[Path] = ResumeOpt,
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start from these weights: a run dir, dcdit .safetensors, the authors' .pt or hf:amd/…; new DyDiT gates keep their init."),
-    compile_: bool = typer.Option(
-        False, "--compile", help="torch.compile the transformer blocks (dynamic shapes: no recompiles as the kept count changes)."),
+    compile_: bool = CompileOpt,
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
@@ -196,12 +197,13 @@ def upcycle(
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
     resume: Optional[Path] = ResumeOpt,
+    compile_: bool = CompileOpt,
     print_recipe: bool = PrintOpt,
 ):
     """Upcycle a pretrained DiT into a DC-DiT and train it (paper §4.4, Table 3)."""
     from dcdit_cli.upcycle import upcycle as run_upcycle
 
-    _run_from_dit(run_upcycle, recipe, source, set_, out, resume, print_recipe)
+    _run_from_dit(run_upcycle, recipe, source, set_, out, resume, compile_, print_recipe)
 
 
 @app.command(
@@ -222,22 +224,23 @@ def distill(
     set_: Optional[List[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
     resume: Optional[Path] = ResumeOpt,
+    compile_: bool = CompileOpt,
     print_recipe: bool = PrintOpt,
 ):
     """Upcycle a DiT with an activation-distillation warm-up, then diffusion (paper §4.4, Table 3)."""
     from dcdit_cli.upcycle import distill as run_distill
 
-    _run_from_dit(run_distill, recipe, source, set_, out, resume, print_recipe)
+    _run_from_dit(run_distill, recipe, source, set_, out, resume, compile_, print_recipe)
 
 
-def _run_from_dit(run, recipe, source, set_, out, resume, print_recipe) -> None:
+def _run_from_dit(run, recipe, source, set_, out, resume, compile_, print_recipe) -> None:
     """Shared by upcycle and distill: recipe, --from check, run, next steps."""
     cfg = _recipe(recipe, set_)
     _maybe_print(cfg, print_recipe)
     if source is None:
         raise DcditError("no --from given: pass the pretrained DiT checkpoint, e.g. --from DiT-XL-2-256x256.pt")
     out_dir = out or Path("runs") / cfg.run.name
-    weights = run(cfg, source, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]))
+    weights = run(cfg, source, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), compile_blocks=compile_)
     _next_steps(out_dir, weights)
 
 

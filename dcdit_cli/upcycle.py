@@ -210,9 +210,11 @@ def upcycle(
     resume: Path | None = None,
     command: str = "",
     distill: bool = False,
+    compile_blocks: bool = False,
 ) -> Path | None:
     """`dcdit upcycle` (and `dcdit distill` with ``distill=True``): DiT checkpoint → DC-DiT,
     then the shared training loop into ``out_dir``; returns the last exported EMA weights.
+    compile_blocks: ``torch.compile`` the student's transformer blocks (``--compile``).
 
     Everything is checked (file, sizes, recipe) and the report printed before the run
     directory is touched. Rerunning the same command resumes (the checkpoint is read again:
@@ -251,9 +253,11 @@ def upcycle(
             write_json(Path(out_dir) / "upcycle.json", info)
         return model
 
-    return train(recipe, Path(out_dir), resume=resume, command=command, model_setup=model_setup, objectives=objectives)
+    return train(recipe, Path(out_dir), resume=resume, command=command, model_setup=model_setup, objectives=objectives,
+                 compile_blocks=compile_blocks)
 
 
-def distill(recipe: Recipe, source: Path, out_dir: Path, *, resume: Path | None = None, command: str = "") -> Path | None:
+def distill(recipe: Recipe, source: Path, out_dir: Path, *, resume: Path | None = None, command: str = "",
+            compile_blocks: bool = False) -> Path | None:
     """`dcdit distill`: upcycle ``source`` into a DC-DiT, distillation warm-up, then diffusion, in one run."""
-    return upcycle(recipe, source, out_dir, resume=resume, command=command, distill=True)
+    return upcycle(recipe, source, out_dir, resume=resume, command=command, distill=True, compile_blocks=compile_blocks)
