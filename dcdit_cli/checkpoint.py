@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dcdit_cli.atomic import (
+    check_output,
     file_sha256,
     fsync_dir,
     remove_stale_temps,
@@ -189,6 +190,18 @@ def load_checkpoint(path: Path) -> dict:
         raise DcditError(f"{path} is not a readable dcdit checkpoint ({e}); pass another --resume or delete it") from None
 
 
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """ValueError when a per-parameter state tensor (AdamW's moments) does not have its parameter's
+    shape: torch would load it and fail only at the first step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in state_dict.get("state", {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"optimizer state for parameter {index!r} of {len(params)}")
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(params[index].shape):
+                raise ValueError(f"optimizer {name} of parameter {index}: {tuple(value.shape)} vs {tuple(params[index].shape)}")
+
+
 def load_into(module, state_dict: dict, source: Path, what: str, may_be_new: str | None = None) -> list[str]:
     """``module.load_state_dict(state_dict)`` with a one-line DcditError when the shapes or names
     differ (a checkpoint of another recipe) instead of torch's dump of every tensor.
@@ -198,6 +211,7 @@ def load_into(module, state_dict: dict, source: Path, what: str, may_be_new: str
     returns those keys."""
     try:
         if isinstance(module, torch.optim.Optimizer):
+            _check_optimizer_shapes(module, state_dict)
             module.load_state_dict(state_dict)
             return []
         own = module.state_dict()
@@ -304,8 +318,21 @@ def init_from(model: torch.nn.Module, path: Path) -> list[str]:
 def convert_weights(source: Path, out_dir: Path, weights: str = "ema") -> Path:
     """`dcdit convert`: any checkpoint :func:`read_weights` reads → dcdit weights (safetensors
     with the resolved recipe in the metadata) under ``out_dir``/weights, plus ``out_dir``/recipe.toml."""
+    from dcdit_cli.recipe import recipe_diff, recipe_from_toml
+
+    out_dir = check_output(Path(out_dir), "--out", directory=True)
+    if (out_dir / "checkpoints").exists():
+        raise DcditError(f"--out {out_dir} holds a training run: write the converted weights to a new directory")
     state, recipe, step = read_weights(source, weights)
-    out_dir = Path(out_dir)
+    stored = out_dir / "recipe.toml"
+    if stored.is_file():
+        try:
+            changed = recipe_diff(recipe_from_toml(stored.read_text(encoding="utf-8"), source=str(stored)), recipe)
+        except (DcditError, UnicodeDecodeError):
+            changed = ["its recipe.toml does not load"]
+        if changed:
+            raise DcditError(f"--out {out_dir} holds weights of another recipe ({'; '.join(changed[:3])}): "
+                             f"write to a new directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "recipe.toml", recipe.to_toml())
+    write_text(stored, recipe.to_toml())
     return export_weights(out_dir, step, state, recipe.to_toml(), keep_last=1_000_000)

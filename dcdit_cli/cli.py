@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dcdit_cli.console import DcditError, console
+from dcdit_cli.console import DcditError, console, print_table
 
 app = typer.Typer(
     name="dcdit",
@@ -318,7 +318,7 @@ def fid(
     if json_:
         print(json.dumps(result, indent=2, default=str))
     elif make_ref is None:
-        console.print(metrics.report_table(result))
+        print_table(metrics.report_table(result))
     else:
         console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped)")
 
@@ -399,10 +399,11 @@ def viz_boundaries(
 
 @app.command(
     "eval",
+    context_settings={"allow_extra_args": True},  # --compare A B C: the values after A arrive as extra args
     epilog=(
         "Examples:\n\n"
         "  dcdit eval --ckpt runs/xl-n4 --ref VIRTUAL_imagenet256_labeled.npz --num 50000 --cfg-scales 1.0   # a Table 1 row\n\n"
-        "  dcdit eval --ckpt runs/b-n4-multibudget --ref REF.npz --budgets 0,0.1,0.2,0.3 --compare runs/dit-b-p2\n\n"
+        "  dcdit eval --ckpt runs/b-n4-multibudget --ref REF.npz --budgets 0,0.1,0.2,0.3 --compare runs/dit-b-p2 runs/b-n4-random\n\n"
         "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --cfg-scales 1.25 --budgets 0 --uncond-budget 0.9   # Lite-CFG\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli eval --ckpt runs/xl-n4 --ref REF.npz\n\n"
         "  dcdit eval --ckpt runs/toy --ref ref.npz --num 64 --steps 20 --inception-weights inception.pth\n\n"
@@ -412,6 +413,7 @@ def viz_boundaries(
     ),
 )
 def eval_(
+    ctx: typer.Context,
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     ref: Path = typer.Option(..., "--ref", help="Reference batch: ADM's VIRTUAL_imagenet256_labeled.npz or `dcdit fid --make-ref`."),
     num: Optional[int] = typer.Option(None, "--num", help="Samples per setting (default: the recipe's eval.num_samples)."),
@@ -424,7 +426,8 @@ def eval_(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/eval)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights (or $DCDIT_INCEPTION_WEIGHTS)."),
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
-    compare: Optional[List[Path]] = typer.Option(None, "--compare", help="Other runs' eval.json (file, eval dir or run dir) to overlay; repeatable."),
+    compare: Optional[List[Path]] = typer.Option(
+        None, "--compare", help="Other runs' eval.json (file, eval dir or run dir) to overlay: --compare A B C, or repeated."),
     pr_distances: str = PrDistancesOpt,
 ):
     """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img."""
@@ -432,9 +435,12 @@ def eval_(
 
     from dcdit_cli.eval import parse_floats, run_eval
 
+    if ctx.args and not compare:
+        raise DcditError(f"unexpected argument(s) {' '.join(ctx.args)}: eval takes options only (see dcdit eval --help)")
+    compare = [*(compare or []), *map(Path, ctx.args)]
     run_eval(ckpt, ref, num=num, budgets=parse_floats(budgets, "--budgets"), uncond_budget=uncond_budget,
              cfg_scales=parse_floats(cfg_scales, "--cfg-scales"), steps=steps, seed=seed, batch_size=batch_size, out=out,
-             inception_weights=inception_weights, vae=vae, compare=compare or [], distances=pr_distances,
+             inception_weights=inception_weights, vae=vae, compare=compare, distances=pr_distances,
              command=" ".join(["dcdit", *sys.argv[1:]]))
     PartialState().destroy_process_group()  # clean exit of multi-process runs (REFERENCE §11)
 

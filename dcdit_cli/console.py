@@ -48,6 +48,17 @@ def print0(*args, **kwargs) -> None:
         console.print(*args, **kwargs)
 
 
+def print_table(table) -> None:
+    """A rich table on rank 0; into a log or a pipe at its natural width (up to 240 columns), since
+    rich would otherwise fold it to the 80 columns it assumes without a terminal and cut numbers."""
+    if not is_main_process():
+        return
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(file=console.file, width=240, highlight=False).print(table)
+
+
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|[\x00-\x08\x0b-\x1f\x7f]")
 
 

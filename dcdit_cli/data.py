@@ -85,6 +85,9 @@ def read_index(path: str | Path) -> dict:
         raise DcditError(f"{index_path} has malformed 'shards' or 'latent_shape' entries: rerun {_EXTRACT_CMD}")
     if not isinstance(index["image_size"], int) or index["image_size"] < 1:
         raise DcditError(f"{index_path} has image_size {index['image_size']!r}, not a positive integer: rerun {_EXTRACT_CMD}")
+    classes = index.get("classes", [])
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DcditError(f"{index_path} has 'classes' {classes!r}, not a list of class names: rerun {_EXTRACT_CMD}")
     if sum(s["count"] for s in index["shards"]) == 0:
         raise DcditError(f"{root} holds zero images: {_EXTRACT_HINT} from a folder of class subfolders")
     return index
@@ -133,7 +136,10 @@ class LatentShardDataset:
             counts.append(n)
         self.num_flips = self._latents[0].shape[1]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (S+1,)
-        self.num_classes = len(self.classes) if self.classes else int(max(int(l.max()) for l in self._labels)) + 1
+        low, high = min(int(l.min()) for l in self._labels), max(int(l.max()) for l in self._labels)
+        if low < 0:
+            raise DcditError(f"{self.root} holds a negative class label ({low}): rerun {_EXTRACT_CMD}")
+        self.num_classes = max(len(self.classes), high + 1)  # labels the model must be able to embed
 
     def __len__(self) -> int:
         return int(self._starts[-1])

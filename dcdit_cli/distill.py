@@ -95,7 +95,7 @@ class DistillLoss:
         self.patch_size = teacher.patch_size
         self.weight = weight
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None):
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
         loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise)
         if stats is None or stats.block_outputs is None:
             raise RuntimeError("activation distillation needs the student's block outputs: set model.record_block_outputs = True")

@@ -20,14 +20,17 @@ Outputs in ``--out`` (default ``RUN/eval``)::
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcdit_cli.console import DcditError, console, print0
+from dcdit_cli.console import DcditError, print0, print_table
 
 EVAL_FILE = "eval.json"
+PLOTTED = ("fid", "tflops_per_img")
+"""The fields of a record that the figures plot, checked when a record is read."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,14 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
     return values
 
 
+def settings_for(recipe, budgets: list[float] | None, uncond_budget: float | None,
+                 cfg_scales: list[float] | None) -> list[Setting]:
+    """Every guidance scale × budget; what is not given comes from the recipe (eval.cfg_scale,
+    sample.budget, sample.uncond_budget), as `dcdit sample` takes it."""
+    uncond = recipe.sample.uncond_budget if uncond_budget is None else uncond_budget
+    return [Setting(c, b, uncond) for c in (cfg_scales or [recipe.eval.cfg_scale]) for b in (budgets or [recipe.sample.budget])]
+
+
 def default_out(ckpt: Path) -> Path:
     """RUN/eval for a run directory, else eval/ beside the weights file's run."""
     ckpt = Path(ckpt)
@@ -81,9 +92,15 @@ def load_records(path: Path) -> list[dict]:
         records = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DcditError(f"{path} is not a readable {EVAL_FILE} ({e}): delete it or pass another file") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "fid" in r for r in records):
-        raise DcditError(f"{path} is not a list of `dcdit eval` records: delete it or pass another file")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and all(_finite(r.get(k)) for k in PLOTTED)
+                                                 for r in records):
+        raise DcditError(f"{path} is not a list of `dcdit eval` records (each with a finite {' and '.join(PLOTTED)}): "
+                         f"delete it or pass another file")
     return records
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def versions() -> dict:
@@ -117,25 +134,31 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     from accelerate import PartialState
 
     from dcdit_cli import fid
+    from dcdit_cli.atomic import write_json, write_png
     from dcdit_cli.checkpoint import load_weights
     from dcdit_cli.eval_figures import elastic_figure, pareto_figure
-    from dcdit_cli.precision_recall import DISTANCE_PRECISIONS
+    from dcdit_cli.options import OptionCheck
+    from dcdit_cli.precision_recall import check_distances
     from dcdit_cli.sample import SampleOptions, sample_npz
 
     # Every input is checked before the first image is sampled.
     _, recipe, step = load_weights(ckpt)
-    settings = [Setting(c, b, -1.0 if uncond_budget is None else uncond_budget)
-                for c in (cfg_scales or [recipe.eval.cfg_scale]) for b in (budgets or [recipe.sample.budget])]
+    check = OptionCheck()
+    for b in budgets or []:
+        check.fraction("--budgets", b)
+    for c in cfg_scales or []:
+        check.cfg_scale("--cfg-scales", c)
+    check.output("--out", Path(out) if out is not None else default_out(ckpt), directory=True).done()
+    settings = settings_for(recipe, budgets, uncond_budget, cfg_scales)
     for s in settings:
         SampleOptions.from_recipe(recipe, steps=steps, seed=seed, **s.flags())  # bad budget / steps → one line, now
     num = recipe.eval.num_samples if num is None else num
     batch_size = recipe.eval.batch_size if batch_size is None else batch_size
     if num < 4 or batch_size < 1:
         raise DcditError(f"--num {num} / --batch-size {batch_size}: evaluate at least 4 samples (precision/recall use k = 3) in batches of >= 1")
-    if distances not in DISTANCE_PRECISIONS:
-        raise DcditError(f"--pr-distances {distances!r}: use one of {', '.join(DISTANCE_PRECISIONS)}")
+    check_distances(distances)
     reference = fid.load_reference(ref)
-    fid.resolve_inception_weights(inception_weights)
+    extractor = fid.load_inception(inception_weights)  # a bad weights file is reported now, not after sampling
     others = [(p, load_records(find_eval_json(p))) for p in compare]
     out = Path(out) if out is not None else default_out(ckpt)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -149,17 +172,16 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
                              batch_size, vae) for s in settings}
     if not state.is_main_process:
         return []  # no barrier after this: rank 0 may evaluate for longer than a collective's timeout
-    extractor = fid.load_inception(inception_weights)
     ref_pool = fid.reference_features(reference, extractor)
     args = dict(steps=steps, seed=seed, distances=distances, ref=ref, ckpt=ckpt, command=command)
     records = [_evaluate_setting(s, report, recipe, step, extractor, reference, ref_pool, out, num, args)
                for s, report in reports.items()]
     merged = merge_records(old, records)
-    (out / EVAL_FILE).write_text(json.dumps(merged, indent=1))
-    pareto_figure(merged, others, f"{recipe.run.name}: FID against inference cost").save(out / "pareto.png")
-    elastic_figure(merged, f"{recipe.run.name}: quality and cost across tail-dropping budgets").save(out / "elastic.png")
+    write_json(out / EVAL_FILE, merged, indent=1)
+    write_png(out / "pareto.png", pareto_figure(merged, others, f"{recipe.run.name}: FID against inference cost"))
+    write_png(out / "elastic.png", elastic_figure(merged, f"{recipe.run.name}: quality and cost across tail-dropping budgets"))
     table = results_table(merged, f"dcdit eval: {recipe.run.name} (weights step {step}, {num:,} samples)")
-    console.print(table, width=None if console.is_terminal else 132)  # logs: no truncated numbers
+    print_table(table)
     print0(f"wrote {out / EVAL_FILE}, {out / 'pareto.png'}, {out / 'elastic.png'}")
     return records
 

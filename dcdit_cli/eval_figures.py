@@ -56,11 +56,12 @@ def pareto_figure(records: list[dict], others: list[tuple[Path, list[dict]]], ti
 
 
 def elastic_figure(records: list[dict], title: str) -> Image.Image:
-    """Two panels against the budget f: FID, and TFLOPs/img; one line per guidance scale."""
+    """Two panels against the budget f: FID, and TFLOPs/img; one line per guidance scale (and per
+    Lite-CFG unconditional budget, which gets its own line)."""
     image = Image.new("RGB", (2 * _W - 160, _H), (255, 255, 255))
     draw, big, small = ImageDraw.Draw(image), font(15), font(12)
     centered(draw, image.width / 2, 8, title, big)
-    scales = sorted({r["cfg_scale"] for r in records})
+    series = sorted({_series(r) for r in records}, key=lambda k: (k[0], -1.0 if k[1] is None else k[1]))
     b0, b1, bt = padded_limits([r["budget"] for r in records])
     panel_w = (image.width - 2 * _PAD - 60) // 2
     small_cost = max(r["tflops_per_img"] for r in records) < 0.01  # toy models: GFLOPs keep the ticks short
@@ -70,15 +71,22 @@ def elastic_figure(records: list[dict], title: str) -> Image.Image:
         left = _PAD + k * (panel_w + _PAD + 30)
         ax = Axes(image, (left, 60, left + panel_w, _H - 100), (b0, b1), (y0, y1), small)
         ax.frame(bt, yt, "tail-dropping budget f (share of boundaries dropped)", label, label.split(" (")[0])
-        for i, c in enumerate(scales):
-            recs = sorted((r for r in records if r["cfg_scale"] == c), key=lambda r: r["budget"])
+        for i, k in enumerate(series):
+            recs = sorted((r for r in records if _series(r) == k), key=lambda r: r["budget"])
             xs, ys = [r["budget"] for r in recs], [r[key] * scale for r in recs]
             colour = SAMPLE_COLOURS[i % len(SAMPLE_COLOURS)]
             if len(xs) > 1:
                 ax.line(xs, ys, colour, 2)
             ax.points(xs, ys, colour)
-    legend(draw, _PAD, _H - 36, [(f"cfg {c:g}", SAMPLE_COLOURS[i % len(SAMPLE_COLOURS)]) for i, c in enumerate(scales)], small)
+    names = [f"cfg {c:g}" + ("" if u is None else f", uncond budget {u:g}") for c, u in series]
+    legend(draw, _PAD, _H - 36, [(n, SAMPLE_COLOURS[i % len(SAMPLE_COLOURS)]) for i, n in enumerate(names)], small)
     return image
+
+
+def _series(record: dict) -> tuple[float, float | None]:
+    """(guidance scale, the unconditional half's budget when Lite-CFG sets it apart, else None)."""
+    uncond = record.get("uncond_budget", record["budget"])
+    return record["cfg_scale"], None if uncond == record["budget"] else uncond
 
 
 __all__ = ["pareto_figure", "elastic_figure"]

@@ -50,7 +50,7 @@ from dcdit_cli.fid_data import (
     load_samples,
 )
 from dcdit_cli.imaging import center_crop_arr
-from dcdit_cli.precision_recall import precision_recall
+from dcdit_cli.precision_recall import check_distances, precision_recall
 
 INCEPTION_WEIGHTS_ENV = "DCDIT_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -373,6 +373,7 @@ def evaluate(
     and precision / recall (k = 3, against the reference's first 10,000 images, distances in
     ``distances`` precision: see :func:`precision_recall`)."""
     OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).done()
+    check_distances(distances)
     samples = samples if isinstance(samples, (NpzImages, FolderImages)) else load_samples(samples)
     ref = ref if isinstance(ref, Reference) else load_reference(ref)
     if num is not None and num > samples.num:

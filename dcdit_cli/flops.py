@@ -209,7 +209,7 @@ def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) ->
 
     from rich.table import Table
 
-    from dcdit_cli.console import DcditError, console
+    from dcdit_cli.console import DcditError, print_table
     from dcdit_cli.recipe import available_recipes, load_recipe
 
     rows = []
@@ -228,5 +228,5 @@ def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) ->
         table.add_column(col, justify="left" if col in ("recipe", "model", "kept tokens from") else "right")
     for r in rows:
         table.add_row(r.recipe, r.kind, f"{r.params / 1e6:.1f}M", f"{r.tflops_per_img:.4g}", f"{r.compression:.2f}", r.source)
-    console.print(table)
+    print_table(table)
     return rows

@@ -1,10 +1,11 @@
 """The training loss as an object, as EDM2's ``loss_fn(net, images, labels)``.
 
-``loss_fn(model, x, y, t=None, budget=None) -> (loss, logs, stats)``: the scalar to minimise,
+``loss_fn(model, x, y, t=None, budget=None, step=None) -> (loss, logs, stats)``: the scalar to minimise,
 its terms as detached device tensors (the loop averages them on the device and reads them
 only when it logs, so a step costs no host synchronisation), and the router's statistics
-(None for a DiT). The training step, distillation (``distill.py`` wraps it) and the
-benchmarks call the same object.
+(None for a DiT). ``step`` is the optimizer step, for the terms with a schedule (the FLOPs
+loss's target warm-up); None means the end of any schedule. The training step, distillation
+(``distill.py`` wraps it) and the benchmarks call the same object.
 """
 
 from __future__ import annotations
@@ -46,45 +47,65 @@ class DiffusionLoss:
         logs["loss"] = loss.detach()
         return loss, logs, stats, x_t, t
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None):
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
         loss, logs, stats, _, _ = self.forward(model, x, y, t, budget, noise)
         return loss, logs, stats
+
+
+FLOPS_TARGET_HOLD_STEPS = 100
+"""DyDiT's train.py trains its first 100 steps toward F_dynamic/F_static = 1 (the full model)."""
 
 
 class FlopsLoss:
     """DyDiT's FLOPs loss on top of a base loss (paper §4.5, REFERENCE §7): base + weight ·
     (mean_b F_dynamic/F_static − λ)², with F counted from the masks the gates actually used and
-    each sample's kept tokens (models/dydit.py, flops.py); same interface as the loss it wraps."""
+    each sample's kept tokens (models/dydit.py, flops.py); same interface as the loss it wraps.
 
-    def __init__(self, base: DiffusionLoss, static_cost, target: float, weight: float = 1.0):
+    With ``warmup_steps`` W > 0 the target follows DyDiT's train.py (``--warmup``): 1 for the
+    first 100 steps, then 1 − (1 − λ)·step/W until step W, then λ.
+    """
+
+    def __init__(self, base: DiffusionLoss, static_cost, target: float, weight: float = 2.0, warmup_steps: int = 0):
         self.base = base
         self.static_cost = static_cost  # the ungated per-sample FLOPs as a function of M
         self.target = target
         self.weight = weight
+        self.warmup_steps = warmup_steps
+
+    def target_at(self, step: int | None) -> float:
+        """λ at an optimizer step (None: after the warm-up)."""
+        if step is None or self.warmup_steps == 0:
+            return self.target
+        if step < FLOPS_TARGET_HOLD_STEPS:
+            return 1.0
+        return 1.0 - (1.0 - self.target) * min(step / self.warmup_steps, 1.0)
 
     @property
     def diffusion(self):
         return self.base.diffusion
 
-    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None):
+    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
         from dcdit_cli.flops import dynamic_flops
         from dcdit_cli.models.dydit import flops_loss
 
         loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise)
         f_dyn, f_static = dynamic_flops(getattr(model, "module", model), self.static_cost)  # (B,) each
-        f_loss = flops_loss(f_dyn, f_static, self.target)
+        target = self.target_at(step)
+        f_loss = flops_loss(f_dyn, f_static, target)
         loss = loss + self.weight * f_loss
-        logs.update(flops_loss=f_loss.detach(), flops_ratio=(f_dyn / f_static).mean().detach(), loss=loss.detach())
+        logs.update(flops_loss=f_loss.detach(), flops_ratio=(f_dyn / f_static).mean().detach(),
+                    flops_target=f_loss.new_full((), target), loss=loss.detach())  # new_full: no host copy
         return loss, logs, stats, x_t, t
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None):
-        loss, logs, stats, _, _ = self.forward(model, x, y, t, budget, noise)
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
+        loss, logs, stats, _, _ = self.forward(model, x, y, t, budget, noise, step)
         return loss, logs, stats
 
 
 def loss_for_recipe(recipe, diffusion_weight: float = 1.0):
     """The loss a recipe trains with: its diffusion and ``train.ratio_loss_weight``, plus DyDiT's
-    FLOPs loss (``train.flops_target``, ``train.flops_loss_weight``) when ``model.dynamic = "dydit"``."""
+    FLOPs loss (``train.flops_target``, ``flops_loss_weight``, ``flops_target_warmup_steps``) when
+    ``model.dynamic = "dydit"``."""
     from dcdit_cli.diffusion import make_diffusion
 
     loss = DiffusionLoss(make_diffusion("", recipe.diffusion.num_timesteps), recipe.train.ratio_loss_weight,
@@ -92,5 +113,6 @@ def loss_for_recipe(recipe, diffusion_weight: float = 1.0):
     if recipe.model.dynamic == "dydit":
         from dcdit_cli.flops import static_cost
 
-        loss = FlopsLoss(loss, static_cost(recipe.model), recipe.train.flops_target, recipe.train.flops_loss_weight)
+        t_cfg = recipe.train
+        loss = FlopsLoss(loss, static_cost(recipe.model), t_cfg.flops_target, t_cfg.flops_loss_weight, t_cfg.flops_target_warmup_steps)
     return loss

@@ -20,6 +20,12 @@ ADM_BLOCK = 10_000  # ADM's row_batch_size and col_batch_size
 _SLICE_VALUES = 1 << 22  # distance values per slice of a block (16 MiB in float32)
 
 
+def check_distances(distances: str) -> None:
+    """One line naming the option when ``distances`` is not a known precision."""
+    if distances not in DISTANCE_PRECISIONS:
+        raise DcditError(f"--pr-distances {distances!r}: use one of {', '.join(DISTANCE_PRECISIONS)}")
+
+
 def _round16(x: torch.Tensor) -> torch.Tensor:
     """Round float32 values to float16 and back (overflow becomes ±inf, as in float16)."""
     return x.half().float()
@@ -35,7 +41,7 @@ def _sq_dists(u: torch.Tensor, v: torch.Tensor, half: bool) -> torch.Tensor:
     if half:
         u, v = _round16(u.float()), _round16(v.float())
         nu, nv = _round16(_round16(u * u).sum(1)), _round16(_round16(v * v).sum(1))
-        d = _round16(_round16(nu[:, None] - 2.0 * _round16(u @ v.T)) + nv[None, :])
+        d = _round16(_round16(nu[:, None] - _round16(2.0 * _round16(u @ v.T))) + nv[None, :])  # 2·u·v may overflow to inf
     else:
         d = u.square().sum(1)[:, None] - 2.0 * (u @ v.T) + v.square().sum(1)[None, :]
     return d.clamp_min_(0)
@@ -104,8 +110,7 @@ def precision_recall(real_feats, fake_feats, k: int = 3, device: str | torch.dev
     float16 per 10,000 × 10,000 block where finite, else float32; this moves the second decimal
     against exact distances on 2048-d features), 'float32' (ADM's fallback path) or 'float64'.
     """
-    if distances not in DISTANCE_PRECISIONS:
-        raise DcditError(f"precision/recall distances {distances!r}: use one of {', '.join(DISTANCE_PRECISIONS)}")
+    check_distances(distances)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float64 if distances == "float64" else torch.float32
     real = torch.as_tensor(np.asarray(real_feats), dtype=dtype, device=device)

@@ -208,8 +208,10 @@ class TrainConfig:
     """λ of the ratio loss (paper §4.1)."""
     flops_target: float = bounded("(0, 1]", 0.7)
     """λ of DyDiT's FLOPs loss (F_dynamic/F_static − λ)², read when model.dynamic = 'dydit' (paper §4.5: 0.7)."""
-    flops_loss_weight: float = bounded("[0, inf)", 1.0)
-    """Weight of the FLOPs loss; DyDiT adds it to the diffusion loss unweighted [choice: 1.0, its code is unreleased]."""
+    flops_loss_weight: float = bounded("[0, inf)", 2.0)
+    """Weight of the FLOPs loss (DyDiT's train.py: 2.0)."""
+    flops_target_warmup_steps: int = bounded("[0, inf)", 0)
+    """DyDiT's target warm-up: 1 for 100 steps, then linear from 1 to λ until this step (DyDiT: 5000; 0: λ throughout)."""
     log_every_steps: int = bounded("[1, inf)", 100)
     """Steps between log lines and metrics.jsonl records."""
     ckpt_every_steps: int = bounded("[1, inf)", 10_000)
@@ -362,6 +364,13 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     problems = []
     if m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
+    if m.hidden_size % 4:
+        problems.append(f"model.hidden_size {m.hidden_size} is not a multiple of 4 (the 2-D sin-cos position embedding)")
+    if t.multi_budget_start_step >= 0 and not t.multi_budget_fractions:
+        problems.append("train.multi_budget_fractions is empty but train.multi_budget_start_step turns multi-budget "
+                        "training on: give the fractions, or set the start step to -1")
+    if not recipe.run.name.strip() or any(c in recipe.run.name for c in "/\\") or recipe.run.name in (".", ".."):
+        problems.append(f"run.name {recipe.run.name!r} must be a non-empty name without path separators (it names runs/<name>)")
     if m.kind == "dit" and m.input_size % m.patch_size:
         problems.append(f"model.input_size {m.input_size} is not divisible by model.patch_size {m.patch_size}")
     if m.num_classes != d.num_classes:

@@ -44,6 +44,9 @@ class SampleOptions(SampleConfig):
         values = {**dataclasses.asdict(recipe.sample), "steps": recipe.diffusion.sampling_steps}
         values.update({k: v for k, v in flags.items() if v is not None})
         check_sample_options(values)
+        if values["steps"] > recipe.diffusion.num_timesteps:
+            raise DcditError(f"--steps {values['steps']} exceeds the model's {recipe.diffusion.num_timesteps} diffusion "
+                             f"steps (diffusion.num_timesteps): pass --steps between 1 and {recipe.diffusion.num_timesteps}")
         return cls(**values)
 
     @property
@@ -80,7 +83,9 @@ def check_sample_options(options: dict, num: int | None = None, batch_size: int 
     o = {k: options.get(k) for k in ("steps", "cfg_scale", "budget", "uncond_budget", "seed", "method", "guided_channels")}
     check = OptionCheck().count("--num", num).count("--batch-size", batch_size).count("--steps", o["steps"], example=250)
     check.cfg_scale("--cfg-scale", o["cfg_scale"]).fraction("--budget", o["budget"])
-    check.fraction("--uncond-budget", None if o["uncond_budget"] == -1.0 else o["uncond_budget"])
+    u = o["uncond_budget"]
+    if u is not None and u != -1.0 and not (math.isfinite(u) and 0.0 <= u < 1.0):
+        check.problems.append(f"--uncond-budget {u}: give -1 (the same as --budget) or a fraction in [0, 1), e.g. 0.9 (Lite-CFG)")
     check.seed("--seed", o["seed"]).count("sample.guided_channels", o["guided_channels"], least=0, example=3)
     if o["method"] is not None:
         check.choice("--method", o["method"], ("ddpm", "ddim"))
@@ -276,7 +281,7 @@ def _check_parts_stamp(parts_dir: Path, stamp: dict) -> None:
         old = json.loads(path.read_text())
         if old != stamp:
             diff = ", ".join(f"{k}: {old.get(k)!r} → {v!r}" for k, v in stamp.items() if old.get(k) != v)
-            raise DcditError(f"{parts_dir} holds parts sampled with other settings ({diff}): delete it or write to another --npz")
+            raise DcditError(f"{parts_dir} holds parts sampled with other settings ({diff}): delete it or write elsewhere (sample: another --npz; eval: another --out)")
     else:
         path.write_text(json.dumps(stamp, indent=1))
 

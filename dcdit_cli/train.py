@@ -25,6 +25,8 @@ from dcdit_cli.recipe import Recipe, recipe_diff, recipe_from_toml
 
 # Keys that may change when a run is resumed; any other change is refused with the diff.
 RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.path"}
+DYDIT_ONLY = {"train.flops_target", "train.flops_loss_weight", "train.flops_target_warmup_steps"}
+"""Read only by DyDiT's FLOPs loss: a run without gates resumes whatever they say."""
 
 
 #################################################################################
@@ -151,9 +153,9 @@ class Objective:
     until_step: int | None = None
 
 
-def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: str, accelerator, compiled: bool):
+def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, accelerator):
     """Prepares runs/<name>; returns the checkpoint to resume from (or None): the newest intact one."""
-    from dcdit_cli.atomic import remove_stale_temps, write_json, write_text
+    from dcdit_cli.atomic import remove_stale_temps
     from dcdit_cli.checkpoint import find_latest
 
     if accelerator.is_main_process:
@@ -170,19 +172,30 @@ def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, command: 
     elif stored.exists():
         ckpt = find_latest(out_dir)
     if stored.exists() and ckpt is not None:
-        old = recipe_from_toml(stored.read_text(), source=str(stored))
-        changed = [d for d in recipe_diff(old, recipe) if d.split(":")[0] not in RESUME_ALLOWED]
+        try:
+            old = recipe_from_toml(stored.read_text(encoding="utf-8"), source=str(stored))
+        except UnicodeDecodeError:
+            raise DcditError(f"{stored} is not UTF-8 text: restore the run's recipe, or pass --out to start a new run") from None
+        allowed = RESUME_ALLOWED | (DYDIT_ONLY if old.model.dynamic == recipe.model.dynamic == "none" else set())
+        changed = [d for d in recipe_diff(old, recipe) if d.split(":")[0] not in allowed]
         if changed:
             raise DcditError(
                 f"{out_dir} was trained with a different recipe ({'; '.join(changed)}): resume with the same recipe, "
                 f"or pass --out to start a new run"
             )
+    return ckpt
+
+
+def _record_run(recipe: Recipe, out_dir: Path, command: str, accelerator, compiled: bool) -> None:
+    """recipe.toml, command.txt and env.json: written once the checkpoint to resume from has loaded,
+    so a refused or broken --resume leaves the run directory as it was."""
+    from dcdit_cli.atomic import write_json, write_text
+
     if accelerator.is_main_process:
-        write_text(stored, recipe.to_toml())
+        write_text(out_dir / "recipe.toml", recipe.to_toml())
         with open(out_dir / "command.txt", "a", encoding="utf-8") as f:
             f.write(command + "\n")
         write_json(out_dir / "env.json", environment(accelerator, compiled), indent=2)
-    return ckpt
 
 
 def train(
@@ -214,12 +227,15 @@ def train(
     check_output(out_dir, "--out", directory=True)
     if init_from is not None:
         resolve_weights(init_from)  # a missing file is reported before the run directory is touched
+    created = out_dir  # the outermost folder this call creates (runs/ itself on a first run)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
     new_run = not out_dir.exists()
     try:
         return _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, compile_blocks)
     except BaseException:
         if new_run and is_main_process() and not any((out_dir / "checkpoints").glob("step-*")):
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
@@ -240,7 +256,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = batch_plan(t_cfg.global_batch, t_cfg.micro_batch, world)
     watch_ranks(accelerator, command)
-    ckpt_path = _run_dir_setup(recipe, out_dir, resume, command, accelerator, compiled)
+    ckpt_path = _run_dir_setup(recipe, out_dir, resume, accelerator)
 
     diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
     set_seed(recipe.run.seed)
@@ -262,6 +278,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
             load_into(module, state[key], state["path"], key)
         start_step = state["step"]
         print0(f"[bold]resuming[/] from {state['path']} at step {start_step}")
+    _record_run(recipe, out_dir, command, accelerator, compiled)
     if world > 1:
         match_grad_strides(model)
     if compiled:
@@ -313,7 +330,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 drop = torch.rand(x.shape[0], device=x.device) < t_cfg.label_dropout
                 y = torch.where(drop, torch.full_like(y, null_class), y)
                 with accelerator.autocast():
-                    loss, logs, _ = loss_fn(model, x, y, t=t, budget=budget)
+                    loss, logs, _ = loss_fn(model, x, y, t=t, budget=budget, step=step)
                 sync = a == accum - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx:

@@ -267,7 +267,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     """
     from dcdit_cli.checkpoint import load_weights
     from dcdit_cli.options import OptionCheck
-    from dcdit_cli.sample import Decoder, SampleOptions, to_uint8
+    from dcdit_cli.sample import Decoder, SampleOptions, classes_for, to_uint8
 
     check = OptionCheck().count("--num", num, example=4).count("--timesteps", timesteps, example=8).count("--steps", steps, example=50)
     check.fraction("--budget", budget).cfg_scale("--cfg-scale", cfg_scale).seed("--seed", seed)
@@ -278,6 +278,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
         raise DcditError(f"{ckpt} is a {recipe.model.kind} checkpoint: it patchifies with a fixed grid and has no "
                          "router to draw; pass a DC-DiT run (model.kind = 'dcdit')")
     opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, budget=budget, seed=seed)
+    classes_for(range(num), recipe.model.num_classes, seed, classes)  # bad --classes: one line, before any output
     steps, cfg_scale, budget = opts.steps, opts.cfg_scale, opts.budget
     cols = column_steps(steps, timesteps)
     decoder = Decoder(recipe, vae, device)

@@ -41,10 +41,10 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _shards(root: Path, shape=(4, 8, 8), n=4, index_extra=None, drop=None, count=None) -> Path:
+def _shards(root: Path, shape=(4, 8, 8), n=4, index_extra=None, drop=None, count=None, labels=None) -> Path:
     root.mkdir(parents=True)
     np.save(root / "shard-000000.latents.npy", np.zeros((n, 2, *shape), np.float16))
-    np.save(root / "shard-000000.labels.npy", np.arange(n, dtype=np.int64) % 6)
+    np.save(root / "shard-000000.labels.npy", np.arange(n, dtype=np.int64) % 6 if labels is None else np.array(labels, np.int64))
     index = {"format": "dcdit-latents-v1", "image_size": 16, "latent_shape": list(shape), "classes": [str(c) for c in range(6)],
              "shards": [{"name": "shard-000000", "count": n if count is None else count}], **(index_extra or {})}
     for key in drop or ():
@@ -126,6 +126,13 @@ def ws(tmp_path_factory, inception_weights):
     torch.save({"weights": Evil(p["marker"])}, p["evil"])
     p["list_pt"] = root / "list.pt"
     torch.save([1, 2, 3], p["list_pt"])
+    # A checkpoint whose files are intact (checksums match) but whose optimizer state is another model's
+    tiny_model = build_model(load_recipe(TINY).model)
+    other_opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(1, 3, 8, 8), torch.tensor([1]), torch.tensor([0]))[0].square().mean().backward()
+    other_opt.step()
+    p["optbad"] = save_checkpoint(root / "optbad", 2, tiny_model.state_dict(), tiny_model.state_dict(),
+                                  other_opt.state_dict(), {"step": 2}, keep_last=1)
     p["empty_run"] = root / "empty-run"
     p["empty_run"].mkdir()
 
@@ -153,6 +160,8 @@ def ws(tmp_path_factory, inception_weights):
     (p["lat_garbage"] / "shard-000000.latents.npy").write_bytes(b"garbage")
     p["lat_notjson"] = _shards(root / "lat-notjson")
     (p["lat_notjson"] / "index.json").write_text("{not json")
+    p["lat_classes"] = _shards(root / "lat-classes", index_extra={"classes": 3})
+    p["lat_labels"] = _shards(root / "lat-labels", labels=[0, 9, 1, 2])  # six class names, a label 9
     p["lat_latin1"] = _shards(root / "lat-latin1")
     (p["lat_latin1"] / "index.json").write_bytes(b'{"format": "caf\xe9"}')
 
@@ -282,7 +291,7 @@ CASES = [
     ("sample-cfg-negative", ["sample", "--ckpt", "{run}", "--cfg-scale", "-1"], "--cfg-scale -1.0: give a guidance scale >= 1"),
     ("sample-cfg-nan", ["sample", "--ckpt", "{run}", "--cfg-scale", "nan"], "--cfg-scale nan"),
     ("sample-budget-1.5", ["sample", "--ckpt", "{run}", "--budget", "1.5"], "--budget 1.5 is outside [0, 1)"),
-    ("sample-uncond-budget", ["sample", "--ckpt", "{run}", "--uncond-budget", "-0.5"], "--uncond-budget -0.5 is outside"),
+    ("sample-uncond-budget", ["sample", "--ckpt", "{run}", "--uncond-budget", "-0.5"], "--uncond-budget -0.5: give -1 (the same as --budget)"),
     ("sample-seed-negative", ["sample", "--ckpt", "{run}", "--seed", "-1"], "--seed -1"),
     ("sample-out-suffix", ["sample", "--ckpt", "{run}", "--out", "{root}/grid.txt"], "must end in .png"),
     ("sample-out-under-file", ["sample", "--ckpt", "{run}", "--out", "{file}/grid.png"], "is a file, not a directory"),
@@ -342,6 +351,27 @@ CASES = [
     ("latents-garbage-shard", T + LATENTS + S("data.path='{lat_garbage}'"), "is unreadable"),
     ("latents-channels", T + LATENTS + S("data.path='{lat_channels}'"), "holds samples of shape (3, 8, 8)"),
     ("latents-size", T + LATENTS + S("data.path='{lat_size}'"), "holds samples of shape (4, 4, 4)"),
+    # --- found by a hostile review (second round)
+    ("hidden-size-not-4", T + S("model.hidden_size=6", "model.num_heads=2"), "not a multiple of 4"),
+    ("run-name-empty", T + S("run.name=''"), "run.name '' must be a non-empty name"),
+    ("run-name-path", T + S("run.name='a/b'"), "without path separators"),
+    ("multi-budget-no-fractions", T + S("train.multi_budget_fractions=[]", "train.multi_budget_start_step=0"),
+     "multi_budget_fractions is empty"),
+    ("latents-index-classes", T + LATENTS + S("data.path='{lat_classes}'"), "not a list of class names"),
+    ("latents-labels-beyond-classes", T + LATENTS + S("data.path='{lat_labels}'"), "have 10 classes"),
+    ("sample-steps-beyond-schedule", ["sample", "--ckpt", "{run}", "--steps", "5000", "--out", "{root}/o.png"], "--steps 5000 exceeds"),
+    ("viz-classes-range", ["viz-boundaries", "--ckpt", "{run}", "--classes", "77", "--out", "{root}/vb"], "class 77 is outside"),
+    ("eval-budgets-flag", ["eval", "--ckpt", "{run}", "--ref", "{root}/s.npz", "--budgets", "0.5,1.5",
+                           "--inception-weights", "{inception}"], "--budgets 1.5 is outside"),
+    ("eval-uncond", ["eval", "--ckpt", "{run}", "--ref", "{root}/s.npz", "--uncond-budget", "-2",
+                     "--inception-weights", "{inception}"], "--uncond-budget -2.0: give -1"),
+    ("eval-out-is-file", ["eval", "--ckpt", "{run}", "--ref", "{root}/s.npz", "--out", "{file}",
+                          "--inception-weights", "{inception}"], "is a file: pass a directory"),
+    ("convert-out-is-run", ["convert", "--from", "{other_weights}", "--out", "{run}"], "holds a training run"),
+    ("convert-out-is-file", ["convert", "--from", "{weights}", "--out", "{file}"], "is a file: pass a directory"),
+    ("resume-broken-keeps-run", T + S("train.max_steps=9") + ["--out", "{run}", "--resume", "{zero}/checkpoints/step-0000002"],
+     "model.safetensors"),
+    ("resume-optimizer-shapes", T + ["--out", "{root}/optrun", "--resume", "{optbad}"], "optimizer exp_avg"),
     # --- the command line itself
     ("unknown-command", ["trian"], "Did you mean 'train'"),
     ("unknown-root-option", ["--bogus"], "No such option: --bogus"),
@@ -387,6 +417,16 @@ def test_bad_input_subprocess(case, ws):
     before = _snapshot(ws["root"])
     code, err = _run_subprocess(_expand(args, ws), ws["root"])
     _check(code, err, expected, ws, before)
+
+
+def test_refused_commands_leave_no_directories(ws, tmp_path, capsys, monkeypatch):
+    """Empty folders are not files, so the table's snapshot misses them: a refused viz-boundaries
+    creates no --out, a failed first run removes runs/ too."""
+    monkeypatch.chdir(tmp_path)
+    code, _ = _run_main(_expand(["viz-boundaries", "--ckpt", "{run}", "--classes", "77", "--out", "vb"], ws), capsys)
+    assert code == 2 and not (tmp_path / "vb").exists()
+    code, _ = _run_main(_expand(T + ["--resume", "{zero}/checkpoints/step-0000002"], ws), capsys)
+    assert code == 2 and not (tmp_path / "runs").exists()
 
 
 def test_unexpected_error_is_one_line_and_a_log(capsys, monkeypatch, tmp_path):

@@ -209,6 +209,17 @@ def test_flops_loss_formula_and_zero_at_target():
     torch.testing.assert_close(flops_loss(torch.tensor([100.0, 50.0]), per, 0.6), torch.tensor((0.75 - 0.6) ** 2))
 
 
+def test_flops_target_warm_up_follows_dydit():
+    """DyDiT's train.py --warmup: 1 for 100 steps, then 1 − (1 − λ)·step/W until W, then λ."""
+    from dcdit_cli.losses import FlopsLoss
+
+    warm = FlopsLoss(None, None, target=0.7, warmup_steps=5000)
+    got = [warm.target_at(s) for s in (0, 99, 100, 2500, 5000, 9000, None)]
+    assert got == pytest.approx([1.0, 1.0, 1.0 - 0.3 * 100 / 5000, 0.85, 0.7, 0.7, 0.7])
+    assert FlopsLoss(None, None, target=0.7).target_at(0) == 0.7  # no warm-up: λ from the start
+    assert FlopsLoss(None, None, target=0.7).weight == 2.0  # DyDiT's weight
+
+
 def test_block_flops_match_the_flop_counter_on_the_sliced_path():
     """F_dynamic in closed form equals what FlopCounterMode counts on the sliced forward."""
     cfg = dataclasses.replace(_gated_cfg("tiny"), kind="dit", patch_size=2)
@@ -241,11 +252,7 @@ def test_block_flops_with_everything_on_is_the_dense_block():
 def test_gradients_reach_every_router_through_diffusion_and_flops_losses():
     cfg = _gated_cfg("tiny")
     torch.manual_seed(0)
-    model = _randomise(build_model(cfg)).train()
-    with torch.no_grad():  # as after a first step: the zero-initialised last router layers have moved
-        for b in gated_blocks(model):
-            for last in (b.dydit.head_router, b.dydit.mlp_router, b.dydit.token_router[-1]):
-                last.weight.normal_(0, 0.01)
+    model = _randomise(build_model(cfg)).train()  # trained-like blocks, the gates as built
     x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
     out, _ = model(x, torch.tensor([5, 900]), torch.tensor([0, 1]))
     f_dyn, f_static = dynamic_flops(model, static_cost(cfg))
@@ -300,6 +307,10 @@ def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "gated" / "metrics.jsonl").read_text().splitlines()]
     assert all("flops_loss" in r and "flops_ratio" in r for r in records)
     assert records[0]["flops_ratio"] == pytest.approx(1.0, abs=0.05)  # all on: 1 + the routers' small cost
+    assert [r["flops_target"] for r in records] == pytest.approx([0.7] * 3)
+    warm = gated.replace(train={"max_steps": 2, "flops_target_warmup_steps": 5000})
+    train(warm, tmp_path / "warm", init_from=tmp_path / "plain")  # the loop passes its step: DyDiT's 100-step hold
+    assert [json.loads(line)["flops_target"] for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()] == [1.0, 1.0]
 
     report = run_sample(tmp_path / "gated", 2, {"cfg_scale": 2.0, "steps": 3}, out=tmp_path / "s.png")
     name, recipe, kept, saved = measure_kept_tokens(tmp_path / "gated", num=2)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from dcdit_cli import fid
 from dcdit_cli.cli import app
 from dcdit_cli.console import DcditError
-from dcdit_cli.eval import Setting, default_out, find_eval_json, merge_records, parse_floats
+from dcdit_cli.eval import Setting, default_out, find_eval_json, merge_records, parse_floats, settings_for
 from dcdit_cli.eval_figures import elastic_figure, pareto_figure
 from dcdit_cli.recipe import load_recipe
 from dcdit_cli.train import train
@@ -31,6 +31,13 @@ def test_parse_floats_and_setting_names():
     with pytest.raises(DcditError, match="--budgets 'a,b'"):
         parse_floats("a,b", "--budgets")
     assert Setting(1.5, 0.2).name == "cfg1.5-b0.2" and Setting(1.25, 0.0, 0.9).name == "cfg1.25-b0-u0.9"
+
+
+def test_settings_take_what_is_not_given_from_the_recipe():
+    recipe = load_recipe("tiny", ["sample.budget=0.1", "sample.uncond_budget=0.5", "eval.cfg_scale=2.0"])
+    assert [s.name for s in settings_for(recipe, None, None, None)] == ["cfg2-b0.1-u0.5"]
+    assert [s.name for s in settings_for(recipe, [0.0, 0.2], -1.0, [1.0])] == ["cfg1-b0", "cfg1-b0.2"]
+    assert [s.name for s in settings_for(recipe, [0.0], 0.9, None)] == ["cfg2-b0-u0.9"]
 
 
 def test_merge_replaces_same_setting_and_keeps_others():
@@ -138,7 +145,9 @@ def test_eval_end_to_end_on_tiny(tiny_run, tmp_path, inception_weights, fast_sqr
     other = tmp_path / "baseline"
     other.mkdir()
     (other / "eval.json").write_text(json.dumps([{**records[0], "run": "baseline", "fid": records[0]["fid"] + 1}]))
-    _invoke(*args, "--compare", str(other))
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps([{**records[0], "run": "second", "fid": records[0]["fid"] + 2}]))
+    _invoke(*args, "--compare", str(other), str(second))  # several runs after one --compare
     assert part.stat().st_mtime_ns == before
     assert [r["setting"] for r in json.loads((out / "eval.json").read_text())] == ["cfg1-b0", "cfg1-b0.5"]
 
@@ -153,3 +162,24 @@ def test_eval_bad_input_is_one_line_before_sampling(tiny_run, tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "reference batch not found" in proc.stderr
     assert not (tiny_run / "eval").exists()
+
+
+def test_eval_refuses_bad_inception_weights_and_compare_records_before_sampling(tiny_run, tmp_path, inception_weights):
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "bad.pth").write_text("not weights")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"fid": 3.0, "tflops_per_img": 1.0}]))
+    (tmp_path / "noflops.json").write_text(json.dumps([{"fid": 3.0}]))
+    base = ["eval", "--ckpt", str(tiny_run), "--ref", str(tmp_path / "ref.npz"), "--num", "4", "--steps", "2",
+            "--out", str(tmp_path / "out")]
+    for extra, words in (
+        (["--inception-weights", str(tmp_path / "bad.pth")], "cannot read Inception weights"),
+        (["--inception-weights", str(inception_weights), "--compare", str(good), str(tmp_path / "noflops.json")],
+         "finite fid and tflops_per_img"),
+        (["--inception-weights", str(inception_weights), "--compare", str(good), str(tmp_path / "nowhere")], "nowhere"),
+        (["--inception-weights", str(inception_weights), "stray"], "unexpected argument(s) stray"),
+        (["--inception-weights", str(inception_weights), "--pr-distances", "half"], "--pr-distances 'half'"),
+    ):
+        result = CliRunner().invoke(app, base + extra)  # `dcdit` prints a DcditError as one line, exit 2
+        assert isinstance(result.exception, DcditError) and words in str(result.exception), (extra, result.output)
+        assert not (tmp_path / "out" / "samples").exists()

@@ -162,6 +162,19 @@ def test_adm_falls_back_to_float32_per_block():
     assert pr.manifold_radii(x.double(), 3, "float64", block=3).tolist() == exact
 
 
+def test_fp16_distance_where_two_u_dot_v_overflows_is_zero_as_in_tensorflow():
+    """ADM computes ‖u‖² − 2·(u·v) + ‖v‖² in float16: u·v = 36100 is finite but 2·u·v overflows to
+    inf, so the distance is max(−inf, 0) = 0, finite, and the float16 block is kept."""
+    u, v = torch.tensor([[190.0, 0.0]]), torch.tensor([[190.0, 50.0]])
+    assert pr._sq_dists(u, v, half=True).item() == 0.0
+    assert pr._sq_dists(u, v, half=False).item() == 2500.0
+
+
+def test_evaluate_checks_the_distance_option_before_reading_anything(tmp_path):
+    with pytest.raises(DcditError, match="--pr-distances 'half'"):
+        fid.evaluate(tmp_path / "missing.npz", tmp_path / "missing-ref.npz", distances="half")
+
+
 def test_precision_recall_blocks_match_one_block(monkeypatch):
     """Slicing blocks into rows changes nothing: tiny slices give the same answer as whole blocks."""
     rng = np.random.default_rng(7)

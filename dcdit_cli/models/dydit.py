@@ -17,14 +17,15 @@ Training (``module.training``): Gumbel-sigmoid with temperature τ = 5 and a str
 hard threshold at 0.5, masks multiplied into the dense computation, and the FLOPs loss
 (F_dynamic/F_static − λ)² of :func:`flops_loss`. Inference: plain sigmoid > 0.5.
 
-Facts taken from DyDiT's released inference code (``dynamic_model.py``, ``models.py``): the
+Facts taken from DyDiT's released code (inference: ``dynamic_model.py``, ``models.py``; training:
+alibaba-damo-academy/DyDiT ``train.py``, ``loss.py``, see docs/dydit.md for what differs): the
 gate function (two Gumbel draws, sigmoid, τ, STE threshold 0.5, no noise and no temperature at
 inference); Linear(D → heads) routers on the timestep embedding t_emb (not c); the token MLP
 D → D/16 → ReLU → 1 with biases on the un-normalised stream after the attention residual; the
 head mask applied to the heads' outputs before ``proj``, the group mask to ``fc1``'s output, the
 token mask to the gated MLP branch; router biases 15 (width routers) and 35 (token router) so
-that every gate starts on (DyDiT's weights are xavier-uniform; see :meth:`DyDiTGates.initialize_weights`). Where DyDiT (whose training code
-is unreleased) is silent, the choice made here is marked [choice].
+that every gate starts on (DyDiT's weights are xavier-uniform; see :meth:`DyDiTGates.initialize_weights`).
+Where this code departs from DyDiT's or DyDiT is silent, the choice is marked [choice].
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ GATE_TAU = 5.0
 """Gumbel-sigmoid temperature in training (DyDiT)."""
 WIDTH_BIAS, TOKEN_BIAS = 15.0, 35.0
 """Initial router biases (DyDiT): sigmoid(15) and sigmoid(35) keep every gate on at the start."""
+LAST_LAYER_STD = 1e-4
+"""[choice] Initial weight scale of each router's last layer (DyDiT: xavier), see DyDiTGates."""
 
 
 def gumbel_sigmoid_gate(logits: torch.Tensor, training: bool, tau: float = GATE_TAU) -> torch.Tensor:
@@ -93,15 +96,16 @@ class DyDiTGates(nn.Module):
 
     def initialize_weights(self) -> None:
         """DyDiT: xavier-uniform weights, biases 15 / 15 / 35. [choice] The last layer of each router
-        starts at zero weight, so every gate is on at the start whatever the scale of t_emb and of a
-        pretrained model's stream (with xavier weights a trained toy DC-DiT started with whole blocks'
-        tokens off); the routers still learn from the first step (like adaLN-Zero)."""
+        starts at N(0, 1e-4²) weights instead, so every gate is on at the start whatever the scale of
+        t_emb and of a pretrained model's stream (with xavier weights a trained toy DC-DiT started
+        with whole blocks' tokens off), while every router parameter, the token router's first
+        layer included, has a gradient from the first step (a zero last layer would block it)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         for last in (self.head_router, self.mlp_router, self.token_router[-1]):
-            nn.init.zeros_(last.weight)
+            nn.init.normal_(last.weight, std=LAST_LAYER_STD)
         nn.init.constant_(self.head_router.bias, WIDTH_BIAS)
         nn.init.constant_(self.mlp_router.bias, WIDTH_BIAS)
         nn.init.constant_(self.token_router[-1].bias, TOKEN_BIAS)
