@@ -158,6 +158,9 @@ def extract(
             "launch with `accelerate launch --multi_gpu --num_processes N -m dcdit_cli extract ...`"
         )
     root, out = Path(data_path), Path(out)
+    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+        raise DcditError(f"--out {out} lies inside --data-path {root}: the shards would land among the images; "
+                         "write them outside it, e.g. --out features/NAME")
     classes, files = list_images(root)
 
     if isinstance(vae, (str, os.PathLike)):

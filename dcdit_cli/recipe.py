@@ -77,6 +77,8 @@ def _field_problem(key: str, value: Any, meta) -> str | None:
         return f"{key}: {value!r} is not one of {', '.join(meta['choices'])}{_suggest(str(value), meta['choices'])}"
     if "range" in meta:
         for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                return f"{key}: {v} does not fit a 64-bit integer (TOML's integers): give a value in {meta['range'].text}"
             if isinstance(v, float) and not math.isfinite(v):
                 return f"{key}: {v} is not a finite number: give a value in {meta['range'].text}"
             if not meta["range"].contains(v):
@@ -103,15 +105,15 @@ class RunConfig:
 class ModelConfig:
     kind: str = one_of("dcdit", "dit")
     """'dcdit' (learned dynamic chunking, P = 1) or 'dit' (fixed patchify with patch_size)."""
-    input_size: int = bounded("[1, inf)", 32)
+    input_size: int = bounded("[1, 4096]", 32)
     """Side of the model's input grid (latent side for VAE runs: image_size / 8)."""
     in_channels: int = bounded("[1, inf)", 4)
     """Channels of the model's input (4 for SD-VAE latents, 3 for the pixel-space shapes set)."""
-    hidden_size: int = bounded("[1, inf)", 768)
+    hidden_size: int = bounded("[1, 65536]", 768)
     """Transformer width D."""
-    depth: int = bounded("[1, inf)", 12)
+    depth: int = bounded("[1, 1024]", 12)
     """Number of DiT blocks in the inner network."""
-    num_heads: int = bounded("[1, inf)", 12)
+    num_heads: int = bounded("[1, 1024]", 12)
     """Attention heads of every block (hidden_size must be divisible by it)."""
     mlp_ratio: float = bounded("(0, inf)", 4.0)
     """MLP hidden width as a multiple of the block width."""
@@ -121,11 +123,11 @@ class ModelConfig:
     """Predict the learned-range variance (output channels 2·C)."""
     patch_size: int = bounded("[1, inf)", 2)
     """DiT baseline only: the fixed patch size P."""
-    scaffold_width: int = bounded("[1, inf)", 192)
+    scaffold_width: int = bounded("[1, 65536]", 192)
     """DC-DiT only: encoder/decoder width e (paper: D/4)."""
-    encoder_blocks: int = bounded("[1, inf)", 2)
+    encoder_blocks: int = bounded("[1, 256]", 2)
     """DC-DiT only: full-resolution blocks of width e before the router."""
-    decoder_blocks: int = bounded("[1, inf)", 2)
+    decoder_blocks: int = bounded("[1, 256]", 2)
     """DC-DiT only: full-resolution blocks of width e after the de-chunk layer."""
     router: str = one_of("cosine", "random", "predictive")
     """'cosine' (paper §3.3), 'random' (the random-boundary ablation, paper §4.3) or 'predictive'

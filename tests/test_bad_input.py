@@ -218,7 +218,7 @@ CASES = [
     ("wrong-type", ["train", "--recipe", "{recipes}/types.toml"], "train.max_steps: expected int"),
     ("print-recipe-bad", ["train", "--recipe", "{recipes}/types.toml", "--print-recipe"], "expected int"),
     # --- overrides: one field out of range
-    ("hidden-size-0", T + S("model.hidden_size=0"), "model.hidden_size: 0 is outside [1, inf)"),
+    ("hidden-size-0", T + S("model.hidden_size=0"), "model.hidden_size: 0 is outside [1, 65536]"),
     ("num-heads-0", T + S("model.num_heads=0"), "model.num_heads: 0 is outside"),
     ("mlp-ratio-negative", T + S("model.mlp_ratio=-1.0"), "model.mlp_ratio: -1.0 is outside (0, inf)"),
     ("depth-negative", T + S("model.depth=-1"), "model.depth: -1 is outside"),
@@ -372,6 +372,8 @@ CASES = [
     ("resume-broken-keeps-run", T + S("train.max_steps=9") + ["--out", "{run}", "--resume", "{zero}/checkpoints/step-0000002"],
      "model.safetensors"),
     ("resume-optimizer-shapes", T + ["--out", "{root}/optrun", "--resume", "{optbad}"], "optimizer exp_avg"),
+    ("extract-out-in-images", ["extract", "--data-path", "{junk}", "--out", "{junk}/cls/f"], "lies inside --data-path"),
+    ("hidden-size-beyond-int64", T + S("model.hidden_size=100000000000000000000"), "does not fit a 64-bit integer"),
     # --- the command line itself
     ("unknown-command", ["trian"], "Did you mean 'train'"),
     ("unknown-root-option", ["--bogus"], "No such option: --bogus"),
