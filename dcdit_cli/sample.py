@@ -85,7 +85,7 @@ def check_sample_options(options: dict, num: int | None = None, batch_size: int 
     check.cfg_scale("--cfg-scale", o["cfg_scale"]).fraction("--budget", o["budget"])
     u = o["uncond_budget"]
     if u is not None and u != -1.0 and not (math.isfinite(u) and 0.0 <= u < 1.0):
-        check.problems.append(f"--uncond-budget {u}: give -1 (the same as --budget) or a fraction in [0, 1), e.g. 0.9 (Lite-CFG)")
+        check.problems.append(f"--uncond-budget {u} is outside [0, 1): give a fraction such as 0.9 (Lite-CFG), or -1 for the same as --budget")
     check.seed("--seed", o["seed"]).count("sample.guided_channels", o["guided_channels"], least=0, example=3)
     if o["method"] is not None:
         check.choice("--method", o["method"], ("ddpm", "ddim"))
