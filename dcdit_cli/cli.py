@@ -375,7 +375,8 @@ def sample(
         "  dcdit viz-boundaries --ckpt runs/toy --out runs/toy/boundaries\n\n"
         "  dcdit viz-boundaries --ckpt runs/toy --budget 0.5 --timesteps 6 --out b05\n\n"
         "  dcdit viz-boundaries --ckpt runs/toy --steps 50 --json > compression.json\n\n"
-        "  dcdit viz-boundaries --ckpt runs/xl-n4 --classes 207,360 --num 2 --vae VAE_DIR"
+        "  dcdit viz-boundaries --ckpt runs/xl-n4 --classes 207,360 --num 2 --vae VAE_DIR\n\n"
+        "  dcdit viz-boundaries --ckpt runs/toy-dydit   # a DyDiT-gated run also gets gates_vs_t.png (a gated DiT: that alone)"
     ),
 )
 def viz_boundaries(

@@ -30,8 +30,9 @@ from PIL import Image, ImageDraw
 
 from dcdit_cli.atomic import write_png
 from dcdit_cli.console import DcditError, print0, progress_bar
+from dcdit_cli.models.dydit import gated_blocks
 from dcdit_cli.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
-from dcdit_cli.viz_gates import gate_snapshot, gates_figure
+from dcdit_cli.viz_gates import gate_snapshot, gates_figure, gates_only
 
 # ----------------------------------------------------------------------------------------
 # Colours and fonts
@@ -274,13 +275,25 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     check.output("--out", Path(out_dir), directory=True).done()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, recipe, step = load_weights(ckpt, device)
-    if recipe.model.kind != "dcdit":
+    gated = bool(gated_blocks(model))
+    if recipe.model.kind != "dcdit" and not gated:
         raise DcditError(f"{ckpt} is a {recipe.model.kind} checkpoint: it patchifies with a fixed grid and has no "
-                         "router to draw; pass a DC-DiT run (model.kind = 'dcdit')")
+                         "router to draw; pass a DC-DiT run (model.kind = 'dcdit') or a DyDiT-gated one")
     opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, budget=budget, seed=seed)
     classes_for(range(num), recipe.model.num_classes, seed, classes)  # bad --classes: one line, before any output
     steps, cfg_scale, budget = opts.steps, opts.cfg_scale, opts.budget
     cols = column_steps(steps, timesteps)
+    gates_title = f"{recipe.run.name}: DyDiT gates, cfg {cfg_scale:g}, {steps} {opts.method.upper()} steps (conditional half)"
+    if recipe.model.kind != "dcdit":  # a gated DiT (Table 4's DyDiT rows): its gates, no boundaries
+        figure, t_all = gates_only(model, recipe, opts, num, classes, device, cols, gates_title)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        gates_png = write_png(Path(out_dir) / "gates_vs_t.png", figure)
+        result = {"timesteps": [t_all[k] for k in cols], "steps": steps, "gates": str(gates_png), "pngs": []}
+        if as_json:
+            sys.stdout.write(json.dumps(result) + "\n")
+        else:
+            print0(f"wrote {gates_png} (a DiT has no router: only DyDiT's gates are drawn)")
+        return result
     decoder = Decoder(recipe, vae, device)
     G, out_dir = recipe.model.input_size, Path(out_dir)
     L = G * G
@@ -314,9 +327,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     write_png(summary, compression_plot(t_all, kept_all, L, title))
     if traj.gates:  # a DyDiT-gated model (paper §4.5): heads / MLP groups against t, tokens that skipped the MLP
         gates_png = out_dir / "gates_vs_t.png"
-        write_png(gates_png, gates_figure(t_all, traj.gates, t_cols, [traj.gates[k] for k in cols], G,
-                                          f"{recipe.run.name}: DyDiT gates, cfg {cfg_scale:g}, {steps} "
-                                          f"{opts.method.upper()} steps (conditional half)"))
+        write_png(gates_png, gates_figure(t_all, traj.gates, t_cols, [traj.gates[k] for k in cols], G, gates_title))
 
     mean_kept = kept_cols.mean(axis=1)
     result = {

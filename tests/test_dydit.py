@@ -326,3 +326,23 @@ def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):
     with pytest.raises(DcditError, match="made by a different model"):  # a DiT's weights do not fit a DC-DiT
         train(load_recipe("tiny", ["model.kind=dit", "model.dynamic=dydit", "train.max_steps=1"]), tmp_path / "bad",
               init_from=tmp_path / "plain")
+
+
+def test_viz_boundaries_on_a_gated_dit_draws_its_gates_alone(tmp_path):
+    """Table 4's DyDiT-on-DiT rows have no router to draw: viz-boundaries writes the gates figure only;
+    an ungated DiT is still refused."""
+    from PIL import Image
+
+    from dcdit_cli.console import DcditError
+    from dcdit_cli.train import train
+    from dcdit_cli.viz import run_viz
+
+    dit = ["model.kind=dit", "model.patch_size=2", "train.max_steps=1"]
+    train(load_recipe("tiny", [*dit, "model.dynamic=dydit"]), tmp_path / "gated-dit")
+    result = run_viz(tmp_path / "gated-dit", num=2, timesteps=3, steps=4, out_dir=tmp_path / "viz")
+    assert result["pngs"] == [] and len(result["timesteps"]) == 3
+    with Image.open(tmp_path / "viz" / "gates_vs_t.png") as im:
+        assert im.width >= 400 and im.height >= 200
+    train(load_recipe("tiny", dit), tmp_path / "dit")
+    with pytest.raises(DcditError, match="no router to draw"):
+        run_viz(tmp_path / "dit", num=1, timesteps=3, steps=4, out_dir=tmp_path / "viz-plain")
