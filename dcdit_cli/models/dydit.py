@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcdit_cli.models.attention import PackedLayout
+from dcdit_cli.models.attention import PackedLayout, varlen_attention
 from dcdit_cli.models.dit import DiTBlock, modulate
 
 GATE_TAU = 5.0
@@ -129,9 +129,9 @@ class DyDiTBlock(DiTBlock):
     """A DiT block with DyDiT's gates; DiTBlock's parameters and key names are unchanged.
 
     forward(x, c, layout) as DiTBlock: tokens (B, T, D) (the DiT baseline) or packed (N, D) with a
-    :class:`~dcdit_cli.models.attention.PackedLayout` (DC-DiT), which the gated block runs padded
-    to (B, M_max, D) with padding masked out of attention and of the MLP; the width masks come
-    from :meth:`route` (called once per forward by the model, from t_emb).
+    :class:`~dcdit_cli.models.attention.PackedLayout` (DC-DiT: exactly the kept tokens, attention
+    through the layout's variable-length backend, as the plain block); the width masks come from
+    :meth:`route` (called once per forward by the model, from t_emb).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -142,54 +142,80 @@ class DyDiTBlock(DiTBlock):
         self.dydit.route(t_emb)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout | None = None) -> torch.Tensor:
-        if layout is None:
-            return self._forward_padded(x, c, None)  # (B, T, D)
-        padded = self._forward_padded(layout.pad(x), c, layout.valid[:, None, None, :])  # (B, M_max, D)
-        return layout.unpad(padded)  # (N, D)
-
-    def _forward_padded(self, x: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, D), c (B, D), attn_mask (B, 1, 1, T) key padding or None → (B, T, D)."""
         if self.dydit.widths is None:
             raise RuntimeError("DyDiTBlock.route(t_emb) must run before forward (models call route_on_timestep)")
+        return self._forward_tokens(x, c) if layout is None else self._forward_packed(x, c, layout)
+
+    def _forward_tokens(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), c (B, D) → (B, T, D): the DiT baseline's layout."""
         heads, groups = self.dydit.widths  # (B, H) each
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if attn_mask is None else attn_mask[:, 0, 0, :]
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
         sliced = self.dydit.skip and not self.training
-        attn = self._sliced_attention(h, attn_mask, heads) if sliced else self._masked_attention(h, attn_mask, heads)
+        attn = self._sliced_attention(h, heads) if sliced else self._masked_attention(h, heads.unsqueeze(1), None)
         x = x + gate_msa.unsqueeze(1) * attn
         tokens = self.dydit.select_tokens(x)  # (B, T)
         if sliced:
-            x = self._gathered_mlp(x, shift_mlp, scale_mlp, gate_mlp, groups, tokens.bool() & valid)
+            x = self._gathered_mlp(x, shift_mlp, scale_mlp, gate_mlp, groups, tokens.bool())
         else:
-            mlp = self._masked_mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), groups)
+            mlp = self._masked_mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), groups.unsqueeze(1))
             x = x + tokens.unsqueeze(-1).to(x.dtype) * (gate_mlp.unsqueeze(1) * mlp)
         self.dydit.last = GateDecisions(heads, groups, tokens, valid)
         return x  # (B, T, D)
 
+    def _forward_packed(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """x (N, D) packed kept tokens, c (B, D) → (N, D). Training, and inference batches whose
+        samples have different width masks, multiply the masks per token; inference with one width
+        mask for the batch (sampling: every image shares t) slices the weights and gathers tokens."""
+        heads, groups = self.dydit.widths  # (B, H) each
+        mod = layout.per_token(self.adaLN_modulation(c))  # (N, 6D): once per sample, gathered per token
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa  # (N, D)
+        head_plan = self._width_plan(heads) if self.dydit.skip and not self.training else []
+        if len(head_plan) == 1:
+            attn = self._active_heads_attention(h, head_plan[0][1], layout)
+        else:
+            attn = self._masked_attention(h, layout.per_token(heads), layout)
+        x = x + gate_msa * attn
+        logits = layout.pad(self.dydit.token_router(x).squeeze(-1))  # (B, M_max): one draw per slot
+        tokens = gumbel_sigmoid_gate(logits, self.training)  # (B, M_max), padding slots ignored
+        run_mlp = layout.unpad(tokens)  # (N,)
+        group_plan = self._width_plan(groups) if self.dydit.skip and not self.training else []
+        if len(group_plan) == 1:
+            x = self._gathered_mlp_packed(x, shift_mlp, scale_mlp, gate_mlp, group_plan[0][1], run_mlp.bool())
+        else:
+            mlp = self._masked_mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, layout.per_token(groups))
+            x = x + run_mlp.unsqueeze(-1).to(x.dtype) * (gate_mlp * mlp)
+        self.dydit.last = GateDecisions(heads, groups, tokens, layout.valid)
+        return x  # (N, D)
+
     # --- training path: masks multiply the dense computation --------------------------------
 
-    def _qkv_attention(self, h, attn_mask, weight, bias, n_heads):
-        """Multi-head SDPA with the given qkv rows → (B, T, n_heads·d) before ``proj``."""
-        B, T, _ = h.shape
+    def _qkv_attention(self, h, weight, bias, n_heads, layout=None):
+        """Multi-head attention with the given qkv rows → (..., n_heads·d) before ``proj``: SDPA over
+        h (B, T, D), or within each sample of packed h (N, D) through the layout's backend."""
         d = self.attn.head_dim
-        qkv = F.linear(h, weight, bias).reshape(B, T, 3, n_heads, d).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, n_heads, T, d)
+        q, k, v = F.linear(h, weight, bias).unflatten(-1, (3, n_heads, d)).unbind(-3)  # (..., n_heads, d)
         q, k = self.attn.q_norm(q), self.attn.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return out.transpose(1, 2).reshape(B, T, n_heads * d)
+        if layout is not None:
+            return varlen_attention(q, k, v, layout).flatten(-2)  # (N, n_heads·d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, n, T, d)
+        return out.transpose(1, 2).flatten(-2)  # (B, T, n_heads·d)
 
-    def _masked_attention(self, h, attn_mask, heads):
+    def _masked_attention(self, h, heads, layout):
+        """heads: the head mask per row of h, (B, 1, H) or (N, H)."""
         a = self.attn
-        out = self._qkv_attention(h, attn_mask, a.qkv.weight, a.qkv.bias, a.num_heads)  # (B, T, D)
-        mask = heads.to(out.dtype).repeat_interleave(a.head_dim, dim=1)  # (B, D): head h → its d channels
-        return a.proj(a.norm(out * mask.unsqueeze(1)))
+        out = self._qkv_attention(h, a.qkv.weight, a.qkv.bias, a.num_heads, layout)  # (..., D)
+        mask = heads.to(out.dtype).repeat_interleave(a.head_dim, dim=-1)  # head h → its d channels
+        return a.proj(a.norm(out * mask))
 
     def _masked_mlp(self, h, groups):
+        """groups: the MLP-group mask per row of h, (B, 1, H) or (N, H)."""
         m = self.mlp
-        hidden = m.fc1(h)  # (B, T, 4D)
-        mask = groups.to(hidden.dtype).repeat_interleave(hidden.shape[-1] // groups.shape[1], dim=1)
-        return m.drop2(m.fc2(m.norm(m.drop1(m.act(hidden * mask.unsqueeze(1))))))
+        hidden = m.fc1(h)  # (..., 4D)
+        mask = groups.to(hidden.dtype).repeat_interleave(hidden.shape[-1] // groups.shape[-1], dim=-1)
+        return m.drop2(m.fc2(m.norm(m.drop1(m.act(hidden * mask)))))
 
     # --- inference path: masked heads, groups and tokens are not computed -------------------
 
@@ -201,26 +227,25 @@ class DyDiTBlock(DiTBlock):
             return [(None, rows[0].nonzero().squeeze(1))]
         return [((inverse == i).nonzero().squeeze(1), row.nonzero().squeeze(1)) for i, row in enumerate(rows)]
 
-    def _sliced_attention(self, h, attn_mask, heads):
-        a, D = self.attn, h.shape[-1]
-        d = a.head_dim
+    def _sliced_attention(self, h, heads):
         out = torch.empty_like(h)
         for samples, active in self._width_plan(heads):
-            rows = _head_rows(active, d)  # (k·d,)
-            qkv_rows = torch.cat([rows, rows + D, rows + 2 * D])  # the q, k and v rows of the active heads
-            hs = h if samples is None else h[samples]
-            mask = attn_mask if attn_mask is None or samples is None else attn_mask[samples]
-            o = self._qkv_attention(hs, mask, a.qkv.weight[qkv_rows], a.qkv.bias[qkv_rows], len(active))
-            o = F.linear(o, a.proj.weight[:, rows], a.proj.bias)  # (b, T, D)
+            o = self._active_heads_attention(h if samples is None else h[samples], active)  # (b, T, D)
             if samples is None:
                 return o
             out[samples] = o
         return out
 
+    def _active_heads_attention(self, h, active, layout=None):
+        """Attention computed for the ``active`` heads only: their q, k, v rows and ``proj`` columns."""
+        a, D = self.attn, h.shape[-1]
+        rows = _head_rows(active, a.head_dim)  # (k·d,)
+        qkv_rows = torch.cat([rows, rows + D, rows + 2 * D])  # the q, k and v rows of the active heads
+        o = self._qkv_attention(h, a.qkv.weight[qkv_rows], a.qkv.bias[qkv_rows], len(active), layout)
+        return F.linear(o, a.proj.weight[:, rows], a.proj.bias)
+
     def _gathered_mlp(self, x, shift, scale, gate, groups, selected):
         """Only the selected tokens (B, T bool) run the MLP, on the active groups' channels."""
-        m = self.mlp
-        c = m.fc1.out_features // groups.shape[1]
         x = x.clone()
         for samples, active in self._width_plan(groups):
             if samples is None:
@@ -229,11 +254,23 @@ class DyDiTBlock(DiTBlock):
                 chosen = torch.zeros_like(selected)
                 chosen[samples] = selected[samples]
             b, t = chosen.nonzero(as_tuple=True)  # (N,) each: the tokens that run the MLP
-            rows = _head_rows(active, c)
-            h = self.norm2(x[b, t]) * (1 + scale[b]) + shift[b]  # (N, D) modulated
-            h = m.act(F.linear(h, m.fc1.weight[rows], m.fc1.bias[rows]))  # (N, g·c)
-            x[b, t] = x[b, t] + gate[b] * F.linear(m.norm(h), m.fc2.weight[:, rows], m.fc2.bias)
+            x[b, t] = x[b, t] + gate[b] * self._active_groups_mlp(self.norm2(x[b, t]) * (1 + scale[b]) + shift[b], active)
         return x
+
+    def _gathered_mlp_packed(self, x, shift, scale, gate, active, selected):
+        """Packed x (N, D) with per-token modulation (N, D) each; only the selected tokens (N,) bool
+        run the MLP, on the ``active`` groups' channels (one set for the whole batch)."""
+        x = x.clone()
+        n = selected.nonzero().squeeze(1)  # the tokens that run the MLP
+        x[n] = x[n] + gate[n] * self._active_groups_mlp(self.norm2(x[n]) * (1 + scale[n]) + shift[n], active)
+        return x
+
+    def _active_groups_mlp(self, h, active):
+        """The MLP on modulated rows h (n, D), computed for the ``active`` hidden groups only."""
+        m = self.mlp
+        rows = _head_rows(active, m.fc1.out_features // self.attn.num_heads)
+        h = m.act(F.linear(h, m.fc1.weight[rows], m.fc1.bias[rows]))  # (n, g·c)
+        return F.linear(m.norm(h), m.fc2.weight[:, rows], m.fc2.bias)
 
 
 #################################################################################
