@@ -54,6 +54,21 @@ def strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+_KNOWN_GLOBALS = {
+    "config.": "is the authors' DC-DiT release: read it with `dcdit convert --from`, `--ckpt` or `train --init-from`",
+    "argparse.Namespace": "is an official DiT training checkpoint, not a DC-DiT release: upcycle it with "
+                          "`dcdit upcycle --from`",
+}
+"""Globals that identify another kind of checkpoint than the reader expects: the line says which."""
+
+
+def _refuse_known(path: Path, name: str) -> None:
+    """A DcditError saying which kind of checkpoint ``path`` is when the refused global ``name`` tells."""
+    for prefix, what in _KNOWN_GLOBALS.items():
+        if name.startswith(prefix):
+            raise DcditError(f"{path} {what} (it pickles {name}, which this reader does not load)")
+
+
 def safe_torch_load(path: Path, allowed: Mapping[str, object], hint: str, mmap: bool = False):
     """``torch.load(weights_only=True)`` with the stand-ins in ``allowed`` ({'module.Name': class}).
 
@@ -69,6 +84,7 @@ def safe_torch_load(path: Path, allowed: Mapping[str, object], hint: str, mmap: 
     except Exception as e:  # any unreadable input is the user's to fix
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused:
+            _refuse_known(path, refused.group(1))
             raise DcditError(f"{path} wants to load the global {refused.group(1)}, which a checkpoint never needs: "
                              f"refused (nothing from it was run); {hint}") from None
         raise DcditError(f"{path} is not a readable PyTorch checkpoint ({load_error_reason(e)}): {hint}") from None
@@ -284,6 +300,10 @@ def official_recipe(cfg: dict, source, name: str):
         n = n[0] if isinstance(n, list) and len(n) == 1 else n
         if not isinstance(n, (int, float)):
             problems.append(f"downsample_factor {n} (one stage, one N)")
+        if tr.get("downsample_factor_start") is not None and tr.get("downsample_factor_warmup_steps", 0) > 0:
+            problems.append(f"downsample_factor_start {tr['downsample_factor_start']} (a curriculum on N: dcdit trains at one N)")
+        if hnet.get("fp32_router_dechunk", True) is not True:
+            problems.append("fp32_router_dechunk false (dcdit always routes and de-chunks in fp32)")
         if diff["noise_schedule"] != "linear":
             problems.append(f"noise_schedule {diff['noise_schedule']!r} (dcdit has DiT's linear β schedule)")
         if tr["class_dropout_prob"] <= 0:
@@ -296,7 +316,8 @@ def official_recipe(cfg: dict, source, name: str):
         if mb_start is None:
             mb_start = tr.get("downsample_factor_warmup_steps", 0)
         image = data["image_size"]
-        return Recipe().replace(
+        accum = int(tr.get("gradient_accumulation_steps", 1))
+        replace = dict(
             run={"name": name, "description": f"the authors' DC-DiT release, read from {Path(str(source)).name}"},
             model={"kind": "dcdit", "input_size": image // 8, "in_channels": 4, "hidden_size": width, "depth": depth,
                    "num_heads": heads[-1], "mlp_ratio": float(cfg["model"]["mlp_ratio"]), "num_classes": data["num_classes"],
@@ -305,7 +326,7 @@ def official_recipe(cfg: dict, source, name: str):
                    "smoothing_sigma": float(hnet["dechunk_kernel_sigma"]), "force_endpoints": True, "norm_eps": 1e-5},
             diffusion={"num_timesteps": diff["diffusion_steps"]},
             data={"path": f"features/imagenet{image}", "image_size": image, "num_classes": data["num_classes"]},
-            train={"global_batch": tr["global_batch_size"], "lr": float(tr["learning_rate"]),
+            train={"global_batch": tr["global_batch_size"] * accum, "lr": float(tr["learning_rate"]),  # images per update
                    "weight_decay": float(tr["weight_decay"]), "grad_clip": float(tr["max_grad_norm"]),
                    "ema_decay": float(tr["ema_decay"]), "label_dropout": float(tr["class_dropout_prob"]),
                    "ratio_loss_weight": float(tr["ratio_loss_weight"]),
@@ -313,8 +334,13 @@ def official_recipe(cfg: dict, source, name: str):
                    "multi_budget_fractions": [float(f) for f in tr["multi_budget_drop_fractions"]],
                    "log_every_steps": cfg["logging"]["log_every"], "ckpt_every_steps": cfg["logging"]["ckpt_every"]},
         )
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
         raise DcditError(f"{source}: its config lacks or mistypes {load_error_reason(e)}: {_OFFICIAL_HINT}") from None
+    try:
+        return Recipe().replace(**replace)
+    except DcditError as e:  # a value dcdit's recipe checks refuse (Recipe.replace names no file)
+        reason = str(e).removeprefix("<replace>: ")
+        raise DcditError(f"{source}: its config gives a recipe dcdit cannot run ({reason}): dcdit cannot express it") from None
 
 
 def map_official_state(state: Mapping[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
@@ -352,6 +378,7 @@ def read_official(path: Path, weights: str = "ema"):
         raise DcditError(f"{path} is truncated or not a PyTorch zip checkpoint: download it again, or {_OFFICIAL_HINT}")
     refused = [n for n in names if n not in OFFICIAL_GLOBALS]
     if refused:
+        _refuse_known(path, refused[0])
         raise DcditError(f"{path} wants to load the global {refused[0]}, which the authors' checkpoint format never "
                          f"contains: refused (nothing from it was run); {_OFFICIAL_HINT}")
     obj = safe_torch_load(path, _STAND_INS, _OFFICIAL_HINT, mmap=True)
@@ -382,6 +409,7 @@ def _check_against(state: Mapping[str, torch.Tensor], recipe, source) -> None:
     problems = [f"{k} is missing" for k in expected if k not in state]
     problems += [f"{k} is {tuple(v.shape)} vs {tuple(expected[k].shape)} in its config's model"
                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k} is not in its config's model" for k in state if k not in expected]
     if problems:
         raise DcditError(f"{source}: its weights do not match its own config ({len(problems)} tensors: "
                          f"{'; '.join(problems[:2])}): the file is damaged or from another code version")

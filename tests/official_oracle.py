@@ -292,9 +292,9 @@ class Config:
 '''
 
 
-def save_authors_checkpoint(path, tmp_dir, model: AuthorsDCDiT, ema, side=8, classes=10, depth=2):
+def save_authors_checkpoint(path, tmp_dir, model: AuthorsDCDiT, ema, side=8, classes=10, depth=2, edit=None):
     """Their train.py's file: {model, ema, opt, config}, the config pickled from a module `config`.
-    ``ema``: a model, or a state dict (to write damaged files)."""
+    ``ema``: a model, or a state dict (to write damaged files); ``edit(cfg)``: changes the config."""
     pkg = tmp_dir / "authors_config"
     pkg.mkdir(exist_ok=True)
     (pkg / "config.py").write_text(textwrap.dedent(CONFIG_SOURCE))
@@ -308,6 +308,8 @@ def save_authors_checkpoint(path, tmp_dir, model: AuthorsDCDiT, ema, side=8, cla
         cfg.training = config.TrainingConfig(multi_budget_training=True, multi_budget_drop_fractions=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
                                              multi_budget_start_step=50000, downsample_factor=4.0, ratio_loss_weight=0.03)
         cfg.data = config.DataConfig(image_size=side * 8, num_classes=classes)
+        if edit is not None:
+            edit(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         torch.save({"model": model.state_dict(), "ema": ema.state_dict() if isinstance(ema, nn.Module) else ema, "opt": opt.state_dict(), "config": cfg}, path)
     finally:

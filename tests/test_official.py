@@ -266,6 +266,39 @@ def test_weights_that_do_not_match_their_config_are_one_line(tmp_path):
         read_official(tmp_path / "extra.pt")
 
 
+def test_configs_dcdit_cannot_express_and_foreign_tensors_are_one_line_naming_the_file(tmp_path):
+    model = AuthorsDCDiT()
+    extra = {**model.state_dict(), "final_layer.extra.weight": torch.zeros(2)}  # under a pass-through prefix
+    save_authors_checkpoint(tmp_path / "extra.pt", tmp_path, model, extra)
+    with pytest.raises(DcditError, match="final_layer.extra.weight is not in its config's model"):
+        read_official(tmp_path / "extra.pt")
+
+    def setter(section, **values):
+        return lambda cfg: [setattr(getattr(cfg.model, "hnet") if section == "hnet" else getattr(cfg, section), k, v)
+                            for k, v in values.items()]
+
+    for name, edit, words in (
+        ("curriculum", setter("training", downsample_factor_start=2.0, downsample_factor_warmup_steps=1000), "downsample_factor_start"),
+        ("fp16-router", setter("hnet", fp32_router_dechunk=False), "fp32_router_dechunk false"),
+        ("lr-text", setter("training", learning_rate="abc"), "could not convert string to float"),
+        ("heads", setter("hnet", num_heads=[4, 3]), "not divisible by model.num_heads 3"),
+    ):
+        save_authors_checkpoint(tmp_path / f"{name}.pt", tmp_path, model, model, edit=edit)
+        with pytest.raises(DcditError, match=words) as e:
+            read_official(tmp_path / f"{name}.pt")
+        assert f"{name}.pt" in str(e.value) and "<replace>" not in str(e.value) and "\n" not in str(e.value)
+
+    import argparse
+
+    torch.save({"model": {}, "ema": {}, "args": argparse.Namespace(model="DiT-XL/2")}, tmp_path / "dit-train.pt")
+    with pytest.raises(DcditError, match="an official DiT training checkpoint, not a DC-DiT release: upcycle it"):
+        read_official(tmp_path / "dit-train.pt")
+
+    save_authors_checkpoint(tmp_path / "accum.pt", tmp_path, model, model, edit=setter("training", gradient_accumulation_steps=4))
+    _, recipe, _ = read_official(tmp_path / "accum.pt")
+    assert recipe.train.global_batch == 4 * 256  # images per update: their loader batch × accumulation
+
+
 @pytest.mark.parametrize("name, sizes", [("s-n4-official", (384, 6, 12)), ("xl-n4-official", (1152, 16, 28))])
 def test_full_size_key_map_on_meta_tensors(name, sizes):
     from dcdit_cli.foreign import _check_against, map_official_state
