@@ -62,6 +62,8 @@ def read_index(path: str | Path) -> dict:
     root = Path(path)
     if not str(path):
         raise DcditError(f"data.path is empty: set it to a directory of latent shards ({_EXTRACT_HINT})")
+    if root.is_file():
+        raise DcditError(f"data.path {root} is a file: point it at the directory of latent shards ({_EXTRACT_HINT})")
     if not root.is_dir():
         raise DcditError(f"latent directory {root} does not exist: {_EXTRACT_HINT}")
     index_path = root / INDEX_NAME

@@ -468,6 +468,8 @@ def available_recipes() -> list[str]:
 def resolve_recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise DcditError(f"recipe {path} is a directory: give a .toml file in it, or a shipped name")
         if not path.is_file():
             raise DcditError(f"recipe file {path} does not exist: give a shipped name ({', '.join(available_recipes())}) or a path")
         return path
@@ -494,7 +496,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     """Loads a recipe by name or path and applies ``--set`` overrides."""
     path = resolve_recipe_path(name_or_path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors write, is fine
     except tomllib.TOMLDecodeError as e:
         raise DcditError(f"{path}: not valid TOML ({e}); fix the file") from None
     except UnicodeDecodeError as e:

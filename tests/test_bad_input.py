@@ -341,6 +341,7 @@ CASES = [
     # --- training data against the model
     ("latents-empty-path", T + LATENTS, "data.path is empty"),
     ("latents-missing", T + LATENTS + S("data.path='{root}/none'"), "does not exist"),
+    ("latents-path-is-file", T + LATENTS + S("data.path='{file}'"), "is a file: point it at the directory"),
     ("latents-empty-folder", T + LATENTS + S("data.path='{empty}'"), "index.json is missing"),
     ("latents-index-no-shards", T + LATENTS + S("data.path='{lat_noshards}'"), "lacks 'shards'"),
     ("latents-index-bad-count", T + LATENTS + S("data.path='{lat_count}'"), "malformed 'shards'"),
@@ -372,6 +373,7 @@ CASES = [
     ("resume-broken-keeps-run", T + S("train.max_steps=9") + ["--out", "{run}", "--resume", "{zero}/checkpoints/step-0000002"],
      "model.safetensors"),
     ("resume-optimizer-shapes", T + ["--out", "{root}/optrun", "--resume", "{optbad}"], "optimizer exp_avg"),
+    ("recipe-is-a-directory", ["train", "--recipe", "{recipes}"], "is a directory: give a .toml file"),
     ("extract-out-in-images", ["extract", "--data-path", "{junk}", "--out", "{junk}/cls/f"], "lies inside --data-path"),
     ("hidden-size-beyond-int64", T + S("model.hidden_size=100000000000000000000"), "does not fit a 64-bit integer"),
     # --- the command line itself

@@ -108,3 +108,9 @@ def test_removed_keys_error_in_files_and_are_dropped_from_stored_recipes(tmp_pat
     with pytest.raises(DcditError, match="data.num_workers was removed.*delete the line"):
         load_recipe(str(path))
     assert recipe_from_toml(text, "checkpoint") == load_recipe("tiny")  # an old checkpoint still loads
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_loads(tmp_path):
+    text = (recipes_dir() / "tiny.toml").read_text(encoding="utf-8")
+    (tmp_path / "bom.toml").write_bytes("\ufeff".encode("utf-8") + text.encode("utf-8"))
+    assert load_recipe(str(tmp_path / "bom.toml")) == load_recipe("tiny")
