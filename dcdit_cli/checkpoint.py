@@ -318,7 +318,7 @@ def init_from(model: torch.nn.Module, path: Path) -> list[str]:
 def convert_weights(source: Path, out_dir: Path, weights: str = "ema") -> Path:
     """`dcdit convert`: any checkpoint :func:`read_weights` reads → dcdit weights (safetensors
     with the resolved recipe in the metadata) under ``out_dir``/weights, plus ``out_dir``/recipe.toml."""
-    from dcdit_cli.recipe import recipe_diff, recipe_from_toml
+    from dcdit_cli.recipe import read_stored_recipe, recipe_diff
 
     out_dir = check_output(Path(out_dir), "--out", directory=True)
     if (out_dir / "checkpoints").exists():
@@ -327,8 +327,8 @@ def convert_weights(source: Path, out_dir: Path, weights: str = "ema") -> Path:
     stored = out_dir / "recipe.toml"
     if stored.is_file():
         try:
-            changed = recipe_diff(recipe_from_toml(stored.read_text(encoding="utf-8"), source=str(stored)), recipe)
-        except (DcditError, UnicodeDecodeError):
+            changed = recipe_diff(read_stored_recipe(stored), recipe)
+        except DcditError:
             changed = ["its recipe.toml does not load"]
         if changed:
             raise DcditError(f"--out {out_dir} holds weights of another recipe ({'; '.join(changed[:3])}): "

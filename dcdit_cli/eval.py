@@ -148,7 +148,8 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
         check.fraction("--budgets", b)
     for c in cfg_scales or []:
         check.cfg_scale("--cfg-scales", c)
-    check.output("--out", Path(out) if out is not None else default_out(ckpt), directory=True).done()
+    out = Path(out) if out is not None else default_out(ckpt)
+    check.output("--out", out, directory=True).done()
     settings = settings_for(recipe, budgets, uncond_budget, cfg_scales)
     for s in settings:
         SampleOptions.from_recipe(recipe, steps=steps, seed=seed, **s.flags())  # bad budget / steps → one line, now
@@ -160,7 +161,6 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     reference = fid.load_reference(ref)
     extractor = fid.load_inception(inception_weights)  # a bad weights file is reported now, not after sampling
     others = [(p, load_records(find_eval_json(p))) for p in compare]
-    out = Path(out) if out is not None else default_out(ckpt)
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
         (out / "samples").mkdir(parents=True, exist_ok=True)

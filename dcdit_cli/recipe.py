@@ -5,7 +5,7 @@ whole setting). Loading is strict in the manner of litgpt's ``validate_args``: u
 sections or keys and wrong types are errors with a did-you-mean, and every problem in a
 file is reported at once. Each field's allowed values are declared on the field itself,
 ``bounded("[1, inf)", 32)`` (a range in interval notation; floats must also be finite) or
-``one_of("dcdit", "dit")``; constraints between fields are in ``_cross_checks``. A new key
+``one_of("dcdit", "dit")`` (``fields.py``); constraints between fields are in ``_cross_checks``. A new key
 gets its range the same way, so this schema stays the one place that says what is valid. ``--set section.key=value`` overrides are parsed as TOML
 literals (a bare word that is not valid TOML is taken as a string).
 
@@ -16,12 +16,10 @@ the package) or given as a path.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,61 +27,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dcdit_cli.console import DcditError
-
-
-# ----------------------------------------------------------------------------------------
-# Field constraints: declared next to each field, checked by recipe_from_dict
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A range in interval notation: "[1, inf)", "(0, 1]", "[0, 2**63)" (for a list: each item)."""
-
-    text: str
-
-    def bounds(self) -> tuple[float, bool, float, bool]:
-        lo, hi = (_number(v.strip()) for v in self.text[1:-1].split(","))
-        return lo, self.text[0] == "[", hi, self.text[-1] == "]"
-
-    def contains(self, value: float) -> bool:
-        lo, lo_in, hi, hi_in = self.bounds()
-        return (lo < value or (lo_in and value == lo)) and (value < hi or (hi_in and value == hi))
-
-
-def _number(text: str) -> float:
-    """'inf', '-1', '0.5' or a power such as '2**63'."""
-    if text.lstrip("-") == "inf":
-        return -math.inf if text.startswith("-") else math.inf
-    if "**" in text:
-        base, exp = text.split("**")
-        return float(int(base) ** int(exp))
-    return float(text)
-
-
-def bounded(interval: str, default=dataclasses.MISSING, *, factory=dataclasses.MISSING):
-    """A numeric field whose value (or every item of it) must lie in ``interval``."""
-    return field(default=default, default_factory=factory, metadata={"range": Interval(interval)})
-
-
-def one_of(*options: str):
-    """A string field taking one of ``options``; the first is the default."""
-    return field(default=options[0], metadata={"choices": options})
-
-
-def _field_problem(key: str, value: Any, meta) -> str | None:
-    """The constraint a field's (type-checked) value breaks, or None."""
-    if "choices" in meta and value not in meta["choices"]:
-        return f"{key}: {value!r} is not one of {', '.join(meta['choices'])}{_suggest(str(value), meta['choices'])}"
-    if "range" in meta:
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, int) and not -(2**63) <= v < 2**63:
-                return f"{key}: {v} does not fit a 64-bit integer (TOML's integers): give a value in {meta['range'].text}"
-            if isinstance(v, float) and not math.isfinite(v):
-                return f"{key}: {v} is not a finite number: give a value in {meta['range'].text}"
-            if not meta["range"].contains(v):
-                return f"{key}: {v!r} is outside {meta['range'].text}: give a value in that range"
-    return None
+from dcdit_cli.fields import bounded, check_value, field_problem, one_of, suggest
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,44 +264,13 @@ class Recipe:
 # ----------------------------------------------------------------------------------------
 
 
-# Common names from other codebases, suggested when difflib finds nothing close.
+# Common names from other codebases, suggested for a misspelt key.
 ALIASES = {"learning_rate": "lr", "batch_size": "global_batch", "steps": "max_steps", "num_steps": "max_steps",
            "ema": "ema_decay", "precision": "mixed_precision", "clip_grad": "grad_clip", "max_grad_norm": "grad_clip"}
 
 
 def _suggest(word: str, options) -> str:
-    if ALIASES.get(word) in options:
-        return f" (did you mean '{ALIASES[word]}'?)"
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(key: str, value: Any, tp) -> tuple[Any, str | None]:
-    """Returns (coerced value, problem or None)."""
-    if get_origin(tp) is list:
-        (item_tp,) = get_args(tp)
-        if not isinstance(value, list):
-            return value, f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}"
-        out = []
-        for v in value:
-            coerced, problem = _check_value(key, v, item_tp)
-            if problem:
-                return value, f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}"
-            out.append(coerced)
-        return out, None
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-    elif isinstance(value, tp):
-        return value, None
-    return value, f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    return suggest(word, options, ALIASES)
 
 
 def _cross_checks(recipe: Recipe) -> list[str]:
@@ -425,11 +338,11 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", drop_remove
             if key not in hints:
                 problems.append(f"unknown key {full}{_suggest(key, hints)}")
                 continue
-            coerced, problem = _check_value(full, value, hints[key])
+            coerced, problem = check_value(full, value, hints[key])
             if problem:
                 problems.append(problem)
                 continue
-            problem = _field_problem(full, coerced, metas[key])
+            problem = field_problem(full, coerced, metas[key])
             if problem:
                 problems.append(problem)
                 continue
@@ -515,6 +428,15 @@ def recipe_from_toml(text: str, source: str) -> Recipe:
         return recipe_from_dict(tomllib.loads(text), source=source, drop_removed=True)
     except tomllib.TOMLDecodeError as e:
         raise DcditError(f"{source}: the stored recipe is not valid TOML ({e})") from None
+
+
+def read_stored_recipe(path: Path) -> Recipe:
+    """A run directory's recipe.toml (a DcditError naming the file when it is not UTF-8 or not valid)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DcditError(f"{path} is not UTF-8 text: restore the run's recipe, or write to a new directory") from None
+    return recipe_from_toml(text, source=str(path))
 
 
 def recipe_diff(old: Recipe, new: Recipe) -> list[str]:

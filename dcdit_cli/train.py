@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from dcdit_cli.console import DcditError, MetricsWriter, RateMeter, plain_log, print0, progress_bar
-from dcdit_cli.recipe import Recipe, recipe_diff, recipe_from_toml
+from dcdit_cli.recipe import Recipe, read_stored_recipe, recipe_diff
 
 # Keys that may change when a run is resumed; any other change is refused with the diff.
 RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.path"}
@@ -172,10 +172,7 @@ def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, accelerat
     elif stored.exists():
         ckpt = find_latest(out_dir)
     if stored.exists() and ckpt is not None:
-        try:
-            old = recipe_from_toml(stored.read_text(encoding="utf-8"), source=str(stored))
-        except UnicodeDecodeError:
-            raise DcditError(f"{stored} is not UTF-8 text: restore the run's recipe, or pass --out to start a new run") from None
+        old = read_stored_recipe(stored)
         allowed = RESUME_ALLOWED | (DYDIT_ONLY if old.model.dynamic == recipe.model.dynamic == "none" else set())
         changed = [d for d in recipe_diff(old, recipe) if d.split(":")[0] not in allowed]
         if changed:

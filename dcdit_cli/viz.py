@@ -32,7 +32,7 @@ from dcdit_cli.atomic import write_png
 from dcdit_cli.console import DcditError, print0, progress_bar
 from dcdit_cli.models.dydit import gated_blocks
 from dcdit_cli.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
-from dcdit_cli.viz_gates import gate_snapshot, gates_figure, gates_only
+from dcdit_cli.viz_gates import gate_snapshot, gates_figure
 
 # ----------------------------------------------------------------------------------------
 # Colours and fonts
@@ -56,7 +56,8 @@ def column_steps(steps: int, columns: int) -> list[int]:
 class _Recorder:
     """Calls the model and keeps what the sampler showed it: every step's t and kept count, and
     at the chosen steps x_t, p, the router's boundaries and the kept tokens (first B rows = the
-    conditional half under CFG). Everything else is delegated to the model."""
+    conditional half under CFG); DyDiT's gates at every step (a gated DiT: only those).
+    Everything else is delegated to the model."""
 
     def __init__(self, model, batch: int, record_at: list[int]):
         self.model, self.batch, self.record_at = model, batch, set(record_at)
@@ -73,10 +74,12 @@ class _Recorder:
         out, stats = self.model(x, t, y, budget=budget)
         B = self.batch
         self.t.append(int(t[0]))
-        self.num_kept.append(stats.num_kept[:B].detach().cpu())
         gates = gate_snapshot(self.model, B, stats)
         if gates is not None:
             self.gates.append(gates)
+        if stats is None:  # a gated DiT: no router to record
+            return out, stats
+        self.num_kept.append(stats.num_kept[:B].detach().cpu())
         if self.calls in self.record_at:
             self.frames.append({"x": x[:B].detach().float().cpu(), "p": stats.p[:B].detach().float().cpu(),
                                 "mask": stats.mask[:B].detach().cpu(), "kept": stats.kept[:B].detach().cpu()})
@@ -268,7 +271,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     """
     from dcdit_cli.checkpoint import load_weights
     from dcdit_cli.options import OptionCheck
-    from dcdit_cli.sample import Decoder, SampleOptions, classes_for, to_uint8
+    from dcdit_cli.sample import Decoder, SampleOptions, classes_for, sample_batch, to_uint8
 
     check = OptionCheck().count("--num", num, example=4).count("--timesteps", timesteps, example=8).count("--steps", steps, example=50)
     check.fraction("--budget", budget).cfg_scale("--cfg-scale", cfg_scale).seed("--seed", seed)
@@ -285,10 +288,14 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     cols = column_steps(steps, timesteps)
     gates_title = f"{recipe.run.name}: DyDiT gates, cfg {cfg_scale:g}, {steps} {opts.method.upper()} steps (conditional half)"
     if recipe.model.kind != "dcdit":  # a gated DiT (Table 4's DyDiT rows): its gates, no boundaries
-        figure, t_all = gates_only(model, recipe, opts, num, classes, device, cols, gates_title)
+        recorder = _Recorder(model, min(num, 16), [])
+        sample_batch(recorder, recipe, list(range(recorder.batch)), opts, classes, device)
+        side = recipe.model.input_size // recipe.model.patch_size
+        t_cols = [recorder.t[k] for k in cols]
+        figure = gates_figure(recorder.t, recorder.gates, t_cols, [recorder.gates[k] for k in cols], side, gates_title)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         gates_png = write_png(Path(out_dir) / "gates_vs_t.png", figure)
-        result = {"timesteps": [t_all[k] for k in cols], "steps": steps, "gates": str(gates_png), "pngs": []}
+        result = {"timesteps": t_cols, "steps": steps, "gates": str(gates_png), "pngs": []}
         if as_json:
             sys.stdout.write(json.dumps(result) + "\n")
         else:

@@ -1,6 +1,6 @@
 """DyDiT's gates along the sampling trajectory: `dcdit viz-boundaries` on a gated DC-DiT also
 writes DIR/gates_vs_t.png (paper §4.5; models/dydit.py); on a gated DiT (Table 4's DyDiT rows,
-which have no router to draw) it writes that figure alone (:func:`gates_only`).
+which have no router to draw) it writes that figure alone.
 
     top     active attention heads and MLP groups of every block against t (one row per head or
             group, blocks stacked; dark = on). They depend on t only, so one image stands for all.
@@ -37,37 +37,6 @@ def gate_snapshot(model, batch: int, stats) -> dict | None:
     rows = torch.arange(batch)[:, None].expand_as(order)
     grid[rows[valid], order[valid]] = ran[valid]
     return {"heads": heads, "groups": groups, "ran_mlp": grid}
-
-
-class _GateRecorder:
-    """Calls the model and keeps every sampler step's t and gate snapshot (conditional half)."""
-
-    def __init__(self, model, batch: int):
-        self.model, self.batch = model, batch
-        self.t: list[int] = []
-        self.gates: list[dict] = []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, x, t, y, budget=None):
-        out, stats = self.model(x, t, y, budget=budget)
-        self.t.append(int(t[0]))
-        self.gates.append(gate_snapshot(self.model, self.batch, stats))
-        return out, stats
-
-
-def gates_only(model, recipe, opts, num: int, classes, device, cols: list[int], title: str):
-    """Samples ``num`` images (at most 16) of a gated model and draws gates_vs_t.png for them:
-    → (the figure, t of every sampler step)."""
-    from dcdit_cli.sample import sample_batch
-
-    recorder = _GateRecorder(model, min(num, 16))
-    sample_batch(recorder, recipe, list(range(recorder.batch)), opts, classes, device)
-    side = recipe.model.input_size // (recipe.model.patch_size if recipe.model.kind == "dit" else 1)
-    figure = gates_figure(recorder.t, recorder.gates, [recorder.t[k] for k in cols], [recorder.gates[k] for k in cols],
-                          side, title)
-    return figure, recorder.t
 
 
 def _heatmap(draw: ImageDraw.ImageDraw, x0: int, y0: int, masks: np.ndarray, cell_w: int, cell_h: int) -> None:
