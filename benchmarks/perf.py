@@ -11,15 +11,25 @@ f spread evenly over [1 − spread, 1 + spread] across the batch (a trained rout
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--batch 8]
     python benchmarks/perf.py compile [--steps 12] [--whole]
+
+The dcdit command puts large CPU tensors on huge pages (dcdit_cli/host_memory.py); so does this
+script unless --small-pages is given, and the scaffold benchmark times both.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import sys
 import time
+
+from dcdit_cli.host_memory import ENV, use_huge_pages
+
+if "--small-pages" not in sys.argv:
+    use_huge_pages()  # as the dcdit command runs; PyTorch reads the switch at the process's first tensor
 
 import torch
 
@@ -243,24 +253,51 @@ def _scaffold_peak(side: int, dim: int, batch: int, queue) -> None:
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
-def bench_scaffold(args) -> None:
-    """Router + chunk + de-chunk: time (all sides interleaved in this process) and peak memory
-    growth (one fresh process per side)."""
+def _scaffold_times(args, queue) -> None:
+    """Medians of all sides interleaved, and the minor page faults of one call per side."""
+    torch.set_num_threads(args.threads)
+    fns = {side: scaffold_fn(side, args.dim, args.batch) for side in args.sides}
+    times = interleaved(fns, args.repeats)
+    faults = {}
+    for side, fn in fns.items():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        faults[side] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    queue.put((times, faults))
+
+
+def _in_fresh_process(target, *args, huge: bool = True):
+    """target(*args, queue) in a new interpreter, with or without huge pages; → what it put in the queue."""
     ctx = mp.get_context("spawn")
-    peak = {}
-    for side in args.sides:
-        q = ctx.Queue()
-        p = ctx.Process(target=_scaffold_peak, args=(side, args.dim, args.batch, q))
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = "1" if huge else "0"  # the child inherits it and reads it at its first tensor
+    try:
         p.start()
-        peak[side] = q.get()
-        p.join()
-    times = interleaved({side: scaffold_fn(side, args.dim, args.batch) for side in args.sides}, args.repeats)
+    finally:
+        if saved is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = saved
+    result = q.get()
+    p.join()
+    return result
+
+
+def bench_scaffold(args) -> None:
+    """Router + chunk + de-chunk: time (all sides interleaved in one process, once with glibc's
+    pages and once with huge pages) and peak memory growth (a fresh process per side, as dcdit runs)."""
+    peak = {side: _in_fresh_process(_scaffold_peak, side, args.dim, args.batch) for side in args.sides}
     print(f"router + chunk + de-chunk, batch {args.batch}, width {args.dim}, kept L/4 ±30%, median of {args.repeats} (interleaved)")
-    prev = None
-    for side in args.sides:
-        step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, x{peak[side] / max(peak[prev], 1e-9):.2f} memory per doubling"
-        print(f"  {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MB{step}")
-        prev = side
+    for huge in (False, True):
+        times, faults = _in_fresh_process(_scaffold_times, args, huge=huge)
+        print(f"  {'huge pages (as dcdit runs)' if huge else '4 KiB pages (glibc mmap, unmapped when freed)'}:")
+        prev = None
+        for side in args.sides:
+            step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, x{peak[side] / max(peak[prev], 1e-9):.2f} memory per doubling"
+            print(f"    {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MB  {faults[side]:>7} page faults/call{step}")
+            prev = side
 
 
 def bench_attention(args) -> None:
@@ -339,6 +376,8 @@ def main() -> None:
     parser.add_argument("--components", action="store_true", help="train: also the forward time by component")
     parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT, not its blocks")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--small-pages", action="store_true",
+                        help="4 KiB pages for every tensor instead of huge pages as dcdit runs (scaffold: always both)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,

@@ -448,6 +448,9 @@ def eval_(
 
 def main() -> None:
     """The console script: every failure ends as one line on stderr (dcdit_cli/errors.py)."""
+    from dcdit_cli.host_memory import use_huge_pages
+
+    use_huge_pages()  # before the process's first tensor (dcdit_cli/host_memory.py)
     from dcdit_cli.errors import report
 
     try:

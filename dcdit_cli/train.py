@@ -117,6 +117,7 @@ def check_finite(accelerator, first_bad: torch.Tensor, last_ckpt) -> None:
 def environment(accelerator, compiled: bool = False) -> dict:
     import accelerate
 
+    from dcdit_cli.host_memory import host_allocator
     from dcdit_cli.models.attention import select_backend
 
     return {
@@ -131,6 +132,7 @@ def environment(accelerator, compiled: bool = False) -> dict:
         "cuda_devices": torch.cuda.device_count(),
         "attention_backend": select_backend(accelerator.device),
         "compile": "blocks" if compiled else "none",
+        "host_allocator": host_allocator(),
     }
 
 

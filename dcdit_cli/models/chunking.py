@@ -149,8 +149,8 @@ class DeChunkLayer(nn.Module):
     Both run on the grid so the cost grows with L, not with L·M or M²: smoothing is a
     separable Gaussian convolution of the scattered p·h and p, truncated at 6σ (the dropped
     weights are below e^−18 of the token's own); plug-back is an exact two-pass distance
-    transform (nearest kept row per column by cumulative max/min, then the lower envelope of
-    parabolas per row), O(L·log √L). ``smooth_reference`` and ``plug_back_reference`` are the direct
+    transform (nearest kept row per column by cumulative max/min, then per row the best column
+    within the device-bounded radius r), O(L·r). ``smooth_reference`` and ``plug_back_reference`` are the direct
     O(M²) and O(L·M) formulations, and ``plug_back_index_dense`` the previous O(L·√L) transform,
     kept as test oracles.
     """

@@ -1,0 +1,53 @@
+"""Large CPU tensors on huge pages (dcdit_cli/host_memory.py): a large tensor allocated again is not
+page-faulted in 4 KiB at a time, the dcdit command runs that way, and a user's own setting wins."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dcdit_cli.host_memory import kernel_thp_mode
+
+needs_thp = pytest.mark.skipif(kernel_thp_mode() not in ("always", "madvise"), reason="the kernel has no THP")
+
+# Allocate and fill a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB) twice, freeing it
+# in between; print the minor page faults of the second round and what env.json would record.
+PROBE = """
+import resource, sys
+from dcdit_cli.host_memory import host_allocator, use_huge_pages
+if sys.argv[1] == "huge":
+    use_huge_pages()
+import torch
+x = torch.ones(16 * 2**20); del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 * 2**20); del x
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, host_allocator())
+"""
+
+
+def _probe(mode: str, **env) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**base, **env}).stdout.split(maxsplit=1)
+    return int(out[0]), out[1].strip()
+
+
+@needs_thp
+def test_a_large_tensor_is_not_faulted_in_page_by_page():
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    faults, state = _probe("small")
+    assert faults > pages // 2 and state.startswith("4 KiB")  # glibc unmapped it: every page faulted in again
+    faults, state = _probe("huge")
+    assert faults < pages // 8 and state.startswith("huge pages")
+    faults, state = _probe("huge", THP_MEM_ALLOC_ENABLE="0")  # the user's own setting wins
+    assert faults > pages // 2 and state.startswith("4 KiB")
+
+
+@needs_thp
+def test_the_dcdit_command_uses_huge_pages_and_records_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    subprocess.run([sys.executable, "-m", "dcdit_cli", "train", "--recipe", "tiny", "--set", "train.max_steps=1",
+                    "--out", str(tmp_path / "run")], check=True, capture_output=True, env={**env, "OMP_NUM_THREADS": "1"})
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["host_allocator"].startswith("huge pages")
