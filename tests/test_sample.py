@@ -31,7 +31,9 @@ def test_image_is_the_same_alone_or_in_a_batch_of_8(tiny_run):
     batch, labels, _ = sample_batch(model, recipe, list(range(8)), opts)
     alone, label5, _ = sample_batch(model, recipe, [5], opts)
     assert labels[5] == label5[0]
-    assert torch.allclose(batch[5], alone[0], rtol=1e-4, atol=1e-4)
+    # fp32 rounding differs between batch compositions (BLAS blocking): up to 1.4e-4 after 8 CFG steps
+    # over 18 draws, so 1e-4 was flaky; letting attention see the padding makes this sample 3.6e-3 off.
+    assert (batch[5] - alone[0]).abs().max() < 5e-4
 
 
 def test_budget_zero_equals_default_and_budget_reduces_tokens(tiny_run):
