@@ -3,8 +3,8 @@
 PyTorch's CPU allocator has no cache: every tensor is a ``malloc`` and every free a ``free``.
 glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB on 64-bit) with a
 fresh ``mmap`` and unmaps them when freed, so each (B, L, D) activation above 32 MiB is faulted
-in again, one 4 KiB page at a time, on every forward: ~105,000 page faults per call of the
-scaffold at 64² (batch 8, width 256), which made it 5.4–7.3× slower than at 32² where ~4× is
+in again, one 4 KiB page at a time, on every forward: ~105,000–114,000 page faults per call of
+the scaffold at 64² (batch 8, width 256), which made it 4.9–7.3× slower than at 32² where ~4× is
 linear (docs/performance.md, ``benchmarks/perf.py scaffold``).
 
 PyTorch's own switch ``THP_MEM_ALLOC_ENABLE=1`` (c10's CPU allocator) aligns allocations of
