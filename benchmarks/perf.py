@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import resource
 import statistics
 import sys
@@ -28,8 +29,11 @@ import time
 
 from dcdit_cli.host_memory import ENV, use_huge_pages
 
-if "--small-pages" not in sys.argv:
-    use_huge_pages()  # as the dcdit command runs; PyTorch reads the switch at the process's first tensor
+# Before torch allocates anything: PyTorch reads the switch at the process's first tensor.
+if "--small-pages" in sys.argv:
+    os.environ[ENV] = "0"
+else:
+    use_huge_pages()  # as the dcdit command runs
 
 import torch
 
@@ -280,17 +284,23 @@ def _in_fresh_process(target, *args, huge: bool = True):
             del os.environ[ENV]
         else:
             os.environ[ENV] = saved
-    result = q.get()
+    while True:  # a child that dies (e.g. out of memory) ends the benchmark instead of hanging it
+        try:
+            result = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise SystemExit(f"{target.__name__} died in its process (exit code {p.exitcode})")
     p.join()
     return result
 
 
 def bench_scaffold(args) -> None:
     """Router + chunk + de-chunk: time (all sides interleaved in one process, once with glibc's
-    pages and once with huge pages) and peak memory growth (a fresh process per side, as dcdit runs)."""
-    peak = {side: _in_fresh_process(_scaffold_peak, side, args.dim, args.batch) for side in args.sides}
+    pages and once with huge pages) and peak memory growth (a fresh process per side and setting)."""
     print(f"router + chunk + de-chunk, batch {args.batch}, width {args.dim}, kept L/4 ±30%, median of {args.repeats} (interleaved)")
     for huge in (False, True):
+        peak = {side: _in_fresh_process(_scaffold_peak, side, args.dim, args.batch, huge=huge) for side in args.sides}
         times, faults = _in_fresh_process(_scaffold_times, args, huge=huge)
         print(f"  {'huge pages (as dcdit runs)' if huge else '4 KiB pages (glibc mmap, unmapped when freed)'}:")
         prev = None
@@ -369,7 +379,9 @@ def bench_compile(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: --small-pages is read from sys.argv before argparse runs.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("what", choices=["train", "sample", "scaffold", "attention", "compile"])
     parser.add_argument("--size", choices=sorted(SIZES), default="toy")
     parser.add_argument("--batch", type=int, default=8)
