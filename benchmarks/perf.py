@@ -250,14 +250,14 @@ def scaffold_fn(side: int, dim: int, batch: int):
     return run
 
 
-def _scaffold_peak(side: int, dim: int, batch: int, queue) -> None:
+def _scaffold_peak(side: int, dim: int, batch: int, results) -> None:
     run = scaffold_fn(side, dim, batch)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    results.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
-def _scaffold_times(args, queue) -> None:
+def _scaffold_times(args, results) -> None:
     """Medians of all sides interleaved, and the minor page faults of one call per side."""
     torch.set_num_threads(args.threads)
     fns = {side: scaffold_fn(side, args.dim, args.batch) for side in args.sides}
@@ -267,11 +267,11 @@ def _scaffold_times(args, queue) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         fn()
         faults[side] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    queue.put((times, faults))
+    results.put((times, faults))
 
 
 def _in_fresh_process(target, *args, huge: bool = True):
-    """target(*args, queue) in a new interpreter, with or without huge pages; → what it put in the queue."""
+    """target(*args, results queue) in a new interpreter, with or without huge pages; → what it put in the queue."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))

@@ -28,10 +28,11 @@ class OptionCheck:
             self.problems.append(f"{flag} {value}: give at least {least} (e.g. {flag} {example})")
         return self
 
-    def fraction(self, flag: str, value: float | None) -> "OptionCheck":
+    def fraction(self, flag: str, value: float | None,
+                 hint: str = "a tail-dropping fraction such as 0.2 (0 keeps every boundary)") -> "OptionCheck":
         """A tail-dropping budget in [0, 1)."""
         if value is not None and not (math.isfinite(value) and 0.0 <= value < 1.0):
-            self.problems.append(f"{flag} {value} is outside [0, 1): pass a tail-dropping fraction such as 0.2 (0 keeps every boundary)")
+            self.problems.append(f"{flag} {value} is outside [0, 1): pass {hint}")
         return self
 
     def cfg_scale(self, flag: str, value: float | None) -> "OptionCheck":

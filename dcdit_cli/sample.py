@@ -83,9 +83,8 @@ def check_sample_options(options: dict, num: int | None = None, batch_size: int 
     o = {k: options.get(k) for k in ("steps", "cfg_scale", "budget", "uncond_budget", "seed", "method", "guided_channels")}
     check = OptionCheck().count("--num", num).count("--batch-size", batch_size).count("--steps", o["steps"], example=250)
     check.cfg_scale("--cfg-scale", o["cfg_scale"]).fraction("--budget", o["budget"])
-    u = o["uncond_budget"]
-    if u is not None and u != -1.0 and not (math.isfinite(u) and 0.0 <= u < 1.0):
-        check.problems.append(f"--uncond-budget {u} is outside [0, 1): give a fraction such as 0.9 (Lite-CFG), or -1 for the same as --budget")
+    check.fraction("--uncond-budget", None if o["uncond_budget"] == -1.0 else o["uncond_budget"],
+                   hint="a fraction such as 0.9 (Lite-CFG), or -1 for the same as --budget")
     check.seed("--seed", o["seed"]).count("sample.guided_channels", o["guided_channels"], least=0, example=3)
     if o["method"] is not None:
         check.choice("--method", o["method"], ("ddpm", "ddim"))
