@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dcdit_cli.console import DcditError, console, print_table
+from dcdit_cli.console import DcditError, console, print_table, warn
 
 app = typer.Typer(
     name="dcdit",
@@ -62,11 +62,14 @@ def _root(
 
 
 def _recipe(name: Optional[str], overrides: Optional[List[str]]):
-    from dcdit_cli.recipe import load_recipe
+    from dcdit_cli.recipe import load_recipe, recipe_warnings
 
     if not name:
         raise DcditError("no recipe given: pass --recipe NAME (e.g. --recipe toy) or --recipe path/to/recipe.toml")
-    return load_recipe(name, overrides or [])
+    recipe = load_recipe(name, overrides or [])
+    for message in recipe_warnings(recipe):
+        warn(message)
+    return recipe
 
 
 def _maybe_print(recipe, print_recipe: bool) -> None:

@@ -94,8 +94,10 @@ class ModelConfig:
     the DiT blocks' LayerNorms keep DiT's 1e-6)."""
     norm_groups: int = bounded("[1, inf)", 32)
     """DC-DiT only: GroupNorm groups in the scaffold's res-blocks (paper: 32, i.e. 6 channels per group
-    at e = 192; the largest divisor of the width that is at most this). The toy recipe uses 8: at
-    e = 32, 32 groups would be one channel per group (docs/router-study.md)."""
+    at e = 192 and 9 at e = 288; the largest divisor of the width that is at most this). Keep at least 2
+    channels per group: with one, GroupNorm removes every per-channel constant, including the
+    condition c that each res-block adds before its second norm, so the scaffold and its router cannot
+    see t or the class. Loading a recipe that does this prints a warning with a value that fixes it."""
     init: str = one_of("dit", "torch")
     """DC-DiT only: 'dit' (DiT's init, the paper's: xavier linears, N(0, 0.02) label table and t-MLP) or
     'torch' (PyTorch's default init of linears and embeddings; not the paper's, used by the toy recipe,
@@ -311,6 +313,26 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     if u.source_input_size % u.source_patch_size:
         problems.append(f"upcycle.source_input_size {u.source_input_size} is not divisible by upcycle.source_patch_size {u.source_patch_size}")
     return problems
+
+
+def scaffold_channels_per_group(model: ModelConfig) -> int:
+    """Channels per GroupNorm group at the scaffold width e (as ``models.scaffold.group_norm`` picks the groups)."""
+    e = model.scaffold_width
+    return e // max(g for g in range(1, min(model.norm_groups, e) + 1) if e % g == 0)
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Settings that are valid but defeat the model; the CLI prints each as one warning line."""
+    m = recipe.model
+    warnings = []
+    if m.kind == "dcdit" and scaffold_channels_per_group(m) < 2:
+        e = m.scaffold_width
+        fix = max((g for g in range(1, e // 2 + 1) if e % g == 0 and e // g >= min(4, e)), default=1)
+        warnings.append(
+            f"model.norm_groups = {m.norm_groups} leaves {scaffold_channels_per_group(m)} channel per GroupNorm group at "
+            f"model.scaffold_width = {e}: GroupNorm then erases the condition (t and class) inside the scaffold, so "
+            f"the router cannot see it; set model.norm_groups = {fix} ({e // fix} channels per group; the paper has 6)")
+    return warnings
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", drop_removed: bool = False) -> Recipe:

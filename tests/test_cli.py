@@ -60,3 +60,12 @@ def test_flops_from_checkpoint(tmp_path):
 def test_missing_checkpoint_is_one_line():
     proc = dcdit("sample", "--ckpt", "/nonexistent/run")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_norm_group_trap_is_one_warning_line_and_the_command_goes_on():
+    out = dcdit("train", "--recipe", "toy", "--set", "model.norm_groups=32", "--print-recipe")
+    assert out.returncode == 0 and "norm_groups = 32" in out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: model.norm_groups = 32") and "set model.norm_groups = 8" in lines[0]
+    clean = dcdit("train", "--recipe", "toy", "--print-recipe")
+    assert clean.returncode == 0 and clean.stderr == ""

@@ -114,3 +114,50 @@ def test_a_recipe_saved_with_a_byte_order_mark_loads(tmp_path):
     text = (recipes_dir() / "tiny.toml").read_text(encoding="utf-8")
     (tmp_path / "bom.toml").write_bytes("\ufeff".encode("utf-8") + text.encode("utf-8"))
     assert load_recipe(str(tmp_path / "bom.toml")) == load_recipe("tiny")
+
+
+# --- The GroupNorm trap: one channel per group erases the condition inside the scaffold ---------------
+
+
+def test_one_channel_per_group_erases_the_condition_in_a_res_block():
+    """Why the guard exists: the res-block adds c after its first conv and then GroupNorms; with one
+    channel per group the per-channel constant c is removed exactly, with several it is not."""
+    from dcdit_cli.models.scaffold import ResBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8)
+    c1, c2 = torch.randn(2, 96), torch.randn(2, 96)
+    for groups, moves in ((32, False), (8, True)):
+        block = ResBlock(32, 32, 32, 96, norm_groups=groups)
+        torch.nn.init.normal_(block.conv2.weight, std=0.2)  # so the second conv passes the normalised signal on
+        with torch.no_grad():
+            delta = (block(x, c1) - block(x, c2)).abs().max().item()
+        assert (delta > 0.1) if moves else (delta < 1e-4), (groups, delta)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shipped_recipes_keep_two_channels_per_group(name):
+    from dcdit_cli.recipe import recipe_warnings
+
+    assert recipe_warnings(load_recipe(name)) == []
+
+
+@pytest.mark.parametrize("width,groups", [(32, 32), (16, 32), (48, 48), (2, 2)])
+def test_norm_group_warning_names_the_key_and_a_value_that_fixes_it(width, groups):
+    from dcdit_cli.recipe import recipe_warnings
+
+    sets = [f"model.scaffold_width={width}", f"model.norm_groups={groups}"]
+    (message,) = recipe_warnings(load_recipe("toy", sets))
+    assert "model.norm_groups" in message and f"model.scaffold_width = {width}" in message
+    fix = int(message.rsplit("set model.norm_groups = ", 1)[1].split()[0])
+    fixed = load_recipe("toy", [sets[0], f"model.norm_groups={fix}"])
+    assert recipe_warnings(fixed) == []
+    model = build_model(fixed.model)  # the built scaffold really has ≥ 2 channels in every group
+    norms = [m for m in [*model.encoder.modules(), *model.decoder.modules()] if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
+
+
+def test_dit_recipes_are_not_warned_about_the_scaffold():
+    from dcdit_cli.recipe import recipe_warnings
+
+    assert recipe_warnings(load_recipe("toy-dit", ["model.norm_groups=32"])) == []
