@@ -94,7 +94,7 @@ def run(data: str, seed: int, steps: int, log) -> dict:
     log(f"[{data} seed {seed}] DC-DiT, learned router")
     torch.manual_seed(seed)
     learned, _, kept_log, secs = train_variant(factors, study_data, steps, seed, model=build_model(toy.model), recipe=toy, log=log)
-    ev = evaluate(learned, diffusion, val, swap=False)
+    ev = evaluate(learned, diffusion, val)
     counts = kept_counts(learned, diffusion, val)
     loss_learned = fixed_loss(learned, diffusion, val)
 

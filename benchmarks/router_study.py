@@ -27,13 +27,14 @@ contrast textures, half of them on graded backgrounds), ``flat`` (the prototype'
 image drawn by the project's renderer: flat backgrounds, 1-pixel high-contrast stripes or
 checkers) or ``photos`` (crops of real photographs, ground truth = high-detail pixels).
 
-Training: batch 32, AdamW 3e-4 (no weight decay), grad clip 1, label dropout 0.1, uniform t,
-λ = 0.03, fixed step count, one thread; evaluation on the raw weights (no EMA).
+Training: batch 32, AdamW 3e-4 (no weight decay), grad clip 1, label dropout 0.1, uniform t, the
+package's loss (``loss_for_recipe``: DiT's MSE + VB and λ = 0.03 times the ratio loss), fixed step
+count, one thread; evaluation on the raw weights (no EMA).
 Evaluation: 128 held-out images, fixed noise, at t = 0/50/250/500/999: AUROC of p for object
 (or high-detail) pixels vs the rest, kept tokens, validation ε-MSE; and, to test whether
 keeping background tokens is loss-optimal, the ε-MSE at t = 0/50/250 with the router's
 boundaries replaced by the same number per image placed on the object first, on the
-background first, or at random.
+background first, or at random (rows stored before that test moved to ``router_swap.py``).
 
     OMP_NUM_THREADS=1 python benchmarks/router_study.py run --name project --data flat --steps 600
     OMP_NUM_THREADS=1 python benchmarks/router_study.py run --name proto --proto --data flat --steps 600
@@ -61,8 +62,8 @@ from safetensors.torch import load_file, save_file
 from dcdit_cli.data import batch_indices, make_dataset
 from dcdit_cli.diffusion import make_diffusion
 from dcdit_cli.models import build_model
-from dcdit_cli.models.chunking import ratio_loss
 from dcdit_cli.models.dit import DiTBlock, FinalLayer
+from dcdit_cli.losses import loss_for_recipe
 from dcdit_cli.recipe import load_recipe
 from router_science import auroc
 
@@ -81,7 +82,6 @@ FAITHFUL = {  # the value the paper / the authors' code uses (REFERENCE §1, §3
     "final": "adaln", "sigma": "learned", "dec_norm": "on",
 }
 TIMESTEPS = (0, 50, 250, 500, 999)
-SWAP_TIMESTEPS = (0, 50, 250)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "router-study.jsonl"
 WEIGHTS = Path("runs") / "router-study"  # final raw weights of every run, for ``maps``
 
@@ -175,13 +175,15 @@ def build_variant(factors: dict, recipe, seed: int) -> nn.Module:
     return model
 
 
-def study_recipe(factors: dict, data: str, router: str = "cosine"):
+def study_recipe(factors: dict, data: str, router: str = "cosine", extra: list[str] | tuple[str, ...] = ()):
+    """The toy recipe with the package defaults (factors change them in the built model) and ``extra``
+    recipe overrides (``section.key=value``) on top."""
     kind = "shapes" if data in ("shapes", "flat") else data
     sets = [f"model.learn_sigma={'false' if factors['sigma'] == 'eps' else 'true'}", f"model.router={router}",
             f"data.kind={kind}", "model.init=dit", "model.norm_groups=32"]  # the package defaults; factors change them
     if data == "photos":
         sets += ["data.num_classes=4", "model.num_classes=4"]
-    return load_recipe("toy", sets)
+    return load_recipe("toy", [*sets, *extra])
 
 
 #################################################################################
@@ -238,31 +240,22 @@ def validation(data: str, recipe, n: int = 128, seed: int = 12345):
 #################################################################################
 
 
-def diffusion_loss(diffusion, model, x0, t, y, noise, learn_sigma: bool):
-    """(total diffusion loss (B,), ε-MSE (B,), RouterStats) for one batch."""
-    seen = {}
-
-    def model_fn(x_t, t_):
-        out, seen["stats"] = model(x_t, t_, y)
-        return out
-
-    if learn_sigma:
-        terms = diffusion.training_losses(model_fn, x0, t, noise)
-        return terms["loss"], terms["mse"], seen["stats"]
-    eps = model_fn(diffusion.q_sample(x0, t, noise), t)
+def eps_only_loss(diffusion, model, x0, t, y, noise):
+    """The prototype's loss for the ``sigma = eps`` factor: ε-MSE of an ε-only model, no VB and no
+    ratio term (the package's loss needs the learned-σ output; this is the study's one variant)."""
+    eps, stats = model(diffusion.q_sample(x0, t, noise), t, y)
     mse = (eps - noise).square().mean(dim=(1, 2, 3))
-    return mse, mse, seen["stats"]
+    return mse.mean(), mse, stats
 
 
 @torch.no_grad()
-def evaluate(model, diffusion, val, swap: bool = True) -> dict:
-    """AUROC of p vs the mask, kept tokens and ε-MSE per t; boundary swaps at small t."""
+def evaluate(model, diffusion, val) -> dict:
+    """AUROC of p vs the mask, kept tokens and ε-MSE per t (the swap test is ``router_swap.py``)."""
     model.eval()
     x0, y, mask, noise = val
     C = x0.shape[1]
     obj = mask.flatten(1)  # (B, L)
-    out = {"auroc": {}, "kept": {}, "mse": {}, "swap": {}}
-    g = torch.Generator().manual_seed(0)
+    out = {"auroc": {}, "kept": {}, "mse": {}}
     for t_val in TIMESTEPS:
         t = torch.full((x0.shape[0],), t_val)
         x_t = diffusion.q_sample(x0, t, noise[t_val])
@@ -270,16 +263,6 @@ def evaluate(model, diffusion, val, swap: bool = True) -> dict:
         out["auroc"][t_val] = auroc(stats.p, obj)
         out["kept"][t_val] = stats.num_kept.float().mean().item()
         out["mse"][t_val] = (pred[:, :C] - noise[t_val]).square().mean().item()
-        if swap and t_val in SWAP_TIMESTEPS:
-            m = stats.num_kept[:, None]  # same count per image as the router's
-            jitter = torch.rand(obj.shape, generator=g)
-            row = {}
-            for name, score in (("object", obj.float() + jitter), ("background", (~obj).float() + jitter), ("random", jitter)):
-                rank = score.argsort(dim=1, descending=True).argsort(dim=1)
-                pred_s, _ = model(x_t, t, y, boundary=rank < m)
-                row[name] = (pred_s[:, :C] - noise[t_val]).square().mean().item()
-            row["router"] = out["mse"][t_val]
-            out["swap"][t_val] = row
     model.train()
     return out
 
@@ -290,7 +273,8 @@ def train_variant(factors: dict, data: str, steps: int, seed: int, router: str =
     recipe = recipe or study_recipe(factors, data, router)
     model = model if model is not None else build_variant(factors, recipe, seed)
     dataset = study_dataset(data, recipe, seed)
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    loss_fn = loss_for_recipe(recipe)  # the package's loss: DiT's MSE + VB and λ · ratio loss
+    diffusion = loss_fn.diffusion
     learn_sigma = recipe.model.learn_sigma
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
     trace_val = validation(data, recipe, n=64, seed=54321)
@@ -306,12 +290,13 @@ def train_variant(factors: dict, data: str, steps: int, seed: int, router: str =
         y = torch.where(torch.rand(x0.shape[0], generator=g) < 0.1, torch.full_like(y, null_class), y)
         if router == "random":
             torch.manual_seed(seed * 1_000_003 + step)  # the random router's draws
-        loss, mse, stats = diffusion_loss(diffusion, model, x0, t, y, noise, learn_sigma)
-        loss = loss.mean()
+        if learn_sigma:
+            loss, logs, stats = loss_fn(model, x0, y, t=t, noise=noise, step=step)
+            mse = logs["mse"]
+        else:
+            loss, mse, stats = eps_only_loss(diffusion, model, x0, t, y, noise)
         if stats is not None:
             kept_log.append(stats.num_kept)
-            if router == "cosine":
-                loss = loss + 0.03 * ratio_loss(stats.mask, stats.p, recipe.model.target_ratio)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -366,7 +351,7 @@ def swap_table(rows: list[dict]) -> str:
     lines = ["| run | data | t | ε-MSE, router's boundaries | object first | background first | random |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        for t, s in r["eval"]["swap"].items():
+        for t, s in r["eval"].get("swap", {}).items():  # rows stored before the swap test moved to router_swap.py
             lines.append(f"| {r['name']} (seed {r['seed']}) | {r['data']} | {t} | {s['router']:.4f} | {s['object']:.4f} "
                          f"| {s['background']:.4f} | {s['random']:.4f} |")
     return "\n".join(lines)

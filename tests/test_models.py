@@ -154,3 +154,23 @@ def test_recipe_options_norm_groups_and_torch_init():
     toy = load_recipe("toy").model
     assert (toy.init, toy.norm_groups) == ("torch", 8)
     assert (load_recipe("b-n4").model.init, load_recipe("b-n4").model.norm_groups) == ("dit", 32)
+
+
+def test_forced_boundaries_keep_confidence_on_the_forced_side():
+    """forward(boundary=...) moves p to the forced side of 0.5 with the router's confidence; forcing
+    the router's own decision is the unforced forward, bit for bit."""
+    torch.manual_seed(0)
+    m = _randomise(DCDiT(**TINY)).eval()
+    x, t, y = _inputs(3)
+    with torch.no_grad():
+        free, stats = m(x, t, y)
+        same, same_stats = m(x, t, y, boundary=stats.mask)
+        assert torch.equal(free, same) and torch.equal(stats.p, same_stats.p)
+        forced = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.3
+        out, fs = m(x, t, y, boundary=forced)
+    flipped = forced != stats.mask
+    assert torch.equal(fs.kept, forced) and torch.equal(fs.p[flipped], 1 - stats.p[flipped])
+    assert torch.equal(fs.p[~flipped], stats.p[~flipped]) and (fs.p[forced & flipped] > 0.5).all()
+    confidence = torch.maximum(stats.p, 1 - stats.p)
+    assert torch.allclose(torch.maximum(fs.p, 1 - fs.p), confidence)
+    assert not torch.allclose(out, free)

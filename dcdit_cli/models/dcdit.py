@@ -146,7 +146,9 @@ class DCDiT(nn.Module):
 
         budget: tail-dropping fraction in [0, 1), a scalar or one per sample (REFERENCE §2).
         boundary: an optional (B, L) bool mask that replaces the router's decision (FLOP
-        accounting and analysis); p is still the router's.
+        accounting and analysis). Where it flips the router's decision p becomes 1 − p: the same
+        confidence on the forced side of 0.5, so the smoothing, which weighs kept tokens by p, sees
+        kept tokens with p > 0.5 as in training. Forcing the router's own decision changes nothing.
         """
         B, _, side, _ = x.shape
         c = self.condition(t, y)  # (B, D)
@@ -154,7 +156,10 @@ class DCDiT(nn.Module):
         p = self.router(h, side)  # (B, L) fp32
         if self.force_endpoints:
             p = force_endpoints(p)
-        mask = keep_at_least_one(p > 0.5 if boundary is None else boundary, p)  # (B, L)
+        mask = keep_at_least_one(p > 0.5, p)  # (B, L)
+        if boundary is not None:
+            p = torch.where(boundary == mask, p, 1 - p)  # a flipped decision flips p: same confidence
+            mask = keep_at_least_one(boundary, p)
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 
         backend = select_backend(x.device, self.attention)
