@@ -157,3 +157,22 @@ def test_vae_latents_are_scaled_by_0_18215(vae_dir):
         z = encode(vae, images, sample=False)
         torch.testing.assert_close(z, vae.encode(images).latent_dist.mode() * 0.18215)
         torch.testing.assert_close(decode(vae, z), vae.decode(z / 0.18215).sample.clamp(-1, 1))
+
+
+def test_precision_recall_reads_the_first_10000_reference_images(tmp_path, monkeypatch):
+    from dcdit_cli import fid
+
+    assert fid.PR_REF_IMAGES == 10_000
+    monkeypatch.setattr(fid, "PR_REF_IMAGES", 3)  # the same rule at a size a test can afford
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images)  # no stored statistics: computed from every image
+
+    def fake_inception(batch):
+        value = batch[:, :1, 0, 0].astype(np.float32)  # (n, 1): the image's index
+        return {"pool": np.repeat(value, 2048, axis=1), "logits": np.ones((len(batch), 1008), np.float32),
+                "spatial": np.repeat(value, 2023, axis=1)}
+
+    ref = fid.load_reference(tmp_path / "ref.npz")
+    pool = fid.reference_features(ref, fake_inception, batch_size=2)
+    assert pool[:, 0].tolist() == [0.0, 1.0, 2.0]  # precision / recall: the first images only
+    assert ref.mu[0] == pytest.approx(2.0)  # FID statistics: all five
