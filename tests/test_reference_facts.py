@@ -176,3 +176,14 @@ def test_precision_recall_reads_the_first_10000_reference_images(tmp_path, monke
     pool = fid.reference_features(ref, fake_inception, batch_size=2)
     assert pool[:, 0].tolist() == [0.0, 1.0, 2.0]  # precision / recall: the first images only
     assert ref.mu[0] == pytest.approx(2.0)  # FID statistics: all five
+
+
+def test_ema_update_keeps_decay_of_the_average():
+    from dcdit_cli.train import update_ema
+
+    ema, model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        ema.weight.fill_(1.0)
+        model.weight.fill_(3.0)
+    update_ema(ema, model, 0.9999)
+    torch.testing.assert_close(ema.weight, torch.full((1, 2), 0.9999 * 1.0 + 0.0001 * 3.0))
