@@ -4,7 +4,7 @@ Three runs on the built-in shapes set: ``--base`` a trained ``toy`` DC-DiT; ``--
 fine-tuned with DyDiT's gates (``toy-dydit``, λ = 0.7); ``--plain`` the same trained on without
 gates for as many steps at the same lr (the control). Reports, measured in this run:
 
-- FLOPs: per-image TFLOPs spent while sampling (exact per-sample cost, gates as run, REFERENCE §5)
+- FLOPs: per-image TFLOPs spent while sampling (exact per-sample cost, gates as run, docs/reference.md#flop-convention)
   and their ratio to the same kept tokens without gates (F_dynamic / F_static, the FLOPs loss's
   ratio; target λ ± 0.05), and to the plain continuation's own spend;
 - validation loss (MSE + VB, the training loss) on held-out shapes (another dataset seed) with

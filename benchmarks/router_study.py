@@ -77,7 +77,7 @@ FACTORS = {  # name: (project as shipped, prototype)
     "sigma": ("learned", "eps"),
     "dec_norm": ("off", "off"),
 }
-FAITHFUL = {  # the value the paper / the authors' code uses (REFERENCE §1, §3)
+FAITHFUL = {  # the value the paper / the authors' code uses (docs/reference.md#paper-architecture, docs/reference.md#adm-diffusion)
     "init": "dit", "norm_eps": "1e-5", "gn_groups": "32", "enc_norm": "rms", "inner_norm": "on",
     "final": "adaln", "sigma": "learned", "dec_norm": "on",
 }

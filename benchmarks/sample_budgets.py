@@ -3,7 +3,7 @@
 Samples the same images (fixed seeds) under each setting and reports, as ratios against
 budget 0 with full CFG measured in the same run: wall time (median of --repeats runs, the
 settings interleaved so that machine load drifts alike), kept tokens per forward (both CFG
-halves) and spent TFLOPs (exact per-sample cost summed over steps and halves, REFERENCE §5).
+halves) and spent TFLOPs (exact per-sample cost summed over steps and halves, docs/reference.md#flop-convention).
 
     python benchmarks/sample_budgets.py                         # trains toy for 200 steps first (~1 min)
     python benchmarks/sample_budgets.py --ckpt runs/toy --num 8 --steps 50

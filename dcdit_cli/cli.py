@@ -278,7 +278,7 @@ def extract(
 
     run_extract(data_path, out, vae, image_size=image_size, batch_size=batch_size, flip=flip, mean=mean,
                 seed=seed, shard_size=shard_size, num_workers=num_workers)
-    PartialState().destroy_process_group()  # clean exit of multi-process runs (REFERENCE §11)
+    PartialState().destroy_process_group()  # clean exit of multi-process runs (docs/reference.md#multi-process-runs-on-cpu)
 
 
 @app.command(
@@ -446,7 +446,7 @@ def eval_(
              cfg_scales=parse_floats(cfg_scales, "--cfg-scales"), steps=steps, seed=seed, batch_size=batch_size, out=out,
              inception_weights=inception_weights, vae=vae, compare=compare, distances=pr_distances,
              command=" ".join(["dcdit", *sys.argv[1:]]))
-    PartialState().destroy_process_group()  # clean exit of multi-process runs (REFERENCE §11)
+    PartialState().destroy_process_group()  # clean exit of multi-process runs (docs/reference.md#multi-process-runs-on-cpu)
 
 
 def main() -> None:

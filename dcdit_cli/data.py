@@ -5,7 +5,7 @@ Two datasets share one small interface, which is all ``train.py`` reads:
 - ``.batch(indices, flip_bits) -> (x (B, C, H, W) float32, labels (B,) int64)``
 - ``.num_classes``, ``.sample_shape`` (C, H, W), ``len(dataset)``
 
-``LatentShardDataset`` reads the shards that ``dcdit extract`` writes (REFERENCE §8 [choice]:
+``LatentShardDataset`` reads the shards that ``dcdit extract`` writes (docs/reference.md#latent-shards [choice]:
 many latents per file, both flips stored, an ``index.json``). ``ShapesDataset`` draws coloured,
 textured shapes from (seed, index) alone: no files, for the ``toy`` and ``tiny`` recipes.
 ``PhotosDataset`` (``photos.py``) crops real photographs shipped by scikit-image.

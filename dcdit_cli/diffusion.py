@@ -1,4 +1,4 @@
-"""Gaussian diffusion as used by DiT and DC-DiT (REFERENCE §3), written to be read.
+"""Gaussian diffusion as used by DiT and DC-DiT (docs/reference.md#adm-diffusion), written to be read.
 
 The process is ADM's (Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic
 Models", https://arxiv.org/abs/2102.09672) with DiT's settings: linear β over T = 1000 steps,
@@ -32,7 +32,7 @@ ModelOutFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> (B, 2C, H, W)
 
 
 def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
-    """ADM's linear schedule: β from 1e-4 to 0.02 (scaled by 1000/T), float64 (REFERENCE §3)."""
+    """ADM's linear schedule: β from 1e-4 to 0.02 (scaled by 1000/T), float64 (docs/reference.md#noise-schedule)."""
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -42,7 +42,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 
     ``section_counts`` splits [0, T) into equal sections and takes that many evenly strided
     steps from each (stride (size-1)/(count-1), rounded), e.g. ``space_timesteps(1000, "250")``
-    = {0, 4, 8, ..., 991, 995, 999} (REFERENCE §3). ``"ddimN"`` takes a fixed integer stride
+    = {0, 4, 8, ..., 991, 995, 999} (docs/reference.md#respacing). ``"ddimN"`` takes a fixed integer stride
     ``range(0, T, k)`` with exactly N elements, as in the DDIM paper.
     """
     if isinstance(section_counts, str):
@@ -164,7 +164,7 @@ def to_device(x: Tensor, device: str | torch.device) -> Tensor:
 
 
 class GaussianDiffusion:
-    """ADM's diffusion with ε prediction and learned-range variance (DiT's settings, REFERENCE §3)."""
+    """ADM's diffusion with ε prediction and learned-range variance (DiT's settings, docs/reference.md#learned-variance)."""
 
     clip_denoised: bool = False
 
@@ -271,7 +271,7 @@ class GaussianDiffusion:
 
     def training_losses(self, model_out_fn: ModelOutFn, x0: Tensor, t: Tensor,
                         noise: Tensor | None = None) -> dict[str, Tensor]:
-        """DiT's loss: MSE(ε, ε̂) + VB, each (B,). VB sees ε̂ detached, so it trains only v (REFERENCE §3).
+        """DiT's loss: MSE(ε, ε̂) + VB, each (B,). VB sees ε̂ detached, so it trains only v (docs/reference.md#training-loss).
 
         ADM rescales VB by T/1000 only for its rescaled-MSE loss; DiT uses plain MSE, so no rescale.
         """
@@ -340,7 +340,7 @@ class GaussianDiffusion:
 
 
 class SpacedDiffusion(GaussianDiffusion):
-    """A diffusion over a subset of the base timesteps (ADM respacing, REFERENCE §3).
+    """A diffusion over a subset of the base timesteps (ADM respacing, docs/reference.md#respacing).
 
     Keeps ᾱ at the kept steps s_0 < s_1 < ... by setting β'_i = 1 − ᾱ_{s_i}/ᾱ_{s_{i−1}} (ᾱ_{s_{−1}} = 1);
     the model is always called with the original integer step s_i through ``timestep_map``.
@@ -369,7 +369,7 @@ def make_diffusion(respacing: str = "", num_timesteps: int = 1000, clip_denoised
     """DiT's diffusion: linear β over ``num_timesteps``; ``respacing`` "" = all steps, "250", "ddim50", ...
 
     ``clip_denoised`` clamps the predicted x_0 to [−1, 1] while sampling: ADM's setting for
-    pixel-space models; DiT samples latents without it (the default, REFERENCE §3).
+    pixel-space models; DiT samples latents without it (the default, docs/reference.md#sampler-settings).
     """
     betas = linear_betas(num_timesteps)
     diffusion = GaussianDiffusion(betas) if not respacing else SpacedDiffusion(space_timesteps(num_timesteps, respacing), betas)
@@ -383,7 +383,7 @@ def make_diffusion(respacing: str = "", num_timesteps: int = 1000, clip_denoised
 
 
 def classifier_free_guidance(model_out: Tensor, scale: float, guided_channels: int | None = 3) -> Tensor:
-    """Guide the output of a [cond; uncond] batch (DiT forward_with_cfg, REFERENCE §2).
+    """Guide the output of a [cond; uncond] batch (DiT forward_with_cfg, docs/reference.md#classifier-free-guidance).
 
     model_out is (2B, 2C, H, W). On the first ``guided_channels`` ε channels (None = all C),
     ε = ε_u + s(ε_c − ε_u); the other ε channels and the variance channels come from the

@@ -3,7 +3,7 @@
 Paper §4.4: "a frozen copy of the pretrained DiT serves as the teacher, and the full DC-DiT
 student is trained for a brief warm-up (5K steps) with an MSE loss between student and
 teacher block outputs … before switching to the standard diffusion objective" (after the
-grafting approach of Chandrasegaran et al. 2025). REFERENCE §6 fixes the pairing:
+grafting approach of Chandrasegaran et al. 2025). docs/reference.md#activation-distillation fixes the pairing:
 
     [choice] block i of the student at each kept token is compared with block i of the
     teacher at the patch holding that token's position, (r // P, c // P), and the squared
@@ -66,7 +66,7 @@ def teacher_index(order: torch.Tensor, side: int, patch_size: int) -> torch.Tens
 def activation_distillation_loss(
     student: list[torch.Tensor], teacher: list[torch.Tensor], order: torch.Tensor, valid: torch.Tensor, side: int, patch_size: int
 ) -> torch.Tensor:
-    """REFERENCE §6: mean over blocks and kept tokens of ‖s_i − T_i[patch(token)]‖² / D.
+    """docs/reference.md#activation-distillation: mean over blocks and kept tokens of ‖s_i − T_i[patch(token)]‖² / D.
 
     student: per block (B, M_max, D) at the chunk slots; teacher: per block (B, T, D) on the
     patch grid; order, valid (B, M_max) from RouterStats (padding slots are excluded).

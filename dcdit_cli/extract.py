@@ -1,4 +1,4 @@
-"""Images → VAE latents in shards (REFERENCE §8 [choice]): both flips, resumable, multi-process.
+"""Images → VAE latents in shards (docs/reference.md#latent-shards [choice]): both flips, resumable, multi-process.
 
 Layout of ``--out`` (read by ``data.LatentShardDataset``)::
 

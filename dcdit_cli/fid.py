@@ -1,6 +1,6 @@
 """FID, sFID, Inception Score and precision / recall, compatible with OpenAI's ADM evaluator.
 
-The paper's "standard suite" (REFERENCE §9) is ADM's TensorFlow evaluator. dcdit computes the
+The paper's "standard suite" (docs/reference.md#adm-data-and-evaluator) is ADM's TensorFlow evaluator. dcdit computes the
 same quantities in PyTorch:
 
 * Inception: the 2015-12-05 graph as ported by torch-fidelity (``FeatureExtractorInceptionV3``),

@@ -1,9 +1,9 @@
-"""FLOP accounting in the convention of paper Table 1 (REFERENCE §5).
+"""FLOP accounting in the convention of paper Table 1 (docs/reference.md#flop-convention).
 
 FLOPs of one forward are counted on the real model with ``torch.utils.flop_counter``: 2 per
 multiply-add for linear, conv and matmul. Attention is counted as H·L²·(4·d_head + 3) per
 layer: SDPA runs under the MATH backend so QKᵀ and AV appear as matmuls on every device
-(FlopCounterMode counts 0 for the fused CPU kernel, REFERENCE §11), and the softmax adds
+(FlopCounterMode counts 0 for the fused CPU kernel, docs/reference.md#flop-counting-on-cpu), and the softmax adds
 3 per score. TFLOPs/img = forward × 2 (CFG halves) × (sampling steps − 1).
 
 A DiT forward is counted on the meta device (no memory, no compute). A DC-DiT forward
@@ -48,7 +48,7 @@ _CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax
 
 
 def count_flops(fn, *args, **kwargs) -> int:
-    """FLOPs of ``fn(*args, **kwargs)`` in the REFERENCE §5 convention."""
+    """FLOPs of ``fn(*args, **kwargs)`` in the convention of docs/reference.md#flop-convention."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
         fn(*args, **kwargs)
     return counter.get_total_flops()

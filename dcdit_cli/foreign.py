@@ -30,7 +30,7 @@ import torch
 from dcdit_cli.console import DcditError
 from dcdit_cli.errors import load_error_reason
 
-# Keys every DiT state dict has (facebookresearch/DiT models.py; REFERENCE §4).
+# Keys every DiT state dict has (facebookresearch/DiT models.py; docs/reference.md#official-dit-checkpoint).
 DIT_KEYS = (
     "x_embedder.proj.weight",
     "t_embedder.mlp.0.weight",

@@ -10,7 +10,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """ADM's centre crop: a square ``image_size`` crop as a uint8 (H, W, 3) array.
 
     The preprocessing of OpenAI's ADM (guided-diffusion, ``image_datasets.py``), which DiT's
-    ``train.py`` and the ADM reference batches use (REFERENCE §8): while the short side is at
+    ``train.py`` and the ADM reference batches use (docs/reference.md#centre-crop): while the short side is at
     least twice ``image_size``, halve the image with a BOX filter (cheap anti-aliasing); then
     resize with BICUBIC so the short side equals ``image_size``; then cut the centre square.
     The image is converted to RGB first (ADM converts on load).

@@ -16,7 +16,7 @@ from dcdit_cli.models.chunking import ratio_loss
 
 
 class DiffusionLoss:
-    """DiT's diffusion loss (MSE(ε, ε̂) + VB, REFERENCE §3) × ``diffusion_weight`` + λ · ratio loss
+    """DiT's diffusion loss (MSE(ε, ε̂) + VB, docs/reference.md#training-loss) × ``diffusion_weight`` + λ · ratio loss
     (paper §3.5, DC-DiT only; the router's boundaries before tail dropping)."""
 
     def __init__(self, diffusion, ratio_loss_weight: float = 0.0, target_ratio: float = 4.0, diffusion_weight: float = 1.0):
@@ -57,7 +57,7 @@ FLOPS_TARGET_HOLD_STEPS = 100
 
 
 class FlopsLoss:
-    """DyDiT's FLOPs loss on top of a base loss (paper §4.5, REFERENCE §7): base + weight ·
+    """DyDiT's FLOPs loss on top of a base loss (paper §4.5, docs/reference.md#flops-loss): base + weight ·
     (mean_b F_dynamic/F_static − λ)², with F counted from the masks the gates actually used and
     each sample's kept tokens (models/dydit.py, flops.py); same interface as the loss it wraps.
 

@@ -75,18 +75,18 @@ class ModelConfig:
     """DC-DiT only: full-resolution blocks of width e after the de-chunk layer."""
     router: str = one_of("cosine", "random", "predictive")
     """'cosine' (paper §3.3), 'random' (the random-boundary ablation, paper §4.3) or 'predictive'
-    (the authors' released router, REFERENCE §1; their checkpoints need it)."""
+    (the authors' released router, docs/reference.md#predictive-router; their checkpoints need it)."""
     dynamic: str = one_of("none", "dydit")
     """'none', or 'dydit': DyDiT's timestep-wise dynamic width and spatial dynamic tokens in every
-    DiT block (paper §4.5, REFERENCE §7; models/dydit.py), trained with the FLOPs loss."""
+    DiT block (paper §4.5, docs/reference.md#dydit; models/dydit.py), trained with the FLOPs loss."""
     target_ratio: float = bounded("(1, inf)", 4.0)
     """Target compression N of the ratio loss (paper §3.5)."""
     smoothing_sigma: float = bounded("(0, inf)", 1.0)
-    """Gaussian smoothing σ of the de-chunk layer (REFERENCE §1.7; 2.0 suggested at 512 px)."""
+    """Gaussian smoothing σ of the de-chunk layer (docs/reference.md#smoothing; 2.0 suggested at 512 px)."""
     pos_grid_scale: float = bounded("(0, inf)", 1.0)
     """Sin-cos positions are evaluated at (r + 0.5)·scale − 0.5 (0.5 when upcycling a DiT/2)."""
     cond_adaptor: bool = False
-    """LayerNorm adaptor on the condition inside encoder and decoder (upcycling, REFERENCE §6)."""
+    """LayerNorm adaptor on the condition inside encoder and decoder (upcycling, docs/reference.md#upcycling)."""
     force_endpoints: bool = False
     """DC-DiT only: p = 1 at raster positions 0 and L − 1, as the authors' release does (official recipes)."""
     norm_eps: float = bounded("(0, 1)", 1e-5)

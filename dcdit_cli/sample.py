@@ -4,7 +4,7 @@ Every image has its own generator seeded from (seed, global image index), and it
 drawn from the same stream, so an image depends only on (checkpoint, seed, index, class,
 budgets): the same alone, in a batch of 8, or on another rank of a multi-process run.
 
-CFG follows DiT (REFERENCE §2): the conditional and unconditional halves run as one batched
+CFG follows DiT (docs/reference.md#classifier-free-guidance): the conditional and unconditional halves run as one batched
 forward; Lite-CFG gives the unconditional half its own tail-dropping budget.
 """
 

@@ -48,7 +48,7 @@ def step_seed(seed: int, step: int, rank: int, micro: int = 0, stream: str = "tr
 
 
 def budget_for_step(step: int, start: int, fractions: list[float], seed: int) -> float:
-    """Multi-budget training (REFERENCE §2): from ``start`` on, one fraction per optimizer
+    """Multi-budget training (docs/reference.md#multi-budget-training): from ``start`` on, one fraction per optimizer
     step, drawn by a generator seeded with the step, the same on every rank; 0 before."""
     if start < 0 or step < start or not fractions:
         return 0.0

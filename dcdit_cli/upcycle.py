@@ -1,4 +1,4 @@
-"""Upcycling: a pretrained DiT → DC-DiT (paper §4.4, REFERENCE §6).
+"""Upcycling: a pretrained DiT → DC-DiT (paper §4.4, docs/reference.md#upcycling).
 
 The inner network of a DC-DiT is a stack of DiT blocks with the official names
 (``blocks.i.attn.qkv`` …) and it conditions on the same c = t_emb(t) + y_emb(y), so a
@@ -12,7 +12,7 @@ The paper's recipe for stable upcycling, as implemented here:
 - the timestep and class embedders are frozen (``upcycle.freeze_embedders``);
 - a trainable LayerNorm adaptor on c sits before each encoder and decoder block's
   conditioning projection (``model.cond_adaptor = true``, models/scaffold.py);
-- [choice, REFERENCE §6] the sin-cos embedding is evaluated on the source grid,
+- [choice, docs/reference.md#source-grid-positions] the sin-cos embedding is evaluated on the source grid,
   (r + 0.5)·s − 0.5 with s = ``model.pos_grid_scale`` = 1/P for a DiT/P at the same
   resolution, so the pretrained blocks see positions on the scale they learned.
 
@@ -187,7 +187,7 @@ def check_upcycle_recipe(recipe: Recipe, distill: bool) -> list[str]:
     grid_scale = u.source_input_size / (u.source_patch_size * m.input_size)
     if abs(m.pos_grid_scale - grid_scale) > 1e-9:
         warnings.append(f"model.pos_grid_scale = {m.pos_grid_scale}, but the source grid is at {grid_scale:g} of the "
-                        f"DC-DiT grid: the pretrained blocks will see positions on a different scale (REFERENCE §6)")
+                        f"DC-DiT grid: the pretrained blocks will see positions on a different scale (docs/reference.md#source-grid-positions)")
     if u.freeze_embedders and not m.cond_adaptor:
         warnings.append("model.cond_adaptor = false with frozen embedders: the scaffold conditions on c without "
                         "the LayerNorm adaptor the paper uses (§4.4)")

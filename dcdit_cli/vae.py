@@ -1,6 +1,6 @@
 """The Stable Diffusion VAE (diffusers ``AutoencoderKL``), offline only.
 
-REFERENCE §8: latents = ``latent_dist.sample() × 0.18215``; decode ``z / 0.18215``. Weights come
+docs/reference.md#vae-latents: latents = ``latent_dist.sample() × 0.18215``; decode ``z / 0.18215``. Weights come
 from a local directory or the Hugging Face cache; nothing is ever downloaded.
 """
 

@@ -38,7 +38,7 @@ def vae_dir(tmp_path_factory):
 
 def random_inception_state_dict() -> dict:
     """torch-fidelity's Inception with Kaiming-initialised convs (PyTorch's default init makes
-    the features vanish and every FID exactly 0, REFERENCE §11)."""
+    the features vanish and every FID exactly 0, docs/reference.md#random-inception-weights)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     empty = io.BytesIO()

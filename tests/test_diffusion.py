@@ -1,4 +1,4 @@
-"""Tests for dcdit_cli.diffusion (REFERENCE §2–3): closed forms, respacing, losses, sampling, CFG."""
+"""Tests for dcdit_cli.diffusion (docs/reference.md#adm-diffusion, docs/reference.md#classifier-free-guidance): closed forms, respacing, losses, sampling, CFG."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dcdit_cli.diffusion import (
     space_timesteps,
 )
 
-# Independent reference schedule: β linear 1e-4 → 0.02 over 1000 steps (REFERENCE §3).
+# Independent reference schedule: β linear 1e-4 → 0.02 over 1000 steps (docs/reference.md#noise-schedule).
 REF_ALPHA_BAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
 
 

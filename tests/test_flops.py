@@ -1,11 +1,11 @@
-"""FLOP accounting reproduces paper Table 1 for the DiT baselines (REFERENCE §4, §5)."""
+"""FLOP accounting reproduces paper Table 1 for the DiT baselines (docs/reference.md#baseline-depths, docs/reference.md#flop-convention)."""
 
 import pytest
 
 from dcdit_cli.flops import dcdit_cost, build_for_counting, flops_row, forward_flops_at
 from dcdit_cli.recipe import load_recipe
 
-TABLE1 = {  # recipe: (params, TFLOPs/img), paper Table 1 (dit-b-p2-isoflop: 17 blocks count 183.5M, REFERENCE §4)
+TABLE1 = {  # recipe: (params, TFLOPs/img), paper Table 1 (dit-b-p2-isoflop: 17 blocks count 183.5M, docs/reference.md#table-1-configurations)
     "dit-b-p2": (141e6, 24.84), "dit-b-p2-isoflop": (183.5e6, 32.50), "dit-b-p4": (141e6, 6.01),
     "dit-b-p4-isoflop": (301e6, 12.92), "dit-xl-p2": (699e6, 122.41), "dit-xl-p2-isoflop": (818e6, 143.75),
     "dit-xl-p4": (699e6, 29.96), "dit-xl-p4-isoflop": (1201e6, 51.65),
@@ -21,7 +21,7 @@ def test_dit_rows_match_table1_within_one_percent(name):
 
 
 def test_forward_gflops_reference_values():
-    # REFERENCE §5: DiT-B/2 with 13 blocks is 49.873 GFLOPs a forward.
+    # docs/reference.md#flop-convention: DiT-B/2 with 13 blocks is 49.873 GFLOPs a forward.
     row = flops_row("dit-b-p2", load_recipe("dit-b-p2"))
     assert abs(row.tflops_per_img * 1e12 / (2 * 249) / 1e9 - 49.873) < 0.01
 

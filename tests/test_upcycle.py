@@ -1,4 +1,4 @@
-"""Upcycling a DiT into a DC-DiT and the activation-distillation warm-up (paper §4.4, REFERENCE §6).
+"""Upcycling a DiT into a DC-DiT and the activation-distillation warm-up (paper §4.4, docs/reference.md#upcycling).
 
 The source is a tiny DiT/2 with random weights saved in the official key format; the
 recipes tiny-upcycle / tiny-upcycle-distill have the same inner width, depth and heads.
@@ -90,7 +90,7 @@ def test_dit_xl2_key_set_maps_onto_xl_n4_upcycle_on_meta():
     with torch.device("meta"):
         official = DiT(hidden_size=1152, depth=28, num_heads=16, patch_size=2).state_dict()
         target = build_model(recipe.model).state_dict()
-    assert len(official) == 292 and sum(v.numel() for v in official.values()) == 675_129_632  # REFERENCE §4
+    assert len(official) == 292 and sum(v.numel() for v in official.values()) == 675_129_632  # docs/reference.md#official-dit-checkpoint
     out, report = map_dit_to_dcdit(official, target)
     assert len(report.copied) == 5 + 28 * 10 and len(report.left_out) == 7 and len(report.frozen) == 5
     assert out.keys() == target.keys() and out["blocks.27.mlp.fc2.weight"] is official["blocks.27.mlp.fc2.weight"]

@@ -3,8 +3,9 @@
 The routers that score the boundaries live in ``models/routers.py``.
 
 Paper §3.3 (routing and chunking), §3.4 (de-chunking), §3.5 (ratio loss); H-Net (Hwang et
-al. 2025) for the STE gate. The exact choices where the paper is silent are REFERENCE §1.4,
-§1.5 and §1.7, and each is named below where it is made.
+al. 2025) for the STE gate. The exact choices where the paper is silent are docs/reference.md#border-correction,
+docs/reference.md#at-least-one-token, docs/reference.md#batch-padding and docs/reference.md#smoothing,
+and each is named below where it is made.
 
 Conventions: L = H·W tokens in raster order, M = kept tokens of a sample, M_max = the
 largest M in the batch; ``order`` (B, M_max) holds the raster index of each chunk slot and
@@ -28,14 +29,14 @@ from dcdit_cli.models.attention import FALLBACK, PackedLayout
 
 
 def keep_at_least_one(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """[choice, REFERENCE §1.5] A sample with no p > 0.5 keeps its highest-p token."""
+    """[choice, docs/reference.md#at-least-one-token] A sample with no p > 0.5 keeps its highest-p token."""
     empty = ~mask.any(dim=1)  # (B,)
     top = F.one_hot(p.argmax(dim=1), p.shape[1]).bool()  # (B, L)
     return mask | (top & empty[:, None])
 
 
 def tail_drop(mask: torch.Tensor, p: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
-    """Elastic inference (REFERENCE §2): drop floor(n·f) lowest-p boundaries, never the last one.
+    """Elastic inference (docs/reference.md#tail-dropping): drop floor(n·f) lowest-p boundaries, never the last one.
 
     mask (B, L) bool, p (B, L), fraction (B,) in [0, 1) → the reduced mask (B, L).
     """
@@ -58,7 +59,7 @@ class ChunkLayer(nn.Module):
     The inner network runs on exactly the kept tokens: tokens (N, D), N = Σ_b M_b, with a
     :class:`PackedLayout`. ``order``/``valid`` (B, M_max) describe the same tokens per sample
     for de-chunking and the statistics; their padding slots take each sample's highest-p
-    non-boundary tokens, as the paper does, and [choice, REFERENCE §1.5] are marked invalid
+    non-boundary tokens, as the paper does, and [choice, docs/reference.md#batch-padding] are marked invalid
     so smoothing and plug-back ignore them and a sample's output never depends on its batch.
     """
 

@@ -6,7 +6,7 @@
       ─▶ FinalLayer ─▶ [ε | v] (B,2C,H,W)
 
 The de-chunked features are gated by the STE of the router's confidence and the encoder
-output is added back through a zero-initialised ``residual_proj`` (H-Net; REFERENCE §1.8).
+output is added back through a zero-initialised ``residual_proj`` (H-Net; docs/reference.md#ste-residual).
 The inner network runs on exactly the kept tokens, packed over the batch (models/attention.py).
 """
 
@@ -33,7 +33,7 @@ class RouterStats:
     (what the ratio loss sees); kept (B, L) the tokens the inner network actually ran on;
     num_kept (B,); order (B, M_max) raster index of each chunk slot; valid (B, M_max);
     block_outputs: each inner block's output (B, M_max, D), only when the model's
-    ``record_block_outputs`` is set (activation distillation, REFERENCE §6), else None.
+    ``record_block_outputs`` is set (activation distillation, docs/reference.md#activation-distillation), else None.
     """
 
     p: torch.Tensor
@@ -129,7 +129,7 @@ class DCDiT(nn.Module):
                     m.reset_parameters()
         if hasattr(self.router, "initialize_weights"):
             self.router.initialize_weights()  # cosine: identity W_Q, W_K, averaging k̄ (§3.3); predictive: bias −1.1
-        nn.init.zeros_(self.residual_proj.weight)  # REFERENCE §1.8: zero, unlike the reference code
+        nn.init.zeros_(self.residual_proj.weight)  # docs/reference.md#residual-projection-init: zero, unlike the reference code
         nn.init.zeros_(self.residual_proj.bias)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -138,13 +138,13 @@ class DCDiT(nn.Module):
         return t_emb + self.y_embedder(y)  # (B, D)
 
     def inner_positions(self, order: torch.Tensor, side: int) -> torch.Tensor:
-        """Original (row, col) of each chunk slot, on the source grid when upcycling (REFERENCE §6)."""
+        """Original (row, col) of each chunk slot, on the source grid when upcycling (docs/reference.md#source-grid-positions)."""
         return (raster_to_rc(order, side) + 0.5) * self.pos_grid_scale - 0.5  # (B, M, 2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
         """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats).
 
-        budget: tail-dropping fraction in [0, 1), a scalar or one per sample (REFERENCE §2).
+        budget: tail-dropping fraction in [0, 1), a scalar or one per sample (docs/reference.md#tail-dropping).
         boundary: an optional (B, L) bool mask that replaces the router's decision (FLOP
         accounting and analysis). Where it flips the router's decision p becomes 1 − p: the same
         confidence on the forced side of 0.5, so the smoothing, which weighs kept tokens by p, sees

@@ -1,6 +1,6 @@
 """DiT building blocks and the fixed-patchify DiT baseline.
 
-Follows facebookresearch/DiT ``models.py`` (Peebles & Xie 2023) and REFERENCE §4: the
+Follows facebookresearch/DiT ``models.py`` (Peebles & Xie 2023) and docs/reference.md#dit-block: the
 state-dict names (``x_embedder.proj``, ``t_embedder.mlp.0``, ``blocks.i.attn.qkv``,
 ``blocks.i.adaLN_modulation.1``, ``final_layer.linear`` …) are the official checkpoint's,
 so an official DiT loads into :class:`DiT` and its blocks into DC-DiT's inner network.
@@ -226,7 +226,7 @@ class DiT(nn.Module):
         return t_emb + self.y_embedder(y)  # (B, D)
 
     def forward_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """Each block's output (B, T, D), in order; the teacher side of activation distillation (REFERENCE §6)."""
+        """Each block's output (B, T, D), in order; the teacher side of activation distillation (docs/reference.md#activation-distillation)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         c = self.condition(t, y)  # (B, D)
         outputs = []

@@ -1,4 +1,4 @@
-"""DyDiT's dynamic width and dynamic tokens inside DiT blocks (paper §4.5, REFERENCE §7).
+"""DyDiT's dynamic width and dynamic tokens inside DiT blocks (paper §4.5, docs/reference.md#dydit).
 
 DyDiT (Zhao et al. 2024, arXiv 2410.03456) adds three gates to every DiT block:
 
@@ -305,7 +305,7 @@ def set_gate_execution(model: nn.Module, skip: bool) -> None:
 
 
 def block_flops(heads, groups, tokens, valid, dim: int, num_heads: int, mlp_hidden: int) -> torch.Tensor:
-    """(B,) FLOPs of one block's attention and MLP with the given masks, REFERENCE §5 convention.
+    """(B,) FLOPs of one block's attention and MLP with the given masks, docs/reference.md#flop-convention.
 
     M real tokens (``valid``), h active heads of width d, g active MLP groups of width c, n tokens
     that run the MLP: qkv 2·M·D·3hd + attention h·M²·(4d + 3) + proj 2·M·hd·D + MLP 2·2·n·D·gc.

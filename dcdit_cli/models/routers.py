@@ -3,7 +3,7 @@
 - ``cosine`` (:class:`Router`, paper §3.3, the default): p from the cosine dissimilarity of a
   token and its 3×3 neighbourhood;
 - ``random`` (:class:`RandomRouter`, paper §4.3): the random-boundary ablation;
-- ``predictive`` (:class:`PredictiveRouter`, REFERENCE §1 "The reference code's router"): the
+- ``predictive`` (:class:`PredictiveRouter`, docs/reference.md#predictive-router): the
   router of the authors' released code and checkpoints, a small conv net that scores how badly
   a token is predicted from its neighbours.
 
@@ -26,7 +26,7 @@ class Router(nn.Module):
 
     q and k are ℓ2-normalised projections of the encoder output (W_Q, W_K initialised to the
     identity); k̄ is a depthwise 3×3 convolution of k, initialised to a uniform average.
-    [choice, REFERENCE §1.4] At the border the average is rescaled by 9 / (in-grid
+    [choice, docs/reference.md#border-correction] At the border the average is rescaled by 9 / (in-grid
     neighbours) so a constant image gives the same p everywhere; the router runs in fp32.
     """
 

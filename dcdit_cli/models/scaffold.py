@@ -1,4 +1,4 @@
-"""The isotropic encoder and decoder of the DC-DiT scaffold (paper §3.2, REFERENCE §1.3, §1.9).
+"""The isotropic encoder and decoder of the DC-DiT scaffold (paper §3.2, docs/reference.md#stem-and-encoder, docs/reference.md#decoder).
 
 Conv residual blocks in the style of the Stable Diffusion VAE / LDM ResnetBlock: the
 condition is added after the first convolution, the skip after the second. They run on
@@ -22,7 +22,7 @@ class ResBlock(nn.Module):
     """GN → SiLU → Conv3×3(in→inner) → + Linear(SiLU(c)) → GN → SiLU → Conv3×3(inner→out) → + skip.
 
     ``cond_adaptor`` inserts a trainable LayerNorm on c before the conditioning projection
-    (used when upcycling a DiT whose condition embedders are frozen, REFERENCE §6).
+    (used when upcycling a DiT whose condition embedders are frozen, docs/reference.md#upcycling).
     ``eps``: the GroupNorms' epsilon (``model.norm_eps``; the authors use 1e-5).
     """
 
@@ -73,7 +73,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Res-blocks D→e→…→e on the restored grid, then RMSNorm(e) (REFERENCE §1.9, as in the
+    """Res-blocks D→e→…→e on the restored grid, then RMSNorm(e) (docs/reference.md#decoder, as in the
     authors' decoder); the final layer follows in DCDiT."""
 
     def __init__(self, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False, eps: float = 1e-5,
