@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from dcdit_cli.diffusion import make_diffusion
-from dcdit_cli.flops import dcdit_cost, dit_forward_flops
+from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.models.flops import dcdit_cost, dit_forward_flops
 from dcdit_cli.models import build_model
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.config.recipe import load_recipe
 from router_study import FACTORS, evaluate, train_variant, validation
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "router-claims.jsonl"

@@ -38,9 +38,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.data import ShapesDataset
-    from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.data.datasets import ShapesDataset
+    from dcdit_cli.diffusion.gaussian import make_diffusion
+    from dcdit_cli.training.checkpoint import load_weights
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)

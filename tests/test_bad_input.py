@@ -74,10 +74,10 @@ def ws(tmp_path_factory, inception_weights):
     """Paths of the workspace, by name."""
     from safetensors.torch import save_file
 
-    from dcdit_cli.checkpoint import export_weights, save_checkpoint
+    from dcdit_cli.config.recipe import load_recipe
     from dcdit_cli.models import build_model
-    from dcdit_cli.recipe import load_recipe
-    from dcdit_cli.train import train
+    from dcdit_cli.training.checkpoint import export_weights, save_checkpoint
+    from dcdit_cli.training.loop import train
 
     root = tmp_path_factory.mktemp("bad-input")
     run = root / "run"
@@ -435,7 +435,7 @@ def test_refused_commands_leave_no_directories(ws, tmp_path, capsys, monkeypatch
 
 def test_unexpected_error_is_one_line_and_a_log(capsys, monkeypatch, tmp_path):
     """A genuine bug: a short line naming the log file that holds the traceback, exit 1."""
-    import dcdit_cli.flops as flops
+    import dcdit_cli.models.flops as flops
 
     monkeypatch.setenv("DCDIT_LOG_DIR", str(tmp_path))
     monkeypatch.setattr(flops, "run_flops", lambda **kw: {}["boom"])

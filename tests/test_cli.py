@@ -47,8 +47,8 @@ def test_flops_json():
 
 
 def test_flops_from_checkpoint(tmp_path):
-    from dcdit_cli.recipe import load_recipe
-    from dcdit_cli.train import train
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training.loop import train
 
     train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "run")
     proc = dcdit("flops", "--ckpt", str(tmp_path / "run"), "--num", "2", "--json")

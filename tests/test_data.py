@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.data import (
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.data.datasets import (
     SHAPE_CLASSES,
     LatentShardDataset,
     ShapesDataset,

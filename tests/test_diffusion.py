@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.diffusion import (
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.diffusion.gaussian import (
     GaussianDiffusion,
     SpacedDiffusion,
     classifier_free_guidance,
@@ -205,7 +205,7 @@ def test_per_sample_generators_batch_invariant():
 
 
 def test_clip_denoised_clamps_x0_and_rederives_eps():
-    from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.diffusion.gaussian import make_diffusion
 
     d = make_diffusion("10", clip_denoised=True)
     x_t = torch.full((1, 1, 2, 2), 3.0)

@@ -12,12 +12,12 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dcdit_cli import extract as extract_mod  # noqa: E402
-from dcdit_cli.console import DcditError  # noqa: E402
-from dcdit_cli.data import LatentShardDataset  # noqa: E402
-from dcdit_cli.extract import extract  # noqa: E402
-from dcdit_cli.imaging import center_crop_arr  # noqa: E402
-from dcdit_cli.vae import decode, encode, load_vae  # noqa: E402
+from dcdit_cli.common.console import DcditError  # noqa: E402
+from dcdit_cli.data import extract as extract_mod  # noqa: E402
+from dcdit_cli.data.datasets import LatentShardDataset  # noqa: E402
+from dcdit_cli.data.extract import extract  # noqa: E402
+from dcdit_cli.data.imaging import center_crop_arr  # noqa: E402
+from dcdit_cli.data.vae import decode, encode, load_vae  # noqa: E402
 
 
 @pytest.fixture()

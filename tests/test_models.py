@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.models import DCDiT, DiT, build_model
-from dcdit_cli.models.dit import sincos_2d, grid_positions
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.models.dit import grid_positions, sincos_2d
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, scaffold_width=16)
 

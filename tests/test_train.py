@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcdit_cli.checkpoint import find_latest, load_weights
-from dcdit_cli.console import DcditError
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import batch_plan, budget_for_step, learning_rate, train
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.training.checkpoint import find_latest, load_weights
+from dcdit_cli.training.loop import batch_plan, budget_for_step, learning_rate, train
 
 
 def _weights(run: Path, step: int) -> dict:

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.distill import DistillLoss, activation_distillation_loss, build_teacher, teacher_index
-from dcdit_cli.diffusion import make_diffusion
-from dcdit_cli.losses import DiffusionLoss
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models import DiT, build_model
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.foreign import inspect_dit, load_dit_checkpoint
-from dcdit_cli.upcycle import distill, map_dit_to_dcdit, prepare_student, upcycle
+from dcdit_cli.training.distill import DistillLoss, activation_distillation_loss, build_teacher, distill, teacher_index
+from dcdit_cli.training.losses import DiffusionLoss
+from dcdit_cli.training.released_checkpoints import inspect_dit, load_dit_checkpoint
+from dcdit_cli.training.upcycle import map_dit_to_dcdit, prepare_student, upcycle
 
 EMBEDDERS = ("t_embedder.", "y_embedder.")
 
@@ -55,7 +55,7 @@ def _model(run: Path, step: int) -> dict:
 
 
 def test_both_layouts_and_safetensors_load_the_ema(source, tmp_path):
-    from dcdit_cli.checkpoint import export_weights
+    from dcdit_cli.training.checkpoint import export_weights
 
     flat, wrapped, ema = source
     save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp_path / "dit.safetensors"))
@@ -198,7 +198,7 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path, kwargs, words):
 
 
 def test_files_that_are_not_dit_checkpoints(tmp_path):
-    from dcdit_cli.checkpoint import export_weights
+    from dcdit_cli.training.checkpoint import export_weights
 
     (tmp_path / "garbage.pt").write_bytes(b"\x00\x01 not a checkpoint at all" * 10)
     torch.save({"weight": torch.zeros(3), "bias": torch.zeros(3)}, tmp_path / "random.pt")

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from dcdit_cli.models.attention import FALLBACK, PackedLayout
 
-
 #################################################################################
 #                          Boundary mask and tail dropping                      #
 #################################################################################

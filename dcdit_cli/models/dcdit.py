@@ -19,9 +19,8 @@ import torch.nn as nn
 
 from dcdit_cli.models.attention import select_backend
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
-from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, sincos_2d
+from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, route_on_timestep, sincos_2d
 from dcdit_cli.models.routers import force_endpoints, make_router
-from dcdit_cli.models.dit import route_on_timestep
 from dcdit_cli.models.scaffold import Decoder, Encoder
 
 
@@ -100,7 +99,7 @@ class DCDiT(nn.Module):
         self.force_endpoints = force_endpoints  # the release's p = 1 at raster positions 0 and L − 1
         self.init = init
         # When True, forward also returns every inner block's output in RouterStats.block_outputs
-        # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
+        # (the student side of activation distillation, dcdit_cli/training/distill.py). Off by default.
         self.record_block_outputs = False
         # Variable-length attention backend of the inner network (models/attention.py); "auto" picks
         # the best one the device supports.
