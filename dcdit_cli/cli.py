@@ -2,7 +2,7 @@
 
 Each command parses its options, loads the recipe and makes one library call. Heavy
 imports (torch, accelerate, diffusers) happen inside the commands so `dcdit --help` is
-instant. Every failure becomes one line on stderr (dcdit_cli/common/errors.py): exit code 2 for bad
+instant. Every failure becomes one line on stderr (dcdit_cli/errors.py): exit code 2 for bad
 input, with the problem and its fix.
 """
 
@@ -447,11 +447,11 @@ def eval_(
 
 
 def main() -> None:
-    """The console script: every failure ends as one line on stderr (dcdit_cli/common/errors.py)."""
+    """The console script: every failure ends as one line on stderr (dcdit_cli/errors.py)."""
     from dcdit_cli.common.host_memory import use_huge_pages
 
     use_huge_pages()  # before the process's first tensor (dcdit_cli/common/host_memory.py)
-    from dcdit_cli.common.errors import report
+    from dcdit_cli.errors import report
 
     try:
         code = app(prog_name="dcdit", standalone_mode=False)

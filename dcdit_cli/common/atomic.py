@@ -20,6 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
 from dcdit_cli.common.console import DcditError
 
 TMP_MARK = ".tmp-"
@@ -86,8 +90,6 @@ def write_json(path: Path, obj, indent: int | None = 1) -> Path:
 
 
 def write_npy(path: Path, array) -> Path:
-    import numpy as np
-
     with atomic_open(path, "wb") as f:
         np.save(f, array)
     return Path(path)
@@ -95,8 +97,6 @@ def write_npy(path: Path, array) -> Path:
 
 def write_npz(path: Path, **arrays) -> Path:
     """An ``.npz`` (uncompressed, as ``np.savez``) written atomically."""
-    import numpy as np
-
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
     return Path(path)
@@ -111,8 +111,6 @@ def write_png(path: Path, image) -> Path:
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     """Tensors (moved to CPU, made contiguous) as a safetensors file."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)  # streams to disk: no second copy in memory
@@ -134,8 +132,6 @@ def file_sha256(path: Path) -> str:
 
 def tensors_sha256(tensors: dict) -> str:
     """A checksum of tensor names, dtypes, shapes and bytes (independent of file layout)."""
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import sys
 import time
@@ -35,6 +36,15 @@ class DcditError(Exception):
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+
+def load_error_reason(error: BaseException) -> str:
+    """A short, safe description of why a file could not be read: never torch's advice to
+    unpickle it anyway, never terminal escape codes."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors, and dcdit never unpickles those (no code from a file runs)"
+    text = one_line(str(error)) or type(error).__name__
+    return text if len(text) <= 160 else text[:159] + "…"
 
 
 def is_main_process() -> bool:

@@ -13,7 +13,14 @@ import os
 import signal
 from pathlib import Path
 
+import torch
+
 from dcdit_cli.common.console import DcditError
+
+try:
+    from torch.distributed import DistError
+except ImportError:  # pragma: no cover: a torch build without distributed support
+    DistError = ()  # isinstance(error, ()) is always False
 
 
 class RankFailure(DcditError):
@@ -66,8 +73,6 @@ def watch_ranks(accelerator, command: str) -> None:
     global _watch
     if accelerator.num_processes < 2:
         return
-    import torch
-
     pids = accelerator.gather(torch.tensor([os.getpid()], device=accelerator.device)).tolist()
     _watch = RankWatch([int(p) for p in pids], accelerator.process_index, command)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -76,10 +81,6 @@ def watch_ranks(accelerator, command: str) -> None:
 def explain(error: BaseException) -> RankFailure | None:
     """A :class:`RankFailure` for a collective that failed because a peer died, else None."""
     if _watch is None:
-        return None
-    try:
-        from torch.distributed import DistError
-    except ImportError:  # pragma: no cover
         return None
     if isinstance(error, DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower()):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's SIGTERM must not cut the report short

@@ -26,6 +26,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import tomli_w
+
 from dcdit_cli.common.console import DcditError
 from dcdit_cli.config.fields import bounded, check_value, field_problem, one_of, suggest
 
@@ -246,8 +248,6 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        import tomli_w
-
         return tomli_w.dumps(self.to_dict())
 
     def replace(self, **overrides: dict[str, Any]) -> "Recipe":

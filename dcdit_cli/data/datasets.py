@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dcdit_cli.common.console import DcditError
+from dcdit_cli.data.photos import PhotosDataset
 
 LATENT_FORMAT = "dcdit-latents-v1"
 INDEX_NAME = "index.json"
@@ -355,8 +356,6 @@ def make_dataset(data_cfg, seed: int = 0):
     if data_cfg.kind == "shapes":
         return ShapesDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
     if data_cfg.kind == "photos":
-        from dcdit_cli.data.photos import PhotosDataset
-
         return PhotosDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
     if data_cfg.kind != "latents":
         raise DcditError(f"data.kind must be 'latents', 'shapes' or 'photos', got {data_cfg.kind!r}")

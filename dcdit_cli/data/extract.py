@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image, UnidentifiedImageError
 
 from dcdit_cli.common.atomic import remove_stale_temps, write_json, write_npy
@@ -108,8 +109,6 @@ def _prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iter
 def _process_state():
     """accelerate's ``PartialState``; on a machine without an accelerator it must be told ``cpu=True``
     to form the gloo group under ``torchrun`` / ``accelerate launch`` (else each rank thinks it is alone)."""
-    from accelerate import PartialState
-
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return PartialState(cpu=not has_accelerator)
 

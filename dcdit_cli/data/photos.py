@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dcdit_cli.common.console import DcditError
 
@@ -82,7 +83,6 @@ class PhotosDataset:
             raise DcditError(f"photos image_size {image_size} is outside 8..64: use 16 or 32")
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        from PIL import Image
 
         root = photo_dir()
         self.image_size, self.num_classes, self.seed, self.split, self.length = image_size, num_classes, seed, split, length

@@ -10,6 +10,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from huggingface_hub import constants as hf_constants
 
 from dcdit_cli.common.console import DcditError
 
@@ -32,8 +34,6 @@ def load_vae(name_or_path: str, device: str | torch.device = "cpu"):
     Stable Diffusion pipeline). A hub id such as ``stabilityai/sd-vae-ft-ema`` is resolved with
     ``local_files_only=True``.
     """
-    from diffusers import AutoencoderKL
-
     name = str(name_or_path)
     path = Path(name).expanduser()
     kwargs: dict = {}
@@ -59,12 +59,7 @@ def load_vae(name_or_path: str, device: str | torch.device = "cpu"):
 
 
 def _hf_cache() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        return str(HF_HUB_CACHE)
-    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
-        return "~/.cache/huggingface/hub"
+    return str(hf_constants.HF_HUB_CACHE)  # read at call time: HF_HUB_CACHE may change after import
 
 
 def latent_shape(vae, image_size: int) -> tuple[int, int, int]:

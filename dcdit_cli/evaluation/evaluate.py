@@ -26,7 +26,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch_fidelity
+from accelerate import PartialState
+from rich.table import Table
+
+from dcdit_cli import __version__
+from dcdit_cli.common.atomic import write_json, write_png
 from dcdit_cli.common.console import DcditError, print0, print_table
+from dcdit_cli.config.options import OptionCheck
+from dcdit_cli.evaluation import fid
+from dcdit_cli.evaluation.figures import elastic_figure, pareto_figure
+from dcdit_cli.evaluation.precision_recall import check_distances
+from dcdit_cli.sampling.sampler import SampleOptions, sample_npz
+from dcdit_cli.training.checkpoint import load_weights
 
 EVAL_FILE = "eval.json"
 PLOTTED = ("fid", "tflops_per_img")
@@ -104,14 +117,8 @@ def _finite(value) -> bool:
 
 
 def versions() -> dict:
-    import torch
-
-    from dcdit_cli import __version__
-
     out = {"dcdit": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
-        import torch_fidelity
-
         out["torch_fidelity"] = torch_fidelity.__version__
     except ImportError:
         pass
@@ -130,17 +137,6 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
              seed: int = 0, batch_size: int | None = None, out: Path | None = None, inception_weights: Path | None = None,
              vae: str | None = None, compare: list[Path] = (), distances: str = "adm", command: str = "") -> list[dict]:
     """What `dcdit eval` does; returns this invocation's records (on rank 0; [] elsewhere)."""
-    import torch
-    from accelerate import PartialState
-
-    from dcdit_cli.common.atomic import write_json, write_png
-    from dcdit_cli.config.options import OptionCheck
-    from dcdit_cli.evaluation import fid
-    from dcdit_cli.evaluation.figures import elastic_figure, pareto_figure
-    from dcdit_cli.evaluation.precision_recall import check_distances
-    from dcdit_cli.sampling.sampler import SampleOptions, sample_npz
-    from dcdit_cli.training.checkpoint import load_weights
-
     # Every input is checked before the first image is sampled.
     _, recipe, step = load_weights(ckpt)
     check = OptionCheck()
@@ -189,9 +185,6 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
 def _evaluate_setting(s: Setting, report, recipe, step: int, extractor, reference, ref_pool, out: Path, num: int,
                       args: dict) -> dict:
     """The record of one sampled setting: ADM metrics of its .npz plus cost, speed and provenance."""
-    from dcdit_cli.evaluation import fid
-    from dcdit_cli.sampling.sampler import SampleOptions
-
     opts = SampleOptions.from_recipe(recipe, steps=args["steps"], seed=args["seed"], **s.flags())
     npz = out / "samples" / f"{s.name}.npz"
     samples = fid.load_samples(npz)
@@ -212,8 +205,6 @@ def _evaluate_setting(s: Setting, report, recipe, step: int, extractor, referenc
 
 def results_table(records: list[dict], title: str):
     """One row per setting: the metrics of paper Table 1 plus cost and speed."""
-    from rich.table import Table
-
     table = Table(title=title)
     columns = [("cfg", "cfg_scale", "{:g}"), ("budget", "budget", "{:g}"), ("uncond", "uncond_budget", "{:g}"),
                ("FID", "fid", "{:.2f}"), ("sFID", "sfid", "{:.2f}"), ("IS", "inception_score", "{:.2f}"),

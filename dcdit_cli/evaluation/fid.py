@@ -32,10 +32,11 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+from rich.table import Table
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from dcdit_cli.common.atomic import write_npz
-from dcdit_cli.common.console import DcditError, RateMeter, plain_log, print0, progress_bar
-from dcdit_cli.common.errors import load_error_reason
+from dcdit_cli.common.console import DcditError, RateMeter, load_error_reason, plain_log, print0, progress_bar
 from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.data.image_batches import (
     IMAGE_SUFFIXES,
@@ -174,10 +175,6 @@ class InceptionFeatures:
     logits (N, 1008, unbiased: pool_3 · W) and spatial (N, 2023) float32 arrays."""
 
     def __init__(self, state_dict: dict, device: str | torch.device | None = None) -> None:
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise DcditError("FID needs torch-fidelity: pip install 'dcdit[fid]' (or torch-fidelity)") from None
         # torch-fidelity reads its weights with torch.load(weights_only=False); hand it a buffer
         # holding only the tensors already read safely with weights_only=True.
         buf = io.BytesIO()
@@ -437,8 +434,6 @@ def make_reference(
 
 def report_table(results: dict):
     """The metrics as a rich table (what ``dcdit fid`` prints)."""
-    from rich.table import Table
-
     table = Table(title="ADM evaluator metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")

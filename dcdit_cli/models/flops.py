@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from dcdit_cli.common.console import DcditError, print_table
+from dcdit_cli.config.recipe import available_recipes, load_recipe
 from dcdit_cli.models import build_model
 from dcdit_cli.models.dydit import kept_counts, saved_flops
 
@@ -205,13 +209,6 @@ def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None) -> Flo
 def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) -> list[FlopsRow]:
     """What `dcdit flops` does: build the rows, print a rich table or JSON. ``measured``: None or
     (name, recipe, kept counts) from :func:`dcdit_cli.sampling.sampler.measure_kept_tokens`."""
-    import json
-
-    from rich.table import Table
-
-    from dcdit_cli.common.console import DcditError, print_table
-    from dcdit_cli.config.recipe import available_recipes, load_recipe
-
     rows = []
     if measured is not None:
         name, recipe, kept, saved = measured

@@ -16,16 +16,25 @@ import itertools
 import json
 import math
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from PIL import Image
 
 from dcdit_cli.common.atomic import atomic_path, remove_stale_temps, write_json, write_npz, write_png
 from dcdit_cli.common.console import DcditError, print0, progress_bar
+from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.config.recipe import SampleConfig
+from dcdit_cli.data.image_batches import load_samples
+from dcdit_cli.data.vae import decode, load_vae
+from dcdit_cli.diffusion.gaussian import classifier_free_guidance, make_diffusion
+from dcdit_cli.models.dydit import saved_flops
 from dcdit_cli.models.flops import per_image_flops, tflops_per_image
+from dcdit_cli.training.checkpoint import load_weights
 
 
 @dataclass(frozen=True)
@@ -78,8 +87,6 @@ def check_sample_options(options: dict, num: int | None = None, batch_size: int 
     """Every problem with the sampling options at once, as one DcditError, before any work:
     ``options`` holds :class:`SampleOptions` fields (None: not given, the recipe's default is
     used and checked when the options are built)."""
-    from dcdit_cli.config.options import OptionCheck
-
     o = {k: options.get(k) for k in ("steps", "cfg_scale", "budget", "uncond_budget", "seed", "method", "guided_channels")}
     check = OptionCheck().count("--num", num).count("--batch-size", batch_size).count("--steps", o["steps"], example=250)
     check.cfg_scale("--cfg-scale", o["cfg_scale"]).fraction("--budget", o["budget"])
@@ -109,9 +116,6 @@ def classes_for(indices, num_classes: int, seed: int, classes: list[int] | None)
 
 def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
     """The sampler's model function: CFG with Lite-CFG budgets in one batched forward."""
-    from dcdit_cli.diffusion.gaussian import classifier_free_guidance
-    from dcdit_cli.models.dydit import saved_flops
-
     B = y.shape[0]
     use_cfg = opts.cfg_scale > 1.0
     uncond_budget = opts.uncond
@@ -140,8 +144,6 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
 @torch.no_grad()
 def sample_batch(model, recipe, indices: list[int], opts: SampleOptions, classes=None, device="cpu", on_step=None):
     """Samples the images with the given global indices → (x0 (B, C, H, W) in model space, labels, KeptLog)."""
-    from dcdit_cli.diffusion.gaussian import make_diffusion
-
     y = classes_for(indices, recipe.model.num_classes, opts.seed, classes).to(device)
     gens = [torch.Generator().manual_seed(image_seed(opts.seed, i)) for i in indices]
     # Pixel-space runs (shapes, photos) clamp x_0 to [−1, 1] as ADM does; latents are not clamped (DiT).
@@ -165,21 +167,16 @@ class ToPixels:
     def __init__(self, recipe, vae: str | None, device):
         self.vae = None
         if recipe.data.kind == "latents":
-            from dcdit_cli.data.vae import load_vae
-
             self.vae = load_vae(vae or "stabilityai/sd-vae-ft-ema", device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return x
-        from dcdit_cli.data.vae import decode
 
         return decode(self.vae, x)
 
 
 def save_grid(images_uint8: np.ndarray, path: Path, nrow: int | None = None) -> Path:
-    from PIL import Image
-
     n, h, w, _ = images_uint8.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -239,8 +236,6 @@ def run_sample(ckpt, num: int, flags: dict | None = None, classes=None, out: Pat
                npz: Path | None = None, batch_size: int = 16, vae: str | None = None) -> SampleReport:
     """What `dcdit sample` does: a PNG grid, or an ADM .npz sharded over processes. ``flags``:
     the sampling options given on the command line (see :meth:`SampleOptions.from_recipe`)."""
-    from dcdit_cli.training.checkpoint import load_weights
-
     check_sample_options(flags or {}, num, batch_size, Path(out or "sample.png"), npz)
     if npz is not None:
         return sample_npz(ckpt, num, flags, classes, npz, batch_size, vae)
@@ -288,8 +283,6 @@ def _check_parts_stamp(parts_dir: Path, stamp: dict) -> None:
 def _write_npz_streaming(npz: Path, part_files: list[Path], num: int) -> tuple:
     """ADM's layout (``arr_0`` uint8 (N, H, W, 3), ``arr_1`` labels) written part by part into the
     zip, so the N images are never in memory (not even once). Returns arr_0's shape."""
-    import zipfile
-
     with np.load(part_files[0]) as first:
         shape, labels = (num, *first["images"].shape[1:]), []
     with atomic_path(npz) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
@@ -319,11 +312,6 @@ def sample_npz(ckpt, num: int, flags: dict | None, classes, npz: Path, batch_siz
     is written atomically (with its kept-token counts and seconds) and skipped when rerun with the
     same settings; rank 0 streams them into ``arr_0`` (N, H, W, 3) uint8. Returns the report on
     rank 0 (``seconds``: the parts' sampling time, summed), None elsewhere."""
-    from accelerate import PartialState
-
-    from dcdit_cli.data.image_batches import load_samples
-    from dcdit_cli.training.checkpoint import load_weights
-
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU ranks would each run alone
     model, recipe, step = load_weights(ckpt, state.device)
     opts = SampleOptions.from_recipe(recipe, **(flags or {}))
@@ -373,8 +361,6 @@ def sample_npz(ckpt, num: int, flags: dict | None, classes, npz: Path, batch_siz
 
 def measure_kept_tokens(ckpt, num: int = 4):
     """For `dcdit flops --ckpt`: kept counts and gate savings (steps, images, halves) while sampling with the recipe's settings."""
-    from dcdit_cli.training.checkpoint import load_weights
-
     check_sample_options({}, num=num)
     model, recipe, _ = load_weights(ckpt)
     opts = SampleOptions.from_recipe(recipe, cfg_scale=max(recipe.sample.cfg_scale, 1.0 + 1e-6))

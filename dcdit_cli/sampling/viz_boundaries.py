@@ -31,8 +31,11 @@ from PIL import Image, ImageDraw
 from dcdit_cli.common.atomic import write_png
 from dcdit_cli.common.console import DcditError, print0, progress_bar
 from dcdit_cli.common.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
+from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.models.dydit import gated_blocks
+from dcdit_cli.sampling.sampler import SampleOptions, ToPixels, classes_for, sample_batch, to_uint8
 from dcdit_cli.sampling.viz_gates import gate_snapshot, gates_figure
+from dcdit_cli.training.checkpoint import load_weights
 
 # ----------------------------------------------------------------------------------------
 # Colours and fonts
@@ -103,8 +106,6 @@ class Trajectory:
 
 
 def record_batch(model, recipe, indices: list[int], opts, classes, device, cols: list[int], on_step=None) -> Trajectory:
-    from dcdit_cli.sampling.sampler import sample_batch
-
     recorder = _Recorder(model, len(indices), cols)
     _, labels, _ = sample_batch(recorder, recipe, indices, opts, classes, device, on_step)
     frames = {k: torch.stack([f[k] for f in recorder.frames]) for k in ("x", "p", "mask", "kept")}
@@ -269,10 +270,6 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     kept[i][b] is image b's kept-token count (conditional half) at column i, compression[i][b]
     = L / kept[i][b]; mean_kept[i] averages over the images and mean_compression[i] = L / mean_kept[i].
     """
-    from dcdit_cli.config.options import OptionCheck
-    from dcdit_cli.sampling.sampler import SampleOptions, ToPixels, classes_for, sample_batch, to_uint8
-    from dcdit_cli.training.checkpoint import load_weights
-
     check = OptionCheck().count("--num", num, example=4).count("--timesteps", timesteps, example=8).count("--steps", steps, example=50)
     check.fraction("--budget", budget).cfg_scale("--cfg-scale", cfg_scale).seed("--seed", seed)
     check.output("--out", Path(out_dir), directory=True).done()

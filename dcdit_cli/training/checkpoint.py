@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from dcdit_cli.common.atomic import (
@@ -36,6 +36,9 @@ from dcdit_cli.common.atomic import (
     write_text,
 )
 from dcdit_cli.common.console import DcditError, warn
+from dcdit_cli.config.recipe import read_stored_recipe, recipe_diff, recipe_from_toml
+from dcdit_cli.models import build_model
+from dcdit_cli.training.released_checkpoints import is_safetensors, read_official, resolve_hf
 
 WEIGHTS_FORMAT = "dcdit-weights-v1"
 CKPT_FORMAT = "dcdit-checkpoint-v1"
@@ -254,8 +257,6 @@ def resolve_weights(path: Path) -> Path:
     """A run dir → its newest exported EMA weights; ``hf:OWNER/REPO/FILE`` → the file in the local
     Hugging Face cache; a file → itself."""
     if str(path).startswith("hf:"):
-        from dcdit_cli.training.released_checkpoints import resolve_hf
-
         return resolve_hf(str(path))
     path = Path(path)
     if path.is_dir():
@@ -272,11 +273,6 @@ def read_weights(path: Path, weights: str = "ema"):
     """(state dict, recipe, step) from a run dir, exported dcdit weights (.safetensors), or a
     checkpoint of the authors' DC-DiT release (.pt, also as ``hf:amd/DynamicChunkingDiT/…``),
     whose ``weights`` ('ema' or 'model') are mapped to dcdit's names (dcdit_cli/training/released_checkpoints.py)."""
-    from safetensors import safe_open
-
-    from dcdit_cli.config.recipe import recipe_from_toml
-    from dcdit_cli.training.released_checkpoints import is_safetensors, read_official
-
     file = resolve_weights(path)
     if not is_safetensors(file):
         return read_official(file, weights)
@@ -299,8 +295,6 @@ def read_weights(path: Path, weights: str = "ema"):
 
 def load_weights(path: Path, device="cpu"):
     """(model in eval mode, recipe, step) from anything :func:`read_weights` reads."""
-    from dcdit_cli.models import build_model
-
     state, recipe, step = read_weights(path)
     model = build_model(recipe.model)
     load_into(model, state, path, "weights")
@@ -318,8 +312,6 @@ def init_from(model: torch.nn.Module, path: Path) -> list[str]:
 def convert_weights(source: Path, out_dir: Path, weights: str = "ema") -> Path:
     """`dcdit convert`: any checkpoint :func:`read_weights` reads → dcdit weights (safetensors
     with the resolved recipe in the metadata) under ``out_dir``/weights, plus ``out_dir``/recipe.toml."""
-    from dcdit_cli.config.recipe import read_stored_recipe, recipe_diff
-
     out_dir = check_output(Path(out_dir), "--out", directory=True)
     if (out_dir / "checkpoints").exists():
         raise DcditError(f"--out {out_dir} holds a training run: write the converted weights to a new directory")

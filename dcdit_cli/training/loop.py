@@ -18,10 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import accelerate
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-from dcdit_cli.common.console import DcditError, MetricsWriter, RateMeter, plain_log, print0, progress_bar
+from dcdit_cli.common.atomic import check_output, remove_stale_temps, write_json, write_png, write_text
+from dcdit_cli.common.console import DcditError, MetricsWriter, RateMeter, is_main_process, plain_log, print0, progress_bar
+from dcdit_cli.common.host_memory import host_allocator
+from dcdit_cli.common.plots import training_curves
+from dcdit_cli.common.processes import watch_ranks
 from dcdit_cli.config.recipe import Recipe, read_stored_recipe, recipe_diff
+from dcdit_cli.data.datasets import batch_indices, check_fits_model, make_dataset
+from dcdit_cli.diffusion.gaussian import make_diffusion, to_device
+from dcdit_cli.models import build_model, compile_blocks
+from dcdit_cli.models.attention import select_backend
+from dcdit_cli.training.checkpoint import export_weights, find_latest, load_checkpoint, load_into, resolve_weights, save_checkpoint
+from dcdit_cli.training.checkpoint import init_from as load_init
+from dcdit_cli.training.losses import loss_for_recipe
 
 # Keys that may change when a run is resumed; any other change is refused with the diff.
 RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.path"}
@@ -82,9 +96,6 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> tuple[in
 
 def write_curves(out_dir: Path, name: str) -> None:
     """curves.png beside the checkpoints: loss terms and compression against the step."""
-    from dcdit_cli.common.atomic import write_png
-    from dcdit_cli.common.plots import training_curves
-
     metrics = out_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         write_png(out_dir / "curves.png", training_curves(metrics, f"{name}: training curves ({metrics})"))
@@ -115,11 +126,6 @@ def check_finite(accelerator, first_bad: torch.Tensor, last_ckpt) -> None:
 
 
 def environment(accelerator, compiled: bool = False) -> dict:
-    import accelerate
-
-    from dcdit_cli.common.host_memory import host_allocator
-    from dcdit_cli.models.attention import select_backend
-
     return {
         "world_size": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
@@ -157,9 +163,6 @@ class Objective:
 
 def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, accelerator):
     """Prepares runs/<name>; returns the checkpoint to resume from (or None): the newest intact one."""
-    from dcdit_cli.common.atomic import remove_stale_temps
-    from dcdit_cli.training.checkpoint import find_latest
-
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         for folder in (out_dir, out_dir / "checkpoints", out_dir / "weights"):
@@ -188,8 +191,6 @@ def _run_dir_setup(recipe: Recipe, out_dir: Path, resume: Path | None, accelerat
 def _record_run(recipe: Recipe, out_dir: Path, command: str, accelerator, compiled: bool) -> None:
     """recipe.toml, command.txt and env.json: written once the checkpoint to resume from has loaded,
     so a refused or broken --resume leaves the run directory as it was."""
-    from dcdit_cli.common.atomic import write_json, write_text
-
     if accelerator.is_main_process:
         write_text(out_dir / "recipe.toml", recipe.to_toml())
         with open(out_dir / "command.txt", "a", encoding="utf-8") as f:
@@ -218,10 +219,6 @@ def train(
     checkpoint leaves no run directory behind (when this call created it). compile_blocks:
     ``torch.compile`` the transformer blocks (:func:`dcdit_cli.models.compile_blocks`).
     """
-    from dcdit_cli.common.atomic import check_output
-    from dcdit_cli.common.console import is_main_process
-    from dcdit_cli.training.checkpoint import resolve_weights
-
     out_dir = Path(out_dir)
     check_output(out_dir, "--out", directory=True)
     if init_from is not None:
@@ -239,17 +236,6 @@ def train(
 
 
 def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, compiled) -> Path | None:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from dcdit_cli.common.processes import watch_ranks
-    from dcdit_cli.data.datasets import batch_indices, check_fits_model, make_dataset
-    from dcdit_cli.diffusion.gaussian import make_diffusion, to_device
-    from dcdit_cli.models import build_model, compile_blocks
-    from dcdit_cli.training.checkpoint import export_weights, load_checkpoint, load_into, save_checkpoint
-    from dcdit_cli.training.checkpoint import init_from as load_init
-    from dcdit_cli.training.losses import loss_for_recipe
-
     t_cfg, m_cfg = recipe.train, recipe.model
     dataset = check_fits_model(make_dataset(recipe.data, seed=recipe.run.seed), m_cfg)  # before anything is written
     accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available())

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models.chunking import ratio_loss
+from dcdit_cli.models.dydit import flops_loss
+from dcdit_cli.models.flops import dynamic_flops, static_cost
 
 
 class DiffusionLoss:
@@ -85,9 +88,6 @@ class FlopsLoss:
         return self.base.diffusion
 
     def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
-        from dcdit_cli.models.dydit import flops_loss
-        from dcdit_cli.models.flops import dynamic_flops
-
         loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise)
         f_dyn, f_static = dynamic_flops(getattr(model, "module", model), self.static_cost)  # (B,) each
         target = self.target_at(step)
@@ -106,13 +106,9 @@ def loss_for_recipe(recipe, diffusion_weight: float = 1.0):
     """The loss a recipe trains with: its diffusion and ``train.ratio_loss_weight``, plus DyDiT's
     FLOPs loss (``train.flops_target``, ``flops_loss_weight``, ``flops_target_warmup_steps``) when
     ``model.dynamic = "dydit"``."""
-    from dcdit_cli.diffusion.gaussian import make_diffusion
-
     loss = DiffusionLoss(make_diffusion("", recipe.diffusion.num_timesteps), recipe.train.ratio_loss_weight,
                          recipe.model.target_ratio, diffusion_weight)
     if recipe.model.dynamic == "dydit":
-        from dcdit_cli.models.flops import static_cost
-
         t_cfg = recipe.train
         loss = FlopsLoss(loss, static_cost(recipe.model), t_cfg.flops_target, t_cfg.flops_loss_weight, t_cfg.flops_target_warmup_steps)
     return loss

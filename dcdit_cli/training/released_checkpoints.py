@@ -26,9 +26,15 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-from dcdit_cli.common.console import DcditError
-from dcdit_cli.common.errors import load_error_reason
+from dcdit_cli.common.console import DcditError, load_error_reason
+from dcdit_cli.config.recipe import Recipe
+from dcdit_cli.models import build_model
+from dcdit_cli.models.dit import grid_positions, sincos_2d
 
 # Keys every DiT state dict has (facebookresearch/DiT models.py; REFERENCE §4).
 DIT_KEYS = (
@@ -166,9 +172,6 @@ def is_safetensors(path: Path) -> bool:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             exported = (f.metadata() or {}).get("format", "").startswith("dcdit-weights")  # checkpoint.WEIGHTS_FORMAT
@@ -285,8 +288,6 @@ def _layout(arch_layout, source) -> tuple[int, int, int]:
 
 def official_recipe(cfg: dict, source, name: str):
     """The dcdit recipe of the authors' config (their config.py field names)."""
-    from dcdit_cli.config.recipe import Recipe
-
     try:
         hnet, tr, data, diff = cfg["model"]["hnet"], cfg["training"], cfg["data"], cfg["diffusion"]
         d_model, heads, factors = hnet["d_model"], hnet["num_heads"], hnet.get("enc_dec_dim_factor") or [None, None]
@@ -346,8 +347,6 @@ def official_recipe(cfg: dict, source, name: str):
 def map_official_state(state: Mapping[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
     """Their state dict → dcdit names. Every key is mapped or accounted for: ``pos_embed`` must be
     dcdit's sin-cos table (checked, then dropped: dcdit computes it); any other key is an error."""
-    from dcdit_cli.models.dit import grid_positions, sincos_2d
-
     out, unknown = {}, []
     for key, value in strip_wrappers(state).items():
         if key == "pos_embed":
@@ -402,8 +401,6 @@ def read_official(path: Path, weights: str = "ema"):
 
 def _check_against(state: Mapping[str, torch.Tensor], recipe, source) -> None:
     """Every tensor of the model the config describes is present with its shape (checked on meta tensors)."""
-    from dcdit_cli.models import build_model
-
     with torch.device("meta"):
         expected = build_model(recipe.model).state_dict()
     problems = [f"{k} is missing" for k in expected if k not in state]
@@ -421,12 +418,10 @@ def resolve_hf(reference: str) -> Path:
     if len(parts) < 3:
         raise DcditError(f"{reference}: write hf:OWNER/REPO/FILE, e.g. hf:amd/DynamicChunkingDiT/XL-256/FILE.pt")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.constants import HF_HUB_CACHE
 
     found = try_to_load_from_cache(repo, filename)
     if not isinstance(found, str):
-        raise DcditError(f"{reference} is not in the local Hugging Face cache ({HF_HUB_CACHE}): on a machine with internet run "
+        raise DcditError(f"{reference} is not in the local Hugging Face cache ({hf_constants.HF_HUB_CACHE}): on a machine with internet run "
                          f"`huggingface-cli download {repo} {filename}` and copy the cache here (or set HF_HUB_CACHE), "
                          f"or pass the downloaded file's path")
     return Path(found)

@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from rich.table import Table
 
+from dcdit_cli.common.atomic import check_output, write_json
 from dcdit_cli.common.console import DcditError, is_main_process, print0
 from dcdit_cli.config.recipe import Recipe
+from dcdit_cli.models import build_model
+from dcdit_cli.training.loop import train
 from dcdit_cli.training.released_checkpoints import DiTShape, inspect_dit, load_dit_checkpoint
 
 # What transfers from a DiT (same names and shapes in DCDiT) and what is frozen.
@@ -99,8 +103,6 @@ class UpcycleReport:
         return [(status, _modules(keys), len(keys), sum(self.numel[k] for k in keys)) for status, keys in groups if keys]
 
     def table(self, title: str = "upcycling"):
-        from rich.table import Table
-
         table = Table(title=title, title_justify="left")
         for name, justify in (("", "left"), ("modules", "left"), ("tensors", "right"), ("parameters", "right")):
             table.add_column(name, justify=justify)
@@ -223,10 +225,6 @@ def upcycle(
     the frozen teacher and the freezing need it). With ``distill`` the first
     ``distill.steps`` steps are the activation-distillation warm-up (dcdit_cli/training/distill.py).
     """
-    from dcdit_cli.common.atomic import check_output, write_json
-    from dcdit_cli.models import build_model
-    from dcdit_cli.training.loop import train
-
     distill = distill_objectives is not None
     check_output(Path(out_dir), "--out", directory=True)
     warnings = check_upcycle_recipe(recipe, distill)

@@ -13,27 +13,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import re
 import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
-from dcdit_cli.common.console import DcditError, error_line, one_line
+import typer
+
+from dcdit_cli.common.console import DcditError, error_line, load_error_reason, one_line
 
 BAD_INPUT, BUG, INTERRUPTED = 2, 1, 130
-
-
-def load_error_reason(error: BaseException) -> str:
-    """A short, safe description of why a file could not be read: never torch's advice to
-    unpickle it anyway, never terminal escape codes."""
-    import pickle
-
-    if isinstance(error, pickle.UnpicklingError):
-        return "it holds Python objects other than tensors, and dcdit never unpickles those (no code from a file runs)"
-    text = one_line(str(error)) or type(error).__name__
-    return text if len(text) <= 160 else text[:159] + "…"
 
 
 def _usage_line(error) -> str:
@@ -54,9 +47,6 @@ def _usage_line(error) -> str:
 
 def _edge_line(error: BaseException) -> str | None:
     """One line for a foreseeable library error, or None for a genuine bug."""
-    import pickle
-    import zipfile
-
     if isinstance(error, pickle.UnpicklingError):
         return f"a file was refused: {load_error_reason(error)}; pass a checkpoint that holds only tensors"
     if isinstance(error, UnicodeDecodeError):
@@ -88,8 +78,6 @@ def crash_log(error: BaseException) -> Path:
 
 def report(error: BaseException) -> int:
     """Prints the one line for ``error``; returns the exit code."""
-    import typer
-
     if isinstance(error, DcditError):
         error_line(str(error))
         return BAD_INPUT
