@@ -38,7 +38,7 @@ def validation_loss(model, recipe, num: int, batch: int = 64) -> float:
     from dcdit_cli.diffusion.gaussian import make_diffusion
 
     data = make_dataset(recipe.data, seed=VAL_SEED)
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
     g = torch.Generator().manual_seed(VAL_SEED)
     total = 0.0
     for lo in range(0, num, batch):

@@ -53,7 +53,7 @@ def main() -> None:
         raise SystemExit("router_science needs a DC-DiT trained on the shapes set (it uses the object masks)")
     data = ShapesDataset(recipe.data.image_size, recipe.data.num_classes, seed=recipe.run.seed + 12345)  # held-out seed
     x0, y, masks = data.batch(torch.arange(args.num))
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
     L = recipe.model.input_size**2
     table = Table(title=f"{args.ckpt} (step {step}): router vs object masks on {args.num} held-out images")
     for col in ("t", "AUROC p (object vs background)", "kept tokens", "compression L/M", "kept on objects", "object area"):

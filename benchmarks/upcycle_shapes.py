@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     root = args.out or Path(tempfile.mkdtemp(prefix="upcycle-shapes-"))
     dit_recipe, scratch, up, distilled = recipes(args)
-    data, diffusion = validation_set(), make_diffusion("", 1000)
+    data, diffusion = validation_set(), make_diffusion(num_timesteps=1000)
     clock = {}
 
     t0 = time.perf_counter()

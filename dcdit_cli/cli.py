@@ -360,7 +360,7 @@ def sample(
 ):
     """Sample images from a checkpoint: PNG grid or ADM .npz, with elastic budgets and Lite-CFG.
 
-    Sampling options default to the checkpoint recipe's [sample] section and diffusion.sampling_steps."""
+    Sampling options default to the checkpoint recipe's \\[sample] section and diffusion.sampling_steps."""
     from dcdit_cli.sampling.sampler import run_sample
 
     flags = dict(cfg_scale=cfg_scale, steps=steps, method=method, budget=budget, uncond_budget=uncond_budget,

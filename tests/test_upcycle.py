@@ -139,7 +139,7 @@ def test_distillation_loss_falls_and_teacher_never_changes(source):
     student = build_model(recipe.model)
     prepare_student(student, ema, recipe)
     student.record_block_outputs = True
-    loss_fn = DistillLoss(DiffusionLoss(make_diffusion("", 1000), diffusion_weight=0.0), teacher, recipe.distill.weight)
+    loss_fn = DistillLoss(DiffusionLoss(make_diffusion(num_timesteps=1000), diffusion_weight=0.0), teacher, recipe.distill.weight)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
     x0, t, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g), torch.randint(0, 7, (8,), generator=g)

@@ -132,10 +132,11 @@ class RateMeter:
         self.start = time.perf_counter()
         self.count = 0
 
-    def update(self, n: int) -> str:
+    def update(self, n: int) -> float:
+        """Counts ``n`` more items; returns the rate (items per second), for the caller to format."""
         self.count += n
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return f"{self.count / elapsed:.2f}/s"
+        return self.count / elapsed
 
 
 class MetricsWriter:

@@ -447,7 +447,3 @@ def recipe_diff(old: Recipe, new: Recipe) -> list[str]:
         for k in a[s]
         if a[s][k] != b[s][k]
     ]
-
-
-def section_keys(section: str) -> list[str]:
-    return [f.name for f in fields(SECTIONS[section])]

@@ -1,8 +1,10 @@
 """Training data: latent shards, the procedural shapes set, deterministic batch sampling.
 
-Two datasets share one small interface, which is all ``train.py`` reads:
+Three datasets share one small interface, which is all the training loop reads:
 
-- ``.batch(indices, flip_bits) -> (x (B, C, H, W) float32, labels (B,) int64)``
+- ``.batch(indices, flip_bits) -> (x (B, C, H, W) float32, labels (B,) int64, mask)``, where
+  ``mask`` is the per-pixel ground truth (B, H, W) bool of the pixel-space sets (the shapes'
+  silhouettes, the photographs' detail) and None for latents, which have none;
 - ``.num_classes``, ``.sample_shape`` (C, H, W), ``len(dataset)``
 
 ``LatentShardDataset`` reads the shards that ``dcdit extract`` writes (REFERENCE §8 [choice]:
@@ -158,8 +160,8 @@ class LatentShardDataset:
         latent = torch.from_numpy(np.array(self._latents[s][j, 0], dtype=np.float32))  # (C, h, w)
         return latent, int(self._labels[s][j])
 
-    def batch(self, indices, flip_bits=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (B, C, h, w) float32 and labels (B,) int64 for global ``indices``."""
+    def batch(self, indices, flip_bits=None) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Latents (B, C, h, w) float32, labels (B,) int64 and no mask for global ``indices``."""
         idx = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
         if flip_bits is None or self.flip == "none":
             bits = np.zeros(idx.shape, dtype=bool)
@@ -180,7 +182,7 @@ class LatentShardDataset:
         if not stored and bits.any():
             flip = torch.from_numpy(bits)
             latents[flip] = latents[flip].flip(-1)  # horizontal flip on the fly (F = 1)
-        return latents, torch.from_numpy(labels)
+        return latents, torch.from_numpy(labels), None
 
 
 # ---------------------------------------------------------------------------------------------

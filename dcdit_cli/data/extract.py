@@ -219,9 +219,9 @@ def extract(
             count_files = len(files[k * shard_size : (k + 1) * shard_size])
             items = [next(loaded) for _ in range(count_files)]
             _encode_shard(out, k, items, vae, shape, batch_size, flip, mean, seed, settings)
-            rate = meter.update(count_files)
-            progress.update(task, advance=count_files, rate=rate + " img")
-            plain_log(f"extract: {shard_name(k)} done ({count_files} files, {rate} img on rank {rank})")
+            rate = f"{meter.update(count_files):.2f} img/s"
+            progress.update(task, advance=count_files, rate=rate)
+            plain_log(f"extract: {shard_name(k)} done ({count_files} files, {rate} on rank {rank})")
 
     state.wait_for_everyone()
     index = None
@@ -270,8 +270,9 @@ def _write_index(out: Path, classes, num_shards, settings, vae_name, image_size,
             shards.append({"name": marker["name"], "count": marker["count"]})
     num_images = sum(s["count"] for s in shards)
     if num_images == 0:
-        first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
-        raise DcditError(f"none of the {len(skipped)} files could be read as images ({first}): point --data-path at {_LAYOUT_HINT}")
+        first = skipped[0]  # one example keeps the message on one line; index.json would list them all
+        raise DcditError(f"none of the {len(skipped)} files in --data-path is an image ({first['path']}: {first['reason']}): "
+                         "expected DIR/<class>/*.JPEG")
     index = {
         "format": LATENT_FORMAT,
         "image_size": image_size,

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from dcdit_cli.common.console import DcditError
+from dcdit_cli.common.console import DcditError, load_error_reason
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 POOL_DIM, SPATIAL_DIM = 2048, 17 * 17 * 7  # Inception pool_3 and the sFID spatial features
@@ -44,8 +44,12 @@ class NpzImages:
 
     def __init__(self, path: Path, key: str = "arr_0") -> None:
         self.path, self.key, self.skipped = Path(path), key, []
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
-            self.shape, self.fortran, self.dtype = _read_npy_header(f)
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
+                self.shape, self.fortran, self.dtype = _read_npy_header(f)
+        except (ValueError, SyntaxError, EOFError, OSError, zipfile.BadZipFile) as e:  # numpy's header parser
+            raise DcditError(f"{self.path}: {key}.npy has no readable .npy header ({load_error_reason(e)}): "
+                             "write it again with np.savez") from None
         check_images_shape(self.shape, self.dtype, f"{self.path}: {key}")
         self.num = self.shape[0]
 

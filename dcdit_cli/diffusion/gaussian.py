@@ -365,8 +365,11 @@ class SpacedDiffusion(GaussianDiffusion):
         return self.timestep_map[t]
 
 
-def make_diffusion(respacing: str = "", num_timesteps: int = 1000, clip_denoised: bool = False) -> GaussianDiffusion:
+def make_diffusion(respacing: str = "", num_timesteps: int = 1000, *, clip_denoised: bool = False) -> GaussianDiffusion:
     """DiT's diffusion: linear β over ``num_timesteps``; ``respacing`` "" = all steps, "250", "ddim50", ...
+
+    Callers name the arguments: ``make_diffusion(num_timesteps=T)`` for training (every step),
+    ``make_diffusion(respacing="250", num_timesteps=T)`` for a respaced sampler.
 
     ``clip_denoised`` clamps the predicted x_0 to [−1, 1] while sampling: ADM's setting for
     pixel-space models; DiT samples latents without it (the default, REFERENCE §3).

@@ -239,7 +239,7 @@ def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, tot
         task = progress.add_task(description, total=total, rate="")
         for batch in _as_batches(images, batch_size):
             feats = extractor(batch)
-            rate = meter.update(len(batch)).replace("/s", " img/s")
+            rate = f"{meter.update(len(batch)):.2f} img/s"
             progress.update(task, advance=len(batch), rate=rate)
             yield batch, feats
     if meter.count:
@@ -256,13 +256,6 @@ class Activations:
     logits: np.ndarray
     pool_stats: RunningStats
     spatial_stats: RunningStats
-
-    @classmethod
-    def from_features(cls, pool: np.ndarray, logits: np.ndarray, spatial: np.ndarray) -> "Activations":
-        acts = cls(pool, logits, RunningStats(pool.shape[1]), RunningStats(spatial.shape[1]))
-        acts.pool_stats.update(pool)
-        acts.spatial_stats.update(spatial)
-        return acts
 
 
 class _Rows:

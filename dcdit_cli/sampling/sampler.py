@@ -147,7 +147,8 @@ def sample_batch(model, recipe, indices: list[int], opts: SampleOptions, classes
     y = classes_for(indices, recipe.model.num_classes, opts.seed, classes).to(device)
     gens = [torch.Generator().manual_seed(image_seed(opts.seed, i)) for i in indices]
     # Pixel-space runs (shapes, photos) clamp x_0 to [−1, 1] as ADM does; latents are not clamped (DiT).
-    diffusion = make_diffusion(str(opts.steps), recipe.diffusion.num_timesteps, clip_denoised=recipe.data.kind != "latents")
+    diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=recipe.diffusion.num_timesteps,
+                               clip_denoised=recipe.data.kind != "latents")
     log = KeptLog()
     shape = (len(indices), model.in_channels, model.input_size, model.input_size)
     x0 = diffusion.sample_loop(

@@ -244,7 +244,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     watch_ranks(accelerator, command)
     ckpt_path = _run_dir_setup(recipe, out_dir, resume, accelerator)
 
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
     set_seed(recipe.run.seed)
     model = build_model(m_cfg)
     if model_setup is not None:
@@ -310,8 +310,8 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
             for a in range(accum):
                 torch.manual_seed(step_seed(seed, step, rank, a))  # noise, t, dropout, random router
                 idx, flips = batch_indices(seed, step * accum + a, rank, micro, len(dataset))
-                batch = dataset.batch(idx, flips)
-                x, y = to_device(batch[0], accelerator.device), to_device(batch[1], accelerator.device)
+                x, y, _ = dataset.batch(idx, flips)  # the mask is for the router studies
+                x, y = to_device(x, accelerator.device), to_device(y, accelerator.device)
                 t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
                 drop = torch.rand(x.shape[0], device=x.device) < t_cfg.label_dropout
                 y = torch.where(drop, torch.full_like(y, null_class), y)
@@ -343,7 +343,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 local = torch.stack([sums[k] / n for k in sorted(sums)])
                 mean = accelerator.reduce(local, reduction="mean")
                 record = dict(zip(sorted(sums), mean.tolist()))
-                record.update(step=done, lr=lr, images_per_s=float(rate.split('/')[0]), phase=objective.name, budget=budget)
+                record.update(step=done, lr=lr, images_per_s=rate, phase=objective.name, budget=budget)
                 metrics.write(record)
                 status = f"loss {record['loss']:.4f}"
                 if "compression" in record:
@@ -351,7 +351,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 progress.update(task, status=status)
                 plain_log(f"step {done}/{total}  {status}  {record['images_per_s']:.1f} img/s  lr {lr:.2e}")
                 sums.clear()
-            progress.update(task, advance=1, rate=f"{rate.split('/')[0]} img/s")
+            progress.update(task, advance=1, rate=f"{rate:.2f} img/s")
             if ckpt_now:
                 save(done)
 

@@ -106,7 +106,7 @@ def loss_for_recipe(recipe, diffusion_weight: float = 1.0):
     """The loss a recipe trains with: its diffusion and ``train.ratio_loss_weight``, plus DyDiT's
     FLOPs loss (``train.flops_target``, ``flops_loss_weight``, ``flops_target_warmup_steps``) when
     ``model.dynamic = "dydit"``."""
-    loss = DiffusionLoss(make_diffusion("", recipe.diffusion.num_timesteps), recipe.train.ratio_loss_weight,
+    loss = DiffusionLoss(make_diffusion(num_timesteps=recipe.diffusion.num_timesteps), recipe.train.ratio_loss_weight,
                          recipe.model.target_ratio, diffusion_weight)
     if recipe.model.dynamic == "dydit":
         t_cfg = recipe.train
