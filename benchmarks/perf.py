@@ -99,10 +99,8 @@ class WithBoundary:
         return getattr(self.model, name)
 
     def __call__(self, x, t, y, budget=None):
-        if self.backend is not None:
-            self.model.attention = self.backend
         reps = x.shape[0] // self.boundary.shape[0]  # CFG: both halves see the same boundaries
-        return self.model(x, t, y, budget=budget, boundary=self.boundary.repeat(reps, 1))
+        return self.model(x, t, y, budget=budget, boundary=self.boundary.repeat(reps, 1), attention=self.backend)
 
 
 def build(size: str, batch: int, spread: float):

@@ -154,3 +154,20 @@ def test_recipe_options_norm_groups_and_torch_init():
     toy = load_recipe("toy").model
     assert (toy.init, toy.norm_groups) == ("torch", 8)
     assert (load_recipe("b-n4").model.init, load_recipe("b-n4").model.norm_groups) == ("dit", 32)
+
+
+def test_dcdit_modes_are_forward_arguments():
+    """Recording the block outputs and the attention backend are arguments of one forward, not
+    attributes someone sets on the model (issue 19)."""
+    from dcdit_cli.models.attention import available_backends
+
+    m = load_recipe("tiny").model
+    model = build_model(m).eval()
+    assert not hasattr(model, "record_block_outputs")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g), torch.tensor([10, 500]), torch.tensor([0, 1])
+    with torch.no_grad():
+        out, stats = model(x, t, y)
+        recorded, stats_r = model(x, t, y, record_blocks=True, attention=available_backends("cpu")[-1])
+    assert stats.block_outputs is None and len(stats_r.block_outputs) == m.depth
+    assert torch.allclose(out, recorded, atol=1e-5) and model.attention == "auto"

@@ -32,7 +32,7 @@ class RouterStats:
     (what the ratio loss sees); kept (B, L) the tokens the inner network actually ran on;
     num_kept (B,); order (B, M_max) raster index of each chunk slot; valid (B, M_max);
     block_outputs: each inner block's output (B, M_max, D), only when the model's
-    ``record_block_outputs`` is set (activation distillation, REFERENCE §6), else None.
+    forward ran with ``record_blocks=True`` (activation distillation, REFERENCE §6), else None.
     """
 
     p: torch.Tensor
@@ -98,11 +98,8 @@ class DCDiT(nn.Module):
         self.pos_grid_scale = pos_grid_scale
         self.force_endpoints = force_endpoints  # the release's p = 1 at raster positions 0 and L − 1
         self.init = init
-        # When True, forward also returns every inner block's output in RouterStats.block_outputs
-        # (the student side of activation distillation, dcdit_cli/training/distill.py). Off by default.
-        self.record_block_outputs = False
         # Variable-length attention backend of the inner network (models/attention.py); "auto" picks
-        # the best one the device supports.
+        # the best one the device supports. A forward's ``attention`` argument overrides it for that call.
         self.attention = attention
 
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -140,12 +137,16 @@ class DCDiT(nn.Module):
         """Original (row, col) of each chunk slot, on the source grid when upcycling (REFERENCE §6)."""
         return (raster_to_rc(order, side) + 0.5) * self.pos_grid_scale - 0.5  # (B, M, 2)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None,
+                record_blocks: bool = False, attention: str | None = None):
         """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats).
 
         budget: tail-dropping fraction in [0, 1), a scalar or one per sample (REFERENCE §2).
         boundary: an optional (B, L) bool mask that replaces the router's decision (FLOP
         accounting and analysis); p is still the router's.
+        record_blocks: also return every inner block's output in ``RouterStats.block_outputs`` (the
+        student side of activation distillation, training/distill.py).
+        attention: this call's attention backend (benchmarks compare them); None = ``self.attention``.
         """
         B, _, side, _ = x.shape
         c = self.condition(t, y)  # (B, D)
@@ -156,11 +157,11 @@ class DCDiT(nn.Module):
         mask = keep_at_least_one(p > 0.5 if boundary is None else boundary, p)  # (B, L)
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 
-        backend = select_backend(x.device, self.attention)
+        backend = select_backend(x.device, attention or self.attention)
         tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
         tokens = tokens + sincos_2d(positions, self.hidden_size).to(tokens.dtype)
-        block_outputs = [] if self.record_block_outputs else None
+        block_outputs = [] if record_blocks else None
         for block in self.blocks:
             tokens = block(tokens, c, layout)  # (N, D): exactly the kept tokens
             if block_outputs is not None:

@@ -27,7 +27,7 @@ import torch
 from dcdit_cli.config.recipe import Recipe
 from dcdit_cli.models.dit import DiT, grid_positions, sincos_2d
 from dcdit_cli.training.loop import Objective
-from dcdit_cli.training.losses import DiffusionLoss, loss_for_recipe
+from dcdit_cli.training.losses import ComposableLoss, Loss, loss_for_recipe
 from dcdit_cli.training.released_checkpoints import inspect_dit
 from dcdit_cli.training.upcycle import upcycle
 
@@ -83,24 +83,29 @@ def activation_distillation_loss(
     return torch.stack(losses).mean()
 
 
-class DistillLoss:
-    """The warm-up's loss: a :class:`~dcdit_cli.training.losses.DiffusionLoss` (weighted 0 during the warm-up,
-    still logged) + weight · activation-distillation MSE, same ``(model, x, y, …) -> (loss, logs, stats)``.
+class DistillLoss(ComposableLoss):
+    """The warm-up's loss: the recipe's :class:`~dcdit_cli.training.losses.Loss` (its diffusion term
+    weighted 0 during the warm-up, still logged) + weight · activation-distillation MSE, same interface.
 
-    Reads the student's block outputs from ``stats.block_outputs`` (the student is built
-    with ``record_block_outputs = True``) and runs the teacher on the same (x_t, t, y).
+    Asks the student for its block outputs (``record_blocks=True``, read from ``stats.block_outputs``),
+    runs the teacher on the same (x_t, t, y) and hands ``step`` on to the loss it wraps, whose terms
+    may have a schedule (DyDiT's FLOPs target).
     """
 
-    def __init__(self, base: DiffusionLoss, teacher: DiT, weight: float = 1.0):
+    def __init__(self, base: Loss, teacher: DiT, weight: float = 1.0):
         self.base = base
         self.teacher = teacher
         self.patch_size = teacher.patch_size
         self.weight = weight
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
-        loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise)
+    @property
+    def diffusion(self):
+        return self.base.diffusion
+
+    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None, **model_kwargs):
+        loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise, step, record_blocks=True, **model_kwargs)
         if stats is None or stats.block_outputs is None:
-            raise RuntimeError("activation distillation needs the student's block outputs: set model.record_block_outputs = True")
+            raise RuntimeError("activation distillation needs a DC-DiT student that returns its block outputs")
         if next(self.teacher.parameters()).device != x_t.device:
             self.teacher.to(x_t.device)
         with torch.no_grad():
@@ -108,7 +113,7 @@ class DistillLoss:
         distill = activation_distillation_loss(stats.block_outputs, teacher_blocks, stats.order, stats.valid, x_t.shape[-1], self.patch_size)
         loss = loss + self.weight * distill
         logs.update(distill_loss=distill.detach(), loss=loss.detach())
-        return loss, logs, stats
+        return loss, logs, stats, x_t, t
 
 
 def distill_objectives(source: Mapping[str, torch.Tensor], recipe: Recipe) -> list[Objective]:

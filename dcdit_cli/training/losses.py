@@ -5,20 +5,49 @@ its terms as detached device tensors (the loop averages them on the device and r
 only when it logs, so a step costs no host synchronisation), and the router's statistics
 (None for a DiT). ``step`` is the optimizer step, for the terms with a schedule (the FLOPs
 loss's target warm-up); None means the end of any schedule. The training step, distillation
-(``distill.py`` wraps it) and the benchmarks call the same object.
+(``distill.py`` wraps it) and the benchmarks call the same object. :class:`Loss` declares the
+interface; the diffusion loss itself is computed in one place, ``GaussianDiffusion.loss_terms``.
 """
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
-from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.diffusion.gaussian import GaussianDiffusion, make_diffusion
 from dcdit_cli.models.chunking import ratio_loss
 from dcdit_cli.models.dydit import flops_loss
 from dcdit_cli.models.flops import dynamic_flops, static_cost
 
 
-class DiffusionLoss:
+@runtime_checkable
+class Loss(Protocol):
+    """What every training loss is: the loop, distillation and the benchmarks call only this.
+
+    ``forward`` also returns the model's input (x_t, t), for a loss that wraps another one and
+    must see what the model saw (the FLOPs loss, distillation); ``model_kwargs`` reach the model's
+    forward (distillation asks for ``record_blocks=True``). ``__call__`` drops (x_t, t).
+    """
+
+    diffusion: GaussianDiffusion
+
+    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None,
+                **model_kwargs) -> tuple[torch.Tensor, dict, object, torch.Tensor, torch.Tensor]: ...
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None,
+                 step=None) -> tuple[torch.Tensor, dict, object]: ...
+
+
+class ComposableLoss:
+    """``__call__`` from ``forward``, shared by every loss here and by ``DistillLoss``."""
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
+        loss, logs, stats, _, _ = self.forward(model, x, y, t, budget, noise, step)
+        return loss, logs, stats
+
+
+class DiffusionLoss(ComposableLoss):
     """DiT's diffusion loss (MSE(ε, ε̂) + VB, REFERENCE §3) × ``diffusion_weight`` + λ · ratio loss
     (paper §3.5, DC-DiT only; the router's boundaries before tail dropping)."""
 
@@ -28,15 +57,16 @@ class DiffusionLoss:
         self.target_ratio = target_ratio
         self.diffusion_weight = diffusion_weight
 
-    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None):
-        """(loss, logs, stats, x_t, t): the terms plus the model's input, for losses that compose this one."""
+    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None, **model_kwargs):
+        """(loss, logs, stats, x_t, t): the terms plus the model's input, for losses that compose this one.
+        No term here has a schedule, so ``step`` is unused."""
         d = self.diffusion
         if t is None:
             t = torch.randint(0, d.num_timesteps, (x.shape[0],), device=x.device)
         if noise is None:
             noise = torch.randn_like(x)
         x_t = d.q_sample(x, t, noise)  # (B, C, H, W)
-        out, stats = model(x_t, d.model_timesteps(t), y, budget=budget)  # (B, 2C, H, W)
+        out, stats = model(x_t, d.model_timesteps(t), y, budget=budget, **model_kwargs)  # (B, 2C, H, W)
         terms = d.loss_terms(d.check_output(out, x_t), x, x_t, t, noise)
         loss = self.diffusion_weight * terms["loss"].mean()
         logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
@@ -50,16 +80,12 @@ class DiffusionLoss:
         logs["loss"] = loss.detach()
         return loss, logs, stats, x_t, t
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
-        loss, logs, stats, _, _ = self.forward(model, x, y, t, budget, noise)
-        return loss, logs, stats
-
 
 FLOPS_TARGET_HOLD_STEPS = 100
 """DyDiT's train.py trains its first 100 steps toward F_dynamic/F_static = 1 (the full model)."""
 
 
-class FlopsLoss:
+class FlopsLoss(ComposableLoss):
     """DyDiT's FLOPs loss on top of a base loss (paper §4.5, REFERENCE §7): base + weight ·
     (mean_b F_dynamic/F_static − λ)², with F counted from the masks the gates actually used and
     each sample's kept tokens (models/dydit.py, flops.py); same interface as the loss it wraps.
@@ -68,7 +94,7 @@ class FlopsLoss:
     first 100 steps, then 1 − (1 − λ)·step/W until step W, then λ.
     """
 
-    def __init__(self, base: DiffusionLoss, static_cost, target: float, weight: float = 2.0, warmup_steps: int = 0):
+    def __init__(self, base: Loss, static_cost, target: float, weight: float = 2.0, warmup_steps: int = 0):
         self.base = base
         self.static_cost = static_cost  # the ungated per-sample FLOPs as a function of M
         self.target = target
@@ -87,8 +113,8 @@ class FlopsLoss:
     def diffusion(self):
         return self.base.diffusion
 
-    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
-        loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise)
+    def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None, **model_kwargs):
+        loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise, step, **model_kwargs)
         f_dyn, f_static = dynamic_flops(getattr(model, "module", model), self.static_cost)  # (B,) each
         target = self.target_at(step)
         f_loss = flops_loss(f_dyn, f_static, target)
@@ -97,12 +123,8 @@ class FlopsLoss:
                     flops_target=f_loss.new_full((), target), loss=loss.detach())  # new_full: no host copy
         return loss, logs, stats, x_t, t
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None):
-        loss, logs, stats, _, _ = self.forward(model, x, y, t, budget, noise, step)
-        return loss, logs, stats
 
-
-def loss_for_recipe(recipe, diffusion_weight: float = 1.0):
+def loss_for_recipe(recipe, diffusion_weight: float = 1.0) -> Loss:
     """The loss a recipe trains with: its diffusion and ``train.ratio_loss_weight``, plus DyDiT's
     FLOPs loss (``train.flops_target``, ``flops_loss_weight``, ``flops_target_warmup_steps``) when
     ``model.dynamic = "dydit"``."""

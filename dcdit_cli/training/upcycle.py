@@ -245,7 +245,6 @@ def upcycle(
 
     def model_setup(model):
         report = prepare_student(model, pending.pop(), recipe)
-        model.record_block_outputs = distill  # the student side of the distillation loss
         if is_main_process():
             info = {"source": str(source), "source_shape": shape.__dict__, "distill_steps": recipe.distill.steps if distill else 0,
                     **report.to_dict()}
