@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, raster_to_rc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dechunk_reference import plug_back_reference, smooth_reference  # noqa: E402  (the tests' oracles)
 
 
 def timed(fn, repeat: int = 5) -> float:
@@ -51,8 +56,8 @@ def main() -> None:
             return layer.smooth(z, order, valid, p_kept, side).gather(1, nearest[..., None].expand(-1, -1, args.dim))
 
         def direct():
-            nearest = DeChunkLayer.plug_back_reference(pos, valid, side)
-            return layer.smooth_reference(z, pos, p_kept, valid).gather(1, nearest[..., None].expand(-1, -1, args.dim))
+            nearest = plug_back_reference(pos, valid, side)
+            return smooth_reference(z, pos, p_kept, valid, layer.sigma).gather(1, nearest[..., None].expand(-1, -1, args.dim))
 
         t_fast, t_direct = timed(fast), timed(direct)
         base = base or (t_fast, L)

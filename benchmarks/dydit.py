@@ -34,11 +34,11 @@ VAL_SEED = 12345
 @torch.no_grad()
 def validation_loss(model, recipe, num: int, batch: int = 64) -> float:
     """Mean training loss over ``num`` held-out images, timesteps evenly spread over [0, T), fixed noise."""
-    from dcdit_cli.data import make_dataset
-    from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.data.datasets import make_dataset
+    from dcdit_cli.diffusion.gaussian import make_diffusion
 
     data = make_dataset(recipe.data, seed=VAL_SEED)
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
     g = torch.Generator().manual_seed(VAL_SEED)
     total = 0.0
     for lo in range(0, num, batch):
@@ -53,8 +53,8 @@ def validation_loss(model, recipe, num: int, batch: int = 64) -> float:
 
 def blocks_share(model_cfg, kept: float) -> float:
     """Share of one forward spent in the blocks' attention and MLP (what the gates can skip) at M kept tokens."""
-    from dcdit_cli.flops import static_cost
     from dcdit_cli.models.dydit import block_flops
+    from dcdit_cli.models.flops import static_cost
 
     D, H, M = model_cfg.hidden_size, model_cfg.num_heads, round(kept)
     ones = torch.ones(1, H)
@@ -64,7 +64,7 @@ def blocks_share(model_cfg, kept: float) -> float:
 
 def sample_once(model, recipe, opts, num: int):
     """(seconds, kept, saved) for one batch of ``num`` images; kept/saved (steps, B, halves)."""
-    from dcdit_cli.sample import sample_batch
+    from dcdit_cli.sampling.sampler import sample_batch
 
     start = time.perf_counter()
     _, _, log = sample_batch(model, recipe, list(range(num)), opts)
@@ -84,9 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.flops import per_image_flops
-    from dcdit_cli.sample import SampleOptions
+    from dcdit_cli.models.flops import per_image_flops
+    from dcdit_cli.sampling.sampler import SampleOptions
+    from dcdit_cli.training.checkpoint import load_weights
 
     def spent_tflops(recipe, kept, saved=None) -> float:  # TFLOPs actually spent per image
         return float(per_image_flops(recipe.model, kept, saved).mean()) / 1e12
@@ -139,7 +139,7 @@ def main() -> None:
           f"{val['dydit']:.4f}, plain continuation (step {models['plain'][2]}) {val['plain']:.4f}")
     print(f"sampling wall time: plain {t_plain:.2f}s, dydit {t_dydit:.2f}s, ratio {t_dydit / t_plain:.3f} "
           f"(all: plain {[round(s, 2) for s in times['plain']]}, dydit {[round(s, 2) for s in times['dydit']]})")
-    from dcdit_cli.recipe import load_recipe
+    from dcdit_cli.config.recipe import load_recipe
 
     paper = load_recipe("b-n4-dydit").model
     result["gateable_share"] = {"toy": blocks_share(recipe.model, kept.mean()),

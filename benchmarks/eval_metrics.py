@@ -27,8 +27,8 @@ def child(num: int, distances: str, threads: int) -> dict:
     import numpy as np
     import torch
 
-    from dcdit_cli import fid
-    from dcdit_cli.fid_data import POOL_DIM, SPATIAL_DIM, Reference
+    from dcdit_cli.data.image_batches import POOL_DIM, SPATIAL_DIM, Reference
+    from dcdit_cli.evaluation import fid
 
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)

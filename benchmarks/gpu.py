@@ -21,11 +21,11 @@ import time
 import torch
 from perf import WithBoundary, kept_masks
 
-from dcdit_cli.flops import count_train_flops, dcdit_cost
-from dcdit_cli.losses import loss_for_recipe
+from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.models import build_model, compile_blocks
 from dcdit_cli.models.attention import available_backends
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.models.flops import count_train_flops, dcdit_cost
+from dcdit_cli.training.losses import loss_for_recipe
 
 SMOKE = ["model.hidden_size=64", "model.num_heads=2", "model.depth=1", "model.scaffold_width=16", "model.input_size=8"]
 
@@ -146,8 +146,8 @@ def main() -> None:
 
 def sampling(rows, args, device, dtype) -> None:
     """One CFG sampling step of the DC-DiT per backend: budget 0.2 and Lite-CFG against full CFG."""
-    from dcdit_cli.diffusion import make_diffusion
-    from dcdit_cli.sample import KeptLog, SampleOptions, make_model_fn
+    from dcdit_cli.diffusion.gaussian import make_diffusion
+    from dcdit_cli.sampling.sampler import KeptLog, SampleOptions, make_model_fn
 
     settings = {"budget 0 (full CFG)": (0.0, 0.0), "budget 0.2": (0.2, 0.2), "Lite-CFG 0.0 / 0.9": (0.0, 0.9)}
     for label, recipe, model, _, _ in rows:

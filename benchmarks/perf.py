@@ -2,7 +2,7 @@
 
 Every ratio comes from one run: the settings are timed interleaved (A B A B …) and the
 medians compared, so drift in machine load hits both alike. FLOPs are counted on what runs
-(FlopCounterMode, forward + backward for training, dcdit_cli/flops.py). Kept counts are set
+(FlopCounterMode, forward + backward for training, dcdit_cli/models/flops.py). Kept counts are set
 with the model's ``boundary`` argument: each sample keeps L/N · f tokens at random positions,
 f spread evenly over [1 − spread, 1 + spread] across the batch (a trained router's spread).
 
@@ -12,7 +12,7 @@ f spread evenly over [1 − spread, 1 + spread] across the batch (a trained rout
     python benchmarks/perf.py attention [--batch 8]
     python benchmarks/perf.py compile [--steps 12] [--whole]
 
-The dcdit command puts large CPU tensors on huge pages (dcdit_cli/host_memory.py); so does this
+The dcdit command puts large CPU tensors on huge pages (dcdit_cli/common/host_memory.py); so does this
 script unless --small-pages is given, and the scaffold benchmark times both.
 """
 
@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from dcdit_cli.host_memory import ENV, use_huge_pages
+from dcdit_cli.common.host_memory import ENV, use_huge_pages
 
 # Before torch allocates anything: PyTorch reads the switch at the process's first tensor.
 if "--small-pages" in sys.argv:
@@ -37,10 +37,10 @@ else:
 
 import torch
 
-from dcdit_cli.flops import count_train_flops
-from dcdit_cli.losses import loss_for_recipe
+from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.models import build_model
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.models.flops import count_train_flops
+from dcdit_cli.training.losses import loss_for_recipe
 
 # (DC-DiT N4, FLOP-matched DiT P2) per size. The B width runs at a short depth that fits a CPU,
 # keeping the full-size recipes' difference of 17 − 12 = 5 blocks (the DiT's extra blocks pay for
@@ -99,10 +99,8 @@ class WithBoundary:
         return getattr(self.model, name)
 
     def __call__(self, x, t, y, budget=None):
-        if self.backend is not None:
-            self.model.attention = self.backend
         reps = x.shape[0] // self.boundary.shape[0]  # CFG: both halves see the same boundaries
-        return self.model(x, t, y, budget=budget, boundary=self.boundary.repeat(reps, 1))
+        return self.model(x, t, y, budget=budget, boundary=self.boundary.repeat(reps, 1), attention=self.backend)
 
 
 def build(size: str, batch: int, spread: float):
@@ -204,9 +202,9 @@ def components(model, x, y, t, repeats: int) -> None:
 
 
 def bench_sample(args) -> None:
-    from dcdit_cli.diffusion import make_diffusion
-    from dcdit_cli.flops import dcdit_cost
-    from dcdit_cli.sample import KeptLog, SampleOptions, make_model_fn
+    from dcdit_cli.diffusion.gaussian import make_diffusion
+    from dcdit_cli.models.flops import dcdit_cost
+    from dcdit_cli.sampling.sampler import KeptLog, SampleOptions, make_model_fn
 
     (name, recipe, model, _), _ = build(args.size, args.batch, args.spread)
     settings = {"budget 0 (full CFG)": (0.0, 0.0), "budget 0.2": (0.2, 0.2), "Lite-CFG 0.0 / 0.9": (0.0, 0.9)}

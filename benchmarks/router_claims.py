@@ -15,7 +15,7 @@ AdamW 3e-4, uniform t, ``loss_for_recipe``) trains, on the ``toy`` recipe with `
 - the same DC-DiT with ``model.router = "random"`` (paper §4.3) for the same steps;
 - the DiT/2 (``toy-dit`` with the same ``--set``, then ``--dit-set``) for as many steps as give the
   first learned router's training FLOPs: the DC-DiT's forward cost at each sample's kept count
-  (``dcdit_cli.flops.dcdit_cost``), summed over its training, divided by the DiT's forward cost per
+  (``dcdit_cli.models.flops.dcdit_cost``), summed over its training, divided by the DiT's forward cost per
   image and the batch.
 
 Claims, on 128 held-out images (another seed for shapes, the held-out columns for photos):
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
-from dcdit_cli.diffusion import make_diffusion
-from dcdit_cli.flops import dcdit_cost, dit_forward_flops
+from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.models.flops import dcdit_cost, dit_forward_flops
 from dcdit_cli.models import build_model
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.config.recipe import load_recipe
 from router_study import FACTORS, evaluate, train_variant, validation
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "router-claims.jsonl"
@@ -179,7 +179,7 @@ def figure(rows: list[dict], out: Path) -> None:
     """p's histogram at t = 0 and 250 for every stored row that has one (one panel per row)."""
     from PIL import Image, ImageDraw
 
-    from dcdit_cli.plots import Axes, font
+    from dcdit_cli.common.plots import Axes, font
 
     rows = [r for r in rows if r.get("p_hist")]
     cols = 4

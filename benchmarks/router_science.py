@@ -38,9 +38,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.data import ShapesDataset
-    from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.data.datasets import ShapesDataset
+    from dcdit_cli.diffusion.gaussian import make_diffusion
+    from dcdit_cli.training.checkpoint import load_weights
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
@@ -53,7 +53,7 @@ def main() -> None:
         raise SystemExit("router_science needs a DC-DiT trained on the shapes set (it uses the object masks)")
     data = ShapesDataset(recipe.data.image_size, recipe.data.num_classes, seed=recipe.run.seed + 12345)  # held-out seed
     x0, y, masks = data.batch(torch.arange(args.num))
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+    diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
     L = recipe.model.input_size**2
     table = Table(title=f"{args.ckpt} (step {step}): router vs object masks on {args.num} held-out images")
     for col in ("t", "AUROC p (object vs background)", "kept tokens", "compression L/M", "kept on objects", "object area"):

@@ -59,12 +59,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dcdit_cli.data import batch_indices, make_dataset
-from dcdit_cli.diffusion import make_diffusion
+from dcdit_cli.data.datasets import batch_indices, make_dataset
+from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models import build_model
 from dcdit_cli.models.dit import DiTBlock, FinalLayer
-from dcdit_cli.losses import loss_for_recipe
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.training.losses import loss_for_recipe
 from router_science import auroc
 
 FACTORS = {  # name: (project as shipped, prototype)
@@ -220,7 +220,7 @@ class FlatShapes:
 def study_dataset(data: str, recipe, seed: int, held_out: bool = False):
     """The training set, or with ``held_out`` another seed (shapes) or the held-out columns (photos)."""
     if data == "photos" and held_out:
-        from dcdit_cli.photos import PhotosDataset
+        from dcdit_cli.data.photos import PhotosDataset
 
         return PhotosDataset(recipe.data.image_size, recipe.data.num_classes, seed=seed, split="val")
     ds = make_dataset(recipe.data, seed=seed)
@@ -365,7 +365,7 @@ def figure(rows: list[dict], out: Path) -> None:
     """AUROC at t = 0 against the training step for every run (the ``trace``)."""
     from PIL import Image, ImageDraw
 
-    from dcdit_cli.plots import Axes, font, nice_ticks
+    from dcdit_cli.common.plots import Axes, font, nice_ticks
 
     img = Image.new("RGB", (980, 520), "white")
     draw = ImageDraw.Draw(img)
@@ -400,7 +400,7 @@ def maps(names: list[str], data: str, seed: int, out: Path, n: int = 6) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from dcdit_cli.plots import font, viridis
+    from dcdit_cli.common.plots import font, viridis
 
     from safetensors import safe_open
 

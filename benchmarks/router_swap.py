@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from dcdit_cli.diffusion import make_diffusion
-from dcdit_cli.flops import dcdit_cost
+from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.models.flops import dcdit_cost
 from router_study import FACTORS, load_rows, study_dataset, study_recipe, train_variant
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "router-swap.jsonl"

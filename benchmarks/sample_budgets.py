@@ -28,8 +28,8 @@ SETTINGS = [  # name, cond budget, uncond budget
 
 
 def train_toy(out: Path, steps: int) -> Path:
-    from dcdit_cli.recipe import load_recipe
-    from dcdit_cli.train import train
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training.loop import train
 
     train(load_recipe("toy", [f"train.max_steps={steps}"]), out)
     return out
@@ -37,7 +37,7 @@ def train_toy(out: Path, steps: int) -> Path:
 
 def measure(model, recipe, opts, num: int):
     """(seconds, kept (steps, B, halves)) for one batch of ``num`` images."""
-    from dcdit_cli.sample import sample_batch
+    from dcdit_cli.sampling.sampler import sample_batch
 
     start = time.perf_counter()
     _, _, log = sample_batch(model, recipe, list(range(num)), opts)
@@ -57,9 +57,9 @@ def main() -> None:
                         help="torch CPU threads (1: immune to the oversubscription stalls of a shared CPU)")
     args = parser.parse_args()
 
-    from dcdit_cli.checkpoint import load_weights
-    from dcdit_cli.flops import per_image_flops
-    from dcdit_cli.sample import SampleOptions
+    from dcdit_cli.models.flops import per_image_flops
+    from dcdit_cli.sampling.sampler import SampleOptions
+    from dcdit_cli.training.checkpoint import load_weights
 
     with tempfile.TemporaryDirectory(prefix="dcdit-bench-") as tmp:
         ckpt = args.ckpt or train_toy(Path(tmp) / "toy", args.train_steps)

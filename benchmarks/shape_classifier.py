@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dcdit_cli.checkpoint import load_weights
-from dcdit_cli.data import SHAPE_CLASSES, ShapesDataset
-from dcdit_cli.sample import SampleOptions, sample_batch
+from dcdit_cli.training.checkpoint import load_weights
+from dcdit_cli.data.datasets import SHAPE_CLASSES, ShapesDataset
+from dcdit_cli.sampling.sampler import SampleOptions, sample_batch
 
 TRAIN_SEED, TEST_SEED = 777, 4242
 

@@ -44,9 +44,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import random_inception_state_dict
 
-    from dcdit_cli.data import make_dataset
-    from dcdit_cli.recipe import load_recipe
-    from dcdit_cli.sample import to_uint8
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.data.datasets import make_dataset
+    from dcdit_cli.sampling.sampler import to_uint8
 
     weights = out / "inception-random.pth"
     if not weights.exists():

@@ -19,11 +19,11 @@ import time
 def measure(recipe_name: str, steps: int, batch: int, queue) -> None:
     import torch
 
-    from dcdit_cli.data import batch_indices, make_dataset
-    from dcdit_cli.flops import flops_row
-    from dcdit_cli.losses import loss_for_recipe
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.data.datasets import batch_indices, make_dataset
     from dcdit_cli.models import build_model
-    from dcdit_cli.recipe import load_recipe
+    from dcdit_cli.models.flops import flops_row
+    from dcdit_cli.training.losses import loss_for_recipe
 
     recipe = load_recipe(recipe_name)
     torch.manual_seed(0)

@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dcdit_cli.checkpoint import complete_checkpoints, find_latest
-from dcdit_cli.data import ShapesDataset
-from dcdit_cli.diffusion import make_diffusion
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.data.datasets import ShapesDataset
+from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models import build_model
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import train
-from dcdit_cli.foreign import load_dit_checkpoint
-from dcdit_cli.upcycle import prepare_student, upcycle
+from dcdit_cli.training.checkpoint import complete_checkpoints, find_latest
+from dcdit_cli.training.distill import distill
+from dcdit_cli.training.loop import train
+from dcdit_cli.training.released_checkpoints import load_dit_checkpoint
+from dcdit_cli.training.upcycle import prepare_student, upcycle
 
 SIZE = ["model.hidden_size=64", "model.num_heads=4", "model.depth=3"]
 
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     root = args.out or Path(tempfile.mkdtemp(prefix="upcycle-shapes-"))
     dit_recipe, scratch, up, distilled = recipes(args)
-    data, diffusion = validation_set(), make_diffusion("", 1000)
+    data, diffusion = validation_set(), make_diffusion(num_timesteps=1000)
     clock = {}
 
     t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
     for name, recipe, run in (
         ("scratch", scratch, lambda r, out: train(r, out)),
         ("upcycled", up, lambda r, out: upcycle(r, weights, out)),
-        ("upcycled + distilled", distilled, lambda r, out: upcycle(r, weights, out, distill=True)),
+        ("upcycled + distilled", distilled, lambda r, out: distill(r, weights, out)),
     ):
         t0 = time.perf_counter()
         out = root / name.replace(" + ", "-")

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from dcdit_cli.console import DcditError, console, print_table, warn
+from dcdit_cli.common.console import DcditError, console, print_table, warn
 
 app = typer.Typer(
     name="dcdit",
@@ -62,7 +62,7 @@ def _root(
 
 
 def _recipe(name: Optional[str], overrides: Optional[List[str]]):
-    from dcdit_cli.recipe import load_recipe, recipe_warnings
+    from dcdit_cli.config.recipe import load_recipe, recipe_warnings
 
     if not name:
         raise DcditError("no recipe given: pass --recipe NAME (e.g. --recipe toy) or --recipe path/to/recipe.toml")
@@ -96,11 +96,11 @@ def flops(
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
-    from dcdit_cli.flops import run_flops
+    from dcdit_cli.models.flops import run_flops
 
     measured = None
     if ckpt is not None:
-        from dcdit_cli.sample import measure_kept_tokens
+        from dcdit_cli.sampling.sampler import measure_kept_tokens
 
         measured = measure_kept_tokens(ckpt, num=num)
     run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_)
@@ -134,7 +134,7 @@ def train(
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
     cfg = _recipe(recipe, set_)
     _maybe_print(cfg, print_recipe)
-    from dcdit_cli.train import train as run_train
+    from dcdit_cli.training.loop import train as run_train
 
     out_dir = out or Path("runs") / cfg.run.name
     weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), init_from=init_from,
@@ -158,8 +158,8 @@ def convert(
     weights: str = typer.Option("ema", "--weights", help="ema (default, what the authors sample from) or model (raw weights)."),
 ):
     """Convert the authors' released DC-DiT checkpoint into dcdit weights (safetensors, no pickle)."""
-    from dcdit_cli.checkpoint import convert_weights
-    from dcdit_cli.console import print0
+    from dcdit_cli.common.console import print0
+    from dcdit_cli.training.checkpoint import convert_weights
 
     if weights not in ("ema", "model"):
         raise DcditError(f"--weights {weights!r}: use 'ema' (default) or 'model'")
@@ -169,7 +169,7 @@ def convert(
 
 
 def _next_steps(out_dir: Path, weights) -> None:
-    from dcdit_cli.console import print0
+    from dcdit_cli.common.console import print0
 
     if weights is None:
         return
@@ -204,7 +204,7 @@ def upcycle(
     print_recipe: bool = PrintOpt,
 ):
     """Upcycle a pretrained DiT into a DC-DiT and train it (paper §4.4, Table 3)."""
-    from dcdit_cli.upcycle import upcycle as run_upcycle
+    from dcdit_cli.training.upcycle import upcycle as run_upcycle
 
     _run_from_dit(run_upcycle, recipe, source, set_, out, resume, compile_, print_recipe)
 
@@ -231,7 +231,7 @@ def distill(
     print_recipe: bool = PrintOpt,
 ):
     """Upcycle a DiT with an activation-distillation warm-up, then diffusion (paper §4.4, Table 3)."""
-    from dcdit_cli.upcycle import distill as run_distill
+    from dcdit_cli.training.distill import distill as run_distill
 
     _run_from_dit(run_distill, recipe, source, set_, out, resume, compile_, print_recipe)
 
@@ -274,7 +274,7 @@ def extract(
     """Encode an image folder into VAE latent shards for training (resumable, multi-GPU)."""
     from accelerate import PartialState
 
-    from dcdit_cli.extract import extract as run_extract
+    from dcdit_cli.data.extract import extract as run_extract
 
     run_extract(data_path, out, vae, image_size=image_size, batch_size=batch_size, flip=flip, mean=mean,
                 seed=seed, shard_size=shard_size, num_workers=num_workers)
@@ -307,7 +307,7 @@ def fid(
     """FID / sFID / IS / precision / recall of samples against a reference batch (ADM evaluator)."""
     import json
 
-    from dcdit_cli import fid as metrics
+    from dcdit_cli.evaluation import fid as metrics
 
     if make_ref is not None:
         if out is None:
@@ -363,8 +363,8 @@ def sample(
 ):
     """Sample images from a checkpoint: PNG grid or ADM .npz, with elastic budgets and Lite-CFG.
 
-    Sampling options default to the checkpoint recipe's [sample] section and diffusion.sampling_steps."""
-    from dcdit_cli.sample import run_sample
+    Sampling options default to the checkpoint recipe's \\[sample] section and diffusion.sampling_steps."""
+    from dcdit_cli.sampling.sampler import run_sample
 
     flags = dict(cfg_scale=cfg_scale, steps=steps, method=method, budget=budget, uncond_budget=uncond_budget,
                  guided_channels=0 if all_channels else None, seed=seed)
@@ -396,7 +396,7 @@ def viz_boundaries(
     as_json: bool = typer.Option(False, "--json", help="Print kept tokens and compression per timestep as JSON."),
 ):
     """Draw the router's boundaries along the sampling trajectory and plot compression against t (paper Fig. 4)."""
-    from dcdit_cli.viz import run_viz
+    from dcdit_cli.sampling.viz_boundaries import run_viz
 
     run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json)
 
@@ -437,7 +437,7 @@ def eval_(
     """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img."""
     from accelerate import PartialState
 
-    from dcdit_cli.eval import parse_floats, run_eval
+    from dcdit_cli.evaluation.evaluate import parse_floats, run_eval
 
     if ctx.args and not compare:
         raise DcditError(f"unexpected argument(s) {' '.join(ctx.args)}: eval takes options only (see dcdit eval --help)")
@@ -451,9 +451,9 @@ def eval_(
 
 def main() -> None:
     """The console script: every failure ends as one line on stderr (dcdit_cli/errors.py)."""
-    from dcdit_cli.host_memory import use_huge_pages
+    from dcdit_cli.common.host_memory import use_huge_pages
 
-    use_huge_pages()  # before the process's first tensor (dcdit_cli/host_memory.py)
+    use_huge_pages()  # before the process's first tensor (dcdit_cli/common/host_memory.py)
     from dcdit_cli.errors import report
 
     try:

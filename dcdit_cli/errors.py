@@ -13,27 +13,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import re
 import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
-from dcdit_cli.console import DcditError, error_line, one_line
+import typer
+
+from dcdit_cli.common.console import DcditError, error_line, load_error_reason, one_line
 
 BAD_INPUT, BUG, INTERRUPTED = 2, 1, 130
-
-
-def load_error_reason(error: BaseException) -> str:
-    """A short, safe description of why a file could not be read: never torch's advice to
-    unpickle it anyway, never terminal escape codes."""
-    import pickle
-
-    if isinstance(error, pickle.UnpicklingError):
-        return "it holds Python objects other than tensors, and dcdit never unpickles those (no code from a file runs)"
-    text = one_line(str(error)) or type(error).__name__
-    return text if len(text) <= 160 else text[:159] + "…"
 
 
 def _usage_line(error) -> str:
@@ -54,9 +47,6 @@ def _usage_line(error) -> str:
 
 def _edge_line(error: BaseException) -> str | None:
     """One line for a foreseeable library error, or None for a genuine bug."""
-    import pickle
-    import zipfile
-
     if isinstance(error, pickle.UnpicklingError):
         return f"a file was refused: {load_error_reason(error)}; pass a checkpoint that holds only tensors"
     if isinstance(error, UnicodeDecodeError):
@@ -67,8 +57,8 @@ def _edge_line(error: BaseException) -> str | None:
         return f"{error.filename or 'a file'}: {error.strerror}: check the disk (free space, permissions) and rerun"
     if isinstance(error, (zipfile.BadZipFile, EOFError)):
         return f"a file is truncated or not what it claims to be ({load_error_reason(error)}): re-create it"
-    if "dcdit_cli.processes" in sys.modules:  # a collective failed because a peer died
-        failure = sys.modules["dcdit_cli.processes"].explain(error)
+    if "dcdit_cli.common.processes" in sys.modules:  # a collective failed because a peer died
+        failure = sys.modules["dcdit_cli.common.processes"].explain(error)
         if failure is not None:
             return str(failure)
     return None
@@ -88,8 +78,6 @@ def crash_log(error: BaseException) -> Path:
 
 def report(error: BaseException) -> int:
     """Prints the one line for ``error``; returns the exit code."""
-    import typer
-
     if isinstance(error, DcditError):
         error_line(str(error))
         return BAD_INPUT

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture
 def tiny_recipe():
-    from dcdit_cli.recipe import load_recipe
+    from dcdit_cli.config.recipe import load_recipe
 
     return load_recipe("tiny")
 

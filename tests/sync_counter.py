@@ -20,7 +20,7 @@ DATA_DEPENDENT = {
 }
 # Host-side by design: torch.optim keeps AdamW's step counters on the host (not capturable/fused), and the
 # data pipeline builds batches on the host before the one host-to-device copy.
-HOST_SIDE = ("torch/optim/", "dcdit_cli/data.py")
+HOST_SIDE = ("torch/optim/", "dcdit_cli/data/datasets.py")
 
 
 def _is_bool_index(args) -> bool:

@@ -4,11 +4,11 @@ forward and backward; DiT blocks on packed tokens equal the (B, T, D) path sampl
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import _randomise
 
 from dcdit_cli.models import DCDiT
 from dcdit_cli.models.attention import PackedLayout, available_backends, select_backend, varlen_attention
 from dcdit_cli.models.dit import DiTBlock
-from test_models import _randomise
 
 CPU_BACKENDS = available_backends("cpu")
 LENGTHS = [5, 1, 9, 3]

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,10 @@ def ws(tmp_path_factory, inception_weights):
     """Paths of the workspace, by name."""
     from safetensors.torch import save_file
 
-    from dcdit_cli.checkpoint import export_weights, save_checkpoint
+    from dcdit_cli.config.recipe import load_recipe
     from dcdit_cli.models import build_model
-    from dcdit_cli.recipe import load_recipe
-    from dcdit_cli.train import train
+    from dcdit_cli.training.checkpoint import export_weights, save_checkpoint
+    from dcdit_cli.training.loop import train
 
     root = tmp_path_factory.mktemp("bad-input")
     run = root / "run"
@@ -171,6 +172,8 @@ def ws(tmp_path_factory, inception_weights):
     np.savez(root / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(root / "objects.npz", mu=np.array([object()] * 2048, dtype=object), sigma=np.zeros((2048, 2048)))
     (root / "text.npz").write_text("not a zip")
+    with zipfile.ZipFile(root / "bad-header.npz", "w") as zf:  # a zip whose member is no .npy
+        zf.writestr("arr_0.npy", b"\x93NUMPY\x01\x00garbage header")
     p["inception_list"] = root / "inception.pth"
     torch.save([1, 2], p["inception_list"])
     return p
@@ -315,6 +318,7 @@ CASES = [
     ("fid-samples-missing", ["fid", "--samples", "{root}/none.npz", "--ref", "{root}/s.npz"], "samples not found"),
     ("fid-samples-not-zip", ["fid", "--samples", "{root}/text.npz", "--ref", "{root}/s.npz"], "not a readable .npz"),
     ("fid-samples-nchw", ["fid", "--samples", "{root}/nchw.npz", "--ref", "{root}/s.npz"], "channels-first"),
+    ("fid-samples-bad-header", ["fid", "--samples", "{root}/bad-header.npz", "--ref", "{root}/s.npz"], "bad-header.npz: arr_0.npy has no readable .npy header"),
     ("fid-samples-float", ["fid", "--samples", "{root}/float.npz", "--ref", "{root}/s.npz"], "expected uint8"),
     ("fid-samples-empty-folder", ["fid", "--samples", "{empty}", "--ref", "{root}/s.npz"], "no images"),
     ("fid-ref-objects", ["fid", "--samples", "{root}/s.npz", "--ref", "{root}/objects.npz"], "not numeric arrays"),
@@ -435,7 +439,7 @@ def test_refused_commands_leave_no_directories(ws, tmp_path, capsys, monkeypatch
 
 def test_unexpected_error_is_one_line_and_a_log(capsys, monkeypatch, tmp_path):
     """A genuine bug: a short line naming the log file that holds the traceback, exit 1."""
-    import dcdit_cli.flops as flops
+    import dcdit_cli.models.flops as flops
 
     monkeypatch.setenv("DCDIT_LOG_DIR", str(tmp_path))
     monkeypatch.setattr(flops, "run_flops", lambda **kw: {}["boom"])

@@ -1,10 +1,13 @@
 """The CLI through a real subprocess: help with examples, instant --help, one-line errors."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
+import typer.main
 
 COMMANDS = ["train", "sample", "flops", "upcycle", "distill", "extract", "fid", "viz-boundaries", "convert", "eval"]
 
@@ -24,6 +27,27 @@ def test_help_does_not_import_torch():
 def test_every_subcommand_help_has_examples(command):
     proc = dcdit(command, "--help")
     assert proc.returncode == 0 and "Examples" in proc.stdout and f"dcdit {command}" in proc.stdout
+
+
+def _help_sources(command: str) -> str:
+    """Every help text of a command as written in cli.py: its docstring, epilog and option helps."""
+    from dcdit_cli.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group if command == "" else group.commands[command]
+    return "\n".join(filter(None, [cmd.help, cmd.epilog, *(getattr(p, "help", None) for p in cmd.params)]))
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_keeps_every_bracketed_word(command):
+    """rich reads [word] as markup and drops it ("the recipe's  section"): every [word] written in a
+    help text must reach the rendered --help, as [word], with no escape left showing."""
+    words = sorted(set(re.findall(r"\\?\[([A-Za-z_][\w.-]*)\]", _help_sources(command))))
+    env = {**os.environ, "COLUMNS": "400", "TERMINAL_WIDTH": "400"}
+    proc = dcdit(*([command] if command else []), "--help", env=env)
+    assert proc.returncode == 0
+    lost = [w for w in words if f"[{w}]" not in proc.stdout]
+    assert lost == [] and "\\[" not in proc.stdout, proc.stdout
 
 
 def test_bad_set_is_one_line_with_suggestion_and_exit_2():
@@ -47,8 +71,8 @@ def test_flops_json():
 
 
 def test_flops_from_checkpoint(tmp_path):
-    from dcdit_cli.recipe import load_recipe
-    from dcdit_cli.train import train
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training.loop import train
 
     train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "run")
     proc = dcdit("flops", "--ckpt", str(tmp_path / "run"), "--num", "2", "--json")

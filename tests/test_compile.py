@@ -9,9 +9,9 @@ import torch
 import torch._dynamo as dynamo
 from safetensors.torch import load_file
 
+from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.models import build_model, compile_blocks
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import train
+from dcdit_cli.training.loop import train
 
 pytestmark = pytest.mark.slow  # Inductor's cold compile takes 10–30 s on 2 cores
 

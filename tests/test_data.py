@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.data import (
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.data.datasets import (
     SHAPE_CLASSES,
     LatentShardDataset,
     ShapesDataset,
@@ -101,19 +101,19 @@ def test_shards_round_trip_with_stored_flips(tmp_path):
     assert len(ds) == 5 and ds.num_classes == 2 and ds.sample_shape == (4, 2, 2)
     x, y = ds[3]
     assert x.dtype == torch.float32 and y == 1 and x[2, 0, 1] == 302  # unflipped, shard 1
-    lat, labels = ds.batch(torch.tensor([4, 0, 3, 4]), torch.tensor([True, False, False, False]))
-    assert lat.shape == (4, 4, 2, 2) and labels.tolist() == [0, 0, 1, 0]
+    lat, labels, mask = ds.batch(torch.tensor([4, 0, 3, 4]), torch.tensor([True, False, False, False]))
+    assert lat.shape == (4, 4, 2, 2) and labels.tolist() == [0, 0, 1, 0] and mask is None  # (x, y, mask) for every dataset
     assert lat[:, 1, 0, 1].tolist() == [411, 1, 301, 401]  # flip bit 1 → the stored copy (F index 1)
     assert lat[0, 1, 0, 0] == 411.5  # stored flip is not flipped again
-    lat_none, _ = LatentShardDataset(tmp_path / "f", flip="none").batch(torch.tensor([4]), torch.tensor([True]))
+    lat_none, _, _ = LatentShardDataset(tmp_path / "f", flip="none").batch(torch.tensor([4]), torch.tensor([True]))
     assert lat_none[0, 1, 0, 1] == 401
 
 
 def test_shards_single_copy_flips_on_the_fly(tmp_path):
     root = _write_shards(tmp_path / "n", flips="none", num_flips=1)
-    lat, _ = LatentShardDataset(root, flip="random").batch(torch.tensor([1, 1]), torch.tensor([True, False]))
+    lat, _, _ = LatentShardDataset(root, flip="random").batch(torch.tensor([1, 1]), torch.tensor([True, False]))
     assert lat[0, 0, 0].tolist() == [100, 100.5] and lat[1, 0, 0].tolist() == [100.5, 100]
-    lat, _ = LatentShardDataset(root, flip="none").batch(torch.tensor([1]), torch.tensor([True]))
+    lat, _, _ = LatentShardDataset(root, flip="none").batch(torch.tensor([1]), torch.tensor([True]))
     assert lat[0, 0, 0].tolist() == [100.5, 100]
 
 

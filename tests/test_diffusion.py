@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.diffusion import (
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.diffusion.gaussian import (
     GaussianDiffusion,
     SpacedDiffusion,
     classifier_free_guidance,
@@ -205,7 +205,7 @@ def test_per_sample_generators_batch_invariant():
 
 
 def test_clip_denoised_clamps_x0_and_rederives_eps():
-    from dcdit_cli.diffusion import make_diffusion
+    from dcdit_cli.diffusion.gaussian import make_diffusion
 
     d = make_diffusion("10", clip_denoised=True)
     x_t = torch.full((1, 1, 2, 2), 3.0)
@@ -215,3 +215,26 @@ def test_clip_denoised_clamps_x0_and_rederives_eps():
     a = float(d.alphas_cumprod[9])
     assert torch.allclose(out["eps"], (x_t - a**0.5 * out["pred_xstart"]) / (1 - a) ** 0.5, atol=1e-5)
     assert make_diffusion("10").clip_denoised is False
+
+
+def test_make_diffusion_is_called_with_named_arguments():
+    """Training asks for every step by name, sampling for a respacing; clip_denoised is keyword-only,
+    and no dcdit module passes a bare positional respacing of "" (issue 19)."""
+    import ast
+    from pathlib import Path
+
+    train = make_diffusion(num_timesteps=100)
+    assert type(train) is GaussianDiffusion and train.num_timesteps == 100 and not train.clip_denoised
+    spaced = make_diffusion(respacing="10", num_timesteps=100, clip_denoised=True)
+    assert isinstance(spaced, SpacedDiffusion) and spaced.num_timesteps == 10 and spaced.clip_denoised
+    with pytest.raises(TypeError):
+        make_diffusion("10", 100, True)
+    package = Path(__file__).resolve().parents[1] / "dcdit_cli"
+    bare = [
+        f"{path.relative_to(package)}:{node.lineno}"
+        for path in package.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "make_diffusion"
+        and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == ""
+    ]
+    assert bare == []

@@ -5,10 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from dcdit_cli.models.attention import PackedLayout
-
-from dcdit_cli.flops import count_flops, dynamic_flops, static_cost
+from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.models import build_model
+from dcdit_cli.models.attention import PackedLayout
 from dcdit_cli.models.dit import DiTBlock
 from dcdit_cli.models.dydit import (
     DyDiTBlock,
@@ -20,7 +19,7 @@ from dcdit_cli.models.dydit import (
     saved_flops,
     set_gate_execution,
 )
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.models.flops import count_flops, dynamic_flops, static_cost
 
 D, H = 32, 4
 
@@ -211,7 +210,7 @@ def test_flops_loss_formula_and_zero_at_target():
 
 def test_flops_target_warm_up_follows_dydit():
     """DyDiT's train.py --warmup: 1 for 100 steps, then 1 − (1 − λ)·step/W until W, then λ."""
-    from dcdit_cli.losses import FlopsLoss
+    from dcdit_cli.training.losses import FlopsLoss
 
     warm = FlopsLoss(None, None, target=0.7, warmup_steps=5000)
     got = [warm.target_at(s) for s in (0, 99, 100, 2500, 5000, 9000, None)]
@@ -317,11 +316,11 @@ def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):
     """train --init-from a plain DC-DiT run, then sample, flops --ckpt and viz-boundaries count and draw the gates."""
     import json
 
-    from dcdit_cli.console import DcditError
-    from dcdit_cli.flops import flops_row
-    from dcdit_cli.sample import measure_kept_tokens, run_sample
-    from dcdit_cli.train import train
-    from dcdit_cli.viz import run_viz
+    from dcdit_cli.common.console import DcditError
+    from dcdit_cli.models.flops import flops_row
+    from dcdit_cli.sampling.sampler import measure_kept_tokens, run_sample
+    from dcdit_cli.sampling.viz_boundaries import run_viz
+    from dcdit_cli.training.loop import train
 
     train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "plain")
     gated = load_recipe("tiny", ["model.dynamic=dydit", "train.max_steps=3", "train.log_every_steps=1", "train.lr=0.05"])
@@ -355,9 +354,9 @@ def test_viz_boundaries_on_a_gated_dit_draws_its_gates_alone(tmp_path):
     an ungated DiT is still refused."""
     from PIL import Image
 
-    from dcdit_cli.console import DcditError
-    from dcdit_cli.train import train
-    from dcdit_cli.viz import run_viz
+    from dcdit_cli.common.console import DcditError
+    from dcdit_cli.sampling.viz_boundaries import run_viz
+    from dcdit_cli.training.loop import train
 
     dit = ["model.kind=dit", "model.patch_size=2", "train.max_steps=1"]
     train(load_recipe("tiny", [*dit, "model.dynamic=dydit"]), tmp_path / "gated-dit")

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dcdit_cli import fid
 from dcdit_cli.cli import app
-from dcdit_cli.console import DcditError
-from dcdit_cli.eval import Setting, default_out, find_eval_json, merge_records, parse_floats, settings_for
-from dcdit_cli.eval_figures import elastic_figure, pareto_figure
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import train
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.evaluation import fid
+from dcdit_cli.evaluation.evaluate import Setting, default_out, find_eval_json, merge_records, parse_floats, settings_for
+from dcdit_cli.evaluation.figures import elastic_figure, pareto_figure
+from dcdit_cli.training.loop import train
 
 # ------------------------------------------------------------------ options and records
 
@@ -106,8 +106,8 @@ def _invoke(*args):
 
 
 def test_eval_end_to_end_on_tiny(tiny_run, tmp_path, inception_weights, fast_sqrtm, monkeypatch):
-    from dcdit_cli.data import make_dataset
-    from dcdit_cli.sample import to_uint8
+    from dcdit_cli.data.datasets import make_dataset
+    from dcdit_cli.sampling.sampler import to_uint8
 
     recipe = load_recipe("tiny")
     shapes = make_dataset(recipe.data, seed=1)

@@ -12,12 +12,12 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dcdit_cli import extract as extract_mod  # noqa: E402
-from dcdit_cli.console import DcditError  # noqa: E402
-from dcdit_cli.data import LatentShardDataset  # noqa: E402
-from dcdit_cli.extract import extract  # noqa: E402
-from dcdit_cli.imaging import center_crop_arr  # noqa: E402
-from dcdit_cli.vae import decode, encode, load_vae  # noqa: E402
+from dcdit_cli.common.console import DcditError  # noqa: E402
+from dcdit_cli.data import extract as extract_mod  # noqa: E402
+from dcdit_cli.data.datasets import LatentShardDataset  # noqa: E402
+from dcdit_cli.data.extract import extract  # noqa: E402
+from dcdit_cli.data.imaging import center_crop_arr  # noqa: E402
+from dcdit_cli.data.vae import decode, encode, load_vae  # noqa: E402
 
 
 @pytest.fixture()
@@ -49,14 +49,14 @@ def test_extract_round_trip_and_flips(vae_dir, image_dir, tmp_path):
     ds = LatentShardDataset(out)
     assert len(ds) == 6 and ds.num_classes == 2 and ds.sample_shape == (4, 16, 16)
     assert np.load(out / f"{index['shards'][0]['name']}.latents.npy", mmap_mode="r").shape[1] == 2
-    _, labels = ds.batch(torch.arange(6))
+    _, labels, _ = ds.batch(torch.arange(6))
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
 
     vae = load_vae(str(vae_dir))
     crop = center_crop_arr(Image.open(image_dir / "dog" / "2.png"), 32)  # the tall image, 6th overall
     x = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     want, want_flip = encode(vae, torch.cat([x, x.flip(-1)]), sample=False)
-    got, _ = ds.batch(torch.tensor([5, 5]), torch.tensor([False, True]))
+    got, _, _ = ds.batch(torch.tensor([5, 5]), torch.tensor([False, True]))
     torch.testing.assert_close(got[0], want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got[1], want_flip, atol=2e-3, rtol=2e-3)
     assert decode(vae, got[:1]).shape == (1, 3, 32, 32)
@@ -114,3 +114,29 @@ def test_errors(vae_dir, tmp_path):
         extract(tmp_path / "junk", tmp_path / "o2", str(vae_dir), image_size=32)
     with pytest.raises(DcditError, match="--flip"):
         extract(tmp_path / "junk", tmp_path / "o3", str(vae_dir), flip="sometimes")
+
+
+def test_unreadable_images_end_in_one_short_line(vae_dir, tmp_path, capsys, monkeypatch):
+    """When no file is an image, the error names the count and one example, short enough for one
+    terminal line (it listed three files and the layout hint, four lines at 80 columns)."""
+    import sys
+
+    from dcdit_cli import cli
+
+    data = tmp_path / "data" / "cls"
+    data.mkdir(parents=True)
+    for i in range(4):
+        (data / f"{i}.png").write_text("not an image")
+    buf = tmp_path / "whole.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf)
+    (data / "truncated.png").write_bytes(buf.read_bytes()[:60])
+    monkeypatch.chdir(tmp_path)
+    args = ["extract", "--data-path", "data", "--out", "out", "--vae", str(vae_dir), "--image-size", "32"]
+    monkeypatch.setattr(sys, "argv", ["dcdit", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    error = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert exit_info.value.code == 2 and error == [len(lines) - 1], lines  # the last line, nothing wrapped after it
+    assert "none of the 5 files" in lines[-1] and "cls/0.png" in lines[-1]
+    assert len(lines[-1]) <= 130, lines[-1]  # one line of a 132-column terminal

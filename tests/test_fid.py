@@ -1,4 +1,4 @@
-"""dcdit_cli.fid: the ADM-evaluator metrics, the readers and the whole pipeline with a
+"""dcdit_cli.evaluation.fid: the ADM-evaluator metrics, the readers and the whole pipeline with a
 randomly initialised Inception (the real weights are not on this machine)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from dcdit_cli import fid
-from dcdit_cli import precision_recall as pr
-from dcdit_cli.console import DcditError
-from dcdit_cli.imaging import center_crop_arr
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.data.imaging import center_crop_arr
+from dcdit_cli.evaluation import fid
+from dcdit_cli.evaluation import precision_recall as pr
 
 # ------------------------------------------------------------------ Fréchet distance
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dcdit_cli.flops import dcdit_cost, build_for_counting, flops_row, forward_flops_at
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.models.flops import build_for_counting, dcdit_cost, flops_row, forward_flops_at
 
 TABLE1 = {  # recipe: (params, TFLOPs/img), paper Table 1 (dit-b-p2-isoflop: 17 blocks count 183.5M, docs/reference.md#table-1-configurations)
     "dit-b-p2": (141e6, 24.84), "dit-b-p2-isoflop": (183.5e6, 32.50), "dit-b-p4": (141e6, 6.01),
@@ -49,7 +49,7 @@ def test_dcdit_row_from_target_and_from_measured_counts():
 def test_depthwise_conv_backward_counts_groups():
     import torch
 
-    from dcdit_cli.flops import count_flops, count_train_flops
+    from dcdit_cli.models.flops import count_flops, count_train_flops
 
     conv = torch.nn.Conv2d(96, 96, 3, padding=1, groups=96, bias=False)
     x = torch.randn(1, 96, 16, 16, requires_grad=True)
@@ -65,7 +65,7 @@ def test_batch_flops_count_exactly_the_kept_tokens():
     pay attention padding within each half only."""
     import torch
 
-    from dcdit_cli.flops import count_flops
+    from dcdit_cli.models.flops import count_flops
 
     recipe = load_recipe("tiny")
     model = build_for_counting(recipe.model, "cpu")
@@ -91,7 +91,7 @@ def test_per_image_flops_is_the_one_cost_function():
     convention rescales the mean forward to 2 halves × (steps − 1)."""
     import numpy as np
 
-    from dcdit_cli.flops import per_image_flops, table1_tflops
+    from dcdit_cli.models.flops import per_image_flops, table1_tflops
 
     recipe = load_recipe("tiny")
     cost = dcdit_cost(recipe.model)

@@ -1,4 +1,4 @@
-"""Large CPU tensors on huge pages (dcdit_cli/host_memory.py): a large tensor allocated again is not
+"""Large CPU tensors on huge pages (dcdit_cli/common/host_memory.py): a large tensor allocated again is not
 page-faulted in 4 KiB at a time, the dcdit command runs that way and env.json says what really
 happened, and a user's own setting wins."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dcdit_cli.host_memory import ENV, kernel_thp_mode
+from dcdit_cli.common.host_memory import ENV, kernel_thp_mode
 
 # In "always" mode the kernel gives huge pages whatever the switch says; in "never"/"disabled" it never does.
 needs_madvise = pytest.mark.skipif(kernel_thp_mode() != "madvise", reason="needs the kernel's THP in madvise mode")
@@ -19,7 +19,7 @@ needs_madvise = pytest.mark.skipif(kernel_thp_mode() != "madvise", reason="needs
 # argv[1]: "huge" calls use_huge_pages() first, "late" after a first small tensor, "small" never.
 PROBE = """
 import resource, sys
-from dcdit_cli.host_memory import host_allocator, use_huge_pages
+from dcdit_cli.common.host_memory import host_allocator, use_huge_pages
 if sys.argv[1] == "huge":
     use_huge_pages()
 import torch

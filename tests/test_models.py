@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.models import DCDiT, DiT, build_model
-from dcdit_cli.models.dit import sincos_2d, grid_positions
-from dcdit_cli.recipe import load_recipe
+from dcdit_cli.models.dit import grid_positions, sincos_2d
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, scaffold_width=16)
 
@@ -174,3 +174,20 @@ def test_forced_boundaries_keep_confidence_on_the_forced_side():
     confidence = torch.maximum(stats.p, 1 - stats.p)
     assert torch.allclose(torch.maximum(fs.p, 1 - fs.p), confidence)
     assert not torch.allclose(out, free)
+
+
+def test_dcdit_modes_are_forward_arguments():
+    """Recording the block outputs and the attention backend are arguments of one forward, not
+    attributes someone sets on the model (issue 19)."""
+    from dcdit_cli.models.attention import available_backends
+
+    m = load_recipe("tiny").model
+    model = build_model(m).eval()
+    assert not hasattr(model, "record_block_outputs")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g), torch.tensor([10, 500]), torch.tensor([0, 1])
+    with torch.no_grad():
+        out, stats = model(x, t, y)
+        recorded, stats_r = model(x, t, y, record_blocks=True, attention=available_backends("cpu")[-1])
+    assert stats.block_outputs is None and len(stats_r.block_outputs) == m.depth
+    assert torch.allclose(out, recorded, atol=1e-5) and model.attention == "auto"

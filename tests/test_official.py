@@ -6,14 +6,14 @@ import sys
 
 import pytest
 import torch
+from official_oracle import AuthorsDCDiT, save_authors_checkpoint
 
-from dcdit_cli.checkpoint import convert_weights, init_from, load_weights, read_weights
-from dcdit_cli.console import DcditError
-from dcdit_cli.foreign import read_official
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import available_recipes, load_recipe
 from dcdit_cli.models import build_model
 from dcdit_cli.models.routers import PredictiveRouter, force_endpoints
-from dcdit_cli.recipe import available_recipes, load_recipe
-from official_oracle import AuthorsDCDiT, save_authors_checkpoint
+from dcdit_cli.training.checkpoint import convert_weights, init_from, load_weights, read_weights
+from dcdit_cli.training.released_checkpoints import read_official
 
 
 def dcdit(*args, cwd=None):
@@ -206,7 +206,7 @@ def test_hf_reference_absent_from_the_cache_says_where_to_put_it(tmp_path, monke
 
 
 def test_hf_reference_found_in_the_cache(authors_file, tmp_path, monkeypatch):
-    from dcdit_cli.checkpoint import resolve_weights
+    from dcdit_cli.training.checkpoint import resolve_weights
 
     snapshot = tmp_path / "hub" / "models--amd--DynamicChunkingDiT" / "snapshots" / ("a" * 40) / "S-256"
     snapshot.mkdir(parents=True)
@@ -237,7 +237,7 @@ def test_sample_viz_and_flops_read_the_authors_file(authors_file, tmp_path, vae_
 def test_train_init_from_starts_from_the_weights_and_resume_wins(tmp_path):
     from safetensors.torch import load_file
 
-    from dcdit_cli.train import train
+    from dcdit_cli.training.loop import train
 
     source = train(load_recipe("tiny", ["train.max_steps=2", "train.ckpt_every_steps=2"]), tmp_path / "a")
     other = train(load_recipe("tiny", ["train.max_steps=1", "run.seed=7"]), tmp_path / "c")
@@ -301,7 +301,7 @@ def test_configs_dcdit_cannot_express_and_foreign_tensors_are_one_line_naming_th
 
 @pytest.mark.parametrize("name, sizes", [("s-n4-official", (384, 6, 12)), ("xl-n4-official", (1152, 16, 28))])
 def test_full_size_key_map_on_meta_tensors(name, sizes):
-    from dcdit_cli.foreign import _check_against, map_official_state
+    from dcdit_cli.training.released_checkpoints import _check_against, map_official_state
 
     width, heads, depth = sizes
     with torch.device("meta"):

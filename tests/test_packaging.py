@@ -24,6 +24,6 @@ def test_wheel_contains_recipes_and_finds_them(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"recipe": "b-n4"' in proc.stdout
-    where = subprocess.run([sys.executable, "-c", "from dcdit_cli.recipe import recipes_dir; print(recipes_dir())"],
+    where = subprocess.run([sys.executable, "-c", "from dcdit_cli.config.recipe import recipes_dir; print(recipes_dir())"],
                            cwd=elsewhere, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert where.stdout.strip() == str(tmp_path / "site" / "dcdit_cli" / "recipes")

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dcdit_cli import photos
-from dcdit_cli.console import DcditError
-from dcdit_cli.data import make_dataset
-from dcdit_cli.photos import PhotosDataset, detail_map, detail_mask
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.data import photos
+from dcdit_cli.data.datasets import make_dataset
+from dcdit_cli.data.photos import PhotosDataset, detail_map, detail_mask
 
 needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
                                   reason="scikit-image (the photos extra) is not installed")
@@ -69,7 +69,7 @@ def test_make_dataset_photos_and_bad_class_count():
 
 
 def test_recipe_accepts_photos_kind():
-    from dcdit_cli.recipe import load_recipe
+    from dcdit_cli.config.recipe import load_recipe
 
     recipe = load_recipe("toy", ["data.kind=photos", "data.num_classes=4", "model.num_classes=4"])
     assert recipe.data.kind == "photos"

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from dcdit_cli.console import DcditError
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import SECTIONS, available_recipes, load_recipe, parse_override, recipe_diff, recipes_dir
 from dcdit_cli.models import build_model
-from dcdit_cli.recipe import SECTIONS, available_recipes, load_recipe, parse_override, recipe_diff, recipes_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,14 +77,14 @@ def test_unknown_recipe_and_invalid_toml(tmp_path):
 
 
 def test_to_toml_roundtrip():
-    from dcdit_cli.recipe import recipe_from_toml
+    from dcdit_cli.config.recipe import recipe_from_toml
 
     r = load_recipe("xl-n16")
     assert recipe_from_toml(r.to_toml(), "x") == r
 
 
 def test_every_recipe_key_has_a_docstring():
-    from dcdit_cli.recipe_docs import field_docs
+    from dcdit_cli.config.recipe_docs import field_docs
 
     for section, cls in SECTIONS.items():
         missing = set(cls.__dataclass_fields__) - set(field_docs(cls))
@@ -92,15 +92,15 @@ def test_every_recipe_key_has_a_docstring():
 
 
 def test_docs_recipes_md_is_up_to_date():
-    from dcdit_cli.recipe_docs import render
+    from dcdit_cli.config.recipe_docs import render
 
     committed = (recipes_dir().parent / "docs" / "recipes.md").read_text(encoding="utf-8")
-    assert committed == render(), "docs/recipes.md is stale: run `python -m dcdit_cli.recipe_docs > docs/recipes.md`"
+    assert committed == render(), "docs/recipes.md is stale: run `python -m dcdit_cli.config.recipe_docs > docs/recipes.md`"
     assert "`sampling_steps`" in committed and "`cfg_scale`" in committed
 
 
 def test_removed_keys_error_in_files_and_are_dropped_from_stored_recipes(tmp_path):
-    from dcdit_cli.recipe import recipe_from_toml
+    from dcdit_cli.config.recipe import recipe_from_toml
 
     text = (recipes_dir() / "tiny.toml").read_text().replace("[data]\n", "[data]\nnum_workers = 4\n")
     path = tmp_path / "old.toml"
@@ -137,14 +137,14 @@ def test_one_channel_per_group_erases_the_condition_in_a_res_block():
 
 @pytest.mark.parametrize("name", ALL)
 def test_shipped_recipes_keep_two_channels_per_group(name):
-    from dcdit_cli.recipe import recipe_warnings
+    from dcdit_cli.config.recipe import recipe_warnings
 
     assert recipe_warnings(load_recipe(name)) == []
 
 
 @pytest.mark.parametrize("width,groups", [(32, 32), (16, 32), (48, 48), (2, 2)])
 def test_norm_group_warning_names_the_key_and_a_value_that_fixes_it(width, groups):
-    from dcdit_cli.recipe import recipe_warnings
+    from dcdit_cli.config.recipe import recipe_warnings
 
     sets = [f"model.scaffold_width={width}", f"model.norm_groups={groups}"]
     (message,) = recipe_warnings(load_recipe("toy", sets))
@@ -158,6 +158,6 @@ def test_norm_group_warning_names_the_key_and_a_value_that_fixes_it(width, group
 
 
 def test_dit_recipes_are_not_warned_about_the_scaffold():
-    from dcdit_cli.recipe import recipe_warnings
+    from dcdit_cli.config.recipe import recipe_warnings
 
     assert recipe_warnings(load_recipe("toy-dit", ["model.norm_groups=32"])) == []

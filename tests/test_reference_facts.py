@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcdit_cli.diffusion import make_diffusion
-from dcdit_cli.flops import count_flops
+from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.models.flops import count_flops
 from dcdit_cli.models import DCDiT
 from dcdit_cli.models.chunking import DeChunkLayer
 from dcdit_cli.models.dit import DiTBlock, LabelEmbedder, TimestepEmbedder
 from dcdit_cli.models.routers import PredictiveRouter, Router
-from dcdit_cli.recipe import DiffusionConfig, EvalConfig, SampleConfig, load_recipe
+from dcdit_cli.config.recipe import DiffusionConfig, EvalConfig, SampleConfig, load_recipe
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, scaffold_width=16)
 
@@ -149,7 +149,7 @@ def test_attention_flops_are_counted_on_cpu():
 
 
 def test_vae_latents_are_scaled_by_0_18215(vae_dir):
-    from dcdit_cli.vae import decode, encode, load_vae
+    from dcdit_cli.data.vae import decode, encode, load_vae
 
     vae = load_vae(str(vae_dir))
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -160,7 +160,7 @@ def test_vae_latents_are_scaled_by_0_18215(vae_dir):
 
 
 def test_precision_recall_reads_the_first_10000_reference_images(tmp_path, monkeypatch):
-    from dcdit_cli import fid
+    from dcdit_cli.evaluation import fid
 
     assert fid.PR_REF_IMAGES == 10_000
     monkeypatch.setattr(fid, "PR_REF_IMAGES", 3)  # the same rule at a size a test can afford
@@ -179,7 +179,7 @@ def test_precision_recall_reads_the_first_10000_reference_images(tmp_path, monke
 
 
 def test_ema_update_keeps_decay_of_the_average():
-    from dcdit_cli.train import update_ema
+    from dcdit_cli.training.loop import update_ema
 
     ema, model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     with torch.no_grad():

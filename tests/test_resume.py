@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcdit_cli.atomic import file_sha256
-from dcdit_cli.checkpoint import CKPT_FILES, find_latest
-from dcdit_cli.console import DcditError
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import train
+from dcdit_cli.common.atomic import file_sha256
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.training.checkpoint import CKPT_FILES, find_latest
+from dcdit_cli.training.loop import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -131,7 +131,7 @@ def test_latest_lagging_behind_and_stale_temps(tmp_path):
 
 
 def test_a_failed_new_run_leaves_no_directory(tmp_path, monkeypatch):
-    import dcdit_cli.train as train_mod
+    import dcdit_cli.training.loop as train_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the first step")

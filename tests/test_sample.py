@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from dcdit_cli.checkpoint import load_weights
-from dcdit_cli.console import DcditError
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.sample import SampleOptions, run_sample, sample_batch, to_uint8
-from dcdit_cli.train import train
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.sampling.sampler import SampleOptions, run_sample, sample_batch, to_uint8
+from dcdit_cli.training.checkpoint import load_weights
+from dcdit_cli.training.loop import train
 
 
 @pytest.fixture(scope="module")

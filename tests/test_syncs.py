@@ -3,14 +3,14 @@ count), none in backward, the loss, the sampler step or the training step beyond
 
 import pytest
 import torch
-
-from dcdit_cli.console import DcditError
-from dcdit_cli.losses import loss_for_recipe
-from dcdit_cli.models import build_model
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.sample import SampleOptions, sample_batch
-from dcdit_cli.train import train
 from sync_counter import SyncCounter
+
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.models import build_model
+from dcdit_cli.sampling.sampler import SampleOptions, sample_batch
+from dcdit_cli.training.loop import train
+from dcdit_cli.training.losses import loss_for_recipe
 
 
 def _inputs(recipe, b=3):

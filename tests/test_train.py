@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcdit_cli.checkpoint import find_latest, load_weights
-from dcdit_cli.console import DcditError
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import batch_plan, budget_for_step, learning_rate, train
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.training.checkpoint import find_latest, load_weights
+from dcdit_cli.training.loop import batch_plan, budget_for_step, learning_rate, train
 
 
 def _weights(run: Path, step: int) -> dict:
@@ -122,3 +122,11 @@ def test_multi_budget_training_draws_one_fraction_per_step(tmp_path):
     assert budgets[:2] == [0.0, 0.0]  # before the start step
     assert set(budgets[2:]) <= {0.0, 0.3, 0.6} and len(set(budgets[2:])) > 1
     assert budgets[2:] == [budget_for_step(s, 2, [0.0, 0.3, 0.6], 0) for s in range(2, 8)]
+
+
+def test_rate_meter_returns_a_number():
+    """The loop logs the rate as a number and formats it only where it prints it (issue 19)."""
+    from dcdit_cli.common.console import RateMeter
+
+    rate = RateMeter().update(8)
+    assert isinstance(rate, float) and rate > 0

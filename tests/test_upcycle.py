@@ -9,19 +9,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.distill import DistillLoss, activation_distillation_loss, build_teacher, teacher_index
-from dcdit_cli.diffusion import make_diffusion
-from dcdit_cli.losses import DiffusionLoss
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models import DiT, build_model
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.foreign import inspect_dit, load_dit_checkpoint
-from dcdit_cli.upcycle import distill, map_dit_to_dcdit, prepare_student, upcycle
+from dcdit_cli.training.distill import DistillLoss, activation_distillation_loss, build_teacher, distill, teacher_index
+from dcdit_cli.training.losses import ComposableLoss, DiffusionLoss, FlopsLoss, Loss, loss_for_recipe
+from dcdit_cli.training.released_checkpoints import inspect_dit, load_dit_checkpoint
+from dcdit_cli.training.upcycle import map_dit_to_dcdit, prepare_student, upcycle
 
 EMBEDDERS = ("t_embedder.", "y_embedder.")
 
@@ -55,7 +56,7 @@ def _model(run: Path, step: int) -> dict:
 
 
 def test_both_layouts_and_safetensors_load_the_ema(source, tmp_path):
-    from dcdit_cli.checkpoint import export_weights
+    from dcdit_cli.training.checkpoint import export_weights
 
     flat, wrapped, ema = source
     save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp_path / "dit.safetensors"))
@@ -138,8 +139,7 @@ def test_distillation_loss_falls_and_teacher_never_changes(source):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_model(recipe.model)
     prepare_student(student, ema, recipe)
-    student.record_block_outputs = True
-    loss_fn = DistillLoss(DiffusionLoss(make_diffusion("", 1000), diffusion_weight=0.0), teacher, recipe.distill.weight)
+    loss_fn = DistillLoss(DiffusionLoss(make_diffusion(num_timesteps=1000), diffusion_weight=0.0), teacher, recipe.distill.weight)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(0)
     x0, t, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g), torch.randint(0, 7, (8,), generator=g)
@@ -198,7 +198,7 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path, kwargs, words):
 
 
 def test_files_that_are_not_dit_checkpoints(tmp_path):
-    from dcdit_cli.checkpoint import export_weights
+    from dcdit_cli.training.checkpoint import export_weights
 
     (tmp_path / "garbage.pt").write_bytes(b"\x00\x01 not a checkpoint at all" * 10)
     torch.save({"weight": torch.zeros(3), "bias": torch.zeros(3)}, tmp_path / "random.pt")
@@ -251,3 +251,34 @@ def test_cli_help_and_errors_are_one_line(tmp_path):
     assert len(lines) == 1
     proc = dcdit("distill", "--recipe", "tiny-upcycle-distill", "--out", str(tmp_path / "run"))
     assert proc.returncode == 2 and "no --from given" in proc.stderr
+
+
+def test_distill_loss_asks_for_block_outputs_and_forwards_step():
+    """The student is asked for its block outputs in the call (nothing is set on the model), and
+    ``step`` reaches the wrapped loss, whose terms may have a schedule (a DyDiT student's FLOPs target)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Spy(ComposableLoss):
+        diffusion = None
+
+        def forward(self, model, x, y, t=None, budget=None, noise=None, step=None, **model_kwargs):
+            seen.update(step=step, **model_kwargs)
+            raise Stop
+
+    with pytest.raises(Stop):
+        DistillLoss(Spy(), SimpleNamespace(patch_size=2), 1.0)(None, None, None, step=7)
+    assert seen == {"step": 7, "record_blocks": True}
+    assert not hasattr(build_model(load_recipe("tiny-upcycle").model), "record_block_outputs")
+
+
+def test_every_loss_declares_the_interface(source):
+    _, _, ema = source
+    recipe = load_recipe("tiny-upcycle-distill")
+    gated = loss_for_recipe(load_recipe("tiny", ["model.dynamic=dydit"]))
+    distill_loss = DistillLoss(loss_for_recipe(recipe, diffusion_weight=0.0), build_teacher(ema, recipe), recipe.distill.weight)
+    assert isinstance(gated, FlopsLoss)
+    for loss in (loss_for_recipe(recipe), gated, distill_loss):
+        assert isinstance(loss, Loss) and loss.diffusion is not None

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcdit_cli.console import DcditError
-from dcdit_cli.recipe import load_recipe
-from dcdit_cli.train import train
-from dcdit_cli.viz import column_steps, nice_ticks, run_viz, sheet_layout, viridis
+from dcdit_cli.common.console import DcditError
+from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.sampling.viz_boundaries import column_steps, nice_ticks, run_viz, sheet_layout, viridis
+from dcdit_cli.training.loop import train
 
 G, L = 8, 64  # the tiny recipe's 8×8 token grid
 
@@ -74,8 +74,8 @@ def test_budget_keeps_fewer_tokens_and_json_goes_to_stdout(tiny_run, viz0, tmp_p
 
 
 def test_dit_checkpoint_and_bad_budget_are_clear_errors(tiny_run, tmp_path):
-    from dcdit_cli.checkpoint import export_weights
     from dcdit_cli.models import build_model
+    from dcdit_cli.training.checkpoint import export_weights
 
     for bad in (1.0, -0.1):
         with pytest.raises(DcditError, match=r"outside \[0, 1\)"):

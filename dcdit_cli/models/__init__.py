@@ -13,7 +13,7 @@ def with_dynamic(model_cfg, model):
 
 
 def build_model(model_cfg):
-    """A DiT or DCDiT from a :class:`~dcdit_cli.recipe.ModelConfig`."""
+    """A DiT or DCDiT from a :class:`~dcdit_cli.config.recipe.ModelConfig`."""
     common = dict(
         input_size=model_cfg.input_size,
         in_channels=model_cfg.in_channels,

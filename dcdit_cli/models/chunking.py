@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from dcdit_cli.models.attention import FALLBACK, PackedLayout
 
-
 #################################################################################
 #                          Boundary mask and tail dropping                      #
 #################################################################################
@@ -151,9 +150,8 @@ class DeChunkLayer(nn.Module):
     separable Gaussian convolution of the scattered p·h and p, truncated at 6σ (the dropped
     weights are below e^−18 of the token's own); plug-back is an exact two-pass distance
     transform (nearest kept row per column by cumulative max/min, then per row the best column
-    within the device-bounded radius r), O(L·r). ``smooth_reference`` and ``plug_back_reference`` are the direct
-    O(M²) and O(L·M) formulations, and ``plug_back_index_dense`` the previous O(L·√L) transform,
-    kept as test oracles.
+    within the device-bounded radius r), O(L·r). The direct O(M²) and O(L·M) formulations and the
+    previous O(L·√L) transform are the tests' oracles (tests/dechunk_reference.py).
     """
 
     def __init__(self, sigma: float = 1.0):
@@ -163,28 +161,8 @@ class DeChunkLayer(nn.Module):
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
         self.register_buffer("kernel_1d", torch.exp(-offsets.square() / (2 * sigma**2)), persistent=False)
 
-    # -- direct formulations (oracles) ------------------------------------------------
-
-    def smooth_reference(self, z, pos, p_kept, valid) -> torch.Tensor:
-        """z (B, M, D), pos (B, M, 2), p_kept (B, M), valid (B, M) → (B, M, D)."""
-        d2 = torch.cdist(pos, pos).square()  # (B, M, M)
-        w = torch.exp(-d2 / (2 * self.sigma**2)) * (p_kept * valid)[:, None, :]  # (B, M, M)
-        w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        p = p_kept[..., None]
-        return p * z + (1 - p) * torch.bmm(w, z)
-
-    @staticmethod
-    def plug_back_reference(pos, valid, side: int) -> torch.Tensor:
-        """pos (B, M, 2), valid (B, M) → slot of the nearest kept token for each of the L positions (B, L)."""
-        grid = raster_to_rc(torch.arange(side * side, device=pos.device), side)  # (L, 2)
-        d2 = torch.cdist(grid.expand(pos.shape[0], -1, -1), pos).square()  # (B, L, M)
-        d2 = d2.masked_fill(~valid[:, None, :], math.inf)
-        return d2.argmin(dim=-1)  # first minimum = smallest raster index among ties
-
-    # -- grid formulations (used) -------------------------------------------------------
-
     def smooth(self, z, order, valid, p_kept, side: int) -> torch.Tensor:
-        """As :meth:`smooth_reference`, on the grid: z (B, M, D), order/valid/p_kept (B, M) → (B, M, D)."""
+        """The smoothing above, on the grid: z (B, M, D), order/valid/p_kept (B, M) → (B, M, D)."""
         B, M, D = z.shape
         w = p_kept * valid  # (B, M): padding slots carry no weight
         slots = order.masked_fill(~valid, side * side)  # padding → a dump cell past the grid
@@ -231,25 +209,6 @@ class DeChunkLayer(nn.Module):
             best_key = torch.where(better, key, best_key)
             best = torch.where(better, cols + delta, best)
         src = best_row.gather(2, best).clamp(0, side - 1) * side + best  # (B, H, W) raster index of the source
-        return slot_of.view(B, L).gather(1, src.view(B, L))
-
-    @staticmethod
-    def plug_back_index_dense(order, valid, side: int) -> torch.Tensor:
-        """The previous exact transform, kept as a test oracle: pass 2 compares every column pair,
-        a (B, H, W, W) tensor, O(L·√L) time and memory."""
-        slot_of = kept_slots(order, valid, side)
-        best_row, g2, has = nearest_kept_row(slot_of >= 0)
-        B, L = order.shape[0], side * side
-        device = order.device
-        # Pass 2, per row: the best column c' for every c, keyed by (distance², raster index).
-        cols = torch.arange(side, device=device)
-        d2 = (cols.view(1, 1, side, 1) - cols.view(1, 1, 1, side)).square() + g2[:, :, None, :]  # (B, H, W, W')
-        raster = best_row.clamp(0, side - 1) * side + cols.view(1, 1, side)  # (B, H, W')
-        key = d2 * (L + 1) + raster[:, :, None, :]
-        key = key.masked_fill(~has[:, :, None, :], torch.iinfo(torch.long).max)
-        best = key.argmin(dim=-1)  # (B, H, W): the chosen column c'
-        src_row = best_row.gather(2, best)  # (B, H, W)
-        src = src_row.clamp(0, side - 1) * side + best
         return slot_of.view(B, L).gather(1, src.view(B, L))
 
     def forward(self, z, order, valid, p, side: int, radius: int | None = None) -> torch.Tensor:

@@ -19,9 +19,8 @@ import torch.nn as nn
 
 from dcdit_cli.models.attention import select_backend
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
-from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, sincos_2d
+from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, route_on_timestep, sincos_2d
 from dcdit_cli.models.routers import force_endpoints, make_router
-from dcdit_cli.models.dit import route_on_timestep
 from dcdit_cli.models.scaffold import Decoder, Encoder
 
 
@@ -33,7 +32,7 @@ class RouterStats:
     (what the ratio loss sees); kept (B, L) the tokens the inner network actually ran on;
     num_kept (B,); order (B, M_max) raster index of each chunk slot; valid (B, M_max);
     block_outputs: each inner block's output (B, M_max, D), only when the model's
-    ``record_block_outputs`` is set (activation distillation, docs/reference.md#activation-distillation), else None.
+    forward ran with ``record_blocks=True`` (activation distillation, docs/reference.md#activation-distillation), else None.
     """
 
     p: torch.Tensor
@@ -99,11 +98,8 @@ class DCDiT(nn.Module):
         self.pos_grid_scale = pos_grid_scale
         self.force_endpoints = force_endpoints  # the release's p = 1 at raster positions 0 and L − 1
         self.init = init
-        # When True, forward also returns every inner block's output in RouterStats.block_outputs
-        # (the student side of activation distillation, dcdit_cli/distill.py). Off by default.
-        self.record_block_outputs = False
         # Variable-length attention backend of the inner network (models/attention.py); "auto" picks
-        # the best one the device supports.
+        # the best one the device supports. A forward's ``attention`` argument overrides it for that call.
         self.attention = attention
 
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -141,7 +137,8 @@ class DCDiT(nn.Module):
         """Original (row, col) of each chunk slot, on the source grid when upcycling (docs/reference.md#source-grid-positions)."""
         return (raster_to_rc(order, side) + 0.5) * self.pos_grid_scale - 0.5  # (B, M, 2)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None,
+                record_blocks: bool = False, attention: str | None = None):
         """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats).
 
         budget: tail-dropping fraction in [0, 1), a scalar or one per sample (docs/reference.md#tail-dropping).
@@ -149,6 +146,9 @@ class DCDiT(nn.Module):
         accounting and analysis). Where it flips the router's decision p becomes 1 − p: the same
         confidence on the forced side of 0.5, so the smoothing, which weighs kept tokens by p, sees
         kept tokens with p > 0.5 as in training. Forcing the router's own decision changes nothing.
+        record_blocks: also return every inner block's output in ``RouterStats.block_outputs`` (the
+        student side of activation distillation, training/distill.py).
+        attention: this call's attention backend (benchmarks compare them); None = ``self.attention``.
         """
         B, _, side, _ = x.shape
         c = self.condition(t, y)  # (B, D)
@@ -162,11 +162,11 @@ class DCDiT(nn.Module):
             mask = keep_at_least_one(boundary, p)
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 
-        backend = select_backend(x.device, self.attention)
+        backend = select_backend(x.device, attention or self.attention)
         tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
         tokens = tokens + sincos_2d(positions, self.hidden_size).to(tokens.dtype)
-        block_outputs = [] if self.record_block_outputs else None
+        block_outputs = [] if record_blocks else None
         for block in self.blocks:
             tokens = block(tokens, c, layout)  # (N, D): exactly the kept tokens
             if block_outputs is not None:

@@ -1,0 +1,445 @@
+"""FID, sFID, Inception Score and precision / recall, compatible with OpenAI's ADM evaluator.
+
+The paper's "standard suite" (docs/reference.md#adm-data-and-evaluator) is ADM's TensorFlow evaluator. dcdit computes the
+same quantities in PyTorch:
+
+* Inception: the 2015-12-05 graph as ported by torch-fidelity (``FeatureExtractorInceptionV3``),
+  which does the TF1-style bilinear resize to 299 and ``(x - 128) / 128`` itself. Features:
+  ``pool_3`` (2048-d, FID and precision / recall), the 1008 unbiased logits ``pool_3 · W``
+  (Inception Score) and, for sFID, the first 7 channels of ``mixed_6/conv`` (torch-fidelity's
+  ``Mixed_6d.branch1x1``, 17×17×7 flattened as h, w, c: 2023-d), taken with a forward hook.
+* Weights come from a local file only (``--inception-weights`` or ``DCDIT_INCEPTION_WEIGHTS``),
+  read with ``torch.load(weights_only=True)``.
+* FID, sFID and IS in float64 with numpy / scipy; IS over ADM's contiguous chunks of 5,000.
+  Precision / recall (Kynkäänniemi et al. 2019) with ADM's distance precision by default
+  (float16 per 10,000 × 10,000 block where finite, else float32), float64 on request; the
+  blocks are computed in row slices, so no N × N matrix is ever held (:mod:`dcdit_cli.evaluation.precision_recall`).
+
+Samples are an ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) or a folder of images; they are
+read in batches, so 50,000 samples are never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+from rich.table import Table
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from dcdit_cli.common.atomic import write_npz
+from dcdit_cli.common.console import DcditError, RateMeter, load_error_reason, plain_log, print0, progress_bar
+from dcdit_cli.config.options import OptionCheck
+from dcdit_cli.data.image_batches import (
+    IMAGE_SUFFIXES,
+    POOL_DIM,
+    SPATIAL_DIM,
+    FolderImages,
+    NpzImages,
+    Reference,
+    check_images_shape,
+    list_images,
+    load_reference,
+    load_samples,
+)
+from dcdit_cli.data.imaging import center_crop_arr
+from dcdit_cli.evaluation.precision_recall import check_distances, precision_recall
+
+INCEPTION_WEIGHTS_ENV = "DCDIT_INCEPTION_WEIGHTS"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+PR_REF_IMAGES = 10_000  # ADM: precision / recall against the reference batch's 10,000 images
+IS_SPLIT_SIZE = 5_000  # ADM: Inception Score over contiguous chunks of 5,000 samples
+
+
+# -----------------------------------------------------------------------------------------
+#                                        Metrics
+# -----------------------------------------------------------------------------------------
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """‖μ1 − μ2‖² + tr σ1 + tr σ2 − 2 tr √(σ1 σ2), as the ADM evaluator computes it.
+
+    If scipy's ``sqrtm`` is not finite (singular covariances), retry with ``eps · I`` added to
+    both covariances; an imaginary part is dropped when its diagonal is below 1e-3.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise DcditError(
+            f"Fréchet distance: statistics do not match (mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+            f"{sigma2.shape}): compute both with the same Inception features"
+        )
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # "matrix is singular": handled by the checks below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = eps * np.eye(d)
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.isfinite(covmean).all():
+        raise DcditError("Fréchet distance: sqrtm is not finite even with 1e-6·I added: evaluate more samples")
+    if np.iscomplexobj(covmean):
+        max_imag = float(np.abs(np.diagonal(covmean).imag).max())
+        if max_imag >= 1e-3:
+            raise DcditError(
+                f"Fréchet distance: sqrtm(σ1·σ2) has an imaginary diagonal part of {max_imag:.3g} (limit 1e-3), "
+                "so the covariances are degenerate: evaluate more samples (ADM uses 50,000)"
+            )
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+class RunningStats:
+    """Mean and covariance accumulated batch by batch (float64 sums), for reference sets too
+    large to keep their features (e.g. all of ImageNet train)."""
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        self.n += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise DcditError(f"need at least 2 images for a covariance, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, sigma
+
+
+def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """ADM's Inception Score: mean over contiguous chunks of ``split_size`` samples (ADM: 5,000;
+    the last chunk may be shorter) of exp(E_x KL(p(y|x) ‖ p(y))).
+
+    The chunk rule matters: ten equal splits agree with ADM only at N = 50,000 (at N = 10,000
+    ADM takes two chunks of 5,000). Rows that are non-negative and sum to 1 are taken as
+    probabilities; anything else as logits and passed through a softmax (float64).
+    """
+    x = np.asarray(logits_or_probs)  # no copy: each chunk is converted to float64 on its own
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DcditError(f"Inception Score needs (N, classes) predictions, got shape {x.shape}")
+    if split_size < 1:
+        raise DcditError(f"Inception Score split size must be >= 1, got {split_size}")
+    chunks = [x[i : i + split_size] for i in range(0, len(x), split_size)]
+    is_probs = all((c >= 0).all() and np.allclose(c.astype(np.float64).sum(axis=1), 1.0, atol=1e-6) for c in chunks)
+    scores = []
+    for part in chunks:
+        part = part.astype(np.float64)
+        part = part if is_probs else scipy.special.softmax(part, axis=1)
+        p_y = part.mean(axis=0, keepdims=True)  # marginal over the chunk
+        kl = scipy.special.rel_entr(part, p_y).sum(axis=1)  # p log(p / p_y), 0 where p = 0
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+# -----------------------------------------------------------------------------------------
+#                                       Inception
+# -----------------------------------------------------------------------------------------
+
+
+def resolve_inception_weights(path: str | Path | None = None) -> Path:
+    """The weights file from the argument, else $DCDIT_INCEPTION_WEIGHTS; an error saying where
+    to get it otherwise."""
+    path = path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if not path:
+        raise DcditError(
+            f"no Inception weights: download {INCEPTION_WEIGHTS_URL} and pass --inception-weights PATH "
+            f"or set {INCEPTION_WEIGHTS_ENV}=PATH"
+        )
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DcditError(
+            f"Inception weights not found: {path} (download {INCEPTION_WEIGHTS_URL} and pass its path with "
+            f"--inception-weights or {INCEPTION_WEIGHTS_ENV})"
+        )
+    return path
+
+
+class InceptionFeatures:
+    """torch-fidelity's 2015-12-05 Inception: uint8 (N, H, W, 3) batch → pool (N, 2048),
+    logits (N, 1008, unbiased: pool_3 · W) and spatial (N, 2023) float32 arrays."""
+
+    def __init__(self, state_dict: dict, device: str | torch.device | None = None) -> None:
+        # torch-fidelity reads its weights with torch.load(weights_only=False); hand it a buffer
+        # holding only the tensors already read safely with weights_only=True.
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        buf.seek(0)
+        try:
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=buf
+            )
+        except RuntimeError as e:
+            raise DcditError(f"the weights are not torch-fidelity's Inception ({str(e).splitlines()[0]}): use {INCEPTION_WEIGHTS_FILE}") from None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.to(self.device)
+        self._spatial: torch.Tensor | None = None
+        # ADM's sFID layer "mixed_6/conv" = the first 1x1 branch of Mixed_6d (after BN + ReLU).
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
+
+    def _grab_spatial(self, module, inputs, output) -> None:
+        self._spatial = output[:, :7]  # (N, 7, 17, 17)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images) if images.flags.writeable else images.copy()
+        x = torch.from_numpy(images).to(self.device)  # (N, H, W, 3) uint8
+        x = x.permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W): the extractor resizes to 299 itself
+        pool, logits = self.net(x)
+        spatial = self._spatial.permute(0, 2, 3, 1).reshape(len(x), -1)  # (N, 17·17·7), h, w, c as TF
+        self._spatial = None
+        return {"pool": pool.float().cpu().numpy(), "logits": logits.float().cpu().numpy(), "spatial": spatial.float().cpu().numpy()}
+
+
+def load_inception(weights: str | Path | None = None, device: str | torch.device | None = None) -> InceptionFeatures:
+    """The Inception extractor from a local weights file (argument or $DCDIT_INCEPTION_WEIGHTS)."""
+    path = resolve_inception_weights(weights)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused, truncated file, not a torch file
+        raise DcditError(f"cannot read Inception weights {path} ({load_error_reason(e)}): download {INCEPTION_WEIGHTS_URL} again") from None
+    if not isinstance(state_dict, dict):
+        raise DcditError(f"{path} does not hold a state dict: use {INCEPTION_WEIGHTS_FILE}")
+    return InceptionFeatures(state_dict, device)
+
+
+# -----------------------------------------------------------------------------------------
+#                                      Activations
+# -----------------------------------------------------------------------------------------
+
+
+def _as_batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    if isinstance(images, np.ndarray):
+        images = [images]
+    for batch in images:
+        check_images_shape(batch.shape, batch.dtype, "an image batch")
+        for i in range(0, len(batch), batch_size):
+            yield batch[i : i + batch_size]
+
+
+def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, total: int | None, description: str):
+    """Yields (batch, features) with a progress bar in images/s."""
+    meter, rate = RateMeter(), ""
+    with progress_bar(description) as progress:
+        task = progress.add_task(description, total=total, rate="")
+        for batch in _as_batches(images, batch_size):
+            feats = extractor(batch)
+            rate = f"{meter.update(len(batch)):.2f} img/s"
+            progress.update(task, advance=len(batch), rate=rate)
+            yield batch, feats
+    if meter.count:
+        plain_log(f"{description}: {meter.count} images, {rate}")
+
+
+@dataclass
+class Activations:
+    """What the metrics need from N images, held once: ``pool`` (N, 2048) and ``logits``
+    (N, 1008) float32 (precision / recall and IS need every row), and running mean / covariance
+    of pool and spatial features (FID, sFID), so the 2023-d spatial features are never kept."""
+
+    pool: np.ndarray
+    logits: np.ndarray
+    pool_stats: RunningStats
+    spatial_stats: RunningStats
+
+
+class _Rows:
+    """Rows appended batch by batch into one array allocated for ``total`` rows when known
+    (no concatenation copy at 50,000 images), else collected and concatenated."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.array, self.parts, self.n = total, None, [], 0
+
+    def add(self, x: np.ndarray) -> None:
+        if self.total is None:
+            self.parts.append(x)
+        else:
+            if self.array is None:
+                self.array = np.empty((self.total, *x.shape[1:]), x.dtype)
+            self.array[self.n : self.n + len(x)] = x
+        self.n += len(x)
+
+    def result(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.total is None else self.array[: self.n]
+
+
+def compute_activations(
+    images: np.ndarray | Iterable[np.ndarray],
+    extractor: InceptionFeatures,
+    batch_size: int = 50,
+    *,
+    total: int | None = None,
+    description: str = "inception",
+) -> Activations:
+    """Inception features of uint8 (N, H, W, 3) images (an array or an iterable of at most
+    ``total`` images in batches)."""
+    if total is None and isinstance(images, np.ndarray):
+        total = len(images)
+    pool, logits = _Rows(total), _Rows(total)
+    pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
+    for _, feats in _iter_activations(images, extractor, batch_size, total, description):
+        pool.add(feats["pool"])
+        logits.add(feats["logits"])
+        pool_stats.update(feats["pool"])
+        spatial_stats.update(feats["spatial"])
+    if pool.n == 0:
+        raise DcditError("no images to evaluate")
+    return Activations(pool.result(), logits.result(), pool_stats, spatial_stats)
+
+
+def sample_metrics(acts: Activations, ref: Reference, ref_pool: np.ndarray | None, *, split_size: int = IS_SPLIT_SIZE,
+                   distances: str = "adm", device: str | torch.device | None = None) -> dict:
+    """The metric step: FID, sFID, IS and precision / recall of the samples' activations against
+    the reference's statistics and (for precision / recall) its pool features."""
+    (mu, sigma), (mu_s, sigma_s) = acts.pool_stats.result(), acts.spatial_stats.result()
+    precision = recall = None
+    if ref_pool is not None:
+        precision, recall = precision_recall(ref_pool, acts.pool, k=3, device=device, distances=distances)
+    return {
+        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+        "inception_score": inception_score(acts.logits, split_size=split_size),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": int(len(acts.pool)),
+        "num_ref": int(len(ref_pool)) if ref_pool is not None else 0,
+    }
+
+
+def _warn_skipped(source) -> None:
+    if source.skipped:
+        print0(f"[yellow]skipped {len(source.skipped)} unreadable image(s) under {source.path} (first: {source.skipped[0]})[/]")
+
+
+# -----------------------------------------------------------------------------------------
+#                                 Evaluation and reference
+# -----------------------------------------------------------------------------------------
+
+
+def reference_features(ref: Reference, extractor: InceptionFeatures, batch_size: int = 50) -> np.ndarray | None:
+    """The reference's pool features for precision / recall (its first 10,000 images), filling in
+    its FID / sFID statistics from ``arr_0`` when the file has none. None without ``arr_0``."""
+    if ref.images is None:
+        print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
+        return None
+    limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
+    acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size,
+                               total=limit or ref.images.num, description="reference")
+    if not ref.has_stats:
+        ref.mu, ref.sigma = acts.pool_stats.result()
+        ref.mu_s, ref.sigma_s = acts.spatial_stats.result()
+    return acts.pool[:PR_REF_IMAGES]
+
+
+def evaluate(
+    samples: str | Path | NpzImages | FolderImages,
+    ref: str | Path | Reference,
+    inception_weights: str | Path | None = None,
+    *,
+    num: int | None = None,
+    batch_size: int = 50,
+    split_size: int = IS_SPLIT_SIZE,
+    distances: str = "adm",
+    device: str | torch.device | None = None,
+    extractor: InceptionFeatures | None = None,
+) -> dict:
+    """ADM-evaluator metrics of ``samples`` against the reference batch ``ref``: FID and sFID
+    (against the reference's statistics), Inception Score (contiguous chunks of ``split_size``)
+    and precision / recall (k = 3, against the reference's first 10,000 images, distances in
+    ``distances`` precision: see :func:`precision_recall`)."""
+    OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).done()
+    check_distances(distances)
+    samples = samples if isinstance(samples, (NpzImages, FolderImages)) else load_samples(samples)
+    ref = ref if isinstance(ref, Reference) else load_reference(ref)
+    if num is not None and num > samples.num:
+        raise DcditError(f"asked for {num} samples but {samples.path} holds {samples.num}: lower --num or sample more")
+    extractor = extractor or load_inception(inception_weights, device)
+
+    n = samples.num if num is None else num
+    acts = compute_activations(samples.batches(batch_size, limit=n), extractor, batch_size, total=n, description="samples")
+    _warn_skipped(samples)
+    if num is not None and len(acts.pool) < num:
+        raise DcditError(f"asked for {num} samples but only {len(acts.pool)} under {samples.path} are readable: lower --num")
+
+    ref_pool = reference_features(ref, extractor, batch_size)
+    return sample_metrics(acts, ref, ref_pool, split_size=split_size, distances=distances, device=extractor.device)
+
+
+def make_reference(
+    image_dir: str | Path,
+    out_npz: str | Path,
+    *,
+    image_size: int = 256,
+    extractor: InceptionFeatures | None = None,
+    inception_weights: str | Path | None = None,
+    num: int | None = None,
+    keep_images: int = PR_REF_IMAGES,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+) -> dict:
+    """An ADM-style reference batch from real images: each image ADM-centre-cropped to
+    ``image_size``; ``mu``/``sigma`` and ``mu_s``/``sigma_s`` over all of them (or the first
+    ``num``), ``arr_0`` = the first ``keep_images`` crops (ADM keeps 10,000). Returns a summary."""
+    root, out = Path(image_dir), Path(out_npz)
+    OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).count("--image-size", image_size, example=256) \
+        .output("--out", out, (".npz",)).done()
+    if not root.is_dir():
+        raise DcditError(f"image folder not found: {root}: pass --make-ref DIR, a folder of real images")
+    files = list_images(root)[:num]
+    if not files:
+        raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}: pass --make-ref DIR, a folder of real images")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extractor = extractor or load_inception(inception_weights, device)
+
+    source = FolderImages(root, files, transform=lambda im: center_crop_arr(im, image_size))
+    pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
+    kept, n_kept = [], 0
+    for batch, feats in _iter_activations(source.batches(batch_size), extractor, batch_size, len(files), "reference"):
+        pool_stats.update(feats["pool"])
+        spatial_stats.update(feats["spatial"])
+        if n_kept < keep_images:
+            kept.append(batch[: keep_images - n_kept])
+            n_kept += len(kept[-1])
+    _warn_skipped(source)
+    if pool_stats.n < 2:
+        raise DcditError(f"only {pool_stats.n} readable image(s) under {root}: a reference needs at least 2")
+    mu, sigma = pool_stats.result()
+    mu_s, sigma_s = spatial_stats.result()
+    arr_0 = np.concatenate(kept) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
+    write_npz(out, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    return {"path": str(out), "num_images": pool_stats.n, "num_stored": len(arr_0), "skipped": len(source.skipped)}
+
+
+def report_table(results: dict):
+    """The metrics as a rich table (what ``dcdit fid`` prints)."""
+    table = Table(title="ADM evaluator metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("FID", "fid", "{:.3f}"),
+        ("sFID", "sfid", "{:.3f}"),
+        ("Inception Score", "inception_score", "{:.2f}"),
+        ("Precision", "precision", "{:.4f}"),
+        ("Recall", "recall", "{:.4f}"),
+        ("samples", "num_samples", "{:,}"),
+        ("reference images (P/R)", "num_ref", "{:,}"),
+    ]
+    for label, key, fmt in rows:
+        value = results.get(key)
+        table.add_row(label, "n/a" if value is None else fmt.format(value))
+    return table

@@ -1,0 +1,229 @@
+"""FLOP accounting in the convention of paper Table 1 (docs/reference.md#flop-convention).
+
+FLOPs of one forward are counted on the real model with ``torch.utils.flop_counter``: 2 per
+multiply-add for linear, conv and matmul. Attention is counted as H·L²·(4·d_head + 3) per
+layer: SDPA runs under the MATH backend so QKᵀ and AV appear as matmuls on every device
+(FlopCounterMode counts 0 for the fused CPU kernel, docs/reference.md#flop-counting-on-cpu), and the softmax adds
+3 per score. TFLOPs/img = forward × 2 (CFG halves) × (sampling steps − 1).
+
+A DiT forward is counted on the meta device (no memory, no compute). A DC-DiT forward
+depends on the kept count M; its cost is exactly quadratic in M (linear layers ∝ M,
+attention and smoothing ∝ M², plug-back ∝ L·M), so three counts at M = 1, 2, 3 give the
+exact cost at every M, which we sum per sample and per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.table import Table
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from dcdit_cli.common.console import DcditError, print_table
+from dcdit_cli.config.recipe import available_recipes, load_recipe
+from dcdit_cli.models import build_model
+from dcdit_cli.models.dydit import kept_counts, saved_flops
+
+
+def _softmax_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
+    return 3 * math.prod(input_shape)
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Both gradients of a convolution cost what its forward costs (same multiply-adds).
+
+    torch's formula builds the weight gradient's count from transposed input and grad-output
+    shapes and ignores ``groups``: a 96-channel depthwise 3×3 conv counts 96× too much.
+    """
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+_CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax: _softmax_flops,
+           torch.ops.aten.convolution_backward: _conv_backward_flops}
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs)`` in the convention of docs/reference.md#flop-convention."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def count_train_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs).backward()`` forward and backward (fn returns a scalar loss)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        fn(*args, **kwargs).backward()
+    return counter.get_total_flops()
+
+
+def _dummy_inputs(model, device, batch: int = 1):
+    side, ch = model.input_size, model.in_channels
+    x = torch.zeros(batch, ch, side, side, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    return x, t, y
+
+
+def build_for_counting(model_cfg, device: str):
+    """The model with cheap, deterministic weights (no initialisation cost: FLOPs do not depend on values)."""
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    if device != "meta":
+        model = model.to_empty(device=device)
+        for p in model.parameters():
+            torch.nn.init.constant_(p, 0.01)
+    return model.eval()
+
+
+def dit_forward_flops(model_cfg) -> int:
+    model = build_for_counting(model_cfg, "meta")
+    return count_flops(model, *_dummy_inputs(model, "meta"))
+
+
+@dataclass(frozen=True)
+class QuadraticCost:
+    """FLOPs of one single-image forward with M kept tokens: a + b·M + c·M²."""
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, m):
+        return self.a + self.b * m + self.c * m * m
+
+
+def forward_flops_at(model, m: int) -> int:
+    """Count one single-image DC-DiT forward with exactly m kept tokens (the first m in raster order)."""
+    x, t, y = _dummy_inputs(model, "cpu")
+    L = model.input_size**2
+    boundary = torch.zeros(1, L, dtype=torch.bool)
+    boundary[0, :m] = True
+    return count_flops(model, x, t, y, boundary=boundary)
+
+
+def dcdit_cost(model_cfg, model=None) -> QuadraticCost:
+    """The exact per-image forward cost as a function of M, from three counts on the real model."""
+    model = model if model is not None else build_for_counting(model_cfg, "cpu")
+    f1, f2, f3 = (forward_flops_at(model, m) for m in (1, 2, 3))
+    c = (f3 - 2 * f2 + f1) / 2
+    b = f2 - f1 - 3 * c
+    a = f1 - b - c
+    return QuadraticCost(a, b, c)
+
+
+def static_cost(model_cfg) -> QuadraticCost:
+    """Per-sample forward FLOPs of the model without DyDiT's gates, as a function of the inner
+    token count M (constant for a DiT): F_static of the FLOPs loss and of the accounting."""
+    plain = dataclasses.replace(model_cfg, dynamic="none")
+    if plain.kind == "dit":
+        return QuadraticCost(dit_forward_flops(plain), 0.0, 0.0)
+    return dcdit_cost(plain)
+
+
+def dynamic_flops(model, cost: QuadraticCost) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_dynamic, F_static), each (B,), of the gated model's last forward: the ungated cost at
+    each sample's kept count minus what the gates saved (net of the routers' cost); differentiable
+    in the gates' straight-through masks, so the FLOPs loss trains the routers."""
+    f_static = cost(kept_counts(model).double()).float()
+    return f_static - saved_flops(model), f_static
+
+
+def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:
+    """Paper Table 1: one forward × 2 (CFG) × (steps − 1), in TFLOPs."""
+    return forward_flops * 2 * (sampling_steps - 1) / 1e12
+
+
+def per_image_flops(model_cfg, kept, saved=None) -> np.ndarray:
+    """FLOPs each image actually cost: the exact ungated forward cost at its kept count (a DiT's are
+    its fixed patch tokens) minus what DyDiT's gates skipped (``saved``, the same shape), summed
+    over the sampler steps and CFG halves. ``kept``: (steps, images, halves) or (steps, images)
+    counts. The one place that turns kept tokens into FLOPs."""
+    kept = torch.as_tensor(np.asarray(kept), dtype=torch.float64)
+    kept = kept[..., None] if kept.ndim == 2 else kept  # (steps, images, halves)
+    cost = _static_cost_cached(model_cfg)(kept).expand_as(kept)
+    if saved is not None and np.size(saved):
+        cost = cost - torch.as_tensor(np.asarray(saved), dtype=torch.float64).view_as(kept)
+    return cost.sum(dim=(0, 2)).numpy()
+
+
+# Counting builds the model: once per configuration (ModelConfig is frozen, hence hashable).
+_static_cost_cached = functools.lru_cache(maxsize=8)(static_cost)
+
+
+def table1_tflops(model_cfg, kept, sampling_steps: int, saved=None) -> float:
+    """TFLOPs/img in paper Table 1's convention from measured kept counts (and DyDiT's savings):
+    the images' mean forward cost × 2 (CFG halves, counted even when guidance is off) ×
+    (sampling_steps − 1)."""
+    kept = np.asarray(kept)
+    forwards = kept.shape[0] * (kept.shape[2] if kept.ndim == 3 else 1)
+    return tflops_per_image(float(per_image_flops(model_cfg, kept, saved).mean()) / forwards, sampling_steps)
+
+
+def param_count(model_cfg) -> int:
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class FlopsRow:
+    recipe: str
+    kind: str
+    params: int
+    tflops_per_img: float
+    compression: float
+    source: str
+    """Where the kept count comes from: 'fixed patchify', 'target N' or 'checkpoint + data'."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None) -> FlopsRow:
+    """One Table-1 row. ``kept_per_step``: a (steps, images, 2 halves) array of kept counts measured
+    while sampling with a checkpoint, ``saved_per_step`` what DyDiT's gates skipped there (same
+    shape); else the target N is used, and for a gated recipe λ times the ungated cost (Table 4)."""
+    m, steps = recipe.model, recipe.diffusion.sampling_steps
+    params = param_count(m)
+    kind = m.kind + ("+dydit" if m.dynamic == "dydit" else "")
+    L = m.input_size**2
+    if kept_per_step is None:
+        kept = (m.input_size // m.patch_size) ** 2 if m.kind == "dit" else max(1, round(L / m.target_ratio))
+        lam = recipe.train.flops_target if m.dynamic == "dydit" else 1.0
+        source = ("fixed patchify" if m.kind == "dit" else "target N") + (f" × λ {lam:g}" if lam != 1.0 else "")
+        return FlopsRow(name, kind, params, tflops_per_image(_static_cost_cached(m)(kept) * lam, steps), L / kept, source)
+    kept = np.asarray(kept_per_step, dtype=np.float64)  # (steps, images, halves) or (steps, images)
+    source = "checkpoint + data" + (" (gates as run)" if m.dynamic == "dydit" else "")
+    return FlopsRow(name, kind, params, table1_tflops(m, kept, steps, saved_per_step), float(L / kept.mean()), source)
+
+
+def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) -> list[FlopsRow]:
+    """What `dcdit flops` does: build the rows, print a rich table or JSON. ``measured``: None or
+    (name, recipe, kept counts) from :func:`dcdit_cli.sampling.sampler.measure_kept_tokens`."""
+    rows = []
+    if measured is not None:
+        name, recipe, kept, saved = measured
+        rows.append(flops_row(name, recipe, kept_per_step=kept, saved_per_step=saved))
+    names = available_recipes() if all_recipes else list(recipes)
+    if not names and measured is None:
+        raise DcditError("nothing to count: pass --recipe NAME, --all or --ckpt RUN")
+    rows += [flops_row(n, load_recipe(n, overrides)) for n in names]
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return rows
+    table = Table(title="Parameters and inference cost (paper Table 1 convention: 2 FLOPs/MAC, ×2 CFG, ×(steps−1))")
+    for col in ("recipe", "model", "params", "TFLOPs/img", "avg CR", "kept tokens from"):
+        table.add_column(col, justify="left" if col in ("recipe", "model", "kept tokens from") else "right")
+    for r in rows:
+        table.add_row(r.recipe, r.kind, f"{r.params / 1e6:.1f}M", f"{r.tflops_per_img:.4g}", f"{r.compression:.2f}", r.source)
+    print_table(table)
+    return rows
