@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dcdit_cli.training.checkpoint import load_weights
 from dcdit_cli.data.datasets import SHAPE_CLASSES, ShapesDataset
-from dcdit_cli.sampling.sampler import SampleOptions, sample_batch
+from dcdit_cli.sampling.sampler import SampleOptions, sample_batch, save_grid, to_uint8
 
 TRAIN_SEED, TEST_SEED = 777, 4242
 
@@ -77,8 +77,10 @@ def trained_classifier(image_size: int, num_classes: int, steps: int = 1500, bat
     return model, accuracy(model, x_test, y_test)
 
 
-def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 100, seed: int = 0) -> dict:
-    """Samples ``num`` images, the classes cycling, and the classifier's verdict on them."""
+def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 100, seed: int = 0,
+                grid: Path | None = None) -> dict:
+    """Samples ``num`` images, the classes cycling, and the classifier's verdict on them; ``grid``
+    saves the samples, one column per class."""
     model, recipe, _ = load_weights(ckpt)
     if recipe.data.kind != "shapes":
         raise SystemExit(f"{ckpt} was trained on data.kind = {recipe.data.kind!r}: the classifier knows the shapes set only")
@@ -91,6 +93,8 @@ def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 
     with torch.no_grad():
         pred = classifier.eval()(x0.clamp(-1, 1)).argmax(1)
     per_class = {c: (pred[y == c] == c).float().mean().item() for c in range(K)}
+    if grid is not None:
+        save_grid(to_uint8(x0), grid, nrow=K)
     return {"ckpt": str(ckpt), "num": num, "cfg_scale": cfg_scale, "steps": steps, "real_accuracy": real_acc,
             "recognised": (pred == y).float().mean().item(), "per_class": per_class, "chance": 1 / K,
             "sampling_seconds": round(seconds, 1)}
@@ -103,9 +107,10 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=Path, default=None, help="also save the samples here (PNG, one column per class)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    r = recognition(args.ckpt, args.num, args.cfg_scale, args.steps, args.seed)
+    r = recognition(args.ckpt, args.num, args.cfg_scale, args.steps, args.seed, args.grid)
     if args.json:
         print(json.dumps(r))
         return
