@@ -152,7 +152,7 @@ def test_recipe_options_norm_groups_and_torch_init():
     assert all(torch.count_nonzero(b.adaLN_modulation[-1].weight) == 0 for b in torch_init.blocks)
     assert torch.count_nonzero(torch_init.final_layer.adaLN_modulation[-1].weight) == 0
     toy = load_recipe("toy").model
-    assert (toy.init, toy.norm_groups) == ("torch", 8)
+    assert (toy.init, toy.norm_groups) == ("dit", 8)
     assert (load_recipe("b-n4").model.init, load_recipe("b-n4").model.norm_groups) == ("dit", 32)
 
 
