@@ -190,7 +190,7 @@ def figure(rows: list[dict], out: Path) -> None:
     for i, r in enumerate(rows):
         x0, y0 = (i % cols) * W, 40 + (i // cols) * H
         peak = max(max(h["hist"]) / sum(h["hist"]) for h in r["p_hist"].values())
-        ax = Axes(img, (x0 + 50, y0 + 30, x0 + W - 15, y0 + H - 40), (0.0, 1.0), (0.0, peak * 1.05), font(11))
+        ax = Axes(img, (x0 + 62, y0 + 30, x0 + W - 15, y0 + H - 40), (0.0, 1.0), (0.0, peak * 1.05), font(11))
         ax.frame([0, 0.5, 1.0], [0, round(peak, 2)], "p", "share",
                  f"{r.get('name', 'toy')} {r.get('router', 'cosine')} {r['data']} s{r['seed']}")
         for t_key, colour in (("0", (31, 119, 180)), ("250", (255, 127, 14))):
