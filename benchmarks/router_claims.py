@@ -117,11 +117,12 @@ def p_histogram(model, diffusion, val) -> dict:
 def run(data: str, seed: int, steps: int, routers: list[str], sets: list[str], dit_sets: list[str], name: str, log) -> list[dict]:
     """One row per learned router; the random-boundary model and the DiT are trained once and shared."""
     factors = {k: v[0] for k, v in FACTORS.items()}
+    rand_recipe, dit_recipe = recipes(data, "random", sets, dit_sets)
+    diffusion = make_diffusion(num_timesteps=rand_recipe.diffusion.num_timesteps)
+    val = validation(data, rand_recipe)  # the data section is the same for every router
     learned_rows, dcdit_flops = [], None
     for router in routers:
-        recipe, dit_recipe = recipes(data, router, sets, dit_sets)
-        diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
-        val = validation(data, recipe)
+        recipe = recipes(data, router, sets, dit_sets)[0]
         log(f"[{name} {data} seed {seed}] DC-DiT, {router} router")
         torch.manual_seed(seed)
         learned, _, kept_log, secs = train_variant(factors, data, steps, seed, router=router, model=build_model(recipe.model),
@@ -135,7 +136,6 @@ def run(data: str, seed: int, steps: int, routers: list[str], sets: list[str], d
                              "counts": kept_counts(learned, diffusion, val), "loss_learned": fixed_loss(learned, diffusion, val)})
 
     log(f"[{name} {data} seed {seed}] DC-DiT, random boundaries")
-    rand_recipe = recipes(data, "random", sets, dit_sets)[0]
     torch.manual_seed(seed)
     rand_model, _, _, _ = train_variant(factors, data, steps, seed, router="random", model=build_model(rand_recipe.model),
                                         recipe=rand_recipe, log=log)

@@ -227,11 +227,11 @@ def study_dataset(data: str, recipe, seed: int, held_out: bool = False):
     return FlatShapes(ds) if data == "flat" else ds
 
 
-def validation(data: str, recipe, n: int = 128, seed: int = 12345):
-    """Held-out images, labels, ground-truth masks (B, H, W) and fixed noise per t."""
+def validation(data: str, recipe, n: int = 128, seed: int = 12345, timesteps=TIMESTEPS):
+    """Held-out images, labels, ground-truth masks (B, H, W) and fixed noise per t of ``timesteps``."""
     x, y, mask = study_dataset(data, recipe, seed, held_out=True).batch(torch.arange(n))
     g = torch.Generator().manual_seed(seed)
-    noise = {t: torch.randn(x.shape, generator=g) for t in TIMESTEPS}
+    noise = {t: torch.randn(x.shape, generator=g) for t in timesteps}
     return x, y, mask, noise
 
 
@@ -415,7 +415,7 @@ def maps(names: list[str], data: str, seed: int, out: Path, n: int = 6) -> None:
         model.load_state_dict(load_file(str(path)))
         model.eval()
         x0, y, mask, noise = validation(data, recipe, n=n)
-        diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
+        diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
         ps = []
         for t_val in (0, 250):
             t = torch.full((n,), t_val)
@@ -479,7 +479,7 @@ def main() -> None:
     model, trace, _, seconds = train_variant(factors, args.data, args.steps, args.seed,
                                              log=lambda s: print(s, file=sys.stderr, flush=True))
     recipe = study_recipe(factors, args.data)
-    ev = evaluate(model, make_diffusion("", recipe.diffusion.num_timesteps), validation(args.data, recipe))
+    ev = evaluate(model, make_diffusion(num_timesteps=recipe.diffusion.num_timesteps), validation(args.data, recipe))
     row = {"name": args.name, "factors": factors, "data": args.data, "steps": args.steps, "seed": args.seed,
            "seconds": round(seconds), "trace": trace, "eval": json.loads(json.dumps(ev))}
     with open(args.results, "a", encoding="utf-8") as f:

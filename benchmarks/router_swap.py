@@ -42,7 +42,8 @@ import torch
 
 from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models.flops import dcdit_cost
-from router_study import FACTORS, load_rows, study_dataset, study_recipe, train_variant
+from dcdit_cli.models.routers import RandomRouter
+from router_study import FACTORS, load_rows, study_recipe, train_variant, validation
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "router-swap.jsonl"
 SWAP_T = (0, 50, 100, 250)
@@ -105,25 +106,19 @@ def placement(name: str, obj: torch.Tensor, m: torch.Tensor, router_mask: torch.
     return score.argsort(1, descending=True).argsort(1) < m[:, None]
 
 
-def validation(data: str, recipe, n: int, seed: int = 12345):
-    """Held-out images, labels, masks (B, L) and fixed noise for every swap t."""
-    x, y, mask = study_dataset(data, recipe, seed, held_out=True).batch(torch.arange(n))
-    g = torch.Generator().manual_seed(seed)
-    return x, y, mask.flatten(1), {t: torch.randn(x.shape, generator=g) for t in SWAP_T}
-
-
 @torch.no_grad()
 def swap(model, diffusion, val, seed: int = 0) -> dict:
     """{t: {placement: ε-MSE}} plus the kept count and the object share of the kept tokens."""
     model.eval()
-    x0, y, obj, noise = val
+    x0, y, mask, noise = val
+    obj = mask.flatten(1)  # (B, L)
     C = x0.shape[1]
     out = {}
     for t_val in SWAP_T:
         g = torch.Generator().manual_seed(seed * 7919 + t_val)
         t = torch.full((x0.shape[0],), t_val)
         x_t = diffusion.q_sample(x0, t, noise[t_val])
-        if model.router.__class__.__name__ == "RandomRouter":
+        if isinstance(model.router, RandomRouter):
             torch.manual_seed(seed * 7919 + t_val)  # the random router's own draw
         _, stats = model(x_t, t, y)
         m = stats.mask.sum(1)
@@ -144,8 +139,8 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     model, _, kept_log, seconds = train_variant(factors, args.data, args.steps, args.seed, router=args.router,
                                                 recipe=recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
-    diffusion = make_diffusion("", recipe.diffusion.num_timesteps)
-    result = swap(model, diffusion, validation(args.data, recipe, args.num), args.seed)
+    diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
+    result = swap(model, diffusion, validation(args.data, recipe, args.num, timesteps=SWAP_T), args.seed)
     cost = dcdit_cost(recipe.model)
     L = recipe.model.input_size**2
     M = torch.tensor([L / recipe.model.target_ratio], dtype=torch.float64)

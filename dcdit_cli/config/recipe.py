@@ -314,10 +314,15 @@ def _cross_checks(recipe: Recipe) -> list[str]:
     return problems
 
 
+def norm_group_count(channels: int, max_groups: int) -> int:
+    """GroupNorm groups over ``channels`` for ``model.norm_groups = max_groups``: the largest divisor
+    of ``channels`` that is at most ``max_groups`` (the paper's 32, fewer where the width does not divide)."""
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
 def scaffold_channels_per_group(model: ModelConfig) -> int:
-    """Channels per GroupNorm group at the scaffold width e (as ``models.scaffold.group_norm`` picks the groups)."""
-    e = model.scaffold_width
-    return e // max(g for g in range(1, min(model.norm_groups, e) + 1) if e % g == 0)
+    """Channels per GroupNorm group at the scaffold width e."""
+    return model.scaffold_width // norm_group_count(model.scaffold_width, model.norm_groups)
 
 
 def recipe_warnings(recipe: Recipe) -> list[str]:
@@ -326,7 +331,7 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     warnings = []
     if m.kind == "dcdit" and scaffold_channels_per_group(m) < 2:
         e = m.scaffold_width
-        fix = max((g for g in range(1, e // 2 + 1) if e % g == 0 and e // g >= min(4, e)), default=1)
+        fix = norm_group_count(e, e // min(4, e))  # 4 channels per group (all of them when e < 4)
         warnings.append(
             f"model.norm_groups = {m.norm_groups} leaves {scaffold_channels_per_group(m)} channel per GroupNorm group at "
             f"model.scaffold_width = {e}: GroupNorm then erases the condition (t and class) inside the scaffold, so "

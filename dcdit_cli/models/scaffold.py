@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dcdit_cli.config.recipe import norm_group_count
+
 
 def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
     """GroupNorm(32) as in the paper (``max_groups`` = model.norm_groups); fewer groups for tiny widths."""
-    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels, eps=eps)
+    return nn.GroupNorm(norm_group_count(channels, max_groups), channels, eps=eps)
 
 
 class ResBlock(nn.Module):
