@@ -5,6 +5,7 @@
   line with a did-you-mean, exit 2;
 - a foreseeable library error at the edges (file system, decoding, a refused pickle, a
   collective whose peer died): one line naming the problem and the fix, exit 2;
+- a :class:`Preempted` run (a scheduler's SIGTERM or SIGUSR1, checkpoint written): one line, exit 75;
 - anything else is a dcdit bug: one short line and the path of a log file holding the
   traceback, exit 1. The terminal never gets a traceback.
 """
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import typer
 
-from dcdit_cli.common.console import DcditError, error_line, load_error_reason, one_line
+from dcdit_cli.common.console import DcditError, Preempted, error_line, load_error_reason, one_line, stopped_line
 
-BAD_INPUT, BUG, INTERRUPTED = 2, 1, 130
+BAD_INPUT, BUG, INTERRUPTED, PREEMPTED = 2, 1, 130, Preempted.exit_code
 
 
 def _usage_line(error) -> str:
@@ -85,6 +86,9 @@ def report(error: BaseException) -> int:
         if type(error).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
             error_line(_usage_line(error))
         return BAD_INPUT
+    if isinstance(error, Preempted):
+        stopped_line(str(error))
+        return PREEMPTED
     if isinstance(error, (KeyboardInterrupt, typer.Abort)):
         error_line("interrupted: rerun the same command to resume")
         return INTERRUPTED

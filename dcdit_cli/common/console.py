@@ -34,6 +34,13 @@ class DcditError(Exception):
     """A problem the user can fix: printed as one line, exit code 2."""
 
 
+class Preempted(Exception):
+    """The run stopped on a scheduler's signal after checkpointing: one line and ``exit_code``
+    (docs/reliability.md#preemption); rerunning the command resumes."""
+
+    exit_code = 75  # sysexits' EX_TEMPFAIL, "try again later": what a requeue script tests for
+
+
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -85,6 +92,12 @@ def _stderr_line(label: str, style: str, message: str) -> None:
 def error_line(message: str) -> None:
     """The one line a failed command prints on stderr: ``error: <problem>: <fix>``."""
     _stderr_line("error:", "bold red", message)
+
+
+def stopped_line(message: str) -> None:
+    """The one line a preempted run prints on stderr (rank 0 only)."""
+    if is_main_process():
+        _stderr_line("stopped:", "bold yellow", message)
 
 
 def warn(message: str) -> None:

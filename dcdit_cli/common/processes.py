@@ -63,6 +63,11 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def peer_died() -> bool:
+    """True when a multi-process run is watched and another of its ranks is gone."""
+    return _watch is not None and bool(_watch.dead_ranks())
+
+
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report, even if the launcher repeats itself
     raise _watch.failure("the launcher stopped this one")

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from dcdit_cli.common.atomic import check_output, remove_stale_temps, write_json, write_png, write_text
-from dcdit_cli.common.console import DcditError, MetricsWriter, RateMeter, is_main_process, plain_log, print0, progress_bar
+from dcdit_cli.common import preemption
+from dcdit_cli.common.console import DcditError, MetricsWriter, Preempted, RateMeter, is_main_process, plain_log, print0, progress_bar
 from dcdit_cli.common.host_memory import host_allocator
 from dcdit_cli.common.plots import training_curves
 from dcdit_cli.common.processes import watch_ranks
@@ -297,7 +298,8 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
         accelerator.wait_for_everyone()
 
     total = t_cfg.max_steps
-    with progress_bar("train", extra="{task.fields[status]}") as progress:
+    last_log = start_step  # metric sums cover the steps since then
+    with progress_bar("train", extra="{task.fields[status]}") as progress, preemption.listen() as stop_request:
         task = progress.add_task("train", total=total, completed=start_step, rate="", status="")
         for step in range(start_step, total):
             objective = next(o for o in objectives if o.until_step is None or step < o.until_step)
@@ -335,14 +337,19 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
             rate = meter.update(t_cfg.global_batch)
 
             log_now = done % t_cfg.log_every_steps == 0 or done == total
+            # A stop signal ends the run after this step (common/preemption.py): on its own every few
+            # steps, at log steps inside the metrics all-reduce.
+            stop = not log_now and stop_request.due(done, world) and stop_request.agreed(accelerator)
+            log_now = log_now or stop
             ckpt_now = done % t_cfg.ckpt_every_steps == 0 or done == total
             if log_now or ckpt_now:
                 check_finite(accelerator, first_bad, last_ckpt)
             if log_now:
-                n = t_cfg.log_every_steps if done % t_cfg.log_every_steps == 0 else done % t_cfg.log_every_steps
-                local = torch.stack([sums[k] / n for k in sorted(sums)])
-                mean = accelerator.reduce(local, reduction="mean")
-                record = dict(zip(sorted(sums), mean.tolist()))
+                keys = sorted(sums)
+                local = torch.stack([sums[k] / (done - last_log) for k in keys] + [stop_request.flag(accelerator.device)])
+                *values, stop_flag = accelerator.reduce(local, reduction="mean").tolist()
+                stop = stop or stop_flag > 0
+                record = dict(zip(keys, values))
                 record.update(step=done, lr=lr, images_per_s=rate, phase=objective.name, budget=budget)
                 metrics.write(record)
                 status = f"loss {record['loss']:.4f}"
@@ -351,14 +358,23 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 progress.update(task, status=status)
                 plain_log(f"step {done}/{total}  {status}  {record['images_per_s']:.1f} img/s  lr {lr:.2e}")
                 sums.clear()
+                last_log = done
             progress.update(task, advance=1, rate=f"{rate:.2f} img/s")
-            if ckpt_now:
+            if ckpt_now or stop:
                 save(done)
+            if stop and done < total:
+                _end(accelerator)
+                who = stop_request.signal_name or "a stop signal on another rank"
+                raise Preempted(f"{who}: finished step {done}/{total} and wrote {last_ckpt}; rerun the same command "
+                                f"to resume (exit code {Preempted.exit_code})")
 
     print(f"rank {rank}/{world}: finished at step {total}", flush=True)
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    _end(accelerator)
     return last_weights
 
 
+def _end(accelerator) -> None:
+    """Closes the trackers and the process group: a clean exit of multi-process runs."""
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
