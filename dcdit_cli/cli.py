@@ -8,6 +8,7 @@ input, with the problem and its fix.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -117,8 +118,10 @@ def flops(
         "  dcdit train --recipe s-n4-official --init-from 0400000.pt --set train.max_steps=450000   # fine-tune a release\n\n"
         "  dcdit train --recipe toy-dydit --init-from runs/toy   # DyDiT gates fine-tuned onto a trained DC-DiT\n\n"
         "  dcdit train --recipe b-n4 --compile   # torch.compile the transformer blocks\n\n"
+        "  dcdit train --recipe toy --log-with tensorboard   # then: tensorboard --logdir runs\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
-        "To resume, run the same command again: it continues from the newest complete checkpoint."
+        "To resume, run the same command again: it continues from the newest complete checkpoint. "
+        "On SIGTERM or SIGUSR1 (a cluster's preemption) the run finishes its step, checkpoints and exits with code 75."
     )
 )
 def train(
@@ -129,10 +132,13 @@ def train(
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start from these weights: a run dir, dcdit .safetensors, the authors' .pt or hf:amd/…; new DyDiT gates keep their init."),
     compile_: bool = CompileOpt,
+    log_with: Optional[List[str]] = typer.Option(
+        None, "--log-with", help="Experiment trackers, comma-separated or repeated: tensorboard, wandb, mlflow, … (sets train.log_with)."),
     print_recipe: bool = PrintOpt,
 ):
     """Train a DC-DiT or DiT from a recipe (resumes automatically when the run exists)."""
-    cfg = _recipe(recipe, set_)
+    trackers = [name.strip() for item in log_with or [] for name in item.split(",") if name.strip()]
+    cfg = _recipe(recipe, [*(set_ or []), *([f"train.log_with={json.dumps(trackers)}"] if log_with else [])])
     _maybe_print(cfg, print_recipe)
     from dcdit_cli.training.loop import train as run_train
 

@@ -23,6 +23,7 @@ FUNCTION_LEVEL_ALLOWED = {
     ("dcdit_cli.models.attention", "torch.nn.attention.varlen"): "optional: only some torch builds have it",
     ("dcdit_cli.models.attention", "torch.nn.attention"): "optional: only some torch builds have varlen",
     ("dcdit_cli.models.attention", "flash_attn"): "optional dependency (pip install dcdit[flash])",
+    ("dcdit_cli.training.tracking", "wandb"): "optional dependency (pip install dcdit[wandb]), imported when that tracker runs",
     ("dcdit_cli.common.host_memory", "torch"): "use_huge_pages must run before torch is imported",
 }
 

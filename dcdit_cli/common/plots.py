@@ -1,7 +1,8 @@
 """Small Pillow plotting primitives shared by the figures dcdit writes (no matplotlib).
 
 ``Axes`` maps data to pixels and draws a framed, ticked, labelled box; ``training_curves``
-turns a run's metrics.jsonl into the PNG that ``dcdit train`` writes beside its checkpoints.
+turns a run's metrics.jsonl into the PNG that ``dcdit train`` writes beside its checkpoints;
+``kept_tokens_figure`` is the trackers' kept tokens against t (training/tracking.py).
 """
 
 from __future__ import annotations
@@ -149,4 +150,18 @@ def training_curves(metrics_path: Path, title: str) -> Image.Image:
             draw.line([x, y + 7, x + 22, y + 7], fill=colour, width=2)
             draw.text((x + 28, y), key, font=small, fill=(0, 0, 0))
             x += 40 + text_width(draw, key, small)
+    return image
+
+
+def kept_tokens_figure(ts: np.ndarray, kept: np.ndarray, num_tokens: int) -> Image.Image:
+    """Mean kept tokens against the timestep t of the probe batch (the router's schedule over t)."""
+    W, H, pad = 520, 360, 78
+    image = Image.new("RGB", (W, H), (255, 255, 255))
+    small = font(12)
+    xt = nice_ticks(0.0, float(ts.max()))
+    yt = nice_ticks(0.0, float(num_tokens))
+    ax = Axes(image, (pad, 40, W - 24, H - 60), (xt[0], xt[-1]), (yt[0], yt[-1]), small)
+    ax.frame(xt, yt, "timestep t", "kept tokens", f"kept tokens of {num_tokens} vs t")
+    ax.line(ts, kept, SAMPLE_COLOURS[0], 2)
+    ax.points(ts, kept, SAMPLE_COLOURS[0], radius=3)
     return image

@@ -51,10 +51,17 @@ def one_of(*options: str):
     return field(default=options[0], metadata={"choices": options})
 
 
+def any_of(*options: str):
+    """A list-of-strings field whose items are each one of ``options``; empty by default."""
+    return field(default_factory=list, metadata={"choices": options})
+
+
 def field_problem(key: str, value: Any, meta) -> str | None:
     """The constraint a field's (type-checked) value breaks, or None."""
-    if "choices" in meta and value not in meta["choices"]:
-        return f"{key}: {value!r} is not one of {', '.join(meta['choices'])}{suggest(str(value), meta['choices'])}"
+    if "choices" in meta:
+        for v in value if isinstance(value, list) else [value]:
+            if v not in meta["choices"]:
+                return f"{key}: {v!r} is not one of {', '.join(meta['choices'])}{suggest(str(v), meta['choices'])}"
     if "range" in meta:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, int) and not -(2**63) <= v < 2**63:

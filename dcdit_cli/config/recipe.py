@@ -29,7 +29,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from dcdit_cli.common.console import DcditError
-from dcdit_cli.config.fields import bounded, check_value, field_problem, one_of, suggest
+from dcdit_cli.config.fields import any_of, bounded, check_value, field_problem, one_of, suggest
 
 # ----------------------------------------------------------------------------------------
 # Sections
@@ -167,6 +167,10 @@ class TrainConfig:
     """Steps between checkpoints (and exported EMA weights)."""
     keep_last: int = bounded("[1, inf)", 3)
     """Checkpoints kept on disk; older ones are pruned."""
+    log_with: list[str] = any_of("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+    """Experiment trackers that accelerate logs to besides metrics.jsonl (docs/tracking.md); [] = none."""
+    image_every_steps: int = bounded("[0, inf)", 5000)
+    """Steps between the trackers' router probe: samples, boundary maps, p's histogram, kept tokens vs t (0: never)."""
     multi_budget_start_step: int = bounded("[-1, inf)", -1)
     """From this step on, draw one tail-dropping fraction per step (-1: off)."""
     multi_budget_fractions: list[float] = bounded("[0, 1)", factory=lambda: [0.0, 0.1, 0.2, 0.3])

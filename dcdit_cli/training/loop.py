@@ -37,9 +37,11 @@ from dcdit_cli.models.attention import select_backend
 from dcdit_cli.training.checkpoint import export_weights, find_latest, load_checkpoint, load_into, resolve_weights, save_checkpoint
 from dcdit_cli.training.checkpoint import init_from as load_init
 from dcdit_cli.training.losses import loss_for_recipe
+from dcdit_cli.training.tracking import Trackers, accelerator_options, check_trackers
 
 # Keys that may change when a run is resumed; any other change is refused with the diff.
-RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.path"}
+RESUME_ALLOWED = {"train.max_steps", "train.log_every_steps", "train.ckpt_every_steps", "train.keep_last", "data.path",
+                  "train.log_with", "train.image_every_steps"}
 DYDIT_ONLY = {"train.flops_target", "train.flops_loss_weight", "train.flops_target_warmup_steps"}
 """Read only by DyDiT's FLOPs loss: a run without gates resumes whatever they say."""
 
@@ -224,6 +226,7 @@ def train(
     check_output(out_dir, "--out", directory=True)
     if init_from is not None:
         resolve_weights(init_from)  # a missing file is reported before the run directory is touched
+    check_trackers(recipe.train.log_with)  # so is a tracker that is not installed
     created = out_dir  # the outermost folder this call creates (runs/ itself on a first run)
     while not created.parent.exists() and created.parent != created:
         created = created.parent
@@ -239,7 +242,8 @@ def train(
 def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, compiled) -> Path | None:
     t_cfg, m_cfg = recipe.train, recipe.model
     dataset = check_fits_model(make_dataset(recipe.data, seed=recipe.run.seed), m_cfg)  # before anything is written
-    accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=t_cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              **accelerator_options(recipe, out_dir))
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = batch_plan(t_cfg.global_batch, t_cfg.micro_batch, world)
     watch_ranks(accelerator, command)
@@ -266,6 +270,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
         start_step = state["step"]
         print0(f"[bold]resuming[/] from {state['path']} at step {start_step}")
     _record_run(recipe, out_dir, command, accelerator, compiled)
+    trackers = Trackers(accelerator, recipe, out_dir, dataset)
     if world > 1:
         match_grad_strides(model)
     if compiled:
@@ -352,6 +357,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 record = dict(zip(keys, values))
                 record.update(step=done, lr=lr, images_per_s=rate, phase=objective.name, budget=budget)
                 metrics.write(record)
+                trackers.log(record, done)
                 status = f"loss {record['loss']:.4f}"
                 if "compression" in record:
                     status += f"  CR {record['compression']:.2f}  kept {record['kept_tokens']:.1f}"
@@ -359,6 +365,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
                 plain_log(f"step {done}/{total}  {status}  {record['images_per_s']:.1f} img/s  lr {lr:.2e}")
                 sums.clear()
                 last_log = done
+            trackers.probe(done, ema)  # rank 0, every train.image_every_steps
             progress.update(task, advance=1, rate=f"{rate:.2f} img/s")
             if ckpt_now or stop:
                 save(done)
