@@ -21,7 +21,7 @@ from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.training.checkpoint import find_latest
 from dcdit_cli.training.loop import train
 
-STEPS = 40
+STEPS = 24
 CMD = ["-m", "dcdit_cli", "train", "--recipe", "tiny", "--set", f"train.max_steps={STEPS}", "--set", "train.ckpt_every_steps=1000"]
 
 
