@@ -69,7 +69,9 @@ def test_the_probe_reads_the_routers_decisions_at_each_t():
     torch.manual_seed(0)
     model = build_model(recipe.model).eval()
     probe = tracking.RouterProbe(recipe, make_dataset(recipe.data, seed=0), "cpu")
-    _, histograms, scalars = probe(model)
+    images, histograms, scalars = probe(model)
+    again = probe(model)[0]
+    assert all(np.array_equal(images[k], again[k]) for k in images)  # fixed batch, fixed noise: same weights, same pictures
     from dcdit_cli.diffusion.gaussian import make_diffusion
 
     diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
@@ -166,3 +168,11 @@ def test_log_with_flag_and_set_fill_the_recipe_and_a_run_resumes_with_other_trac
     pytest.importorskip("tensorboard")
     train(load_recipe("tiny", ["train.max_steps=3", 'train.log_with=["tensorboard"]', "train.image_every_steps=0"]), run)
     assert _records(run)[-1]["step"] == 3 and list((run / "trackers/dcdit").glob("events.out.tfevents.*"))
+
+
+def test_latents_are_shown_by_their_first_three_channels_each_stretched():
+    x = torch.randn(2, 4, 8, 8) * torch.tensor([1.0, 5.0])[:, None, None, None]
+    shown = tracking.to_unit(x)
+    assert shown.shape == (2, 3, 8, 8) and torch.equal(shown.amin(dim=(1, 2, 3)), torch.zeros(2))
+    assert torch.allclose(shown.amax(dim=(1, 2, 3)), torch.ones(2))
+    assert torch.allclose(shown[1], (x[1, :3] - x[1, :3].min()) / (x[1, :3].max() - x[1, :3].min()))

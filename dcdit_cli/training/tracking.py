@@ -79,7 +79,7 @@ class RouterProbe:
         g = torch.Generator().manual_seed(recipe.run.seed)
         self.x0, self.y = x0.to(device), y.to(device)
         self.noise = torch.randn(x0.shape, generator=g).to(device)  # q(x_t | x_0)'s ε
-        self.sample_noise = torch.randn(x0.shape, generator=g).to(device)  # the sampler's x_T
+        self.sampler_seed = recipe.run.seed + 1  # the sampler's x_T and step noise, the same at every probe
         T = recipe.diffusion.num_timesteps
         self.ts = torch.linspace(0, T - 1, PROBE_TIMESTEPS).round().long().to(device)  # (K,)
         self.forward_process = make_diffusion(num_timesteps=T)
@@ -93,8 +93,8 @@ class RouterProbe:
         t = self.ts.repeat_interleave(n)  # (K n,)
         x_t = self.forward_process.q_sample(self.x0.repeat(K, 1, 1, 1), t, self.noise.repeat(K, 1, 1, 1))
         _, stats = model(x_t, t, self.y.repeat(K))
-        samples = self.sampler.sample_loop(lambda x, s: model(x, s, self.y)[0], self.x0.shape, noise=self.sample_noise,
-                                           device=self.x0.device)
+        samples = self.sampler.sample_loop(lambda x, s: model(x, s, self.y)[0], self.x0.shape, device=self.x0.device,
+                                           generator=torch.Generator().manual_seed(self.sampler_seed))
         images = {"probe/samples": grid(to_unit(samples.cpu()), n)}
         histograms, scalars = {}, {}
         if stats is not None:  # a router: DC-DiT
