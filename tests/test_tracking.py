@@ -37,6 +37,8 @@ def test_tensorboard_event_files_hold_the_scalars_images_and_histogram(tmp_path)
     subprocess.run([sys.executable, "-m", "dcdit_cli", "train", "--recipe", "tiny", "--log-with", "tensorboard",
                     "--set", "train.max_steps=4", "--set", "train.image_every_steps=2", "--set", "train.log_every_steps=2",
                     "--out", str(run)], env=ENV, check=True, capture_output=True, timeout=300)
+    (hparams,) = (run / "trackers/dcdit").glob("*/hparams.yml")  # the recipe as the run's configuration
+    assert "run.name: tiny" in hparams.read_text() and "train.image_every_steps: 2" in hparams.read_text()
     events = EventAccumulator(str(run / "trackers/dcdit"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     events.Reload()
     records = _records(run)
@@ -95,12 +97,12 @@ def test_trackers_add_no_host_synchronisation(tmp_path):
     assert syncs(5) - syncs(2) == 3  # one per step, the forward's kept count, as without trackers
 
 
-def _wandb_history(path) -> list[dict]:
-    """The history rows of an offline W&B run file: a ':W&B' header (7 bytes), then LevelDB's log
+def _wandb_records(path) -> tuple[list[dict], dict]:
+    """(history rows, config) of an offline W&B run file: a ':W&B' header (7 bytes), then LevelDB's log
     format (32 KiB blocks of records, each a 7-byte header: CRC, length, type) holding protobuf Records."""
     from wandb.proto import wandb_internal_pb2
 
-    data, pos, chunk, rows = path.read_bytes(), 7, b"", []
+    data, pos, chunk, rows, config = path.read_bytes(), 7, b"", [], {}
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
@@ -112,6 +114,8 @@ def _wandb_history(path) -> list[dict]:
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
+            if record.WhichOneof("record_type") == "config":
+                config.update({item.key: json.loads(item.value_json) for item in record.config.update})
             if record.WhichOneof("record_type") == "history":
                 row: dict = {}
                 for item in record.history.item:  # a media value comes as one item per field: (tag, field)
@@ -122,7 +126,7 @@ def _wandb_history(path) -> list[dict]:
                     node[leaf] = json.loads(item.value_json)
                 rows.append(row)
             chunk = b""
-    return rows
+    return rows, config
 
 
 def test_wandb_offline_run_has_the_scalars_images_and_histogram(tmp_path, monkeypatch):
@@ -135,7 +139,8 @@ def test_wandb_offline_run_has_the_scalars_images_and_histogram(tmp_path, monkey
     import wandb
 
     wandb.teardown()  # W&B's service process writes the run file out as it ends
-    rows = _wandb_history(next(offline.glob("run-*.wandb")))
+    rows, config = _wandb_records(next(offline.glob("run-*.wandb")))
+    assert config["run.name"] == "tiny" and config["train.max_steps"] == 2 and config["out"] == str(run)
     steps = {}
     for row in rows:
         steps.setdefault(row["_step"], {}).update(row)

@@ -43,7 +43,7 @@ class StopRequest:
 
     def flag(self, device) -> torch.Tensor:
         """This rank's note as a () float tensor: 1.0 once a signal came (summed or averaged over ranks)."""
-        return torch.tensor(float(self.signal_name is not None), device=device)
+        return torch.full((), float(self.signal_name is not None), device=device)  # a fill: no host-to-device copy
 
     def due(self, step: int, world: int) -> bool:
         """Whether ``step`` checks for a stop on its own (not at a log step, where the metrics carry it)."""
