@@ -4,6 +4,7 @@ run that was never stopped (1 process and 2 processes, through the real command 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -23,6 +24,9 @@ from dcdit_cli.training.loop import train
 
 STEPS = 24
 CMD = ["-m", "dcdit_cli", "train", "--recipe", "tiny", "--set", f"train.max_steps={STEPS}", "--set", "train.ckpt_every_steps=1000"]
+# The stopped runs also log to TensorBoard with a router probe every 5 steps, where it is installed: the
+# uninterrupted runs do not, so the bitwise comparison also shows that the trackers leave training alone.
+TRACKED = ["--log-with", "tensorboard", "--set", "train.image_every_steps=5"] if importlib.util.find_spec("tensorboard") else []
 
 
 def _signal_after(proc: subprocess.Popen, run: Path, sig: int, pid: int | None = None, lines: int = 4) -> None:
@@ -41,7 +45,7 @@ def _stopped_step(run: Path) -> int:
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(load_recipe("tiny", [f"train.max_steps={STEPS}", "train.ckpt_every_steps=1000"]), straight)  # the same run, in-process
-    proc = subprocess.Popen([sys.executable, *CMD, "--out", str(stopped)], env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *CMD, *TRACKED, "--out", str(stopped)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _signal_after(proc, stopped, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -54,16 +58,26 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(tmp_path):
     # every step up to the stop is logged once, the last one included
     assert [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 1))
 
-    done = subprocess.run([sys.executable, *CMD, "--out", str(stopped)], env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *CMD, *TRACKED, "--out", str(stopped)], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stdout and f"step-{step:07d}" in done.stdout  # from the stop's checkpoint
     last = f"step-{STEPS:07d}"
     assert _sums(stopped / "checkpoints" / last) == _sums(straight / "checkpoints" / last)
+    if TRACKED:  # both attempts logged, each step once, the probe every 5 steps
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(stopped / "trackers/dcdit"), size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        assert [e.step for e in events.Scalars("loss")] == list(range(1, STEPS + 1))
+        assert [i.step for i in events.Images("probe/boundaries")] == list(range(5, STEPS + 1, 5))
 
 
-def test_a_signal_in_process_stops_after_the_step_and_restores_the_handlers(tmp_path):
-    """The library call raises Preempted (no CLI), and leaves SIGTERM/SIGUSR1 as it found them."""
+def test_a_signal_in_process_stops_after_the_step_then_ignores_further_signals(tmp_path):
+    """The library call raises Preempted (no CLI) and leaves SIGTERM/SIGUSR1 ignored, so that nothing
+    cuts the exit short; a run that finishes leaves the handlers as it found them."""
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    train(load_recipe("tiny", ["train.max_steps=1"]), tmp_path / "finished")
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
     run = tmp_path / "run"
 
     def send():
@@ -72,9 +86,13 @@ def test_a_signal_in_process_stops_after_the_step_and_restores_the_handlers(tmp_
         os.kill(os.getpid(), signal.SIGUSR1)
 
     threading.Thread(target=send, daemon=True).start()
-    with pytest.raises(Preempted, match=r"SIGUSR1: finished step \d+/1000"):
-        train(load_recipe("tiny", ["train.max_steps=1000"]), run)
-    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+    try:
+        with pytest.raises(Preempted, match=r"SIGUSR1: finished step \d+/1000"):
+            train(load_recipe("tiny", ["train.max_steps=1000"]), run)
+        assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, before[0])
+        signal.signal(signal.SIGTERM, before[1])
     assert 2 <= _stopped_step(run) < 1000
 
 
@@ -94,9 +112,9 @@ def test_a_resumed_log_window_averages_only_its_own_steps(tmp_path):
 def test_two_processes_stop_at_the_same_step_when_one_rank_is_signalled(tmp_path):
     """SIGUSR1 to rank 1 only: the ranks agree (common/preemption.py), rank 0 checkpoints, both exit
     75; the same launch resumes and ends bitwise equal to an uninterrupted 2-process run."""
-    def launch(out: Path, port: str):
+    def launch(out: Path, port: str, tracked=()):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *CMD,
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *CMD, *tracked,
                "--set", "train.log_every_steps=3", "--out", str(out)]
         return subprocess.Popen(cmd, env={**ENV, "DCDIT_TEST_PORT": port}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -105,7 +123,7 @@ def test_two_processes_stop_at_the_same_step_when_one_rank_is_signalled(tmp_path
     proc = launch(straight, str(_free_port()))
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     port = str(_free_port())
-    proc = launch(stopped, port)
+    proc = launch(stopped, port, TRACKED)
     _signal_after(proc, stopped, signal.SIGUSR1, pid=_rank_pid(port, 1), lines=1)
     _, err = proc.communicate(timeout=120)
     assert "exitcode  : 75" in err and "exitcode  : 75" in err.split("exitcode  : 75", 1)[1], err[-3000:]
@@ -114,7 +132,9 @@ def test_two_processes_stop_at_the_same_step_when_one_rank_is_signalled(tmp_path
     assert [line for line in err.splitlines() if line.startswith("stopped:")] == [
         f"stopped: a stop signal on another rank: finished step {step}/{STEPS} and wrote {stopped}/checkpoints/"
         f"step-{step:07d}; rerun the same command to resume (exit code 75)"]
-    proc = launch(stopped, str(_free_port()))
+    proc = launch(stopped, str(_free_port()), TRACKED)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     last = f"step-{STEPS:07d}"
     assert _sums(stopped / "checkpoints" / last) == _sums(straight / "checkpoints" / last)
+    if TRACKED:  # rank 0 alone writes events: one file per launch
+        assert len(list((stopped / "trackers/dcdit").glob("events.out.tfevents.*"))) == 2

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from dcdit_cli.common import processes
+from dcdit_cli.common.console import Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 CHECK_EVERY = 10
@@ -58,11 +59,20 @@ class StopRequest:
 
 @contextmanager
 def listen() -> Iterator[StopRequest]:
-    """Notes SIGTERM and SIGUSR1 while the block runs; the previous handlers come back after it."""
+    """Notes SIGTERM and SIGUSR1 while the block runs; the previous handlers come back after it.
+
+    When the block stops the run (:class:`Preempted`), both signals are ignored from then on
+    instead: the process is exiting on purpose, and a second signal must not cut that short. (A
+    launcher sends SIGTERM to the ranks still running as soon as one rank exits with a code other
+    than 0, so rank 0 gets one while it reports.)
+    """
     request = StopRequest()
     previous = {sig: signal.signal(sig, request._on_signal) for sig in SIGNALS}
     try:
         yield request
+    except Preempted:
+        previous = dict.fromkeys(SIGNALS, signal.SIG_IGN)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
