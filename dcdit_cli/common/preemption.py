@@ -39,7 +39,7 @@ class StopRequest:
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGTERM and processes.peer_died():
-            processes._on_sigterm(signum, frame)  # the launcher stops us because a rank died: say which
+            processes.on_launcher_sigterm(signum, frame)  # the launcher stops us because a rank died: say which
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def flag(self, device) -> torch.Tensor:

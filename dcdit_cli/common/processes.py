@@ -68,7 +68,7 @@ def peer_died() -> bool:
     return _watch is not None and bool(_watch.dead_ranks())
 
 
-def _on_sigterm(signum, frame) -> None:
+def on_launcher_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report, even if the launcher repeats itself
     raise _watch.failure("the launcher stopped this one")
 
@@ -80,7 +80,7 @@ def watch_ranks(accelerator, command: str) -> None:
         return
     pids = accelerator.gather(torch.tensor([os.getpid()], device=accelerator.device)).tolist()
     _watch = RankWatch([int(p) for p in pids], accelerator.process_index, command)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_launcher_sigterm)
 
 
 def explain(error: BaseException) -> RankFailure | None:

@@ -137,7 +137,7 @@ class Trackers:
 
     def __init__(self, accelerator, recipe: Recipe, out_dir: Path, dataset) -> None:
         self.accelerator, self.every = accelerator, recipe.train.image_every_steps
-        self.on = bool(recipe.train.log_with)
+        self.on, self.router_probe = bool(recipe.train.log_with), None
         if not self.on:
             return
         run_id = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]  # a resumed run continues its W&B run
@@ -152,7 +152,7 @@ class Trackers:
                                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, step=step)
 
     def probe(self, step: int, ema: torch.nn.Module) -> None:
-        if not self.on or self.every == 0 or step % self.every or self.router_probe is None:
+        if self.router_probe is None or self.every == 0 or step % self.every:  # rank 0 with trackers only
             return
         images, histograms, scalars = self.router_probe(ema)
         self.accelerator.log(scalars, step=step)
