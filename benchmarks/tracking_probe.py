@@ -4,7 +4,8 @@ Interleaves rounds of training steps and probes on the same model, so that a loa
 slows both alike, and prints the medians: seconds per step, seconds per probe (the batched
 forward over PROBE_TIMESTEPS t, the sampling run of the recipe's diffusion.sampling_steps, the
 pictures, and the TensorBoard writes when tensorboard is installed), the probe in steps, and
-its share of training time at the recipe's train.image_every_steps.
+its share of training time at the recipe's train.image_every_steps; and the time to hand one
+metrics.jsonl record to TensorBoard (what a log step adds).
 
     python benchmarks/tracking_probe.py [--recipe toy] [--rounds 7] [--steps 10] [--device cpu]
 """
@@ -74,7 +75,14 @@ def main() -> None:
     for step in range(3):  # warm-up
         train_step(step)
     probe_once(0)
-    step_s, probe_s = [], []
+    record = {k: 1.0 for k in ("loss", "mse", "vb", "ratio_loss", "compression", "kept_tokens", "grad_norm", "lr",
+                                "images_per_s", "budget")}  # a metrics.jsonl record's numbers
+
+    def log_once(step: int) -> None:
+        for key, value in record.items():
+            writer.add_scalar(key, value, step)
+
+    step_s, probe_s, log_s = [], [], []
     for r in range(args.rounds):
         sync()
         start = time.perf_counter()
@@ -86,6 +94,10 @@ def main() -> None:
         probe_once(r + 1)
         sync()
         probe_s.append(time.perf_counter() - start)
+        if writer is not None:
+            start = time.perf_counter()
+            log_once(r)
+            log_s.append(time.perf_counter() - start)
     step, cost = statistics.median(step_s), statistics.median(probe_s)
     every = recipe.train.image_every_steps
     print(f"recipe {args.recipe} on {device}, batch {batch}, probe of {len(probe.y)} images at {len(probe.ts)} t and "
@@ -95,6 +107,10 @@ def main() -> None:
     print(f"  probe              {cost:.4f} s  = {cost / step:.1f} training steps")
     if every:
         print(f"  share of training at train.image_every_steps = {every}: {cost / (cost + every * step):.2%}")
+    if log_s:
+        log = statistics.median(log_s)
+        print(f"  one metrics record to TensorBoard {log * 1e3:.2f} ms = {log / step:.2%} of a training step "
+              f"(at log steps only)")
 
 
 if __name__ == "__main__":
