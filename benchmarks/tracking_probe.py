@@ -7,7 +7,7 @@ pictures, and the TensorBoard writes when tensorboard is installed), the probe i
 its share of training time at the recipe's train.image_every_steps; and the time to hand one
 metrics.jsonl record to TensorBoard (what a log step adds).
 
-    python benchmarks/tracking_probe.py [--recipe toy] [--rounds 7] [--steps 10] [--device cpu]
+    python benchmarks/tracking_probe.py [--recipe toy] [--rounds 7] [--steps 10] [--device cpu] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. data.path=features/imagenet256")
     args = parser.parse_args()
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(recipe.model).to(device)
