@@ -84,6 +84,12 @@ def test_the_probe_reads_the_routers_decisions_at_each_t():
     assert histograms["probe/p"].size == len(probe.ts) * len(probe.y) * 64
 
 
+def test_a_dit_probe_logs_the_samples_only():
+    recipe = load_recipe("toy-dit", ["diffusion.sampling_steps=2"])
+    images, histograms, scalars = tracking.RouterProbe(recipe, make_dataset(recipe.data), "cpu")(build_model(recipe.model).eval())
+    assert list(images) == ["probe/samples"] and not histograms and list(scalars) == ["probe/seconds"]
+
+
 def test_trackers_add_no_host_synchronisation(tmp_path):
     pytest.importorskip("tensorboard")
 

@@ -28,6 +28,7 @@ from dcdit_cli.common.console import DcditError
 from dcdit_cli.common.plots import kept_tokens_figure
 from dcdit_cli.config.recipe import Recipe
 from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.models import RouterStats
 
 PACKAGES = {  # tracker → (module it needs, what to pip install)
     "tensorboard": ("tensorboard", "dcdit[tensorboard]"), "wandb": ("wandb", "dcdit[wandb]"),
@@ -97,7 +98,7 @@ class RouterProbe:
                                            generator=torch.Generator().manual_seed(self.sampler_seed))
         images = {"probe/samples": grid(to_unit(samples.cpu()), n)}
         histograms, scalars = {}, {}
-        if stats is not None:  # a router: DC-DiT
+        if isinstance(stats, RouterStats):  # a router: DC-DiT (a DiT has none)
             side = self.x0.shape[-1]
             mask = stats.mask.reshape(K, n, 1, side, side).float().cpu()  # the router's boundaries
             shown = 0.35 * to_unit(self.x0.cpu())[None] + 0.65 * mask  # boundaries bright over the dimmed image
