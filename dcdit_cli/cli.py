@@ -84,6 +84,7 @@ def _maybe_print(recipe, print_recipe: bool) -> None:
         "  dcdit flops --all                       # paper Table 1, every shipped recipe\n\n"
         "  dcdit flops --recipe b-n4 --recipe dit-b-p2-isoflop\n\n"
         "  dcdit flops --ckpt runs/toy --num 8     # kept tokens measured by sampling a checkpoint\n\n"
+        "  dcdit flops --recipe xl-n4 --convention authors   # beside the authors' flop_counter count\n\n"
         "  dcdit flops --all --json > flops.json"
     )
 )
@@ -91,19 +92,23 @@ def flops(
     recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="Recipe(s) to report (repeatable)."),
     all_: bool = typer.Option(False, "--all", help="Report every shipped recipe."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run dir, dcdit weights, the authors' .pt or hf:…: count kept tokens by sampling."),
-    num: int = typer.Option(4, "--num", help="Images sampled with --ckpt to measure kept tokens."),
+    num: int = typer.Option(4, "--num", help="Images sampled with --ckpt (one batch) to measure kept tokens."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="With --ckpt: comma-separated class labels cycled over the images."),
     set_: Optional[List[str]] = SetOpt,
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    convention: str = typer.Option("dcdit", "--convention", help="dcdit (what runs) or authors: also their flop_counter's count (--ckpt rows always show both)."),
 ):
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
-    from dcdit_cli.models.flops import run_flops
+    from dcdit_cli.models.flops import check_convention, run_flops
 
+    check_convention(convention)
     measured = None
     if ckpt is not None:
         from dcdit_cli.sampling.sampler import measure_kept_tokens
 
-        measured = measure_kept_tokens(ckpt, num=num)
-    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_)
+        measured = measure_kept_tokens(ckpt, num=num, classes=_classes(classes))
+    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_,
+              convention=convention)
 
 
 @app.command(

@@ -257,6 +257,7 @@ CASES = [
     ("flops-unknown-recipe", ["flops", "--recipe", "nope"], "unknown recipe 'nope'"),
     ("flops-nothing", ["flops"], "nothing to count"),
     ("flops-num-0", ["flops", "--ckpt", "{run}", "--num", "0"], "--num 0: give at least 1"),
+    ("flops-convention", ["flops", "--ckpt", "{run}", "--convention", "paper"], "--convention 'paper': use one of dcdit, authors"),
     # --- train: outputs and checkpoints
     ("train-out-under-file", T + ["--out", "{file}/run"], "is a file, not a directory"),
     ("train-out-is-file", T + ["--out", "{file}"], "is a file: pass a directory"),
