@@ -66,7 +66,7 @@ def count_train_flops(fn, *args, **kwargs) -> int:
 
 
 def _dummy_inputs(model, device, batch: int = 1):
-    side, ch = model.input_size, model.in_channels
+    side, ch = model.config.input_size, model.config.in_channels
     x = torch.zeros(batch, ch, side, side, device=device)
     t = torch.zeros(batch, dtype=torch.long, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
@@ -104,7 +104,7 @@ class QuadraticCost:
 def _counted_forward(model, m: int) -> FlopCounterMode:
     """One single-image DC-DiT forward with exactly m kept tokens (the first m in raster order), counted."""
     x, t, y = _dummy_inputs(model, "cpu")
-    L = model.input_size**2
+    L = model.config.input_size**2
     boundary = torch.zeros(1, L, dtype=torch.bool)
     boundary[0, :m] = True
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
@@ -150,7 +150,7 @@ def authors_delta(model_cfg, model=None) -> AuthorsDelta:
     counts = _counted_forward(model, 1).get_flop_counts()
     name = type(model).__name__
     dechunk, residual = (sum(counts.get(f"{name}.{part}", {}).values()) for part in ("dechunk", "residual_proj"))
-    return AuthorsDelta(float(dechunk), float(residual), model.hidden_size)
+    return AuthorsDelta(float(dechunk), float(residual), model.config.hidden_size)
 
 
 def static_cost(model_cfg) -> QuadraticCost:
