@@ -85,6 +85,7 @@ def _maybe_print(recipe, print_recipe: bool) -> None:
         "  dcdit flops --recipe b-n4 --recipe dit-b-p2-isoflop\n\n"
         "  dcdit flops --ckpt runs/toy --num 8     # kept tokens measured by sampling a checkpoint\n\n"
         "  dcdit flops --recipe xl-n4 --convention authors   # beside the authors' flop_counter count\n\n"
+        "  dcdit flops --recipe xl-n4-512 --memory --batch 32   # predicted peak training GiB per GPU\n\n"
         "  dcdit flops --all --json > flops.json"
     )
 )
@@ -97,11 +98,19 @@ def flops(
     set_: Optional[List[str]] = SetOpt,
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     convention: str = typer.Option("dcdit", "--convention", help="dcdit (what runs) or authors: also their flop_counter's count (--ckpt rows always show both)."),
+    memory: bool = typer.Option(False, "--memory", help="Predicted peak training memory per GPU (GiB) instead, with and without checkpointing."),
+    batch: int = typer.Option(32, "--batch", help="With --memory: samples per GPU (the paper's 256 over 8 GPUs is 32)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="With --memory: bf16 or no (default: the recipe's train.mixed_precision)."),
 ):
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
     from dcdit_cli.models.flops import check_convention, run_flops
 
     check_convention(convention)
+    if memory:
+        from dcdit_cli.training.memory import run_memory
+
+        run_memory(recipe or [], set_ or [], batch, precision, as_json=json_)
+        return
     measured = None
     if ckpt is not None:
         from dcdit_cli.sampling.sampler import measure_kept_tokens

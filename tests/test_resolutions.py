@@ -110,3 +110,37 @@ def test_512_px_pipeline_on_a_64_grid_through_the_cli(tmp_path):
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 512, 512, 3)
     dcdit("viz-boundaries", "--ckpt", "runs/r", "--num", "1", "--steps", "3", "--vae", "vae", "--out", "viz")
     assert list((tmp_path / "viz").glob("*.png"))
+
+
+@pytest.mark.parametrize("precision,checkpointing", [("no", False), ("bf16", True)])
+def test_memory_model_matches_measured_peaks_at_two_grid_sizes(precision, checkpointing):
+    """docs/resolutions.md#memory: the fitted model within 15% of MemTracker's measured peak at 16² and 32²
+    (a width the fit did not see); checkpointing lowers the measured peak."""
+    import dataclasses
+
+    from dcdit_cli.training import memory
+
+    base = dataclasses.replace(load_recipe("tiny").model, hidden_size=80, scaffold_width=20, depth=2, num_heads=4,
+                               norm_groups=4)
+    for side in (16, 32):
+        m = dataclasses.replace(base, input_size=side)
+        measured = memory.measure_peak_bytes(m, 2, precision, checkpointing)
+        predicted = memory.predict_peak_bytes(m, 2, precision, checkpointing, scores=True)
+        assert abs(predicted / measured - 1) < 0.15, (side, predicted, measured)
+        if checkpointing:
+            assert measured < memory.measure_peak_bytes(m, 2, precision, False)
+
+
+def test_flops_memory_reports_xl_512_with_and_without_checkpointing(capsys):
+    import json
+
+    from dcdit_cli.training.memory import run_memory
+
+    rows = run_memory(["xl-n4-512"], [], batch=32, precision=None, as_json=True)
+    printed = json.loads(capsys.readouterr().out)[0]
+    assert printed["recipe"] == "xl-n4-512" and printed["precision"] == "bf16"
+    row = rows[0]
+    assert 0 < row.peak_gib_checkpointing < row.peak_gib
+    for plain, ckpt in row.max_batch.values():
+        assert ckpt >= plain
+    assert row.max_batch[192][0] >= row.max_batch[80][0]
