@@ -277,7 +277,7 @@ def extract(
     data_path: Path = typer.Option(..., "--data-path", help="Image folder with one subfolder per class (ImageNet train/ layout)."),
     out: Path = typer.Option(..., "--out", help="Directory for the latent shards and index.json."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="diffusers AutoencoderKL directory, or a hub id in the HF cache."),
-    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels."),
+    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels (512 for the *-512 recipes: 64×64 latents)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE call per process (x2 with --flip both)."),
     flip: str = typer.Option("both", "--flip", help="both: original + mirrored latent; random: one frozen random flip; none."),
     mean: bool = typer.Option(False, "--mean", help="Store the posterior mean instead of a sample."),
