@@ -126,7 +126,7 @@ class MemoryRow:
     peak_gib: float
     peak_gib_checkpointing: float
     max_batch: dict
-    """card GB → (largest batch without, with checkpointing)."""
+    """card GiB → (largest batch without, with checkpointing)."""
 
 
 def max_batch(m: ModelConfig, precision: str, checkpointing: bool, card_bytes: float) -> int:
@@ -157,7 +157,7 @@ def run_memory(recipes, overrides, batch: int | None, precision: str | None, car
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return rows
     table = Table(title="Predicted peak training memory per device (GiB, live tensors; docs/resolutions.md#memory)")
-    for col in ("recipe", "batch", "precision", "peak", "with checkpointing", *(f"max batch {gb} GB (plain / ckpt)" for gb in cards_gb)):
+    for col in ("recipe", "batch", "precision", "peak", "with checkpointing", *(f"max batch in {gb} GiB (plain / ckpt)" for gb in cards_gb)):
         table.add_column(col, justify="left" if col == "recipe" else "right")
     for r in rows:
         table.add_row(r.recipe, str(r.batch), r.precision, f"{r.peak_gib:.1f}", f"{r.peak_gib_checkpointing:.1f}",
