@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
-from dcdit_cli.models.dit import DiT
+from dcdit_cli.models.dit import DiT, ForwardStats
 from dcdit_cli.models.dydit import add_gates
 
 
@@ -46,4 +46,4 @@ def checkpoint_blocks(model) -> None:
         block.forward = functools.partial(checkpoint, type(block).forward, block, use_reentrant=False)
 
 
-__all__ = ["DCDiT", "DiT", "RouterStats", "build_model", "checkpoint_blocks", "compile_blocks"]
+__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "checkpoint_blocks", "compile_blocks"]
