@@ -40,7 +40,7 @@ def test_512_baselines_are_flop_matched_within_two_percent(name):
     assert abs(dit.tflops_per_img / ours.tflops_per_img - 1) < 0.02
 
 
-@pytest.mark.parametrize("name", ["tiny", "toy-dit"])
+@pytest.mark.parametrize("name", ["tiny", "toy-dit", "toy-dydit"])
 def test_grad_checkpointing_gives_the_same_gradients(name):
     """train.grad_checkpointing recomputes the inner and scaffold blocks in backward: same loss, same gradients."""
     import dataclasses
