@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 from safetensors.torch import save_file
 
 from conftest import random_dinov2_state_dict
@@ -252,6 +253,10 @@ def test_make_reference_stores_dinov2_statistics_and_fd_dinov2_kid(tmp_path, inc
     assert same["sfid"] is None and same["precision"] is None  # not asked
     want = _kid_numpy(inception(real)["pool"], inception(other)["pool"], 100, 8)
     assert far["kid"] == pytest.approx(want.mean(), rel=1e-3)  # KID on the Inception pool features
+    console = Console(record=True, width=100)
+    console.print(fid.report_table(far))
+    text = console.export_text()
+    assert "FD-DINOv2" in text and "KID subset size" in text and "sFID" not in text
 
     # a reference with Inception statistics but no DINOv2 ones: one line naming the fix, before any work
     np.savez(tmp_path / "old.npz", **{k: np.load(tmp_path / "ref.npz")[k] for k in ("arr_0", "mu", "sigma", "mu_s", "sigma_s")})

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
-from dcdit_cli.common.console import DcditError, load_error_reason
+from dcdit_cli.common.console import DcditError, load_error_reason, print0
 
 DINOV2_WEIGHTS_ENV = "DCDIT_DINOV2_WEIGHTS"
 DINOV2_HF_REPO = "timm/vit_large_patch14_dinov2.lvd142m"  # model.safetensors, timm's names
@@ -187,4 +187,8 @@ class DinoV2Features:
 def load_dinov2(weights: str | Path | None = None, device: str | torch.device | None = None) -> DinoV2Features:
     """The DINOv2 extractor from a local file, $DCDIT_DINOV2_WEIGHTS or the caches (never a download)."""
     path = resolve_dinov2_weights(weights)
-    return DinoV2Features(read_state_dict(path), device, path)
+    extractor = DinoV2Features(read_state_dict(path), device, path)
+    if not extractor.is_vit_l:
+        print0(f"[yellow]{path} is not DINOv2 ViT-L/14 ({extractor.dim}-d features): its FD-DINOv2 is not comparable "
+               "with published values[/]")
+    return extractor
