@@ -222,6 +222,8 @@ def test_eval_refuses_bad_inception_weights_and_compare_records_before_sampling(
         (["--inception-weights", str(inception_weights), "stray"], "unexpected argument(s) stray"),
         (["--inception-weights", str(inception_weights), "--pr-distances", "half"], "--pr-distances 'half'"),
         (["--inception-weights", str(inception_weights), "--metrics", "fid,fdd"], "--metrics 'fid,fdd'"),
+        (["--inception-weights", str(inception_weights), "--metrics", "fd_dinov2", "--dinov2-weights", str(tmp_path / "no.pth")],
+         "DINOv2 weights not found"),
         (["--inception-weights", str(inception_weights), "--pareto-metric", "fd_dinov2"], "not among --metrics fid,sfid,is,pr: add fd_dinov2"),
         (["--inception-weights", str(inception_weights), "--pareto-metric", "speed"], "--pareto-metric 'speed'"),
         (["--inception-weights", str(inception_weights), "--metrics", "fid,kid", "--pareto-metric", "kid", "--compare", str(good)],

@@ -192,7 +192,7 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
                              batch_size, vae) for s in settings}
     if not state.is_main_process:
         return []  # no barrier after this: rank 0 may evaluate for longer than a collective's timeout
-    ref_pool = fid.reference_features(reference, extractor, dinov2=dinov2)
+    ref_pool = fid.reference_features(reference, extractor, dinov2=dinov2, metrics=metrics)
     args = dict(steps=steps, seed=seed, distances=distances, ref=ref, ckpt=ckpt, command=command, metrics=metrics, dinov2=dinov2)
     records = [_evaluate_setting(s, report, recipe, step, extractor, reference, ref_pool, out, num, args)
                for s, report in reports.items()]

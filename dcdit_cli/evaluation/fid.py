@@ -389,10 +389,13 @@ def check_reference(ref: Reference, metrics: tuple[str, ...], dinov2: DinoV2Feat
 
 
 def reference_features(ref: Reference, extractor: InceptionFeatures, batch_size: int = 50,
-                       dinov2: DinoV2Features | None = None) -> np.ndarray | None:
+                       dinov2: DinoV2Features | None = None, metrics: tuple[str, ...] = ADM_METRICS) -> np.ndarray | None:
     """The reference's pool features for precision / recall and KID (its first 10,000 images),
     filling in its FID / sFID (and, given ``dinov2``, DINOv2) statistics from ``arr_0`` when the
-    file has none. None without ``arr_0``."""
+    file has none. None without ``arr_0``, or when the file has its statistics and ``metrics``
+    need no features (neither pr nor kid)."""
+    if ref.has_stats and not {"pr", "kid"} & set(metrics):
+        return None
     if ref.images is None:
         print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
         return None
@@ -449,7 +452,7 @@ def evaluate(
     if num is not None and len(acts.pool) < num:
         raise DcditError(f"asked for {num} samples but only {len(acts.pool)} under {samples.path} are readable: lower --num")
 
-    ref_pool = reference_features(ref, extractor, batch_size, dinov2)
+    ref_pool = reference_features(ref, extractor, batch_size, dinov2, metrics)
     return sample_metrics(acts, ref, ref_pool, metrics=metrics, split_size=split_size, distances=distances,
                           device=extractor.device)
 
