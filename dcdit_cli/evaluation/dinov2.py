@@ -104,12 +104,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def architecture(state_dict: dict[str, torch.Tensor], path: Path) -> dict:
     """timm's ``vit_large_patch14_dinov2`` arguments that fit these weights (ViT-L/14 for the real
     file; smaller widths and depths are read from the shapes, so tests can use a tiny ViT)."""
+    if "register_tokens" in state_dict or "blocks.0.mlp.w12.weight" in state_dict:
+        raise DcditError(f"{path} is a DINOv2 with registers or SwiGLU (ViT-g), not FD-DINOv2's ViT-L/14: {_WHERE}")
     needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
     missing = [k for k in needed if k not in state_dict]
     if missing:
-        hint = "a DINOv2 with registers or SwiGLU (ViT-g) is not the FD-DINOv2 network" if "register_tokens" in state_dict \
-            or "blocks.0.mlp.w12.weight" in state_dict else "not a DINOv2 ViT"
-        raise DcditError(f"{path} has no {', '.join(missing)}: {hint}; {_WHERE}")
+        raise DcditError(f"{path} has no {', '.join(missing)}: not a DINOv2 ViT; {_WHERE}")
     embed_dim = state_dict["cls_token"].shape[-1]
     patch = state_dict["patch_embed.proj.weight"].shape[-1]
     if patch != PATCH or embed_dim % HEAD_DIM:
