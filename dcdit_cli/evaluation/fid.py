@@ -474,7 +474,8 @@ def make_reference(
 ) -> dict:
     """An ADM-style reference batch from real images: each image ADM-centre-cropped to
     ``image_size``; ``mu``/``sigma`` and ``mu_s``/``sigma_s`` over all of them (or the first
-    ``num``), ``arr_0`` = the first ``keep_images`` crops (ADM keeps 10,000). With ``fd_dinov2``
+    ``num``), ``arr_0`` = ``keep_images`` crops spread evenly over the sorted files (ADM keeps
+    10,000; the indices count readable images, so skipped files may leave fewer). With ``fd_dinov2``
     in ``metrics`` also ``mu_dinov2``/``sigma_dinov2`` over all of them, so one reference serves
     every metric (KID needs no extra field: it uses the Inception features of ``arr_0``, which
     precision / recall compute anyway). Returns a summary."""
@@ -496,21 +497,23 @@ def make_reference(
     source = FolderImages(root, files, transform=lambda im: center_crop_arr(im, image_size))
     pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
     dinov2_stats = RunningStats(dinov2.dim) if dinov2 is not None else None
-    kept, n_kept = [], 0
+    # arr_0 (what precision / recall and KID compare with) spread evenly over the sorted files, so a
+    # class-sorted folder such as ImageNet's gives every class a share, not its first few classes.
+    keep = np.unique(np.linspace(0, len(files) - 1, min(keep_images, len(files))).round().astype(np.int64))
+    kept, seen = [], 0
     for batch, feats in _iter_activations(source.batches(batch_size), extractor, batch_size, len(files), "reference", dinov2):
         pool_stats.update(feats["pool"])
         spatial_stats.update(feats["spatial"])
         if dinov2_stats is not None:
             dinov2_stats.update(feats["dinov2"])
-        if n_kept < keep_images:
-            kept.append(batch[: keep_images - n_kept])
-            n_kept += len(kept[-1])
+        kept.append(batch[np.isin(np.arange(seen, seen + len(batch)), keep)])
+        seen += len(batch)
     _warn_skipped(source)
     if pool_stats.n < 2:
         raise DcditError(f"only {pool_stats.n} readable image(s) under {root}: a reference needs at least 2")
     mu, sigma = pool_stats.result()
     mu_s, sigma_s = spatial_stats.result()
-    arr_0 = np.concatenate(kept) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
+    arr_0 = np.concatenate(kept)
     extra = {}
     if dinov2_stats is not None:
         extra["mu_dinov2"], extra["sigma_dinov2"] = dinov2_stats.result()
