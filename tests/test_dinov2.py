@@ -280,3 +280,18 @@ def test_fid_without_dinov2_weights_is_one_line_before_work(tmp_path, inception_
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "no DINOv2 ViT-L/14 weights" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_dinov2_statistics_are_checked_before_work(tmp_path, tiny):
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023)}
+    np.savez(tmp_path / "r64.npz", **stats, mu_dinov2=np.zeros(64), sigma_dinov2=np.eye(64))
+    ref = fid.load_reference(tmp_path / "r64.npz")
+    assert ref.mu_dinov2.shape == (64,)
+    with pytest.raises(DcditError, match="64-d DINOv2 statistics but .* gives 128-d"):
+        fid.check_reference(ref, parse_metrics("fd_dinov2"), tiny)
+    fid.check_reference(ref, parse_metrics("fid"), tiny)  # not asked: nothing to check
+    np.savez(tmp_path / "bad.npz", **stats, mu_dinov2=np.zeros(64), sigma_dinov2=np.eye(32))
+    with pytest.raises(DcditError, match="mu_dinov2 .* are not a mean and covariance of one width"):
+        fid.load_reference(tmp_path / "bad.npz")
+    with pytest.raises(DcditError, match="no arr_0 images, which KID compares"):
+        fid.check_reference(ref, parse_metrics("kid"), None)
