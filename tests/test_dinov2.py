@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -129,6 +130,11 @@ def test_feature_is_the_cls_token_after_the_final_norm(tiny):
 
 
 def test_weights_lookup_order_and_missing_weights_line(tmp_path, monkeypatch, dinov2_weights):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the DINOv2 lookup tried the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # never downloaded: any connection fails the test
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.delenv(dv.DINOV2_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
