@@ -17,7 +17,7 @@ import json
 import math
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.config.recipe import SampleConfig
 from dcdit_cli.data.image_batches import load_samples
 from dcdit_cli.data.vae import decode, load_vae
-from dcdit_cli.diffusion.gaussian import classifier_free_guidance, make_diffusion
-from dcdit_cli.models.dydit import saved_flops
+from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.diffusion.guidance import KeptLog, guided_model_fn
 from dcdit_cli.models.flops import per_image_flops, tflops_per_image
 from dcdit_cli.training.checkpoint import load_weights
 
@@ -62,24 +62,6 @@ class SampleOptions(SampleConfig):
     def uncond(self) -> float:
         """The unconditional half's budget."""
         return self.budget if self.uncond_budget < 0 else self.uncond_budget
-
-
-@dataclass
-class KeptLog:
-    """Kept-token counts per sampler step: a list of (halves, B) tensors; ``saved``: the FLOPs that
-    DyDiT's gates skipped (net of their routers) per step, the same shape (0 without gates). Both
-    stay on the device and are read once, at the end."""
-
-    per_step: list = field(default_factory=list)
-    saved: list = field(default_factory=list)
-
-    def as_array(self) -> np.ndarray:
-        """(steps, B, halves)."""
-        return torch.stack(self.per_step).permute(0, 2, 1).cpu().numpy() if self.per_step else np.zeros((0, 0, 0))
-
-    def saved_array(self) -> np.ndarray:
-        """(steps, B, halves) FLOPs skipped by the gates."""
-        return torch.stack(self.saved).permute(0, 2, 1).double().cpu().numpy() if self.saved else np.zeros((0, 0, 0))
 
 
 def check_sample_options(options: dict, num: int | None = None, batch_size: int | None = None,
@@ -115,30 +97,9 @@ def classes_for(indices, num_classes: int, seed: int, classes: list[int] | None)
 
 
 def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
-    """The sampler's model function: CFG with Lite-CFG budgets in one batched forward."""
-    B = y.shape[0]
-    use_cfg = opts.cfg_scale > 1.0
-    uncond_budget = opts.uncond
-    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])  # [cond; uncond] labels
-    budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(y.device)  # once, not per step
-
-    def model_fn(x, t):
-        if not use_cfg:
-            out, stats = model(x, t, y, budget=opts.budget)
-        else:  # both halves in one forward, each at its own kept count (the inner network is packed)
-            out, stats = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg, budget=budgets)
-            out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels or None)[:B]
-        if stats is not None:
-            log.per_step.append(stats.num_kept.detach().view(-1, B))
-        else:  # a DiT runs every patch token, in each CFG half
-            tokens = (model.input_size // model.patch_size) ** 2
-            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
-        saved = saved_flops(model)
-        log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
-                         else saved.detach().double().view(-1, B))
-        return out
-
-    return model_fn
+    """The sampler's model function for these options (diffusion/guidance.py)."""
+    return guided_model_fn(model, y, cfg_scale=opts.cfg_scale, budget=opts.budget, uncond_budget=opts.uncond,
+                           guided_channels=opts.guided_channels, log=log)
 
 
 @torch.no_grad()
