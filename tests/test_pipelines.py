@@ -75,7 +75,7 @@ def test_pipeline_ddpm_learned_range_equals_dcdit_sample(tiny_recipe, transforme
     classes, seed = [1, 4, 2], 3
     opts = SampleOptions.from_recipe(tiny_recipe, steps=250, budget=0.2, uncond_budget=0.5, cfg_scale=2.0, seed=seed)
     x0, _, log = sample_batch(transformer.model, tiny_recipe, [0, 1, 2], opts, classes=classes)
-    pipe = DCDiTPipeline(transformer, make_scheduler("diffusers-ddpm", 1000, clip_sample=True))
+    pipe = DCDiTPipeline(transformer, make_scheduler("ddpm", 1000, clip_sample=True))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(class_labels=classes, guidance_scale=2.0, num_inference_steps=250, budget=0.2, uncond_budget=0.5,
                generator=[torch.Generator().manual_seed(image_seed(seed, i)) for i in range(3)],
@@ -116,3 +116,13 @@ def test_pixel_pipeline_saves_without_a_vae(transformer, tmp_path):
     DCDiTPipeline(transformer, make_scheduler("euler")).save_pretrained(tmp_path)
     loaded = DCDiTPipeline.from_pretrained(tmp_path)
     assert loaded.vae is None and type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_the_recipe_offers_every_scheduler():
+    from dataclasses import fields
+
+    from dcdit_cli.config.recipe import SampleConfig
+    from dcdit_cli.diffusion.schedulers import METHODS
+
+    method = next(f for f in fields(SampleConfig) if f.name == "method")
+    assert tuple(method.metadata["choices"]) == METHODS

@@ -31,20 +31,23 @@ from dcdit_cli.common.console import DcditError
 from dcdit_cli.diffusion.gaussian import ModelOutFn, space_timesteps
 
 ADM_METHODS = ("ddpm", "ddim")
-"""Samplers run by dcdit's own ADM loop (the paper's)."""
+"""Samplers that ``dcdit sample`` runs with its own ADM loop (the paper's)."""
 
 DIFFUSERS_SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddpm": (DDPMScheduler, {"variance_type": "learned_range"}),
+    "ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
     "dpm-solver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "diffusers-ddpm": (DDPMScheduler, {"variance_type": "learned_range"}),
-    "diffusers-ddim": (DDIMScheduler, {"set_alpha_to_one": False}),
 }
-"""``--scheduler`` name → diffusers class and the settings on top of DiT's β schedule. DPM-Solver is
-DPM-Solver++ of order 2 (the diffusers default, for guided sampling)."""
+"""Sampler name → diffusers class and its settings on top of DiT's β schedule. ``dcdit sample``
+runs ``ddpm`` and ``ddim`` with dcdit's ADM loop; their diffusers twins here are what an exported
+pipeline carries (``DDPMScheduler`` with the learned-range variance). DPM-Solver is DPM-Solver++
+of order 2 (diffusers' choice for guided sampling)."""
 
-METHODS = ADM_METHODS + tuple(DIFFUSERS_SCHEDULERS)
+METHODS = tuple(DIFFUSERS_SCHEDULERS)
+"""Every ``--scheduler`` name (the recipe's ``sample.method`` lists the same, tests/test_pipelines.py)."""
 
 
 def make_scheduler(name: str, num_timesteps: int = 1000, clip_sample: bool = False) -> SchedulerMixin:

@@ -31,8 +31,9 @@ from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.config.recipe import SampleConfig
 from dcdit_cli.data.image_batches import load_samples
 from dcdit_cli.data.vae import decode, load_vae
-from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.diffusion.gaussian import make_diffusion, randn_like_per_sample
 from dcdit_cli.diffusion.guidance import KeptLog, guided_model_fn
+from dcdit_cli.diffusion.schedulers import ADM_METHODS, METHODS, make_scheduler, scheduler_sample_loop
 from dcdit_cli.models.flops import per_image_flops, tflops_per_image
 from dcdit_cli.training.checkpoint import load_weights
 
@@ -76,7 +77,7 @@ def check_sample_options(options: dict, num: int | None = None, batch_size: int 
                    hint="a fraction such as 0.9 (Lite-CFG), or -1 for the same as --budget")
     check.seed("--seed", o["seed"]).count("sample.guided_channels", o["guided_channels"], least=0, example=3)
     if o["method"] is not None:
-        check.choice("--method", o["method"], ("ddpm", "ddim"))
+        check.choice("--scheduler", o["method"], METHODS)
     check.output("--out", None if npz is not None else out, (".png",)).output("--npz", npz, (".npz",)).done()
 
 
@@ -108,13 +109,17 @@ def sample_batch(model, recipe, indices: list[int], opts: SampleOptions, classes
     y = classes_for(indices, recipe.model.num_classes, opts.seed, classes).to(device)
     gens = [torch.Generator().manual_seed(image_seed(opts.seed, i)) for i in indices]
     # Pixel-space runs (shapes, photos) clamp x_0 to [−1, 1] as ADM does; latents are not clamped (DiT).
-    diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=recipe.diffusion.num_timesteps,
-                               clip_denoised=recipe.data.kind != "latents")
+    clip, T = recipe.data.kind != "latents", recipe.diffusion.num_timesteps
     log = KeptLog()
+    model_fn = make_model_fn(model, y, opts, log)
     shape = (len(indices), model.in_channels, model.input_size, model.input_size)
-    x0 = diffusion.sample_loop(
-        make_model_fn(model, y, opts, log), shape, method=opts.method, generator=gens, device=device, on_step=on_step
-    )
+    if opts.method in ADM_METHODS:  # the paper's sampler, dcdit's own
+        diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=T, clip_denoised=clip)
+        x0 = diffusion.sample_loop(model_fn, shape, method=opts.method, generator=gens, device=device, on_step=on_step)
+    else:  # a diffusers scheduler on the same diffusion and the same per-image noise
+        noise = randn_like_per_sample(shape, gens, device)
+        x0 = scheduler_sample_loop(make_scheduler(opts.method, T, clip_sample=clip), model_fn, noise, opts.steps,
+                                   generator=gens, on_step=on_step)
     return x0, y.cpu(), log
 
 
