@@ -91,10 +91,12 @@ def _figures(ckpt, recipe, folder: Path, measure: bool) -> list[tuple[str, str]]
     return figures
 
 
-def _run_commands(ckpt, out: Path, scheduler: str, push_to_hub: str | None) -> list[str]:
+def _run_commands(ckpt, recipe, out: Path, scheduler: str, push_to_hub: str | None) -> list[str]:
+    """The run's own command lines (its command.txt), else training from the card's recipe; then the export and a sample."""
     command_file = Path(str(ckpt)) / "command.txt"
     trained = [line for line in command_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if command_file.is_file() else ["# trained elsewhere: see the recipe below"]
+        if command_file.is_file() else []
+    trained = trained or [f"# save the recipe below as {recipe.run.name}.toml", f"dcdit train --recipe {recipe.run.name}.toml"]
     export = f"dcdit export --ckpt {ckpt} --out {out} --scheduler {scheduler}"
     return trained + [export + (f" --push-to-hub {push_to_hub}" if push_to_hub else ""),
                       f"dcdit sample --ckpt {out} --scheduler dpm-solver --steps 25 --budget 0.2"]
@@ -124,7 +126,7 @@ def export(ckpt, out: Path, scheduler: str = "dpm-solver", vae: str | None = Non
                           cost_steps=recipe.diffusion.sampling_steps, costs=costs,
                           metrics=load_records(eval_json) if eval_json.is_file() else [],
                           figures=_figures(ckpt, recipe, tmp, measure),
-                          commands=_run_commands(ckpt, out, scheduler, push_to_hub))
+                          commands=_run_commands(ckpt, recipe, out, scheduler, push_to_hub))
         write_text(tmp / "README.md", model_card(facts))
         if out.exists():
             shutil.rmtree(out)
