@@ -243,3 +243,11 @@ def test_train_export_and_sample_with_dpm_solver_like_a_newcomer(tmp_path):
                           text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["DPMSolverMultistepScheduler", "2", "(16,", "16)", "(25,", "2,", "16,", "16)", "(25,", "2,", "2)"]
+
+
+def test_viz_boundaries_runs_a_diffusers_scheduler(run, tmp_path):
+    from dcdit_cli.sampling.viz_boundaries import run_viz
+
+    result = run_viz(run, num=1, timesteps=3, out_dir=tmp_path / "b", steps=5, method="dpm-solver")
+    assert result["steps"] == 5 and len(result["timesteps"]) == 3 and result["timesteps"][0] == 999
+    assert Path(result["summary"]).is_file()

@@ -150,3 +150,26 @@ def test_the_scheduler_flag_reaches_every_sampling_command(tiny_recipe):
 
     with pytest.raises(DcditError, match="--scheduler"):
         SampleOptions.from_recipe(tiny_recipe, method="heun")
+
+
+def test_diffusers_spacings_against_adm_respacing():
+    """docs/reference.md#respacing-in-diffusers: only explicit timesteps are ADM's at every count."""
+    from diffusers import DDPMScheduler
+
+    def spaced(spacing: str, n: int) -> list[int]:
+        scheduler = DDPMScheduler(timestep_spacing=spacing)
+        scheduler.set_timesteps(n)
+        return scheduler.timesteps.tolist()
+
+    assert adm_timesteps(250)[:2] == [999, 995] and adm_timesteps(250)[-2:] == [4, 0]
+    assert spaced("leading", 250) != adm_timesteps(250) and spaced("trailing", 250) != adm_timesteps(250)
+    assert spaced("linspace", 250) == adm_timesteps(250)
+    assert spaced("linspace", 21) != adm_timesteps(21)
+
+
+@pytest.mark.parametrize("name", ["dpm-solver", "unipc"])
+def test_pixel_space_clipping_of_the_multistep_solvers_is_adm_clamp(name):
+    """clip_sample for DPM-Solver++ and UniPC is their thresholding with the bound fixed at 1: x_0 clamped to [−1, 1]."""
+    x = 3 * torch.randn(2, 3, 8, 8)
+    assert torch.equal(make_scheduler(name, clip_sample=True)._threshold_sample(x), x.clamp(-1, 1))
+    assert not make_scheduler(name).config.thresholding

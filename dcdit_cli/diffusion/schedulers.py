@@ -52,15 +52,19 @@ METHODS = tuple(DIFFUSERS_SCHEDULERS)
 
 def make_scheduler(name: str, num_timesteps: int = 1000, clip_sample: bool = False) -> SchedulerMixin:
     """A diffusers scheduler for DiT's linear-β diffusion over ``num_timesteps`` steps.
-    ``clip_sample`` clamps the predicted x_0 to [−1, 1] where the scheduler can (pixel-space runs)."""
+    ``clip_sample`` clamps the predicted x_0 to [−1, 1], as ADM does for pixel-space runs, where the
+    scheduler can (every one here but the Euler samplers, which never form x_0's clamp)."""
     if name not in DIFFUSERS_SCHEDULERS:
         raise DcditError(f"unknown scheduler {name!r}: use one of {', '.join(METHODS)}")
     cls, extra = DIFFUSERS_SCHEDULERS[name]
     scale = 1000.0 / num_timesteps
     config = dict(num_train_timesteps=num_timesteps, beta_start=scale * 1e-4, beta_end=scale * 0.02,
                   beta_schedule="linear", prediction_type="epsilon", **extra)
-    if "clip_sample" in cls._get_init_keys(cls):
+    keys = cls._get_init_keys(cls)
+    if "clip_sample" in keys:
         config["clip_sample"] = clip_sample
+    elif clip_sample and "thresholding" in keys:  # DPM-Solver++, UniPC: "dynamic" thresholding with its
+        config.update(thresholding=True, sample_max_value=1.0)  # bound s clamped to [1, 1] is clipping to [−1, 1]
     return cls(**config)
 
 
