@@ -251,3 +251,21 @@ def test_viz_boundaries_runs_a_diffusers_scheduler(run, tmp_path):
     result = run_viz(run, num=1, timesteps=3, out_dir=tmp_path / "b", steps=5, method="dpm-solver")
     assert result["steps"] == 5 and len(result["timesteps"]) == 3 and result["timesteps"][0] == 999
     assert Path(result["summary"]).is_file()
+
+
+def test_a_latent_run_exports_its_vae_or_a_pointer_to_it(tiny_recipe, vae_dir, tmp_path):
+    from dcdit_cli.models import build_model
+    from dcdit_cli.training.checkpoint import export_weights
+
+    recipe = tiny_recipe.replace(model={"in_channels": 4}, data={"kind": "latents", "path": "x"})
+    run = tmp_path / "latent-run"
+    export_weights(run, 3, build_model(recipe.model).state_dict(), recipe.to_toml(), keep_last=1)
+    out = export(run, tmp_path / "with-vae", vae=str(vae_dir))
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert (out / "figures" / "compression_vs_t.png").is_file()
+    pipe = load_pipeline(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(class_labels=[1], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+    out = export(run, tmp_path / "pointer", vae=str(tmp_path / "no-vae-here"), measure=False)
+    card = (out / "README.md").read_text()
+    assert not (out / "vae").exists() and "not included" in card and "AutoencoderKL.from_pretrained" in card

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.diffusion.schedulers import adm_timesteps, make_scheduler
 from dcdit_cli.models.dit import DiT
 from dcdit_cli.pipelines import DCDiTPipeline, DCDiTTransformer2DModel, to_diffusers_dit
@@ -56,7 +57,8 @@ def test_the_wrapped_module_is_the_one_dcdit_trains(tiny_recipe):
 def test_a_dit_baseline_loads_into_diffusers_dit_class():
     """The weights map one to one; outputs are equal once diffusers' timestep frequencies use DiT's
     denominator (downscale_freq_shift 0), and differ with diffusers' own (1), as docs/diffusers.md says."""
-    dit = perturbed(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5))
+    dit = perturbed(DiT(ModelConfig(kind="dit", input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2,
+                                    num_heads=2, num_classes=5)))
     theirs = to_diffusers_dit(dit)
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 300, 999]), torch.tensor([0, 4, 5])
     with torch.no_grad():

@@ -51,7 +51,7 @@ def guided_model_fn(model, y: torch.Tensor, *, cfg_scale: float, budget: float, 
     ``uncond_budget``; ``guided_channels`` 0 guides every ε channel."""
     B = y.shape[0]
     use_cfg = cfg_scale > 1.0
-    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])  # [cond; uncond] labels
+    y_cfg = torch.cat([y, torch.full_like(y, model.config.num_classes)])  # [cond; uncond] labels
     budgets = torch.cat([torch.full((B,), budget), torch.full((B,), uncond_budget)]).to(y.device)  # once, not per step
 
     def model_fn(x, t):
@@ -65,7 +65,7 @@ def guided_model_fn(model, y: torch.Tensor, *, cfg_scale: float, budget: float, 
             if log.record_maps:
                 log.maps.append(stats.kept[:B].detach())
         else:  # a DiT runs every patch token, in each CFG half
-            tokens = (model.input_size // model.patch_size) ** 2
+            tokens = (model.config.input_size // model.config.patch_size) ** 2
             log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
         saved = saved_flops(model)
         log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None

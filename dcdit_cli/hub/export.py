@@ -63,23 +63,25 @@ def measured_costs(model, recipe, steps: int) -> list[tuple[float, float, float]
 
 
 def _vae_for(recipe, vae: str | None):
-    """(AutoencoderKL or None, the card's VAE line): a latent run's VAE if it is at hand, else a pointer."""
+    """(AutoencoderKL or None, its name or None, the card's VAE line): a latent run's VAE if it is
+    at hand, else a pointer to it."""
     if recipe.data.kind != "latents":
-        return None, "none: a pixel-space model, its x_0 is the image."
+        return None, None, "none: a pixel-space model, its x_0 is the image."
     name = vae or DEFAULT_VAE
     try:
-        return load_vae(name), f"`vae/` ({name}, diffusers `AutoencoderKL`; latents × its scaling factor)."
+        return load_vae(name), name, f"`vae/` ({name}, diffusers `AutoencoderKL`; latents × its scaling factor)."
     except DcditError as e:
         warn(f"the VAE is not in the folder ({e}); the card tells users to pass it")
-        return None, (f"not included: pass `vae=AutoencoderKL.from_pretrained(\"{name}\")` to "
-                      f"`DCDiTPipeline.from_pretrained` (latents × its scaling factor).")
+        return None, None, (f"not included: pass `vae=AutoencoderKL.from_pretrained(\"{name}\")` to "
+                            f"`DCDiTPipeline.from_pretrained` (latents × its scaling factor).")
 
 
-def _figures(ckpt, recipe, folder: Path, measure: bool) -> list[tuple[str, str]]:
-    """The boundary sheet and compression-vs-t figures (``dcdit viz-boundaries``), and the eval figures of the run."""
+def _figures(ckpt, recipe, folder: Path, measure: bool, vae: str | None) -> list[tuple[str, str]]:
+    """The boundary sheet and compression-vs-t figures (``dcdit viz-boundaries``; a latent run's
+    need its VAE, ``vae``, None: not at hand), and the eval figures of the run."""
     figures = []
-    if measure and recipe.model.kind == "dcdit":
-        result = run_viz(ckpt, num=1, timesteps=6, out_dir=folder / "figures")
+    if measure and recipe.model.kind == "dcdit" and (recipe.data.kind != "latents" or vae is not None):
+        result = run_viz(ckpt, num=1, timesteps=6, out_dir=folder / "figures", vae=vae)
         figures += [("Router boundaries along the sampling trajectory", "figures/" + Path(result["pngs"][0]).name),
                     ("Compression against t", "figures/" + Path(result["summary"]).name)]
     run_eval = Path(str(ckpt)) / "eval"
@@ -109,7 +111,7 @@ def export(ckpt, out: Path, scheduler: str = "dpm-solver", vae: str | None = Non
     out = check_export_options(ckpt, out, scheduler, push_to_hub)
     state, recipe, step = read_weights(ckpt)
     transformer = DCDiTTransformer2DModel.from_dcdit(state, recipe, step)
-    vae_model, vae_line = _vae_for(recipe, vae)
+    vae_model, vae_name, vae_line = _vae_for(recipe, vae)
     pipe = DCDiTPipeline(transformer, make_scheduler(scheduler, recipe.diffusion.num_timesteps,
                                                      clip_sample=recipe.data.kind != "latents"), vae=vae_model)
     tmp = temp_path(out)
@@ -125,7 +127,7 @@ def export(ckpt, out: Path, scheduler: str = "dpm-solver", vae: str | None = Non
                           scheduler=type(pipe.scheduler).__name__, vae=vae_line,
                           cost_steps=recipe.diffusion.sampling_steps, costs=costs,
                           metrics=load_records(eval_json) if eval_json.is_file() else [],
-                          figures=_figures(ckpt, recipe, tmp, measure),
+                          figures=_figures(ckpt, recipe, tmp, measure, vae_name),
                           commands=_run_commands(ckpt, recipe, out, scheduler, push_to_hub))
         write_text(tmp / "README.md", model_card(facts))
         if out.exists():

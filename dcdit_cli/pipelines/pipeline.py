@@ -74,9 +74,9 @@ class DCDiTPipeline(DiffusionPipeline):
         network = self.transformer.model
         device = self._execution_device
         y = torch.as_tensor(class_labels, device=device).reshape(-1)  # (B,)
-        if ((y < 0) | (y >= network.num_classes)).any():
-            raise ValueError(f"class_labels must lie in [0, {network.num_classes}), got {y.tolist()}")
-        shape = (len(y), network.in_channels, network.input_size, network.input_size)
+        if ((y < 0) | (y >= network.config.num_classes)).any():
+            raise ValueError(f"class_labels must lie in [0, {network.config.num_classes}), got {y.tolist()}")
+        shape = (len(y), network.config.in_channels, network.config.input_size, network.config.input_size)
         noise = latents.to(device) if latents is not None else randn_like_per_sample(shape, _per_image(generator, len(y)), device)
         log = KeptLog(record_maps=return_boundaries)
         model_fn = guided_model_fn(network, y, cfg_scale=guidance_scale, budget=budget,
@@ -86,7 +86,7 @@ class DCDiTPipeline(DiffusionPipeline):
             x0 = scheduler_sample_loop(self.scheduler, model_fn, noise.to(self.transformer.dtype), num_inference_steps,
                                        timesteps=timesteps, generator=generator, on_step=lambda done, total: bar.update())
         images = self._to_output(x0, output_type)
-        boundaries = log.maps_tensor(network.input_size) if return_boundaries else None
+        boundaries = log.maps_tensor(network.config.input_size) if return_boundaries else None
         kept = log.as_array() if return_boundaries else None
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -106,12 +106,13 @@ def diffusers_dit_state(dit: DiT) -> dict[str, torch.Tensor]:
 def to_diffusers_dit(dit: DiT) -> DiTTransformer2DModel:
     """dcdit's DiT baseline as diffusers' ``DiTTransformer2DModel`` (same weights; see the module
     docstring for the one place its outputs differ)."""
-    heads = dit.blocks[0].attn.num_heads
-    hidden = dit.pos_embed.shape[-1]
+    c = dit.config
+    if c.mlp_ratio != 4.0:
+        raise ValueError(f"diffusers' DiT blocks have a 4x MLP; this DiT has mlp_ratio {c.mlp_ratio}")
     model = DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=dit.in_channels,
-        out_channels=dit.out_channels, num_layers=len(dit.blocks), sample_size=dit.input_size,
-        patch_size=dit.patch_size, num_embeds_ada_norm=dit.num_classes, norm_eps=1e-6,  # DiT's LayerNorm ε
+        num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
+        out_channels=dit.out_channels, num_layers=c.depth, sample_size=c.input_size, patch_size=c.patch_size,
+        num_embeds_ada_norm=c.num_classes, norm_eps=1e-6,  # DiT's LayerNorm ε
     )
     model.load_state_dict(diffusers_dit_state(dit))
     return model.eval()

@@ -112,7 +112,7 @@ def sample_batch(model, recipe, indices: list[int], opts: SampleOptions, classes
     clip, T = recipe.data.kind != "latents", recipe.diffusion.num_timesteps
     log = KeptLog()
     model_fn = make_model_fn(model, y, opts, log)
-    shape = (len(indices), model.in_channels, model.input_size, model.input_size)
+    shape = (len(indices), model.config.in_channels, model.config.input_size, model.config.input_size)
     if opts.method in ADM_METHODS:  # the paper's sampler, dcdit's own
         diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=T, clip_denoised=clip)
         x0 = diffusion.sample_loop(model_fn, shape, method=opts.method, generator=gens, device=device, on_step=on_step)
