@@ -107,6 +107,7 @@ def test_push_uploads_the_folder_through_hf_api(run, tmp_path, monkeypatch):
     out = export(run, tmp_path / "pushed", push_to_hub="me/dcdit-tiny", measure=False)
     assert calls[0][:2] == ("create", "me/dcdit-tiny") and calls[0][2]["exist_ok"]
     assert calls[1][1]["folder_path"] == str(out) and calls[1][1]["repo_id"] == "me/dcdit-tiny"
+    assert 'DCDiTPipeline.from_pretrained("me/dcdit-tiny")' in (out / "README.md").read_text()
 
 
 def test_a_failed_push_is_one_line_and_keeps_the_folder(run, tmp_path, monkeypatch):

@@ -85,7 +85,10 @@ def settings_for(recipe, budgets: list[float] | None, uncond_budget: float | Non
 
 
 def default_out(ckpt: Path) -> Path:
-    """RUN/eval for a run directory, else eval/ beside the weights file's run."""
+    """RUN/eval for a run directory, else eval/ beside the weights file's run; for a Hub reference
+    (``hf:OWNER/NAME…``, read from the cache) eval/OWNER--NAME… in the working directory."""
+    if str(ckpt).startswith("hf:"):
+        return Path("eval") / str(ckpt)[len("hf:"):].strip("/").replace("/", "--")
     ckpt = Path(ckpt)
     run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "weights" else ckpt.parent
     return run / "eval"

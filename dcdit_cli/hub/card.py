@@ -23,6 +23,10 @@ class CardFacts:
     step: int
     params: int
     source: str
+    location: str
+    """Where users load it from: the Hub repo when pushed, else the folder."""
+    cli_location: str
+    """The same for ``dcdit --ckpt``: ``hf:OWNER/NAME`` for a Hub repo."""
     scheduler: str
     vae: str
     cost_steps: int
@@ -60,15 +64,15 @@ def model_card(f: CardFacts) -> str:
         "from dcdit_cli.pipelines import DCDiTPipeline   # the dcdit package, installed from its repository",
         "from diffusers import DPMSolverMultistepScheduler",
         "",
-        'pipe = DCDiTPipeline.from_pretrained("THIS_FOLDER_OR_REPO")',
+        f'pipe = DCDiTPipeline.from_pretrained("{f.location}")',
         "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)",
         "out = pipe(class_labels=[0, 1], num_inference_steps=25, budget=0.2,",
         "           generator=torch.Generator().manual_seed(0), return_boundaries=True)",
         "out.images[0].save('sample.png')   # out.boundaries: (steps, B, H, W); out.kept: (steps, B, halves)",
         "```", "",
-        "`DiffusionPipeline.from_pretrained(PATH, custom_pipeline=\"pipeline_dcdit\", trust_remote_code=True)` "
+        f"`DiffusionPipeline.from_pretrained(\"{f.location}\", custom_pipeline=\"pipeline_dcdit\", trust_remote_code=True)` "
         "also works: `pipeline_dcdit.py` only imports the class from the installed `dcdit` package. "
-        f"The folder's scheduler is `{f.scheduler}`; `dcdit sample --ckpt PATH` samples it with dcdit's own "
+        f"The folder's scheduler is `{f.scheduler}`; `dcdit sample --ckpt {f.cli_location}` samples it with dcdit's own "
         "ADM sampler, and `--scheduler dpm-solver` with diffusers'.", "",
         f"VAE: {f.vae}", "",
         "## Model", "",

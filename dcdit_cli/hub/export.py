@@ -124,6 +124,7 @@ def export(ckpt, out: Path, scheduler: str = "dpm-solver", vae: str | None = Non
         with torch.no_grad():
             costs = measured_costs(transformer.model, recipe, recipe.diffusion.sampling_steps) if measure else []
         facts = CardFacts(recipe=recipe, step=step, params=param_count(recipe.model), source=str(ckpt),
+                          location=push_to_hub or str(out), cli_location=f"hf:{push_to_hub}" if push_to_hub else str(out),
                           scheduler=type(pipe.scheduler).__name__, vae=vae_line,
                           cost_steps=recipe.diffusion.sampling_steps, costs=costs,
                           metrics=load_records(eval_json) if eval_json.is_file() else [],
