@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dcdit_cli.diffusion.gaussian import classifier_free_guidance
+from dcdit_cli.models.dcdit import RouterStats
 from dcdit_cli.models.dydit import saved_flops
 
 
@@ -60,14 +61,14 @@ def guided_model_fn(model, y: torch.Tensor, *, cfg_scale: float, budget: float, 
         else:  # both halves in one forward, each at its own kept count (the inner network is packed)
             out, stats = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg, budget=budgets)
             out = classifier_free_guidance(out, cfg_scale, guided_channels or None)[:B]
-        if stats is not None:
+        if isinstance(stats, RouterStats):
             log.per_step.append(stats.num_kept.detach().view(-1, B))
             if log.record_maps:
                 log.maps.append(stats.kept[:B].detach())
         else:  # a DiT runs every patch token, in each CFG half
             tokens = (model.config.input_size // model.config.patch_size) ** 2
             log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
-        saved = saved_flops(model)
+        saved = saved_flops(stats.gates, model.config)
         log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
                          else saved.detach().double().view(-1, B))
         return out

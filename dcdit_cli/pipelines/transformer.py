@@ -25,16 +25,16 @@ from diffusers.utils import BaseOutput
 from dcdit_cli.config.recipe import Recipe, recipe_from_dict
 from dcdit_cli.models import build_model
 from dcdit_cli.models.dcdit import RouterStats
-from dcdit_cli.models.dit import DiT
+from dcdit_cli.models.dit import DiT, ForwardStats
 
 
 @dataclass
 class DCDiTTransformerOutput(BaseOutput):
-    """``sample``: the [ε | v] prediction (B, 2C, H, W); ``router``: what the router decided
-    (``RouterStats``; None for a DiT baseline)."""
+    """``sample``: the [ε | v] prediction (B, 2C, H, W); ``stats``: what the forward decided besides
+    (a DC-DiT's ``RouterStats``: the router's boundaries, kept tokens; a DiT's ``ForwardStats``)."""
 
     sample: torch.Tensor
-    router: RouterStats | None = None
+    stats: RouterStats | ForwardStats | None = None
 
 
 class DCDiTTransformer2DModel(ModelMixin, ConfigMixin):
@@ -72,10 +72,10 @@ class DCDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
                 budget=None, return_dict: bool = True):
-        """x (B, C, H, W), t (B,), y (B,) → [ε | v] (B, 2C, H, W) and the router's decisions.
+        """x (B, C, H, W), t (B,), y (B,) → [ε | v] (B, 2C, H, W) and the forward's stats.
         ``budget``: the tail-dropping fraction, a scalar or one per sample (ignored by a DiT)."""
-        sample, router = self.model(hidden_states, timestep, class_labels, budget=budget)
-        return DCDiTTransformerOutput(sample=sample, router=router) if return_dict else (sample, router)
+        sample, stats = self.model(hidden_states, timestep, class_labels, budget=budget)
+        return DCDiTTransformerOutput(sample=sample, stats=stats) if return_dict else (sample, stats)
 
 
 def diffusers_dit_state(dit: DiT) -> dict[str, torch.Tensor]:
