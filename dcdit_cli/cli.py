@@ -41,6 +41,12 @@ ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or che
 PrDistancesOpt = typer.Option(
     "adm", "--pr-distances",
     help="Precision/recall distances: adm (ADM's default: float16 per 10,000² block, float32 where that overflows), float32 or float64.")
+MetricsOpt = typer.Option(
+    "fid,sfid,is,pr", "--metrics",
+    help="Comma-separated: fid, sfid, is, pr (ADM's set, the default), fd_dinov2 (DINOv2 ViT-L/14), kid; or all. FID is always computed.")
+Dinov2Opt = typer.Option(
+    None, "--dinov2-weights",
+    help="Local DINOv2 ViT-L/14 weights for fd_dinov2 (or $DCDIT_DINOV2_WEIGHTS; default: the HF cache). Never downloaded.")
 
 # Sampling options: None = the checkpoint recipe's value ([sample], diffusion.sampling_steps).
 CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the recipe's sample.cfg_scale).")
@@ -316,8 +322,11 @@ def extract(
         "      --inception-weights weights-inception-2015-12-05-6726825d.pth\n\n"
         "  DCDIT_INCEPTION_WEIGHTS=inception.pth dcdit fid --samples samples/ --ref ref.npz --num 10000 --json\n\n"
         "  dcdit fid --make-ref imagenet/val --out ref.npz --inception-weights inception.pth   # a reference batch\n\n"
+        "  dcdit fid --make-ref imagenet/train --out ref.npz --metrics all --dinov2-weights model.safetensors   # + DINOv2 stats\n\n"
+        "  dcdit fid --samples samples.npz --ref ref.npz --metrics fid,fd_dinov2,kid\n\n"
         "FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them, on torch-fidelity's "
-        "port of the 2015-12-05 Inception graph read from a local file."
+        "port of the 2015-12-05 Inception graph read from a local file; on request FD-DINOv2 (dgm-eval's protocol) "
+        "and KID (torch-fidelity's)."
     )
 )
 def fid(
@@ -331,27 +340,33 @@ def fid(
     image_size: int = typer.Option(256, "--image-size", help="With --make-ref: ADM centre-crop size."),
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     pr_distances: str = PrDistancesOpt,
+    metric_names: str = MetricsOpt,
+    dinov2_weights: Optional[Path] = Dinov2Opt,
 ):
-    """FID / sFID / IS / precision / recall of samples against a reference batch (ADM evaluator)."""
+    """FID / sFID / IS / precision / recall (ADM evaluator), FD-DINOv2 and KID of samples against a reference batch."""
     import json
 
     from dcdit_cli.evaluation import fid as metrics
+    from dcdit_cli.evaluation.metrics import parse_metrics
 
+    names = parse_metrics(metric_names)
     if make_ref is not None:
         if out is None:
             raise DcditError("--make-ref needs --out REF.npz: where to write the reference batch")
         result = metrics.make_reference(make_ref, out, image_size=image_size, inception_weights=inception_weights,
-                                        num=num, batch_size=batch_size)
+                                        num=num, batch_size=batch_size, metrics=names, dinov2_weights=dinov2_weights)
     elif samples is None or ref is None:
         raise DcditError("pass --samples S.npz and --ref REF.npz (or --make-ref DIR --out REF.npz to build a reference)")
     else:
-        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size, distances=pr_distances)
+        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size, distances=pr_distances,
+                                  metrics=names, dinov2_weights=dinov2_weights)
     if json_:
         print(json.dumps(result, indent=2, default=str))
     elif make_ref is None:
         print_table(metrics.report_table(result))
     else:
-        console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped)")
+        console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped), "
+                      f"statistics {', '.join(result['statistics'])}")
 
 
 def _classes(text: Optional[str]) -> Optional[List[int]]:
@@ -440,9 +455,10 @@ def viz_boundaries(
         "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --cfg-scales 1.25 --budgets 0 --uncond-budget 0.9   # Lite-CFG\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli eval --ckpt runs/xl-n4 --ref REF.npz\n\n"
         "  dcdit eval --ckpt runs/toy --ref ref.npz --num 64 --steps 20 --inception-weights inception.pth\n\n"
+        "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --metrics all --pareto-metric fd_dinov2   # FD-DINOv2 and KID too\n\n"
         "Defaults come from the checkpoint's recipe (\\[eval] num_samples, cfg_scale, batch_size; \\[sample] budget; "
         "diffusion.sampling_steps). Killed? Run the same command again: finished parts are skipped. "
-        "Writes eval.json, pareto.png and elastic.png to --out (default RUN/eval)."
+        "Writes eval.json, pareto.png (--pareto-metric against TFLOPs/img) and elastic.png to --out (default RUN/eval)."
     ),
 )
 def eval_(
@@ -463,11 +479,17 @@ def eval_(
     compare: Optional[List[Path]] = typer.Option(
         None, "--compare", help="Other runs' eval.json (file, eval dir or run dir) to overlay: --compare A B C, or repeated."),
     pr_distances: str = PrDistancesOpt,
+    metric_names: str = MetricsOpt,
+    dinov2_weights: Optional[Path] = Dinov2Opt,
+    pareto_metric: str = typer.Option(
+        "fid", "--pareto-metric", help="The quality axis of pareto.png: fid, sfid, is, precision, recall, fd_dinov2 or kid."),
 ):
-    """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img."""
+    """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img
+    (and FD-DINOv2, KID with --metrics)."""
     from accelerate import PartialState
 
     from dcdit_cli.evaluation.evaluate import parse_floats, run_eval
+    from dcdit_cli.evaluation.metrics import parse_metrics
 
     if ctx.args and not compare:
         raise DcditError(f"unexpected argument(s) {' '.join(ctx.args)}: eval takes options only (see dcdit eval --help)")
@@ -475,6 +497,7 @@ def eval_(
     run_eval(ckpt, ref, num=num, budgets=parse_floats(budgets, "--budgets"), uncond_budget=uncond_budget,
              cfg_scales=parse_floats(cfg_scales, "--cfg-scales"), steps=steps, seed=seed, batch_size=batch_size, out=out,
              inception_weights=inception_weights, vae=vae, compare=compare, distances=pr_distances,
+             metrics=parse_metrics(metric_names), dinov2_weights=dinov2_weights, pareto_metric=pareto_metric,
              command=" ".join(["dcdit", *sys.argv[1:]]), method=method)
     PartialState().destroy_process_group()  # clean exit of multi-process runs (docs/reference.md#multi-process-runs-on-cpu)
 

@@ -82,7 +82,7 @@ def test_exported_weights_are_the_runs_ema_weights_bit_for_bit(run, exported):
 def test_model_card_reports_recipe_cost_metrics_figures_and_commands(run, tmp_path):
     evals = run / "eval"
     evals.mkdir(exist_ok=True)
-    (evals / "eval.json").write_text(json.dumps([{"setting": "cfg1.5-b0.2", "fid": 12.5, "sfid": 7.0, "tflops_per_img": 0.5,
+    (evals / "eval.json").write_text(json.dumps([{"setting": "cfg1.5-b0.2", "fid": 12.5, "sfid": 7.0, "kid": 0.25, "tflops_per_img": 0.5,
                                                  "steps": 10, "method": "ddpm"}]))
     try:
         out = export(run, tmp_path / "card", scheduler="ddpm")
@@ -93,7 +93,7 @@ def test_model_card_reports_recipe_cost_metrics_figures_and_commands(run, tmp_pa
     assert "| parameters |" in card and "| hidden_size | 32 |" in card
     for budget in ("0", "0.1", "0.2", "0.3"):
         assert f"\n| {budget} | " in card  # a TFLOPs/img row per budget
-    assert "| cfg1.5-b0.2 | 12.5 | 7 |" in card
+    assert "| cfg1.5-b0.2 | 12.5 | 7 |" in card and "|  | 0.25 | 0.5 |" in card  # no FD-DINOv2 in this record
     for figure in ("figures/sample-000.png", "figures/compression_vs_t.png"):
         assert f"]({figure})" in card and (out / figure).is_file()
     assert "dcdit train --recipe tiny.toml" in card and f"dcdit export --ckpt {run} --out {out}" in card

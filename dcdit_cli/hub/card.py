@@ -37,7 +37,8 @@ class CardFacts:
 
 
 METRIC_COLUMNS = (("setting", "setting"), ("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"),
-                  ("precision", "precision"), ("recall", "recall"), ("tflops_per_img", "TFLOPs/img"),
+                  ("precision", "precision"), ("recall", "recall"), ("fd_dinov2", "FD-DINOv2"), ("kid", "KID"),
+                  ("tflops_per_img", "TFLOPs/img"),
                   ("steps", "steps"), ("method", "sampler"))
 
 
