@@ -94,6 +94,8 @@ def _maybe_print(recipe, print_recipe: bool) -> None:
         "  dcdit flops --all                       # paper Table 1, every shipped recipe\n\n"
         "  dcdit flops --recipe b-n4 --recipe dit-b-p2-isoflop\n\n"
         "  dcdit flops --ckpt runs/toy --num 8     # kept tokens measured by sampling a checkpoint\n\n"
+        "  dcdit flops --recipe xl-n4 --convention authors   # beside the authors' flop_counter count\n\n"
+        "  dcdit flops --recipe xl-n4-512 --memory --batch 32   # predicted peak training GiB per GPU\n\n"
         "  dcdit flops --all --json > flops.json"
     )
 )
@@ -101,19 +103,31 @@ def flops(
     recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="Recipe(s) to report (repeatable)."),
     all_: bool = typer.Option(False, "--all", help="Report every shipped recipe."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run dir, dcdit weights, the authors' .pt or hf:…: count kept tokens by sampling."),
-    num: int = typer.Option(4, "--num", help="Images sampled with --ckpt to measure kept tokens."),
+    num: int = typer.Option(4, "--num", help="Images sampled with --ckpt (one batch) to measure kept tokens."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="With --ckpt: comma-separated class labels cycled over the images."),
     set_: Optional[List[str]] = SetOpt,
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    convention: str = typer.Option("dcdit", "--convention", help="dcdit (what runs) or authors: also their flop_counter's count (--ckpt rows always show both)."),
+    memory: bool = typer.Option(False, "--memory", help="Predicted peak training memory per GPU (GiB) instead, with and without checkpointing."),
+    batch: int = typer.Option(32, "--batch", help="With --memory: samples per GPU (the paper's 256 over 8 GPUs is 32)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="With --memory: bf16 or no (default: the recipe's train.mixed_precision)."),
 ):
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
-    from dcdit_cli.models.flops import run_flops
+    from dcdit_cli.models.flops import check_convention, run_flops
 
+    check_convention(convention)
+    if memory:
+        from dcdit_cli.training.memory import run_memory
+
+        run_memory(recipe or [], set_ or [], batch, precision, as_json=json_)
+        return
     measured = None
     if ckpt is not None:
         from dcdit_cli.sampling.sampler import measure_kept_tokens
 
-        measured = measure_kept_tokens(ckpt, num=num)
-    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_)
+        measured = measure_kept_tokens(ckpt, num=num, classes=_classes(classes))
+    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_,
+              convention=convention)
 
 
 @app.command(
@@ -297,7 +311,7 @@ def extract(
     data_path: Path = typer.Option(..., "--data-path", help="Image folder with one subfolder per class (ImageNet train/ layout)."),
     out: Path = typer.Option(..., "--out", help="Directory for the latent shards and index.json."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="diffusers AutoencoderKL directory, or a hub id in the HF cache."),
-    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels."),
+    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels (512 for the *-512 recipes: 64×64 latents)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE call per process (x2 with --flip both)."),
     flip: str = typer.Option("both", "--flip", help="both: original + mirrored latent; random: one frozen random flip; none."),
     mean: bool = typer.Option(False, "--mean", help="Store the posterior mean instead of a sample."),

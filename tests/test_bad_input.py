@@ -257,6 +257,10 @@ CASES = [
     ("flops-unknown-recipe", ["flops", "--recipe", "nope"], "unknown recipe 'nope'"),
     ("flops-nothing", ["flops"], "nothing to count"),
     ("flops-num-0", ["flops", "--ckpt", "{run}", "--num", "0"], "--num 0: give at least 1"),
+    ("flops-memory-dit", ["flops", "--memory", "--recipe", "dit-b-p2"], "the memory model covers DC-DiT recipes"),
+    ("flops-memory-nothing", ["flops", "--memory"], "--memory needs --recipe NAME"),
+    ("flops-memory-precision", ["flops", "--memory", "--recipe", "b-n4", "--precision", "fp8"], "--precision 'fp8': use bf16"),
+    ("flops-convention", ["flops", "--ckpt", "{run}", "--convention", "paper"], "--convention 'paper': use one of dcdit, authors"),
     # --- train: outputs and checkpoints
     ("train-out-under-file", T + ["--out", "{file}/run"], "is a file, not a directory"),
     ("train-out-is-file", T + ["--out", "{file}"], "is a file: pass a directory"),

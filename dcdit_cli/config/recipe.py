@@ -171,6 +171,9 @@ class TrainConfig:
     """From this step on, draw one tail-dropping fraction per step (-1: off)."""
     multi_budget_fractions: list[float] = bounded("[0, 1)", factory=lambda: [0.0, 0.1, 0.2, 0.3])
     """The fractions drawn from in multi-budget training (README default {0, 0.1, 0.2, 0.3})."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer and scaffold block in the backward pass instead of storing its
+    activations: less memory (`dcdit flops --memory`), about one more forward of compute."""
 
 
 @dataclass(frozen=True)

@@ -326,10 +326,11 @@ def sample_npz(ckpt, num: int, flags: dict | None, classes, npz: Path, batch_siz
     return report
 
 
-def measure_kept_tokens(ckpt, num: int = 4):
-    """For `dcdit flops --ckpt`: kept counts and gate savings (steps, images, halves) while sampling with the recipe's settings."""
+def measure_kept_tokens(ckpt, num: int = 4, classes: list[int] | None = None):
+    """For `dcdit flops --ckpt`: kept counts and gate savings (steps, images, halves) while sampling
+    the ``num`` images in one batch with the recipe's settings (``classes`` cycle over them)."""
     check_sample_options({}, num=num)
     model, recipe, _ = load_weights(ckpt)
     opts = SampleOptions.from_recipe(recipe, cfg_scale=max(recipe.sample.cfg_scale, 1.0 + 1e-6))
-    _, _, log = sample_batch(model, recipe, list(range(num)), opts)
+    _, _, log = sample_batch(model, recipe, list(range(num)), opts, classes=classes)
     return f"{recipe.run.name} (ckpt)", recipe, log.as_array(), log.saved_array()
