@@ -54,6 +54,10 @@ CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale,
 StepsOpt = typer.Option(None, "--steps", help="Respaced sampler steps (default: the recipe's diffusion.sampling_steps).")
 BudgetOpt = typer.Option(None, "--budget", help="Tail-dropping fraction in [0, 1) (default: the recipe's sample.budget).")
 UncondOpt = typer.Option(None, "--uncond-budget", help="Lite-CFG: the unconditional half's budget; -1 = as --budget (default: the recipe's).")
+SchedulerOpt = typer.Option(
+    None, "--scheduler", "--method",
+    help="Sampler: ddpm or ddim (dcdit's ADM sampler, the paper's), dpm-solver, unipc, euler or euler-a (diffusers) "
+         "(default: the recipe's sample.method).")
 AllChannelsOpt = typer.Option(False, "--guide-all-channels", help="Guide all ε channels (default: the recipe's sample.guided_channels).")
 
 
@@ -192,6 +196,30 @@ def convert(
     written = convert_weights(source, out, weights)
     print0(f"[bold green]wrote[/] {written}")
     print0(f"next: dcdit sample --ckpt {out} --vae VAE_DIR --out {out}/samples.png")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit export --ckpt runs/toy --out exports/toy\n\n"
+        "  dcdit export --ckpt runs/toy --out exports/toy --push-to-hub me/dcdit-toy      # huggingface-cli login first\n\n"
+        "  dcdit export --ckpt runs/xl-n4 --out exports/xl-n4 --vae VAE_DIR --scheduler ddpm\n\n"
+        "Then, in Python: DCDiTPipeline.from_pretrained(\"exports/toy\") (from dcdit_cli.pipelines); "
+        "dcdit sample --ckpt exports/toy (or hf:OWNER/NAME from the local Hugging Face cache) reads it too."
+    )
+)
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:…"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write: model_index.json, transformer/, scheduler/, vae/, README.md."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this Hub repo (OWNER/NAME)."),
+    scheduler: str = typer.Option("dpm-solver", "--scheduler", help="The folder's scheduler: ddpm (learned range), ddim, dpm-solver, unipc, euler, euler-a."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent runs: the VAE dir or hub id to include (default sd-vae-ft-ema from the HF cache)."),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Sample a few images for the card's TFLOPs/img and figures."),
+):
+    """Export a run as a diffusers folder (DCDiTPipeline) with a model card; optionally push it to the Hub."""
+    from dcdit_cli.hub.export import export as run_export
+
+    run_export(ckpt, out, scheduler=scheduler, vae=vae, push_to_hub=push_to_hub, measure=measure)
 
 
 def _next_steps(out_dir: Path, weights) -> None:
@@ -381,7 +409,7 @@ def _classes(text: Optional[str]) -> Optional[List[int]]:
     )
 )
 def sample(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), a `dcdit export` folder, hf:OWNER/NAME, the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     num: int = typer.Option(16, "--num", help="Number of images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
     cfg_scale: Optional[float] = CfgOpt,
@@ -389,7 +417,7 @@ def sample(
     seed: int = typer.Option(0, "--seed"),
     budget: Optional[float] = BudgetOpt,
     uncond_budget: Optional[float] = UncondOpt,
-    method: Optional[str] = typer.Option(None, "--method", help="ddpm or ddim (eta 0) (default: the recipe's sample.method)."),
+    method: Optional[str] = SchedulerOpt,
     all_channels: bool = AllChannelsOpt,
     out: Path = typer.Option(Path("sample.png"), "--out", help="PNG grid to write."),
     npz: Optional[Path] = typer.Option(None, "--npz", help="Write an ADM-evaluator .npz instead of a grid."),
@@ -418,7 +446,7 @@ def sample(
     ),
 )
 def viz_boundaries(
-    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory, EMA weights (.safetensors), a `dcdit export` folder, hf:OWNER/NAME, the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     num: int = typer.Option(4, "--num", help="Number of images (one sheet each)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
     timesteps: int = typer.Option(8, "--timesteps", help="Columns: evenly spaced sampler steps, first and last included."),
@@ -429,11 +457,12 @@ def viz_boundaries(
     steps: Optional[int] = StepsOpt,
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
     as_json: bool = typer.Option(False, "--json", help="Print kept tokens and compression per timestep as JSON."),
+    method: Optional[str] = SchedulerOpt,
 ):
     """Draw the router's boundaries along the sampling trajectory and plot compression against t (paper Fig. 4)."""
     from dcdit_cli.sampling.viz_boundaries import run_viz
 
-    run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json)
+    run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json, method=method)
 
 
 @app.command(
@@ -454,13 +483,14 @@ def viz_boundaries(
 )
 def eval_(
     ctx: typer.Context,
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), a `dcdit export` folder, hf:OWNER/NAME, the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     ref: Path = typer.Option(..., "--ref", help="Reference batch: ADM's VIRTUAL_imagenet256_labeled.npz or `dcdit fid --make-ref`."),
     num: Optional[int] = typer.Option(None, "--num", help="Samples per setting (default: the recipe's eval.num_samples)."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated tail-dropping budgets (default: sample.budget)."),
     uncond_budget: Optional[float] = UncondOpt,
     cfg_scales: Optional[str] = typer.Option(None, "--cfg-scales", help="Comma-separated guidance scales (default: eval.cfg_scale)."),
     steps: Optional[int] = StepsOpt,
+    method: Optional[str] = SchedulerOpt,
     seed: int = typer.Option(0, "--seed"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per part and process (default: eval.batch_size)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/eval)."),
@@ -488,7 +518,7 @@ def eval_(
              cfg_scales=parse_floats(cfg_scales, "--cfg-scales"), steps=steps, seed=seed, batch_size=batch_size, out=out,
              inception_weights=inception_weights, vae=vae, compare=compare, distances=pr_distances,
              metrics=parse_metrics(metric_names), dinov2_weights=dinov2_weights, pareto_metric=pareto_metric,
-             command=" ".join(["dcdit", *sys.argv[1:]]))
+             command=" ".join(["dcdit", *sys.argv[1:]]), method=method)
     PartialState().destroy_process_group()  # clean exit of multi-process runs (docs/reference.md#multi-process-runs-on-cpu)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,7 @@ def test_default_out_and_compare_lookup(tmp_path):
     assert default_out(tmp_path) == tmp_path / "eval"
     (tmp_path / "weights").mkdir()
     assert default_out(tmp_path / "weights" / "step-0000010.safetensors") == tmp_path / "eval"
+    assert default_out("hf:me/dcdit-toy") == Path("eval") / "me--dcdit-toy"  # a Hub reference: not hf:me/eval
     with pytest.raises(DcditError, match="no eval.json"):
         find_eval_json(tmp_path)
     (tmp_path / "eval").mkdir()

@@ -92,7 +92,10 @@ def settings_for(recipe, budgets: list[float] | None, uncond_budget: float | Non
 
 
 def default_out(ckpt: Path) -> Path:
-    """RUN/eval for a run directory, else eval/ beside the weights file's run."""
+    """RUN/eval for a run directory, else eval/ beside the weights file's run; for a Hub reference
+    (``hf:OWNER/NAME…``, read from the cache) eval/OWNER--NAME… in the working directory."""
+    if str(ckpt).startswith("hf:"):
+        return Path("eval") / str(ckpt)[len("hf:"):].strip("/").replace("/", "--")
     ckpt = Path(ckpt)
     run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "weights" else ckpt.parent
     return run / "eval"
@@ -154,7 +157,8 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
              uncond_budget: float | None = None, cfg_scales: list[float] | None = None, steps: int | None = None,
              seed: int = 0, batch_size: int | None = None, out: Path | None = None, inception_weights: Path | None = None,
              vae: str | None = None, compare: list[Path] = (), distances: str = "adm", metrics: tuple[str, ...] = ADM_METRICS,
-             dinov2_weights: Path | None = None, pareto_metric: str = "fid", command: str = "") -> list[dict]:
+             dinov2_weights: Path | None = None, pareto_metric: str = "fid", command: str = "",
+             method: str | None = None) -> list[dict]:
     """What `dcdit eval` does; returns this invocation's records (on rank 0; [] elsewhere)."""
     # Every input is checked before the first image is sampled.
     _, recipe, step = load_weights(ckpt)
@@ -167,7 +171,7 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     check.output("--out", out, directory=True).done()
     settings = settings_for(recipe, budgets, uncond_budget, cfg_scales)
     for s in settings:
-        SampleOptions.from_recipe(recipe, steps=steps, seed=seed, **s.flags())  # bad budget / steps → one line, now
+        SampleOptions.from_recipe(recipe, steps=steps, seed=seed, method=method, **s.flags())  # bad budget / steps / scheduler → one line, now
     num = recipe.eval.num_samples if num is None else num
     batch_size = recipe.eval.batch_size if batch_size is None else batch_size
     if num < 4 or batch_size < 1:
@@ -188,12 +192,13 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
 
     # Sample every setting first (all processes), then evaluate on rank 0: no rank waits at a
     # barrier while another runs the Inception net.
-    reports = {s: sample_npz(ckpt, num, {"steps": steps, "seed": seed, **s.flags()}, None, out / "samples" / f"{s.name}.npz",
+    reports = {s: sample_npz(ckpt, num, {"steps": steps, "seed": seed, "method": method, **s.flags()}, None, out / "samples" / f"{s.name}.npz",
                              batch_size, vae) for s in settings}
     if not state.is_main_process:
         return []  # no barrier after this: rank 0 may evaluate for longer than a collective's timeout
     ref_pool = fid.reference_features(reference, extractor, dinov2=dinov2, metrics=metrics)
-    args = dict(steps=steps, seed=seed, distances=distances, ref=ref, ckpt=ckpt, command=command, metrics=metrics, dinov2=dinov2)
+    args = dict(steps=steps, seed=seed, method=method, distances=distances, ref=ref, ckpt=ckpt, command=command,
+                metrics=metrics, dinov2=dinov2)
     records = [_evaluate_setting(s, report, recipe, step, extractor, reference, ref_pool, out, num, args)
                for s, report in reports.items()]
     merged = merge_records(old, records)
@@ -210,7 +215,7 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
 def _evaluate_setting(s: Setting, report, recipe, step: int, extractor, reference, ref_pool, out: Path, num: int,
                       args: dict) -> dict:
     """The record of one sampled setting: ADM metrics of its .npz plus cost, speed and provenance."""
-    opts = SampleOptions.from_recipe(recipe, steps=args["steps"], seed=args["seed"], **s.flags())
+    opts = SampleOptions.from_recipe(recipe, steps=args["steps"], seed=args["seed"], method=args["method"], **s.flags())
     npz = out / "samples" / f"{s.name}.npz"
     samples = fid.load_samples(npz)
     dinov2 = args["dinov2"]
