@@ -50,16 +50,26 @@ class RouterStats:
 
 
 def as_fraction(budget, batch: int, device) -> torch.Tensor:
-    """A scalar or per-sample tail-dropping fraction → (B,) float tensor, checked in [0, 1)."""
-    f = torch.as_tensor(0.0 if budget is None else budget, dtype=torch.float32, device=device)
+    """A scalar or per-sample tail-dropping fraction → (B,) float tensor on ``device``, checked in [0, 1).
+
+    A host value (None, a float) is checked on the host and filled on the device: the value travels
+    as a kernel argument, so a training or sampling step copies nothing from host memory (a
+    ``torch.as_tensor`` of it would be a blocking copy from pageable memory on a GPU,
+    tests/test_syncs.py). A tensor (the sampler's per-half budgets, built once on the device) is
+    used as it is and checked on the device, without waiting for it.
+    """
+    if not torch.is_tensor(budget):  # a host value: checked on the host
+        value = 0.0 if budget is None else float(budget)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"budget fractions must lie in [0, 1), got {budget}")
+        return torch.full((batch,), value, dtype=torch.float32, device=device)
+    f = budget.to(dtype=torch.float32)
+    if f.device != torch.device(device):  # the caller's tensor lives elsewhere: build it on the device to avoid this
+        f = f.to(device)
     f = f.expand(batch) if f.ndim == 0 else f
     if f.shape != (batch,):
         raise ValueError(f"budget must be a scalar or have one value per sample ({batch}), got shape {tuple(f.shape)}")
-    if not torch.is_tensor(budget):  # a host value: checked on the host
-        if not 0.0 <= float(0.0 if budget is None else budget) < 1.0:
-            raise ValueError(f"budget fractions must lie in [0, 1), got {budget}")
-    else:  # checked on the device, without waiting for it
-        torch._assert_async(((f >= 0) & (f < 1)).all(), "budget fractions must lie in [0, 1)")
+    torch._assert_async(((f >= 0) & (f < 1)).all(), "budget fractions must lie in [0, 1)")
     return f
 
 
