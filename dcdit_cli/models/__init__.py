@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
 from dcdit_cli.models.dit import DiT
 from dcdit_cli.models.dydit import add_gates
@@ -55,4 +57,23 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-__all__ = ["DCDiT", "DiT", "RouterStats", "build_model", "compile_blocks"]
+def compile_model(model, backend: str = "inductor") -> None:
+    """``torch.compile`` the whole model in place, with dynamic shapes, in at most two graphs.
+
+    A DC-DiT's forward has one host synchronisation (the kept count fixes the shapes after it), so it
+    compiles as two graphs: :meth:`DCDiT.route` before it and :meth:`DCDiT.process_kept` after it,
+    with N, M_max, the groups' lengths and the bucketed plug-back radius as dynamic sizes, so no
+    kept count or radius recompiles them (tests/test_compile.py). A DiT compiles as one graph.
+    The compiled callables are set on the instance, so the state-dict names do not change.
+    """
+    # Inductor's exact output strides: its default sorts the symbolic strides of views it returns,
+    # and sympy cannot order 33·M against 33 without knowing M ≥ 1 (InductorError in get_stride_order).
+    options = {"strict_output_strides": True} if backend == "inductor" else None
+    if isinstance(model, DCDiT):
+        model.route = torch.compile(model.route, dynamic=True, backend=backend, options=options)
+        model.process_kept = torch.compile(model.process_kept, dynamic=True, backend=backend, options=options)
+    else:
+        model.compile(dynamic=True, backend=backend, options=options)
+
+
+__all__ = ["DCDiT", "DiT", "RouterStats", "build_model", "compile_blocks", "compile_model"]

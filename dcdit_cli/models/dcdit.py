@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from dcdit_cli.models.attention import select_backend
-from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
+from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, bucket_radius, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, route_on_timestep, sincos_2d
 from dcdit_cli.models.routers import force_endpoints, make_router
 from dcdit_cli.models.scaffold import Decoder, Encoder
@@ -161,6 +161,22 @@ class DCDiT(nn.Module):
         attention: this call's attention backend (benchmarks compare them); None = ``self.attention``.
         """
         B, _, side, _ = x.shape
+        backend = select_backend(x.device, attention or self.attention)
+        c, h, p, mask, kept, sizes = self.route(x, t, y, as_fraction(budget, B, x.device), boundary)
+        # The forward's one host synchronisation: N, M_max, the plug-back radius and the attention
+        # groups' lengths fix the shapes after it.
+        total, m_max, radius, *group_len = sizes.tolist()
+        out, order, valid, block_outputs = self.process_kept(
+            h, c, p, kept, side, [total, m_max, bucket_radius(radius), *group_len], backend, record_blocks)
+        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid,
+                            block_outputs=block_outputs)
+        return out, stats
+
+    def route(self, x, t, y, fraction, boundary=None):
+        """Everything before the host synchronisation: x (B, C, H, W), t, y (B,), fraction (B,) →
+        c (B, D), h (B, L, D), p (B, L), mask (B, L), kept (B, L) and the device sizes the host reads
+        (:meth:`ChunkLayer.sizes`). One graph under ``torch.compile`` (:func:`dcdit_cli.models.compile_model`)."""
+        side = x.shape[-1]
         c = self.condition(t, y)  # (B, D)
         h = self.encoder(x, c)  # (B, L, D)
         p = self.router(h, side)  # (B, L) fp32
@@ -170,10 +186,16 @@ class DCDiT(nn.Module):
         if boundary is not None:
             p = torch.where(boundary == mask, p, 1 - p)  # a flipped decision flips p: same confidence
             mask = keep_at_least_one(boundary, p)
-        kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
+        kept = tail_drop(mask, p, fraction)  # (B, L)
+        return c, h, p, mask, kept, self.chunk.sizes(kept, side)
 
-        backend = select_backend(x.device, attention or self.attention)
-        tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
+    def process_kept(self, h, c, p, kept, side: int, sizes: list[int], backend: str, record_blocks: bool = False):
+        """Everything after it: chunk, the inner blocks on the N packed kept tokens, de-chunk, decoder,
+        with ``sizes`` the host ints [N, M_max, plug-back radius, groups' lengths …] → (prediction
+        (B, 2C, H, W), order, valid, block outputs or None). One graph under ``torch.compile``, the
+        sizes dynamic (the radius bucketed to a power of two, :func:`bucket_radius`)."""
+        B = h.shape[0]
+        tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend, sizes)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
         tokens = tokens + sincos_2d(positions, self.hidden_size).to(tokens.dtype)
         block_outputs = [] if record_blocks else None
@@ -189,6 +211,4 @@ class DCDiT(nn.Module):
         out = self.decoder(z, c, side)  # (B, L, e)
         out = self.final_layer(out, c)  # (B, L, 2C)
         out = out.transpose(1, 2).reshape(B, self.out_channels, side, side)  # (B, 2C, H, W)
-        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid,
-                            block_outputs=block_outputs)
-        return out, stats
+        return out, order, valid, block_outputs
