@@ -123,7 +123,7 @@ class WithBoundary:
     """A model whose router decision is fixed (kept counts under test), optionally with its own
     attention backend; the rest of the model runs as usual."""
 
-    def __init__(self, model, boundary, attention: str | None = None):
+    def __init__(self, model, boundary, attention: str = "auto"):
         self.model, self.boundary, self.backend = model, boundary, attention
 
     def __getattr__(self, name):
@@ -266,7 +266,7 @@ def step_parts(model, loss_fn, x, y, t, step, dit, args) -> None:
         h.remove()
     layout = seen["block"][0][2]
     heads = inner.blocks[0].attn.num_heads
-    q = torch.randn(layout.sample.shape[0], heads, inner.hidden_size // heads)
+    q = torch.randn(layout.sample.shape[0], heads, inner.config.hidden_size // heads)
 
     def blocks(tokens, c):
         for block in inner.blocks:
@@ -284,8 +284,8 @@ def step_parts(model, loss_fn, x, y, t, step, dit, args) -> None:
 
     # DiT's attention at its own (B, T) for the per-token comparison
     dit_model = dit[2]
-    T = (dit_model.input_size // dit_model.patch_size) ** 2
-    qd = torch.randn(x.shape[0], heads, T, inner.hidden_size // heads)
+    T = (dit_model.config.input_size // dit_model.config.patch_size) ** 2
+    qd = torch.randn(x.shape[0], heads, T, inner.config.hidden_size // heads)
 
     def dit_attention(q, k, v):
         return torch.stack([torch.nn.functional.scaled_dot_product_attention(q, k, v) for _ in dit_model.blocks])
