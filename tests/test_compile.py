@@ -93,7 +93,7 @@ def test_train_compile_records_it_and_writes_the_usual_weights(tmp_path):
     train(recipe, tmp_path / "eager")
     train(recipe, tmp_path / "compiled", compile_blocks=True)
     env = json.loads((tmp_path / "compiled" / "env.json").read_text())
-    assert env["compile"] == "blocks"
+    assert env["compile"] == "model"
     assert json.loads((tmp_path / "eager" / "env.json").read_text())["compile"] == "none"
     a = load_file(str(tmp_path / "eager" / "checkpoints" / "step-0000002" / "model.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "checkpoints" / "step-0000002" / "model.safetensors"))

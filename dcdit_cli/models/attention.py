@@ -81,12 +81,10 @@ class PackedLayout:
         """Per-sample rows (B, ...) → one per packed token (N, ...)."""
         return rows.index_select(0, self.sample)
 
-    def pad(self, packed: torch.Tensor, extra: int = 0) -> torch.Tensor:
-        """(N, ...) → (B, max_len + extra, ...), zeros in the padding slots (memory only, no compute)."""
-        rows = self.max_len + extra
-        out = packed.new_zeros((self.batch * rows, *packed.shape[1:]))
-        slot = self.slot + self.sample * extra if extra else self.slot
-        return out.index_copy(0, slot, packed).view(self.batch, rows, *packed.shape[1:])
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """(N, ...) → (B, max_len, ...), zeros in the padding slots (memory only, no compute)."""
+        out = packed.new_zeros((self.batch * self.max_len, *packed.shape[1:]))
+        return out.index_copy(0, self.slot, packed).view(self.batch, self.max_len, *packed.shape[1:])
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """(B, max_len, ...) → (N, ...)."""
@@ -99,19 +97,22 @@ class PackedLayout:
 
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
-    # One padding row past M_max: a group's slice :m is then never the whole padded length, so
-    # torch.compile does not specialise on which group is the longest.
-    qp, kp, vp = (layout.pad(a, extra=1).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max + 1, d)
+    qp, kp, vp = (layout.pad(a).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max, d)
+    if torch.compiler.is_compiling():
+        # Under torch.compile (torch 2.14) the whole batch is padded to M_max, in contiguous
+        # (B, H, M_max, d) tensors: a length per group lets Inductor specialise on it (a recompile
+        # per batch), and the fused CPU kernel's outputs saved for the backward kept the strides of
+        # the first kept count when its inputs were views ("expected … stride 480==800" next batch).
+        qp, kp, vp = (a.contiguous() for a in (qp, kp, vp))
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=layout.valid[:, None, None, :])
+        return layout.unpad(out.transpose(1, 2))
+    out = torch.zeros_like(qp)
     size = layout.batch // len(layout.group_len)
-    counts = layout.cu_seqlens.diff()  # (B,) kept tokens per sample
-    outs = []
     for g, m in enumerate(layout.group_len):  # each group padded to its own length only
-        torch._check(m <= layout.max_len)
         rows = slice(g * size, (g + 1) * size)
-        mask = (torch.arange(m, device=q.device) < counts[rows, None])[:, None, None, :]  # (B_g, 1, 1, m) key padding
-        out = F.scaled_dot_product_attention(qp[rows, :, :m], kp[rows, :, :m], vp[rows, :, :m], attn_mask=mask)
-        outs.append(F.pad(out, (0, 0, 0, layout.max_len - m)))  # (B_g, H, M_max, d), no in-place slice: compiles
-    return layout.unpad(torch.cat(outs).transpose(1, 2))  # (N, H, d)
+        mask = layout.valid[rows, None, None, :m]  # (B_g, 1, 1, m) key padding
+        out[rows, :, :m] = F.scaled_dot_product_attention(qp[rows, :, :m], kp[rows, :, :m], vp[rows, :, :m], attn_mask=mask)
+    return layout.unpad(out.transpose(1, 2))  # (N, H, d)
 
 
 def _sdpa_blockdiag(q, k, v, layout: PackedLayout) -> torch.Tensor:
