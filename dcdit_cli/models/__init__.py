@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
-from dcdit_cli.models.dit import DiT
+from dcdit_cli.models.dit import DiT, ForwardStats
 from dcdit_cli.models.dydit import add_gates
 
 
@@ -50,4 +50,4 @@ def compile_model(model, backend: str = "inductor") -> None:
         model.compile(dynamic=True, backend=backend, options=options)
 
 
-__all__ = ["DCDiT", "DiT", "RouterStats", "build_model", "compile_blocks", "compile_model"]
+__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "compile_blocks", "compile_model"]
