@@ -459,8 +459,9 @@ def bench_attention(args) -> None:
 
 def bench_compile(args) -> None:
     """torch.compile as the kept counts change, on the toy DC-DiT training step: its transformer blocks
-    compiled with dynamic shapes (``dcdit train --compile``, the default here), or the whole model
-    (``--whole``); recompiles, graph breaks, agreement with eager and time against eager."""
+    compiled with dynamic shapes (the default here), or the whole model (``--whole``, ``dcdit train
+    --compile``: dcdit_cli.models.compile_model); recompiles, graph breaks, agreement with eager and
+    time against eager."""
     import copy
 
     import torch._dynamo as dynamo
