@@ -8,7 +8,7 @@ Kept counts are L/4 spread ±30% over the batch (as trained routers give), set t
 model's ``boundary`` argument.
 
     python benchmarks/gpu.py                           # one CUDA GPU, ~3 minutes
-    python benchmarks/gpu.py --compile                 # the same with the blocks compiled (dcdit train --compile)
+    python benchmarks/gpu.py --compile                 # the same with the whole model compiled (dcdit train --compile)
     python benchmarks/gpu.py --device cpu --smoke      # tiny models on the CPU: checks the script runs
 """
 
@@ -22,7 +22,7 @@ import torch
 from perf import WithBoundary, kept_masks
 
 from dcdit_cli.config.recipe import load_recipe
-from dcdit_cli.models import build_model, compile_blocks
+from dcdit_cli.models import build_model, compile_model
 from dcdit_cli.models.attention import available_backends
 from dcdit_cli.models.flops import count_train_flops, dcdit_cost
 from dcdit_cli.training.losses import loss_for_recipe
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script, not the speed)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (dcdit train --compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the whole model (dcdit train --compile)")
     args = parser.parse_args()
     if args.smoke:
         args.batch, args.repeats = 2, 2
@@ -96,7 +96,7 @@ def main() -> None:
     rate = matmul_rate(device, dtype, 512 if args.smoke else 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, batch {args.batch}, bf16 autocast, measured bf16 matmul {rate / 1e12:.1f} TFLOP/s"
-          + (", blocks compiled" if args.compile else ""))
+          + (", whole model compiled" if args.compile else ""))
 
     rows = setups(args, device)
     steps, flops = {}, {}
@@ -122,7 +122,7 @@ def main() -> None:
         steps[label] = step
     if args.compile:  # after counting: FLOPs are counted on the eager model
         for model in {id(m): m for m in (getattr(r[2], "model", r[2]) for r in rows)}.values():
-            compile_blocks(model)
+            compile_model(model)
 
     peak = {}
     for k, fn in steps.items():  # warm-up and peak memory, one model at a time

@@ -6,11 +6,17 @@ medians compared, so drift in machine load hits both alike. FLOPs are counted on
 with the model's ``boundary`` argument: each sample keeps L/N · f tokens at random positions,
 f spread evenly over [1 − spread, 1 + spread] across the batch (a trained router's spread).
 
-    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5]
-    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5]
+    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--parts] [--bf16] [--compile]
+    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--bf16]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--batch 8]
     python benchmarks/perf.py compile [--steps 12] [--whole]
+
+Every command first prints the machine: CPU model, its vector/matrix ISA extensions (AVX-512, AMX),
+and the measured fp32 and bf16 matmul rates. ``--bf16`` runs both models under bf16 autocast: on a
+CPU with AVX-512-BF16 or AMX the matmuls get several times faster while norms, gathers and scatters
+gain little, the regime of an AMX Xeon or a GPU. ``--parts`` adds the share of a DC-DiT training
+step spent in each part, each part's forward + backward timed alone on its real inputs.
 
 The dcdit command puts large CPU tensors on huge pages (dcdit_cli/common/host_memory.py); so does this
 script unless --small-pages is given, and the scaffold benchmark times both.
@@ -19,8 +25,10 @@ script unless --small-pages is given, and the scaffold benchmark times both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
+import platform
 import queue
 import resource
 import statistics
@@ -38,7 +46,7 @@ else:
 import torch
 
 from dcdit_cli.config.recipe import load_recipe
-from dcdit_cli.models import build_model
+from dcdit_cli.models import build_model, compile_model
 from dcdit_cli.models.flops import count_train_flops
 from dcdit_cli.training.losses import loss_for_recipe
 
@@ -71,10 +79,33 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 MATMUL_N = 1536
 
 
-def matmul_fn():
-    """A 1536² fp32 matmul: timed among the steps, it gives the machine's matmul rate (MFU's denominator)."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+def matmul_fn(dtype=torch.float32):
+    """A 1536² matmul: timed among the steps, it gives the machine's matmul rate (MFU's denominator)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype), torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
     return lambda: a @ b
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """(model name, the AVX-512 / AMX / AVX2 flags) from /proc/cpuinfo (the platform string elsewhere)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return name, sorted(f for f in flags if f.startswith(("avx512", "amx")) or f == "avx2")
+
+
+def print_machine(repeats: int = 5) -> None:
+    """The header every benchmark prints: which CPU ran it and how fast its matmuls are."""
+    name, isa = cpu_model()
+    amx = [f for f in isa if f.startswith("amx")]
+    rates = {dt: 2 * MATMUL_N**3 / t / 1e9 for dt, t in
+             interleaved({dt: matmul_fn(dt) for dt in (torch.float32, torch.bfloat16)}, repeats).items()}
+    print(f"machine: {name}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"AMX: {' '.join(amx) or 'none'}; AVX-512: {' '.join(f for f in isa if f.startswith('avx512')) or 'none'}")
+    print(f"matmul {MATMUL_N}²: fp32 {rates[torch.float32]:.1f} GFLOP/s, bf16 {rates[torch.bfloat16]:.1f} GFLOP/s "
+          f"(×{rates[torch.bfloat16] / rates[torch.float32]:.2f})")
 
 
 def kept_masks(batch: int, side: int, ratio: float, spread: float, seed: int = 0) -> torch.Tensor:
@@ -92,7 +123,7 @@ class WithBoundary:
     """A model whose router decision is fixed (kept counts under test), optionally with its own
     attention backend; the rest of the model runs as usual."""
 
-    def __init__(self, model, boundary, attention: str | None = None):
+    def __init__(self, model, boundary, attention: str = "auto"):
         self.model, self.boundary, self.backend = model, boundary, attention
 
     def __getattr__(self, name):
@@ -147,6 +178,17 @@ def useful_flops(model, loss_fn, x, y, t) -> float:
     return total
 
 
+def precision(args):
+    """The context every timed call runs in: bf16 autocast with --bf16, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
+def compile_both(models) -> None:
+    """--compile: the whole DC-DiT (two graphs, dcdit_cli.models.compile_model) and the whole DiT."""
+    for _, _, model, _ in models:
+        compile_model(model.model if isinstance(model, WithBoundary) else model)
+
+
 def bench_train(args) -> None:
     models = build(args.size, args.batch, args.spread)
     steps, flops = {}, {}
@@ -156,18 +198,24 @@ def bench_train(args) -> None:
 
         def step(model=model, loss_fn=loss_fn, x=x, y=y, t=t, params=params):
             torch.manual_seed(0)
-            loss, _, _ = loss_fn(model, x, y, t=t)
+            with precision(args):
+                loss, _, _ = loss_fn(model, x, y, t=t)
             loss.backward()
             for p in params:
                 p.grad = None
 
         steps[name] = step
         flops[name] = useful_flops(model, loss_fn, x, y, t)
-    times = interleaved({**steps, "matmul": matmul_fn()}, args.repeats)
+    if args.compile:
+        compile_both(models)
+        for name, step in steps.items():  # cold compiles outside the timings
+            cold = timed(step)
+            print(f"  compiled {name}: cold compile + first step {cold:.1f} s")
+    times = interleaved({**steps, "matmul": matmul_fn(torch.bfloat16 if args.bf16 else torch.float32)}, args.repeats)
     rate = 2 * MATMUL_N**3 / times["matmul"]
-    (dc, _, dc_model, _), (dit, *_) = models
-    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, median of {args.repeats} "
-          f"(interleaved), torch threads {torch.get_num_threads()}, matmul rate {rate / 1e9:.1f} GFLOP/s (measured among the steps)")
+    (dc, dc_recipe, dc_model, dc_loss), (dit, *_) = models
+    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, {mode(args)}, median of "
+          f"{args.repeats} (interleaved), matmul rate {rate / 1e9:.1f} GFLOP/s (measured among the steps)")
     for name in (dit, dc):
         print(f"  {name:<18} {times[name] * 1e3:9.1f} ms  {flops[name] / 1e9:9.2f} GFLOP (fwd+bwd)  "
               f"MFU {flops[name] / times[name] / rate:.2f}")
@@ -178,27 +226,107 @@ def bench_train(args) -> None:
     print(f"  padding waste: before (batch padded to M_max) {lin:.1%} of linear-layer tokens, {att:.1%} of attention "
           f"scores; now 0% of linear-layer tokens, attention {att_now:.1%} (CPU sdpa_pad, halves padded apart; "
           f"0% with a varlen kernel)")
-    if args.components:
-        components(dc_model, *inputs(models[0][1], args.batch), args.repeats)
+    if args.parts:
+        step_parts(dc_model, dc_loss, *inputs(dc_recipe, args.batch), steps[dc], models[1], args)
 
 
-def components(model, x, y, t, repeats: int) -> None:
-    """Share of a DC-DiT forward's time by component, from forward hooks (CPU: synchronous)."""
+def mode(args) -> str:
+    return (f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'compiled (whole model)' if args.compile else 'eager'}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def fwd_bwd(fn, *args):
+    """fn(*args) forward + backward (a ones gradient on its first output), the float inputs as leaves."""
+    def run():
+        leaves = [a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def step_parts(model, loss_fn, x, y, t, step, dit, args) -> None:
+    """Share of a DC-DiT training step (forward + backward) by part: each part's forward + backward
+    timed alone on the inputs it gets in a step (captured by forward hooks), interleaved with the
+    whole step; "other" is the rest (embedders, positions, STE gate, residual projection, glue)."""
+    from dcdit_cli.models.attention import varlen_attention
+
     inner = model.model
-    parts = {"encoder": [inner.encoder], "router": [inner.router], "chunk": [inner.chunk],
-             "inner blocks": list(inner.blocks), "de-chunk": [inner.dechunk], "decoder + final": [inner.decoder, inner.final_layer]}
-    spent = {k: 0.0 for k in parts}
-    clock = {}
-    for k, mods in parts.items():
-        mods[0].register_forward_pre_hook(lambda m, a, k=k: clock.__setitem__(k, time.perf_counter()))
-        mods[-1].register_forward_hook(lambda m, a, o, k=k: spent.__setitem__(k, spent[k] + time.perf_counter() - clock[k]))
-    with torch.no_grad():
-        model(x, t, y)
-        for k in spent:
-            spent[k] = 0.0
-        total = sum(timed(lambda: model(x, t, y)) for _ in range(repeats))
-    print("  forward time by component: " + ", ".join(f"{k} {v / total:.1%}" for k, v in spent.items())
-          + f", other {1 - sum(spent.values()) / total:.1%}")
+    seen = {}
+    mods = {"encoder": inner.encoder, "router": inner.router, "chunk": inner.chunk, "block": inner.blocks[0],
+            "de-chunk": inner.dechunk, "decoder": inner.decoder, "final": inner.final_layer}
+    handles = [m.register_forward_hook(lambda m, a, o, k=k: None if k in seen else seen.update({k: (a, o)}))
+               for k, m in mods.items()]
+    d = loss_fn.diffusion
+    noise = torch.randn_like(x)
+    x_t = d.q_sample(x, t, noise)
+    with precision(args):
+        out, _ = model(x_t, t, y)
+    for h in handles:
+        h.remove()
+    layout = seen["block"][0][2]
+    heads = inner.blocks[0].attn.num_heads
+    q = torch.randn(layout.sample.shape[0], heads, inner.config.hidden_size // heads)
+
+    def blocks(tokens, c):
+        for block in inner.blocks:
+            tokens = block(tokens, c, layout)
+        return tokens
+
+    def attention(q, k, v):
+        return torch.stack([varlen_attention(q, k, v, layout) for _ in inner.blocks])
+
+    def decoder(z, c):
+        return inner.final_layer(inner.decoder(z, c, x.shape[-1]), c)
+
+    def loss(out):
+        return d.loss_terms(out, x, x_t, t, noise)["loss"].mean()
+
+    # DiT's attention at its own (B, T) for the per-token comparison
+    dit_model = dit[2]
+    T = (dit_model.config.input_size // dit_model.config.patch_size) ** 2
+    qd = torch.randn(x.shape[0], heads, T, inner.config.hidden_size // heads)
+
+    def dit_attention(q, k, v):
+        return torch.stack([torch.nn.functional.scaled_dot_product_attention(q, k, v) for _ in dit_model.blocks])
+
+    a = seen
+    parts = {
+        "encoder": fwd_bwd(inner.encoder, *a["encoder"][0]),
+        "router": fwd_bwd(inner.router, *a["router"][0]),
+        "chunk": fwd_bwd(inner.chunk, *a["chunk"][0]),
+        "inner blocks": fwd_bwd(blocks, *a["block"][0][:2]),
+        "attention": fwd_bwd(attention, q, q, q),
+        "de-chunk": fwd_bwd(inner.dechunk, *a["de-chunk"][0]),
+        "decoder + final": fwd_bwd(decoder, a["decoder"][0][0], a["decoder"][0][1]),
+        "loss": fwd_bwd(loss, out.float()),
+        "DiT attention": fwd_bwd(dit_attention, qd, qd, qd),
+    }
+
+    def in_precision(fn):
+        def run():
+            with precision(args):
+                fn()
+        return run
+
+    times = interleaved({"step": step, **{k: in_precision(f) for k, f in parts.items()}}, args.repeats)
+    inner.zero_grad(set_to_none=True)
+    shares = {k: times[k] / times["step"] for k in parts if k != "DiT attention"}
+    shares["inner blocks"] -= shares["attention"]  # attention apart
+    print(f"  DC-DiT training step by part (forward + backward, each timed alone on its step inputs; {mode(args)}; "
+          f"step {times['step'] * 1e3:.1f} ms):")
+    print("    " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()) + f", other {1 - sum(shares.values()):.1%}")
+    n = layout.cu_seqlens.diff().double()
+    packed_scores, dit_scores = float(n.square().sum()), x.shape[0] * T * T
+    per_flop = (times["attention"] / packed_scores) / (times["DiT attention"] / dit_scores)
+    print(f"    attention fwd+bwd: packed (kept {n.int().tolist()}) {times['attention'] * 1e3:.1f} ms, DiT ({x.shape[0]}×{T}) "
+          f"{times['DiT attention'] * 1e3:.1f} ms; per score (useful q·k pair) packed / DiT = {per_flop:.2f}")
+
+
+@torch.no_grad()
+def sample_step(diffusion, fn, x, t, args):
+    with precision(args):
+        return diffusion.p_sample(fn, x, t)
 
 
 def bench_sample(args) -> None:
@@ -216,14 +344,14 @@ def bench_sample(args) -> None:
     for label, (b, u) in settings.items():
         log = KeptLog()
         fn = make_model_fn(model, y, SampleOptions(cfg_scale=4.0, budget=b, uncond_budget=u), log)
-        with torch.no_grad():
+        with torch.no_grad(), precision(args):
             fn(x, t)
         spent[label] = float(cost(log.per_step[-1].double()).sum())  # exact per-sample cost, both halves
-        fns[label] = lambda fn=fn: torch.no_grad()(diffusion.p_sample)(fn, x, t)
+        fns[label] = lambda fn=fn: sample_step(diffusion, fn, x, t, args)
     times = interleaved(fns, args.repeats)
     base = next(iter(settings))
     print(f"sampling step (CFG 4, one forward of both halves), {name}, batch {args.batch}, kept spread ±{args.spread:.0%}, "
-          f"median of {args.repeats} (interleaved)")
+          f"{mode(args)}, median of {args.repeats} (interleaved)")
     for label in settings:
         tr, fr = times[label] / times[base], spent[label] / spent[base]
         print(f"  {label:<20} {times[label] * 1e3:8.1f} ms  time x {tr:.3f}  FLOPs x {fr:.3f}  time/FLOP ratio {tr / fr:.3f}")
@@ -331,8 +459,9 @@ def bench_attention(args) -> None:
 
 def bench_compile(args) -> None:
     """torch.compile as the kept counts change, on the toy DC-DiT training step: its transformer blocks
-    compiled with dynamic shapes (``dcdit train --compile``, the default here), or the whole model
-    (``--whole``); recompiles, graph breaks, agreement with eager and time against eager."""
+    compiled with dynamic shapes (the default here), or the whole model (``--whole``, ``dcdit train
+    --compile``: dcdit_cli.models.compile_model); recompiles, graph breaks, agreement with eager and
+    time against eager."""
     import copy
 
     import torch._dynamo as dynamo
@@ -344,15 +473,10 @@ def bench_compile(args) -> None:
     eager, loss_fn = build_model(recipe.model), loss_for_recipe(recipe)
     x, y, t = inputs(recipe, args.batch)
     batches = [kept_masks(args.batch, recipe.model.input_size, 4.0, 0.3, seed=s) for s in range(args.steps)]
+    compiled = copy.deepcopy(eager)
     if args.whole:
-        import torch._inductor.config as inductor_config
-
-        # torch 2.14's Inductor sorts the symbolic strides of a graph-output view without its shape
-        # env ("cannot determine truth value of Relational: 96*s25 < 4"); exact output strides skip that.
-        inductor_config.strict_output_strides = True
-        compiled = torch.compile(copy.deepcopy(eager), dynamic=True)
+        compile_model(compiled)  # route + process_kept: two graphs
     else:
-        compiled = copy.deepcopy(eager)
         compile_blocks(compiled)
 
     def step(m, b, seed=0):
@@ -388,13 +512,16 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--components", action="store_true", help="train: also the forward time by component")
+    parser.add_argument("--parts", action="store_true", help="train: also the share of a DC-DiT step by part (fwd+bwd)")
+    parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="train: both models compiled whole (compile_model)")
     parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT, not its blocks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small-pages", action="store_true",
                         help="4 KiB pages for every tensor instead of huge pages as dcdit runs (scaffold: always both)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine()
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,
      "compile": bench_compile}[args.what](args)
 

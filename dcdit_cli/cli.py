@@ -36,7 +36,7 @@ RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe name (recipes/NAME
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.lr=2e-4 (TOML literal; repeatable).")
 PrintOpt = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit.")
 CompileOpt = typer.Option(
-    False, "--compile", help="torch.compile the transformer blocks (dynamic shapes: no recompiles as the kept count changes).")
+    False, "--compile", help="torch.compile the whole model (two graphs for a DC-DiT, dynamic shapes: no recompiles as the kept count changes).")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>).")
 ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or checkpoints/step-N.")
 PrDistancesOpt = typer.Option(
@@ -141,7 +141,7 @@ def flops(
         "  dcdit train --recipe b-n4 --resume runs/b-n4/checkpoints/step-0100000\n\n"
         "  dcdit train --recipe s-n4-official --init-from 0400000.pt --set train.max_steps=450000   # fine-tune a release\n\n"
         "  dcdit train --recipe toy-dydit --init-from runs/toy   # DyDiT gates fine-tuned onto a trained DC-DiT\n\n"
-        "  dcdit train --recipe b-n4 --compile   # torch.compile the transformer blocks\n\n"
+        "  dcdit train --recipe b-n4 --compile   # torch.compile the whole model\n\n"
         "  dcdit train --recipe toy --log-with tensorboard   # then: tensorboard --logdir runs\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli train --recipe xl-n16\n\n"
         "To resume, run the same command again: it continues from the newest complete checkpoint. "

@@ -1,5 +1,5 @@
-"""torch.compile of the transformer blocks (``dcdit train --compile``): the numbers of eager mode,
-one graph for every kept count, the same state-dict names."""
+"""torch.compile of the transformer blocks and of the whole model (:func:`compile_model`): the
+numbers of eager mode, a bounded number of graphs for every kept count, the same state-dict names."""
 
 import copy
 import json
@@ -10,7 +10,8 @@ import torch._dynamo as dynamo
 from safetensors.torch import load_file
 
 from dcdit_cli.config.recipe import load_recipe
-from dcdit_cli.models import build_model, compile_blocks
+from dcdit_cli.models import build_model, compile_blocks, compile_model
+from dcdit_cli.models.chunking import plug_back_radius
 from dcdit_cli.training.loop import train
 
 pytestmark = pytest.mark.slow  # Inductor's cold compile takes 10–30 s on 2 cores
@@ -52,12 +53,47 @@ def test_compiled_blocks_match_eager_without_recompiling_as_kept_counts_change()
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
+def test_whole_model_compiles_to_two_graphs_that_match_eager_as_kept_counts_and_radii_change():
+    # Before: one graph per plug-back radius (a Python loop over it), per longest CFG half (an
+    # in-place slice of the padded batch) and graph breaks at the host synchronisation.
+    recipe = load_recipe("tiny")
+    torch.manual_seed(0)
+    eager = build_model(recipe.model)
+    for p in eager.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled)
+    side, B = recipe.model.input_size, 4
+    x, y, t = torch.randn(B, recipe.model.in_channels, side, side), torch.arange(B), torch.tensor([5, 300, 600, 900])
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    g = torch.Generator().manual_seed(0)
+    radii = set()
+    for _ in range(8):  # kept counts 2 … L/2: N, M_max, the longer half and the plug-back radius all change
+        boundary = _boundary(torch.randint(2, side * side // 2, (B,), generator=g).tolist(), side)
+        radii.add(int(plug_back_radius(boundary.view(B, side, side))))
+        outs = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            out, _ = model(x, t, y, boundary=boundary)
+            out.square().mean().backward()
+            outs.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (out_e, grads_e), (out_c, grads_c) = outs
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+        for g_c, g_e in zip(grads_c, grads_e, strict=True):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)
+    assert len(radii) > 1  # the batches do span several radii
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # route + process_kept, never recompiled
+    assert not dynamo.utils.counters["graph_break"]
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
 def test_train_compile_records_it_and_writes_the_usual_weights(tmp_path):
     recipe = load_recipe("tiny", ["train.max_steps=2"])
     train(recipe, tmp_path / "eager")
     train(recipe, tmp_path / "compiled", compile_blocks=True)
     env = json.loads((tmp_path / "compiled" / "env.json").read_text())
-    assert env["compile"] == "blocks"
+    assert env["compile"] == "model"
     assert json.loads((tmp_path / "eager" / "env.json").read_text())["compile"] == "none"
     a = load_file(str(tmp_path / "eager" / "checkpoints" / "step-0000002" / "model.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "checkpoints" / "step-0000002" / "model.safetensors"))

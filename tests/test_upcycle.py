@@ -236,7 +236,7 @@ def test_cli_upcycle_and_distill_end_to_end(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     phases = [json.loads(l)["phase"] for l in (tmp_path / "di/metrics.jsonl").read_text().splitlines()]
     assert phases == ["distill", "distill", "diffusion"]
-    assert json.loads((tmp_path / "di/env.json").read_text())["compile"] == "blocks"
+    assert json.loads((tmp_path / "di/env.json").read_text())["compile"] == "model"
 
 
 def test_cli_help_and_errors_are_one_line(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -33,6 +34,25 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
+def compile_model(model, backend: str = "inductor") -> None:
+    """``torch.compile`` the whole model in place, with dynamic shapes, in at most two graphs.
+
+    A DC-DiT's forward has one host synchronisation (the kept count fixes the shapes after it), so it
+    compiles as two graphs: :meth:`DCDiT.route` before it and :meth:`DCDiT.process_kept` after it,
+    with N, M_max, the groups' lengths and the bucketed plug-back radius as dynamic sizes, so no
+    kept count or radius recompiles them (tests/test_compile.py). A DiT compiles as one graph.
+    The compiled callables are set on the instance, so the state-dict names do not change.
+    """
+    # Inductor's exact output strides: its default sorts the symbolic strides of views it returns,
+    # and sympy cannot order 33·M against 33 without knowing M ≥ 1 (InductorError in get_stride_order).
+    options = {"strict_output_strides": True} if backend == "inductor" else None
+    if isinstance(model, DCDiT):
+        model.route = torch.compile(model.route, dynamic=True, backend=backend, options=options)
+        model.process_kept = torch.compile(model.process_kept, dynamic=True, backend=backend, options=options)
+    else:
+        model.compile(dynamic=True, backend=backend, options=options)
+
+
 def checkpoint_blocks(model) -> None:
     """Gradient checkpointing (``train.grad_checkpointing``): every transformer block and, in a
     DC-DiT, every scaffold res-block keeps only its inputs for the backward pass and runs its
@@ -46,4 +66,4 @@ def checkpoint_blocks(model) -> None:
         block.forward = functools.partial(checkpoint, type(block).forward, block, use_reentrant=False)
 
 
-__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "checkpoint_blocks", "compile_blocks"]
+__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "checkpoint_blocks", "compile_blocks", "compile_model"]

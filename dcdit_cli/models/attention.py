@@ -96,7 +96,72 @@ class PackedLayout:
 #################################################################################
 
 
+def _pad_heads(a: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Packed (N, H, d) → padded (B, H, M, d), zeros in the padding slots."""
+    B, M = valid.shape
+    out = a.new_zeros((B * M, *a.shape[1:])).index_copy(0, slot, a)
+    return out.view(B, M, *a.shape[1:]).transpose(1, 2)
+
+
+def _unpad_heads(a: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Padded (B, H, M, d) → packed (N, H, d), contiguous."""
+    return a.transpose(1, 2).flatten(0, 1).index_select(0, slot)
+
+
+@torch.library.custom_op("dcdit::packed_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+    """q, k, v (N, H, d) packed → (N, H, d): SDPA over the batch padded to M_max with a key-padding mask,
+    as one op torch.compile does not look into. Its inputs and saved tensors are packed, so no stride
+    depends on M (:func:`_sdpa_pad` says why that matters)."""
+    out = F.scaled_dot_product_attention(*(_pad_heads(a, slot, valid) for a in (q, k, v)),
+                                         attn_mask=valid[:, None, None, :])
+    return _unpad_heads(out, slot)
+
+
+@torch.library.custom_op("dcdit::packed_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`packed_attention`, recomputing the attention weights P (only q, k, v are saved):
+    dv = Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k / √d, dk = dSᵀ q / √d."""
+    g, q, k, v = (_pad_heads(a, slot, valid) for a in (grad, q, k, v))  # (B, H, M, d)
+    scale = q.shape[-1] ** -0.5
+    weights = (q @ k.transpose(-2, -1) * scale).masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    d_weights = g @ v.transpose(-2, -1)  # (B, H, M, M)
+    d_scores = weights * (d_weights - (d_weights * weights).sum(dim=-1, keepdim=True))
+    return (_unpad_heads(d_scores @ k * scale, slot), _unpad_heads(d_scores.transpose(-2, -1) @ q * scale, slot),
+            _unpad_heads(weights.transpose(-2, -1) @ g, slot))
+
+
+@packed_attention.register_fake
+def _(q, k, v, slot, valid):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@packed_attention_backward.register_fake
+def _(grad, q, k, v, slot, valid):
+    return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in (q, k, v))
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _attention_grads(ctx, grad):
+    return (*packed_attention_backward(grad, *ctx.saved_tensors), None, None)
+
+
+packed_attention.register_autograd(_attention_grads, setup_context=_save_inputs)
+
+
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Under torch.compile (torch 2.14) attention is one opaque op on the packed tensors, the whole
+        # batch padded to M_max inside it. A length per group in the graph let Inductor specialise on
+        # it (a recompile per batch); written out (q kᵀ, softmax, · v) it specialised on M_max; and
+        # padded tensors saved for the backward got the strides of the first batch's M in the
+        # compiled backward ("expected … stride 480==800" on the next batch).
+        return packed_attention(q, k, v, layout.slot, layout.valid)
     qp, kp, vp = (layout.pad(a).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max, d)
     out = torch.zeros_like(qp)
     size = layout.batch // len(layout.group_len)

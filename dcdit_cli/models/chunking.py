@@ -62,17 +62,25 @@ class ChunkLayer(nn.Module):
     so smoothing and plug-back ignore them and a sample's output never depends on its batch.
     """
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, backend: str = FALLBACK):
-        """h (B, L, D), mask (B, L), p (B, L) → tokens (N, D), order (B, M_max), valid (B, M_max), layout,
-        and the plug-back search radius (a host int, :func:`plug_back_radius`)."""
-        B, L, D = h.shape
-        side = math.isqrt(L)
+    @staticmethod
+    def sizes(mask: torch.Tensor, side: int) -> torch.Tensor:
+        """mask (B, L = side²) → device (3 + groups,) long: N, M_max, the plug-back radius and the attention
+        groups' longest lengths, everything the host must know to fix the shapes and loops after."""
+        B = mask.shape[0]
         n = mask.sum(dim=1)  # (B,)
-        radius = plug_back_radius(mask.view(B, side, side))
         group_len = n.view(PackedLayout.groups(B), -1).amax(dim=1)
-        # The forward's one host synchronisation: N, M_max, the radius and the attention groups' lengths
-        # fix the shapes and loops after.
-        total, m_max, radius, *group_len = torch.cat([torch.stack([n.sum(), n.max(), radius]), group_len]).tolist()
+        return torch.cat([torch.stack([n.sum(), n.max(), plug_back_radius(mask.view(B, side, side))]), group_len])
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, backend: str = FALLBACK, sizes=None):
+        """h (B, L, D), mask (B, L), p (B, L) → tokens (N, D), order (B, M_max), valid (B, M_max), layout,
+        and the plug-back search radius (a host int, :func:`plug_back_radius`).
+
+        sizes: :meth:`sizes` of ``mask`` already read on the host (a list of ints); None reads them
+        here, the forward's one host synchronisation.
+        """
+        B, L, D = h.shape
+        n = mask.sum(dim=1)  # (B,)
+        total, m_max, radius, *group_len = self.sizes(mask, math.isqrt(L)).tolist() if sizes is None else sizes
         raster = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
         key = torch.where(mask, raster, L + 1.0 - p.double())  # boundaries by raster index, then by descending p
         order = key.argsort(dim=1, stable=True)[:, :m_max]  # (B, M_max)
@@ -81,6 +89,13 @@ class ChunkLayer(nn.Module):
         flat = layout.unpad(order + L * torch.arange(B, device=h.device)[:, None])  # (N,) rows of h.flatten(0, 1)
         tokens = h.reshape(B * L, D).index_select(0, flat)  # (N, D)
         return tokens, order, valid, layout, radius
+
+
+def bucket_radius(radius: int) -> int:
+    """The plug-back radius rounded up to a power of two (at least 2): any radius at or above the
+    bound gives the same plug-back, and a compiled model sees few distinct values (and never the
+    0 or 1 that torch.compile specialises on)."""
+    return max(2, 1 << (radius - 1).bit_length())
 
 
 def raster_to_rc(index: torch.Tensor, side: int) -> torch.Tensor:
@@ -187,10 +202,11 @@ class DeChunkLayer(nn.Module):
         A separable exact transform. Pass 1, per column: the nearest kept row (cumulative max/min).
         Pass 2, per row: min over columns c' of a·((c − c')² + g²(c')) + raster(c'), a = L + 1, so
         the minimum is the nearest token and ties go to the smallest raster index. The optimal c'
-        lies within ``radius`` = max ⌊√D_up⌋ columns of c (:func:`plug_back_radius`), so pass 2 scans
-        2·radius + 1 shifted copies of the row: O(L·radius) work, O(L) memory, linear in L at a
-        given kept density. ``radius`` is a host int (the chunk layer reads it in the forward's one
-        synchronisation); None reads it here.
+        lies within ``radius`` = max ⌊√D_up⌋ columns of c (:func:`plug_back_radius`), so pass 2 takes
+        the minimum over a window of 2·radius + 1 columns (one unfolded view, a gather under
+        torch.compile; no Python loop over the radius, so a compiled graph keeps it symbolic): O(L·radius) work and memory, linear in
+        L at a given kept density. Any radius at or above the bound gives the same result.
+        ``radius`` is a host int (the forward's one synchronisation reads it); None reads it here.
         """
         slot_of = kept_slots(order, valid, side)
         best_row, g2, has = nearest_kept_row(slot_of >= 0)
@@ -199,15 +215,16 @@ class DeChunkLayer(nn.Module):
             radius = int(plug_back_radius(slot_of >= 0))
         cols = torch.arange(W, device=order.device)
         a = L + 1
-        base = torch.where(has, a * g2 + best_row.clamp(0, side - 1) * side + cols, torch.iinfo(torch.long).max // 2)
-        base = F.pad(base, (radius, radius), value=torch.iinfo(torch.long).max // 2)  # (B, H, W + 2·radius)
-        best_key = torch.full_like(g2, torch.iinfo(torch.long).max)
-        best = torch.zeros_like(g2)
-        for delta in range(-radius, radius + 1):  # candidate column c' = c + delta
-            key = base[..., radius + delta : radius + delta + W] + a * delta * delta
-            better = key < best_key
-            best_key = torch.where(better, key, best_key)
-            best = torch.where(better, cols + delta, best)
+        far = torch.iinfo(torch.long).max // 2
+        base = torch.where(has, a * g2 + best_row.clamp(0, side - 1) * side + cols, far)
+        base = F.pad(base, (radius, radius), value=far)  # (B, H, W + 2·radius)
+        deltas = torch.arange(-radius, radius + 1, device=order.device)  # candidate column c' = c + delta
+        if torch.compiler.is_compiling():  # a gather: unfold's size check would make a graph per radius
+            window = base[..., cols[:, None] + radius + deltas]  # (B, H, W, 2·radius + 1)
+        else:  # a view, twice as fast as the gather in eager
+            window = base.unfold(2, 2 * radius + 1, 1)  # (B, H, W, 2·radius + 1)
+        key = window + a * deltas.square()
+        best = cols + key.argmin(dim=-1) - radius  # (B, H, W); real keys are distinct, ties among empties → leftmost
         src = best_row.gather(2, best).clamp(0, side - 1) * side + best  # (B, H, W) raster index of the source
         return slot_of.view(B, L).gather(1, src.view(B, L))
 

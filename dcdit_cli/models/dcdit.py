@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.attention import select_backend
-from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
+from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, bucket_radius, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import (DiTBlock, FinalLayer, ForwardStats, LabelEmbedder, TimestepEmbedder, initialize_dit_weights,
                                   run_blocks, sincos_2d)
 from dcdit_cli.models.routers import force_endpoints, make_router
@@ -53,16 +53,26 @@ class RouterStats(ForwardStats):
 
 
 def as_fraction(budget, batch: int, device) -> torch.Tensor:
-    """A scalar or per-sample tail-dropping fraction → (B,) float tensor, checked in [0, 1)."""
-    f = torch.as_tensor(0.0 if budget is None else budget, dtype=torch.float32, device=device)
+    """A scalar or per-sample tail-dropping fraction → (B,) float tensor on ``device``, checked in [0, 1).
+
+    A host value (None, a float) is checked on the host and filled on the device: the value travels
+    as a kernel argument, so a training or sampling step copies nothing from host memory (a
+    ``torch.as_tensor`` of it would be a blocking copy from pageable memory on a GPU,
+    tests/test_syncs.py). A tensor (the sampler's per-half budgets, built once on the device) is
+    used as it is and checked on the device, without waiting for it.
+    """
+    if not torch.is_tensor(budget):  # a host value: checked on the host
+        value = 0.0 if budget is None else float(budget)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"budget fractions must lie in [0, 1), got {budget}")
+        return torch.full((batch,), value, dtype=torch.float32, device=device)
+    f = budget.to(dtype=torch.float32)
+    if f.device != torch.device(device):  # the caller's tensor lives elsewhere: build it on the device to avoid this
+        f = f.to(device)
     f = f.expand(batch) if f.ndim == 0 else f
     if f.shape != (batch,):
         raise ValueError(f"budget must be a scalar or have one value per sample ({batch}), got shape {tuple(f.shape)}")
-    if not torch.is_tensor(budget):  # a host value: checked on the host
-        if not 0.0 <= float(0.0 if budget is None else budget) < 1.0:
-            raise ValueError(f"budget fractions must lie in [0, 1), got {budget}")
-    else:  # checked on the device, without waiting for it
-        torch._assert_async(((f >= 0) & (f < 1)).all(), "budget fractions must lie in [0, 1)")
+    torch._assert_async(((f >= 0) & (f < 1)).all(), "budget fractions must lie in [0, 1)")
     return f
 
 
@@ -125,6 +135,24 @@ class DCDiT(nn.Module):
         (False: multiply the masks, as training does); their decisions come back in ``stats.gates``.
         """
         B, _, side, _ = x.shape
+        backend = select_backend(x.device, attention)
+        c, t_emb, h, p, mask, kept, sizes = self.route(x, t, y, as_fraction(budget, B, x.device), boundary)
+        # The forward's one host synchronisation: N, M_max, the plug-back radius and the attention
+        # groups' lengths fix the shapes after it.
+        total, m_max, radius, *group_len = sizes.tolist()
+        out, order, valid, block_outputs, gates = self.process_kept(
+            h, c, t_emb, p, kept, side, [total, m_max, bucket_radius(radius), *group_len], backend, record_blocks,
+            skip_masked)
+        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid,
+                            block_outputs=block_outputs, gates=gates)
+        return out, stats
+
+    def route(self, x, t, y, fraction, boundary=None):
+        """Everything before the host synchronisation: x (B, C, H, W), t, y (B,), fraction (B,) →
+        c (B, D), t_emb (B, D), h (B, L, D), p (B, L), mask (B, L), kept (B, L) and the device sizes
+        the host reads (:meth:`ChunkLayer.sizes`). One graph under ``torch.compile``
+        (:func:`dcdit_cli.models.compile_model`)."""
+        side = x.shape[-1]
         t_emb = self.t_embedder(t)  # (B, D); DyDiT's width gates see the timestep only
         c = t_emb + self.y_embedder(y)  # (B, D)
         h = self.encoder(x, c)  # (B, L, D)
@@ -135,10 +163,17 @@ class DCDiT(nn.Module):
         if boundary is not None:
             p = torch.where(boundary == mask, p, 1 - p)  # a flipped decision flips p: same confidence
             mask = keep_at_least_one(boundary, p)
-        kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
+        kept = tail_drop(mask, p, fraction)  # (B, L)
+        return c, t_emb, h, p, mask, kept, self.chunk.sizes(kept, side)
 
-        backend = select_backend(x.device, attention)
-        tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
+    def process_kept(self, h, c, t_emb, p, kept, side: int, sizes: list[int], backend: str, record_blocks: bool = False,
+                     skip_masked: bool = True):
+        """Everything after it: chunk, the inner blocks on the N packed kept tokens, de-chunk, decoder,
+        with ``sizes`` the host ints [N, M_max, plug-back radius, groups' lengths …] → (prediction
+        (B, 2C, H, W), order, valid, block outputs or None, DyDiT's gates). One graph under
+        ``torch.compile``, the sizes dynamic (the radius bucketed to a power of two, :func:`bucket_radius`)."""
+        B = h.shape[0]
+        tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend, sizes)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
         tokens = tokens + sincos_2d(positions, self.config.hidden_size).to(tokens.dtype)
         tokens, gates, outputs = run_blocks(self.blocks, tokens, c, t_emb, layout, skip_masked, record_blocks)  # (N, D)
@@ -151,6 +186,4 @@ class DCDiT(nn.Module):
         out = self.decoder(z, c, side)  # (B, L, e)
         out = self.final_layer(out, c)  # (B, L, 2C)
         out = out.transpose(1, 2).reshape(B, self.out_channels, side, side)  # (B, 2C, H, W)
-        stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid,
-                            block_outputs=block_outputs, gates=gates)
-        return out, stats
+        return out, order, valid, block_outputs, gates

@@ -118,7 +118,7 @@ class PredictiveRouter(nn.Module):
 
 def force_endpoints(p: torch.Tensor) -> torch.Tensor:
     """p (B, L) with p = 1 at raster positions 0 and L − 1 (no gradient there), as the release does."""
-    ends = torch.tensor([0, p.shape[1] - 1], device=p.device)
+    ends = torch.arange(0, p.shape[1], max(p.shape[1] - 1, 1), device=p.device)  # [0, L − 1], made on the device
     return p.index_fill(1, ends, 1.0)
 
 

@@ -32,7 +32,7 @@ from dcdit_cli.common.processes import watch_ranks
 from dcdit_cli.config.recipe import Recipe, read_stored_recipe, recipe_diff
 from dcdit_cli.data.datasets import batch_indices, check_fits_model, make_dataset
 from dcdit_cli.diffusion.gaussian import make_diffusion, to_device
-from dcdit_cli.models import build_model, checkpoint_blocks, compile_blocks
+from dcdit_cli.models import build_model, checkpoint_blocks, compile_model
 from dcdit_cli.models.attention import select_backend
 from dcdit_cli.training.checkpoint import export_weights, find_latest, load_checkpoint, load_into, resolve_weights, save_checkpoint
 from dcdit_cli.training.checkpoint import init_from as load_init
@@ -140,7 +140,7 @@ def environment(accelerator, compiled: bool = False) -> dict:
         "platform": platform.platform(),
         "cuda_devices": torch.cuda.device_count(),
         "attention_backend": select_backend(accelerator.device),
-        "compile": "blocks" if compiled else "none",
+        "compile": "model" if compiled else "none",
         "host_allocator": host_allocator(),
     }
 
@@ -220,7 +220,7 @@ def train(
     dir, dcdit weights or the authors' .pt; fine-tuning, e.g. DyDiT gates on a trained DC-DiT), loaded before the optimizer is
     built; when the run resumes, its own checkpoint wins. A run that fails before its first
     checkpoint leaves no run directory behind (when this call created it). compile_blocks:
-    ``torch.compile`` the transformer blocks (:func:`dcdit_cli.models.compile_blocks`).
+    ``torch.compile`` the whole model, two graphs for a DC-DiT (:func:`dcdit_cli.models.compile_model`).
     """
     out_dir = Path(out_dir)
     check_output(out_dir, "--out", directory=True)
@@ -276,7 +276,7 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     if t_cfg.grad_checkpointing:
         checkpoint_blocks(model)  # after the EMA copy: the EMA model only samples
     if compiled:
-        compile_blocks(model)  # after the EMA copy: the EMA model samples in eager mode
+        compile_model(model)  # after the EMA copy: the EMA model samples in eager mode
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device).eval()
     objectives = objectives or [Objective()]
