@@ -116,11 +116,12 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = one_of("latents", "shapes", "photos")
-    """'latents' (shards written by `dcdit extract`), 'shapes' (the built-in procedural set) or 'photos'
-    (16×16-ish crops of four photographs shipped by scikit-image, `pip install 'dcdit[photos]'`)."""
+    kind: str = one_of("latents", "images", "shapes", "photos")
+    """'latents' (shards written by `dcdit extract`), 'images' (pixel space, no VAE: an image folder or
+    the shards of `dcdit extract --pixels`, docs/pixels.md), 'shapes' (the built-in procedural set) or
+    'photos' (16×16-ish crops of four photographs shipped by scikit-image, `pip install 'dcdit[photos]'`)."""
     path: str = ""
-    """Directory of latent shards (kind = 'latents')."""
+    """Directory of latent shards (kind = 'latents'); of class subfolders of images, or of pixel shards (kind = 'images')."""
     image_size: int = bounded("[1, inf)", 256)
     """Pixel size of the images (shapes: the generated size)."""
     num_classes: int = bounded("[1, inf)", 1000)
@@ -291,7 +292,7 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append(f"model.input_size {m.input_size} is not divisible by model.patch_size {m.patch_size}")
     if m.num_classes != d.num_classes:
         problems.append(f"model.num_classes {m.num_classes} differs from data.num_classes {d.num_classes}: set both")
-    if d.kind in ("shapes", "photos") and (d.image_size != m.input_size or m.in_channels != 3):
+    if d.kind in ("images", "shapes", "photos") and (d.image_size != m.input_size or m.in_channels != 3):
         problems.append(
             f"data.kind = '{d.kind}' makes 3 × {d.image_size}² pixel images but the model takes {m.in_channels} × "
             f"{m.input_size}²: set model.input_size = data.image_size and model.in_channels = 3"
