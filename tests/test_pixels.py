@@ -81,3 +81,48 @@ def test_make_dataset_picks_folder_or_shards_and_names_the_wrong_kind(image_fold
         make_dataset(_data("images", tmp_path / "px", size=32))
     with pytest.raises(DcditError, match="have 2 classes but data.num_classes = 1"):
         make_dataset(_data("images", image_folder, classes=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# P = 1 is the DC-DiT of before the patch stem, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+P1_REFERENCE = Path(__file__).parent / "data" / "dcdit_p1_reference.npz"
+"""Written by ``python tests/test_pixels.py`` at commit fd4672a, before DC-DiT had a patch stem: the
+tiny recipe's DC-DiT with seeded random weights, its state-dict names and shapes, and its output on
+seeded inputs. The P = 1 model of every later commit must reproduce it."""
+
+
+def p1_reference_run() -> dict[str, np.ndarray]:
+    """The tiny recipe's DC-DiT (P = 1) with every parameter drawn from N(0, 0.1²) in state-dict order
+    (the zero inits would make the output 0 and the check empty); its prediction and router p."""
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.models import build_model
+
+    model = build_model(load_recipe("tiny").model).eval()
+    gen = torch.Generator().manual_seed(23)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
+        x = torch.randn(2, 3, 8, 8, generator=gen)
+        out, stats = model(x, torch.tensor([10, 500]), torch.tensor([1, 3]))
+    names = model.state_dict()
+    return {"names": np.array(list(names)), "shapes": np.array([str(tuple(v.shape)) for v in names.values()]),
+            "out": out.numpy(), "p": stats.p.numpy(), "kept": stats.kept.numpy()}
+
+
+def test_p1_dcdit_is_the_model_before_the_patch_stem():
+    want = np.load(P1_REFERENCE)
+    got = p1_reference_run()
+    assert got["names"].tolist() == want["names"].tolist() and got["shapes"].tolist() == want["shapes"].tolist()
+    assert np.array_equal(got["kept"], want["kept"])
+    # bit for bit on the machine that wrote the file; other CPUs may round float sums differently
+    np.testing.assert_allclose(got["p"], want["p"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["out"], want["out"], rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    P1_REFERENCE.parent.mkdir(exist_ok=True)
+    np.savez(P1_REFERENCE, **p1_reference_run())
+    print(f"wrote {P1_REFERENCE}")
