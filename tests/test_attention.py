@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from test_models import _randomise
 
+from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
 from dcdit_cli.models.attention import PackedLayout, available_backends, select_backend, varlen_attention
 from dcdit_cli.models.dit import DiTBlock
@@ -87,16 +88,16 @@ def test_packed_block_equals_dense_block_per_sample(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_dcdit_batch_of_four_equals_four_batches_of_one(backend):
     torch.manual_seed(0)
-    m = _randomise(DCDiT(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5,
-                         scaffold_width=16, attention=backend)).eval()
+    m = _randomise(DCDiT(ModelConfig(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+                         scaffold_width=16))).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.5])[:, None, None, None]
     t, y = torch.randint(0, 1000, (4,), generator=g), torch.randint(0, 5, (4,), generator=g)
     with torch.no_grad():
-        batched, stats = m(x, t, y)
+        batched, stats = m(x, t, y, attention=backend)
         assert len(set(stats.num_kept.tolist())) > 1, "the test needs different kept counts"
         for i in range(4):
-            alone, _ = m(x[i : i + 1], t[i : i + 1], y[i : i + 1])
+            alone, _ = m(x[i : i + 1], t[i : i + 1], y[i : i + 1], attention=backend)
             assert torch.allclose(alone[0], batched[i], atol=1e-5), i
 
 

@@ -1,9 +1,11 @@
 """DC-DiT and DiT model-level behaviour: shapes, inits, batch invariance, gradients, sizes."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.config.recipe import ModelConfig, load_recipe
 from dcdit_cli.models import DCDiT, DiT, build_model
 from dcdit_cli.models.dit import grid_positions, sincos_2d
 
@@ -25,7 +27,7 @@ def _randomise(model, seed=0):
 
 
 def test_zero_inits():
-    m = DCDiT(**TINY)
+    m = DCDiT(ModelConfig(**TINY))
     assert torch.count_nonzero(m.residual_proj.weight) == 0 and torch.count_nonzero(m.residual_proj.bias) == 0
     assert torch.count_nonzero(m.final_layer.linear.weight) == 0
     assert torch.count_nonzero(m.final_layer.adaLN_modulation[-1].weight) == 0
@@ -39,7 +41,7 @@ def test_zero_inits():
 
 
 def test_shapes_and_stats():
-    m = _randomise(DCDiT(**TINY))
+    m = _randomise(DCDiT(ModelConfig(**TINY)))
     x, t, y = _inputs(3)
     out, stats = m(x, t, y)
     assert out.shape == (3, 6, 8, 8)
@@ -51,7 +53,7 @@ def test_shapes_and_stats():
 
 def test_batch_invariance_alone_vs_batch_of_four():
     torch.manual_seed(0)
-    m = _randomise(DCDiT(**TINY)).eval()
+    m = _randomise(DCDiT(ModelConfig(**TINY))).eval()
     # Bias the router so samples keep different numbers of tokens.
     x, t, y = _inputs(4)
     x = x * torch.tensor([0.1, 1.0, 3.0, 0.5])[:, None, None, None]
@@ -65,7 +67,7 @@ def test_batch_invariance_alone_vs_batch_of_four():
 
 
 def test_budget_per_sample_and_zero_budget_identity():
-    m = _randomise(DCDiT(**TINY)).eval()
+    m = _randomise(DCDiT(ModelConfig(**TINY))).eval()
     x, t, y = _inputs(2)
     with torch.no_grad():
         a, sa = m(x, t, y)
@@ -80,7 +82,7 @@ def test_budget_per_sample_and_zero_budget_identity():
 
 def test_diffusion_loss_alone_reaches_router():
     torch.manual_seed(0)
-    m = _randomise(DCDiT(**TINY))
+    m = _randomise(DCDiT(ModelConfig(**TINY)))
     x, t, y = _inputs(2)
     out, stats = m(x, t, y)
     loss = out.square().mean()  # any loss on the prediction; no ratio loss (λ = 0)
@@ -92,7 +94,7 @@ def test_diffusion_loss_alone_reaches_router():
 
 def test_random_router_model_runs_and_keeps_about_l_over_n():
     torch.manual_seed(0)
-    m = DCDiT(**{**TINY, "input_size": 16}, router="random", target_ratio=4.0)
+    m = DCDiT(ModelConfig(**{**TINY, "input_size": 16}, router="random", target_ratio=4.0))
     x, t, y = _inputs(8, side=16)
     _, stats = m(x, t, y)
     assert abs(stats.mask.float().mean().item() - 0.25) < 0.05
@@ -109,8 +111,8 @@ def test_sincos_matches_dit_table_layout():
 
 def test_dit_official_parameter_counts():
     with torch.device("meta"):
-        b2 = DiT(patch_size=2, hidden_size=768, depth=12, num_heads=12)
-        xl2 = DiT(patch_size=2, hidden_size=1152, depth=28, num_heads=16)
+        b2 = DiT(ModelConfig(kind="dit", patch_size=2, hidden_size=768, depth=12, num_heads=12))
+        xl2 = DiT(ModelConfig(kind="dit", patch_size=2, hidden_size=1152, depth=28, num_heads=16))
     assert round(sum(p.numel() for p in b2.parameters()) / 1e6, 1) == 130.5
     assert sum(p.numel() for p in xl2.parameters()) == 675_129_632  # the official checkpoint
     keys = xl2.state_dict().keys()
@@ -126,7 +128,7 @@ def test_dcdit_parameter_counts_near_paper():
 
 
 def test_dit_unpatchify_roundtrip_and_forward():
-    m = _randomise(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5))
+    m = _randomise(DiT(ModelConfig(kind="dit", input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5)))
     x, t, y = _inputs(2)
     out, stats = m(x, t, y)
     assert out.shape == (2, 6, 8, 8) and stats is None
@@ -138,7 +140,7 @@ def test_dit_unpatchify_roundtrip_and_forward():
 
 def test_recipe_options_norm_groups_and_torch_init():
     """model.norm_groups sets the scaffold's GroupNorms; model.init = 'torch' keeps every structural init."""
-    dit_init, torch_init = DCDiT(**TINY), DCDiT(**TINY, norm_groups=4, init="torch")
+    dit_init, torch_init = DCDiT(ModelConfig(**TINY)), DCDiT(ModelConfig(**TINY, norm_groups=4, init="torch"))
     gns = [m for m in torch_init.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert gns and all(m.num_groups == 4 for m in gns)
     assert all(m.num_groups == m.num_channels for m in dit_init.modules() if isinstance(m, torch.nn.GroupNorm))  # 16, 32 ≤ 32
@@ -160,7 +162,7 @@ def test_forced_boundaries_keep_confidence_on_the_forced_side():
     """forward(boundary=...) moves p to the forced side of 0.5 with the router's confidence; forcing
     the router's own decision is the unforced forward, bit for bit."""
     torch.manual_seed(0)
-    m = _randomise(DCDiT(**TINY)).eval()
+    m = _randomise(DCDiT(ModelConfig(**TINY))).eval()
     x, t, y = _inputs(3)
     with torch.no_grad():
         free, stats = m(x, t, y)
@@ -190,4 +192,21 @@ def test_dcdit_modes_are_forward_arguments():
         out, stats = model(x, t, y)
         recorded, stats_r = model(x, t, y, record_blocks=True, attention=available_backends("cpu")[-1])
     assert stats.block_outputs is None and len(stats_r.block_outputs) == m.depth
-    assert torch.allclose(out, recorded, atol=1e-5) and model.attention == "auto"
+    assert torch.allclose(out, recorded, atol=1e-5) and not hasattr(model, "attention")  # no backend kept on the model
+
+
+@pytest.mark.parametrize("kind", ["dcdit", "dit"])
+def test_the_model_config_is_the_one_source(kind):
+    """A model is built from its recipe's ModelConfig alone and keeps it; a plain dict of the
+    fields builds the same model (the diffusers wrapper's path); a config of the other kind is refused."""
+    cfg = load_recipe("tiny", [f"model.kind={kind}", "model.dynamic=dydit"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    again = build_model(ModelConfig(**dataclasses.asdict(cfg)))
+    assert model.config is cfg and again.config == cfg
+    assert model.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    other = DiT if kind == "dcdit" else DCDiT
+    with pytest.raises(ValueError, match="kind"):
+        other(cfg)

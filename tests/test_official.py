@@ -9,7 +9,7 @@ import torch
 from official_oracle import AuthorsDCDiT, save_authors_checkpoint
 
 from dcdit_cli.common.console import DcditError
-from dcdit_cli.config.recipe import available_recipes, load_recipe
+from dcdit_cli.config.recipe import ModelConfig, available_recipes, load_recipe
 from dcdit_cli.models import build_model
 from dcdit_cli.models.routers import PredictiveRouter, force_endpoints
 from dcdit_cli.training.checkpoint import convert_weights, init_from, load_weights, read_weights
@@ -191,7 +191,7 @@ def test_truncated_and_dit_files_are_one_line_through_the_cli(authors_file, tmp_
 
     data = authors_file[0].read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    torch.save(DiT(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10).state_dict(), tmp_path / "dit.pt")
+    torch.save(DiT(ModelConfig(kind="dit", input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)).state_dict(), tmp_path / "dit.pt")
     for name, words in {"cut.pt": "truncated", "dit.pt": "DiT checkpoint, not a DC-DiT"}.items():
         proc = dcdit("convert", "--from", str(tmp_path / name), "--out", str(tmp_path / "out"))
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

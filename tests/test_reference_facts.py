@@ -13,7 +13,7 @@ from dcdit_cli.models import DCDiT
 from dcdit_cli.models.chunking import DeChunkLayer
 from dcdit_cli.models.dit import DiTBlock, LabelEmbedder, TimestepEmbedder
 from dcdit_cli.models.routers import PredictiveRouter, Router
-from dcdit_cli.config.recipe import DiffusionConfig, EvalConfig, SampleConfig, load_recipe
+from dcdit_cli.config.recipe import DiffusionConfig, EvalConfig, ModelConfig, SampleConfig, load_recipe
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, scaffold_width=16)
 
@@ -31,7 +31,7 @@ def test_label_table_has_a_null_row_for_guidance():
 
 
 def test_scaffold_widths_and_norms():
-    m = DCDiT(**TINY)
+    m = DCDiT(ModelConfig(**TINY))
     stem = m.encoder.stem
     assert (stem.in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding) == (3, 16, (3, 3), (1, 1), (1, 1))
     widths = lambda blocks: [(b.conv1.in_channels, b.conv1.out_channels, b.conv2.out_channels) for b in blocks]
@@ -119,9 +119,9 @@ def test_dit_block_adaln_chunks_are_shift_scale_gate_for_attention_then_mlp():
 
 def test_upcycled_positions_lie_on_the_source_grid():
     order = torch.tensor([[0, 9, 63]])  # (0, 0), (1, 1), (7, 7) on an 8×8 grid
-    native = DCDiT(**TINY).inner_positions(order, 8)
+    native = DCDiT(ModelConfig(**TINY)).inner_positions(order, 8)
     torch.testing.assert_close(native, torch.tensor([[[0.0, 0.0], [1.0, 1.0], [7.0, 7.0]]]))
-    scaled = DCDiT(**TINY, pos_grid_scale=0.5).inner_positions(order, 8)  # (r + 0.5)·16/32 − 0.5
+    scaled = DCDiT(ModelConfig(**TINY, pos_grid_scale=0.5)).inner_positions(order, 8)  # (r + 0.5)·16/32 − 0.5
     torch.testing.assert_close(scaled, torch.tensor([[[-0.25, -0.25], [0.25, 0.25], [3.25, 3.25]]]))
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dcdit_cli.common.console import DcditError
-from dcdit_cli.config.recipe import load_recipe
+from dcdit_cli.config.recipe import ModelConfig, load_recipe
 from dcdit_cli.diffusion.gaussian import make_diffusion
 from dcdit_cli.models import DiT, build_model
 from dcdit_cli.training.distill import DistillLoss, activation_distillation_loss, build_teacher, distill, teacher_index
@@ -30,7 +30,7 @@ EMBEDDERS = ("t_embedder.", "y_embedder.")
 def tiny_dit(hidden=32, depth=2, patch=2, heads=2, seed=0) -> DiT:
     """A tiny DiT with every weight random (adaLN and final layers included), like a trained one."""
     torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=patch, in_channels=3, hidden_size=hidden, depth=depth, num_heads=heads, num_classes=6)
+    model = DiT(ModelConfig(kind="dit", input_size=8, patch_size=patch, in_channels=3, hidden_size=hidden, depth=depth, num_heads=heads, num_classes=6))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
@@ -89,7 +89,7 @@ def test_dit_xl2_key_set_maps_onto_xl_n4_upcycle_on_meta():
     recipe = load_recipe("xl-n4-upcycle")
     assert recipe.model.cond_adaptor and recipe.model.pos_grid_scale == 0.5 and recipe.upcycle.freeze_embedders
     with torch.device("meta"):
-        official = DiT(hidden_size=1152, depth=28, num_heads=16, patch_size=2).state_dict()
+        official = DiT(ModelConfig(kind="dit", hidden_size=1152, depth=28, num_heads=16, patch_size=2)).state_dict()
         target = build_model(recipe.model).state_dict()
     assert len(official) == 292 and sum(v.numel() for v in official.values()) == 675_129_632  # docs/reference.md#official-dit-checkpoint
     out, report = map_dit_to_dcdit(official, target)
@@ -269,7 +269,7 @@ def test_distill_loss_asks_for_block_outputs_and_forwards_step():
             raise Stop
 
     with pytest.raises(Stop):
-        DistillLoss(Spy(), SimpleNamespace(patch_size=2), 1.0)(None, None, None, step=7)
+        DistillLoss(Spy(), SimpleNamespace(config=SimpleNamespace(patch_size=2)), 1.0)(None, None, None, step=7)
     assert seen == {"step": 7, "record_blocks": True}
     assert not hasattr(build_model(load_recipe("tiny-upcycle").model), "record_block_outputs")
 

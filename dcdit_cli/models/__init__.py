@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
+import torch.nn as nn
+
+from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
 from dcdit_cli.models.dit import DiT
 from dcdit_cli.models.dydit import add_gates
 
 
-def with_dynamic(model_cfg, model):
-    """The model with DyDiT's gates in every block when ``model.dynamic = "dydit"`` (paper §4.5)."""
-    return add_gates(model) if model_cfg.dynamic == "dydit" else model
-
-
-def build_model(model_cfg):
-    """A DiT or DCDiT from a :class:`~dcdit_cli.config.recipe.ModelConfig`."""
-    common = dict(
-        input_size=model_cfg.input_size,
-        in_channels=model_cfg.in_channels,
-        hidden_size=model_cfg.hidden_size,
-        depth=model_cfg.depth,
-        num_heads=model_cfg.num_heads,
-        mlp_ratio=model_cfg.mlp_ratio,
-        num_classes=model_cfg.num_classes,
-        learn_sigma=model_cfg.learn_sigma,
-    )
-    if model_cfg.kind == "dit":
-        return with_dynamic(model_cfg, DiT(patch_size=model_cfg.patch_size, **common))
-    return with_dynamic(model_cfg, DCDiT(
-        scaffold_width=model_cfg.scaffold_width,
-        encoder_blocks=model_cfg.encoder_blocks,
-        decoder_blocks=model_cfg.decoder_blocks,
-        router=model_cfg.router,
-        target_ratio=model_cfg.target_ratio,
-        smoothing_sigma=model_cfg.smoothing_sigma,
-        pos_grid_scale=model_cfg.pos_grid_scale,
-        cond_adaptor=model_cfg.cond_adaptor,
-        force_endpoints=model_cfg.force_endpoints,
-        norm_eps=model_cfg.norm_eps,
-        norm_groups=model_cfg.norm_groups,
-        init=model_cfg.init,
-        **common,
-    ))
+def build_model(config: ModelConfig) -> nn.Module:
+    """A DiT or DC-DiT from the recipe's ``[model]`` section, with DyDiT's gates in every block when
+    ``dynamic = "dydit"`` (paper §4.5). The gates are added after the plain model is built, so a seed
+    gives the same plain weights with and without them (models/dydit.py ``add_gates``)."""
+    model = DiT(config) if config.kind == "dit" else DCDiT(config)
+    return add_gates(model) if config.dynamic == "dydit" else model
 
 
 def compile_blocks(model) -> None:

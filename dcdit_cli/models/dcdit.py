@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.attention import select_backend
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, route_on_timestep, sincos_2d
@@ -64,60 +65,33 @@ def as_fraction(budget, batch: int, device) -> torch.Tensor:
 
 
 class DCDiT(nn.Module):
-    def __init__(
-        self,
-        input_size: int = 32,
-        in_channels: int = 4,
-        hidden_size: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        scaffold_width: int = 192,
-        encoder_blocks: int = 2,
-        decoder_blocks: int = 2,
-        router: str = "cosine",
-        target_ratio: float = 4.0,
-        smoothing_sigma: float = 1.0,
-        pos_grid_scale: float = 1.0,
-        cond_adaptor: bool = False,
-        force_endpoints: bool = False,
-        norm_eps: float = 1e-5,
-        norm_groups: int = 32,
-        init: str = "dit",
-        attention: str = "auto",
-    ):
-        super().__init__()
-        self.input_size = input_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.hidden_size = hidden_size
-        self.target_ratio = target_ratio
-        self.pos_grid_scale = pos_grid_scale
-        self.force_endpoints = force_endpoints  # the release's p = 1 at raster positions 0 and L − 1
-        self.init = init
-        # Variable-length attention backend of the inner network (models/attention.py); "auto" picks
-        # the best one the device supports. A forward's ``attention`` argument overrides it for that call.
-        self.attention = attention
+    """DC-DiT built from the recipe's ``[model]`` section, kept as ``self.config``: the one place that
+    states the model's options (docs/architecture.md#one-source-for-model-options)."""
 
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.encoder = Encoder(in_channels, scaffold_width, hidden_size, encoder_blocks, cond_adaptor, norm_eps, norm_groups)
-        self.router = make_router(router, hidden_size, target_ratio, norm_eps)
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.kind != "dcdit":
+            raise ValueError(f"DCDiT needs a model config with kind = 'dcdit', got {config.kind!r}")
+        self.config = config
+        D, e, eps, groups = config.hidden_size, config.scaffold_width, config.norm_eps, config.norm_groups
+        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D)
+        self.encoder = Encoder(config.in_channels, e, D, config.encoder_blocks, config.cond_adaptor, eps, groups)
+        self.router = make_router(config.router, D, config.target_ratio, eps)
         self.chunk = ChunkLayer()
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.inner_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
-        self.dechunk = DeChunkLayer(smoothing_sigma)
-        self.residual_proj = nn.Linear(hidden_size, hidden_size)
-        self.decoder = Decoder(scaffold_width, hidden_size, decoder_blocks, cond_adaptor, norm_eps, norm_groups)
-        self.final_layer = FinalLayer(scaffold_width, self.out_channels, cond_size=hidden_size)
+        self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.inner_norm = nn.RMSNorm(D, eps=eps)
+        self.dechunk = DeChunkLayer(config.smoothing_sigma)
+        self.residual_proj = nn.Linear(D, D)
+        self.decoder = Decoder(e, D, config.decoder_blocks, config.cond_adaptor, eps, groups)
+        self.final_layer = FinalLayer(e, self.out_channels, cond_size=D)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         initialize_dit_weights(self)
-        if self.init == "torch":  # recipe option, not the paper's: PyTorch's defaults (docs/router-study.md)
+        if self.config.init == "torch":  # recipe option, not the paper's: PyTorch's defaults (docs/router-study.md)
             zero = {id(m.adaLN_modulation[-1]) for m in self.modules() if isinstance(m, (DiTBlock, FinalLayer))}
             zero.add(id(self.final_layer.linear))
             for m in self.modules():
@@ -135,10 +109,10 @@ class DCDiT(nn.Module):
 
     def inner_positions(self, order: torch.Tensor, side: int) -> torch.Tensor:
         """Original (row, col) of each chunk slot, on the source grid when upcycling (docs/reference.md#source-grid-positions)."""
-        return (raster_to_rc(order, side) + 0.5) * self.pos_grid_scale - 0.5  # (B, M, 2)
+        return (raster_to_rc(order, side) + 0.5) * self.config.pos_grid_scale - 0.5  # (B, M, 2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None,
-                record_blocks: bool = False, attention: str | None = None):
+                record_blocks: bool = False, attention: str = "auto"):
         """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats).
 
         budget: tail-dropping fraction in [0, 1), a scalar or one per sample (docs/reference.md#tail-dropping).
@@ -148,13 +122,14 @@ class DCDiT(nn.Module):
         kept tokens with p > 0.5 as in training. Forcing the router's own decision changes nothing.
         record_blocks: also return every inner block's output in ``RouterStats.block_outputs`` (the
         student side of activation distillation, training/distill.py).
-        attention: this call's attention backend (benchmarks compare them); None = ``self.attention``.
+        attention: the variable-length attention backend of the inner network (models/attention.py);
+        "auto" picks the best one the device supports (benchmarks compare them).
         """
         B, _, side, _ = x.shape
         c = self.condition(t, y)  # (B, D)
         h = self.encoder(x, c)  # (B, L, D)
         p = self.router(h, side)  # (B, L) fp32
-        if self.force_endpoints:
+        if self.config.force_endpoints:  # the release's p = 1 at raster positions 0 and L − 1
             p = force_endpoints(p)
         mask = keep_at_least_one(p > 0.5, p)  # (B, L)
         if boundary is not None:
@@ -162,10 +137,10 @@ class DCDiT(nn.Module):
             mask = keep_at_least_one(boundary, p)
         kept = tail_drop(mask, p, as_fraction(budget, B, x.device))  # (B, L)
 
-        backend = select_backend(x.device, attention or self.attention)
+        backend = select_backend(x.device, attention)
         tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
-        tokens = tokens + sincos_2d(positions, self.hidden_size).to(tokens.dtype)
+        tokens = tokens + sincos_2d(positions, self.config.hidden_size).to(tokens.dtype)
         block_outputs = [] if record_blocks else None
         for block in self.blocks:
             tokens = block(tokens, c, layout)  # (N, D): exactly the kept tokens

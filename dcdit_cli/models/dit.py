@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp, PatchEmbed
 
+from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.attention import PackedLayout, packed_self_attention
 
 
@@ -175,34 +176,26 @@ def initialize_dit_weights(module: nn.Module) -> None:
 
 
 class DiT(nn.Module):
-    """The fixed-patchify baseline: patch embed P×P → DiT blocks → final layer → unpatchify."""
+    """The fixed-patchify baseline: patch embed P×P → DiT blocks → final layer → unpatchify.
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-    ):
+    Built from the recipe's ``[model]`` section (``kind = "dit"``), kept as ``self.config``: the one
+    place that states the model's options (docs/architecture.md#one-source-for-model-options).
+    """
+
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
-        self.input_size = input_size
-        self.num_classes = num_classes
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        side = input_size // patch_size
+        if config.kind != "dit":
+            raise ValueError(f"DiT needs a model config with kind = 'dit', got {config.kind!r}")
+        self.config = config
+        D, P = config.hidden_size, config.patch_size
+        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.x_embedder = PatchEmbed(config.input_size, P, config.in_channels, D, bias=True)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D)
         # Fixed sin-cos table, a frozen parameter as in the official checkpoint (counted in its 675.1M).
-        self.pos_embed = nn.Parameter(sincos_2d(grid_positions(side), hidden_size)[None], requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.pos_embed = nn.Parameter(sincos_2d(grid_positions(config.input_size // P), D)[None], requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, P * P * self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -210,11 +203,11 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data  # patch embed like nn.Linear
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        self.pos_embed.data.copy_(sincos_2d(grid_positions(self.input_size // self.patch_size), self.pos_embed.shape[-1])[None])
+        self.pos_embed.data.copy_(sincos_2d(grid_positions(self.config.input_size // self.config.patch_size), self.config.hidden_size)[None])
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, P²·C) → (B, C, H, W) with channel index (p·P + q)·C + c."""
-        c, p = self.out_channels, self.patch_size
+        c, p = self.out_channels, self.config.patch_size
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)

@@ -66,7 +66,7 @@ def count_train_flops(fn, *args, **kwargs) -> int:
 
 
 def _dummy_inputs(model, device, batch: int = 1):
-    side, ch = model.input_size, model.in_channels
+    side, ch = model.config.input_size, model.config.in_channels
     x = torch.zeros(batch, ch, side, side, device=device)
     t = torch.zeros(batch, dtype=torch.long, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
@@ -104,7 +104,7 @@ class QuadraticCost:
 def forward_flops_at(model, m: int) -> int:
     """Count one single-image DC-DiT forward with exactly m kept tokens (the first m in raster order)."""
     x, t, y = _dummy_inputs(model, "cpu")
-    L = model.input_size**2
+    L = model.config.input_size**2
     boundary = torch.zeros(1, L, dtype=torch.bool)
     boundary[0, :m] = True
     return count_flops(model, x, t, y, boundary=boundary)

@@ -119,7 +119,7 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
     B = y.shape[0]
     use_cfg = opts.cfg_scale > 1.0
     uncond_budget = opts.uncond
-    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])  # [cond; uncond] labels
+    y_cfg = torch.cat([y, torch.full_like(y, model.config.num_classes)])  # [cond; uncond] labels
     budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(y.device)  # once, not per step
 
     def model_fn(x, t):
@@ -131,7 +131,7 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
         if stats is not None:
             log.per_step.append(stats.num_kept.detach().view(-1, B))
         else:  # a DiT runs every patch token, in each CFG half
-            tokens = (model.input_size // model.patch_size) ** 2
+            tokens = (model.config.input_size // model.config.patch_size) ** 2
             log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
         saved = saved_flops(model)
         log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
@@ -150,7 +150,7 @@ def sample_batch(model, recipe, indices: list[int], opts: SampleOptions, classes
     diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=recipe.diffusion.num_timesteps,
                                clip_denoised=recipe.data.kind != "latents")
     log = KeptLog()
-    shape = (len(indices), model.in_channels, model.input_size, model.input_size)
+    shape = (len(indices), model.config.in_channels, model.config.input_size, model.config.input_size)
     x0 = diffusion.sample_loop(
         make_model_fn(model, y, opts, log), shape, method=opts.method, generator=gens, device=device, on_step=on_step
     )

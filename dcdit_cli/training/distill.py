@@ -24,7 +24,7 @@ from typing import Mapping
 
 import torch
 
-from dcdit_cli.config.recipe import Recipe
+from dcdit_cli.config.recipe import ModelConfig, Recipe
 from dcdit_cli.models.dit import DiT, grid_positions, sincos_2d
 from dcdit_cli.training.loop import Objective
 from dcdit_cli.training.losses import ComposableLoss, Loss, loss_for_recipe
@@ -37,7 +37,8 @@ def build_teacher(source: Mapping[str, torch.Tensor], recipe: Recipe) -> DiT:
     shape = inspect_dit(source)
     m = recipe.model
     with torch.device("meta"):  # sizes only; the weights come from ``source``
-        teacher = DiT(
+        teacher = DiT(ModelConfig(
+            kind="dit",
             input_size=recipe.upcycle.source_input_size,
             patch_size=shape.patch_size,
             in_channels=shape.in_channels,
@@ -47,7 +48,7 @@ def build_teacher(source: Mapping[str, torch.Tensor], recipe: Recipe) -> DiT:
             mlp_ratio=shape.mlp_hidden / shape.hidden_size,
             num_classes=shape.num_classes,
             learn_sigma=shape.learn_sigma,
-        )
+        ))
     missing, unexpected = teacher.load_state_dict(source, strict=False, assign=True)  # shares the loaded tensors
     if "pos_embed" in missing:  # a checkpoint without the fixed table: compute it
         side = recipe.upcycle.source_input_size // shape.patch_size
@@ -95,7 +96,7 @@ class DistillLoss(ComposableLoss):
     def __init__(self, base: Loss, teacher: DiT, weight: float = 1.0):
         self.base = base
         self.teacher = teacher
-        self.patch_size = teacher.patch_size
+        self.patch_size = teacher.config.patch_size
         self.weight = weight
 
     @property
