@@ -2,10 +2,13 @@
 
 Both models route the same 16×16 token grid: the photos set at 64×64 pixels with P = 4, and at
 16×16 pixels (crops of the same photographs) with P = 1. Everything else is the recipe's model
-(default: the toy DC-DiT's widths, 4 photo classes). The two training steps are interleaved in
-one process (one step of each in turn, same batch indices), so machine load hits both alike;
-the table gives medians and the ratio P = 4 / P = 1, with the kept tokens and the FLOPs per
-image (paper convention, at the router's target) beside them (docs/pixels.md).
+(default: the toy DC-DiT's widths, 4 photo classes). Each is trained twice: with its router's own
+boundaries (their count differs between the two models, and drifts while they learn), and with the
+boundaries forced to every N-th token in raster order (M = L / N kept tokens, the same for both), which
+isolates what the patch stem costs. The training steps are interleaved in one process (one step of
+each in turn, same batch indices), so machine load hits all alike; the table gives medians and the
+ratio to P = 1, with the kept tokens and the FLOPs per image (paper convention, at the router's
+target) beside them (docs/pixels.md).
 
     OMP_NUM_THREADS=1 python benchmarks/pixel_patch.py [--steps 20] [--batch 16] [--recipe toy]
 """
@@ -38,11 +41,16 @@ def setting(recipe_name: str, side: int, patch: int):
 
 
 class Trainer:
-    """One model, its optimizer, data and loss: ``step(k)`` runs training step k and returns its seconds."""
+    """One model, its optimizer, data and loss: ``step(k)`` runs training step k and returns its seconds.
+    ``forced``: train on boundaries at every N-th token instead of the router's."""
 
-    def __init__(self, recipe, batch: int):
+    def __init__(self, recipe, batch: int, forced: bool):
         torch.manual_seed(0)
         self.recipe, self.batch = recipe, batch
+        m = recipe.model
+        tokens = (m.input_size // m.patch_size) ** 2
+        every = torch.arange(tokens) % round(m.target_ratio) == 0  # (L,) M = L / N
+        self.kwargs = {"boundary": every.expand(batch, tokens)} if forced else {}
         self.model = build_model(recipe.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=recipe.train.lr)
         self.data = make_dataset(recipe.data)
@@ -54,7 +62,7 @@ class Trainer:
         x, y = self.data.batch(idx, flips)[:2]
         t = torch.randint(0, self.recipe.diffusion.num_timesteps, (self.batch,), generator=torch.Generator().manual_seed(k))
         start = time.perf_counter()
-        loss, logs, _ = self.loss_fn(self.model, x, y, t=t)
+        loss, logs, _, _, _ = self.loss_fn.forward(self.model, x, y, t=t, **self.kwargs)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -70,7 +78,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="toy", help="the DC-DiT whose widths both models use")
     args = parser.parse_args()
     recipes = {name: setting(args.recipe, side, patch) for name, (side, patch) in SETTINGS.items()}
-    trainers = {name: Trainer(recipe, args.batch) for name, recipe in recipes.items()}
+    trainers = {f"{name}, {mode}": Trainer(recipe, args.batch, forced=mode != "router")
+                for mode in ("router", "forced M = L/N") for name, recipe in recipes.items()}
     times = {name: [] for name in trainers}
     for k in range(args.steps + 3):
         for name, trainer in trainers.items():  # interleaved: one step of each in turn
@@ -78,18 +87,19 @@ def main() -> None:
             if k >= 3:
                 times[name].append(seconds)
 
-    base = statistics.median(times["P = 1, 16×16 px"])
+    base = {mode: statistics.median(times[f"P = 1, 16×16 px, {mode}"]) for mode in ("router", "forced M = L/N")}
     table = Table(title=f"training step, batch {args.batch}, median of {args.steps} interleaved steps, "
                         f"{torch.get_num_threads()} thread(s)")
     for col in ("setting", "tokens L", "mean kept", "params", "TFLOPs/img at N", "median step s", "step / P = 1"):
         table.add_column(col, justify="right")
     for name, trainer in trainers.items():
-        m = recipes[name].model
-        row = flops_row(name, recipes[name])
+        mode = name.rsplit(", ", 1)[1]
+        m = trainer.recipe.model
+        row = flops_row(name, trainer.recipe)
         median = statistics.median(times[name])
         table.add_row(name, str((m.input_size // m.patch_size) ** 2), f"{statistics.mean(trainer.kept):.1f}",
-                      f"{row.params / 1e6:.3f}M", f"{row.tflops_per_img:.4g}", f"{median:.4f}", f"{median / base:.2f}")
-    Console().print(table)
+                      f"{row.params / 1e6:.3f}M", f"{row.tflops_per_img:.4g}", f"{median:.4f}", f"{median / base[mode]:.2f}")
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,151 @@ if __name__ == "__main__":
     P1_REFERENCE.parent.mkdir(exist_ok=True)
     np.savez(P1_REFERENCE, **p1_reference_run())
     print(f"wrote {P1_REFERENCE}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The patch stem
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_model(*overrides: str):
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.models import build_model
+
+    cfg = load_recipe("tiny", list(overrides)).model
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
+    return net
+
+
+def test_patch_stem_makes_the_router_chunk_patches():
+    """A DC-DiT at P = 2 on 3 × 8² images is exactly a P = 1 DC-DiT on the 12 × 4² grid of its 2×2 patches
+    (same weights: the state dicts have the same names and shapes), its output pixel-shuffled back."""
+    import torch.nn.functional as F
+
+    patched = _tiny_model("model.patch_size=2")
+    on_patches = _tiny_model("model.input_size=4", "model.in_channels=12", "data.kind=latents", "sample.guided_channels=0")
+    assert {k: v.shape for k, v in patched.state_dict().items()} == {k: v.shape for k, v in on_patches.state_dict().items()}
+    assert patched.encoder.stem.weight.shape[1] == 12 and patched.final_layer.linear.out_features == 2 * 3 * 4
+    on_patches.load_state_dict(patched.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([5, 400, 999]), torch.tensor([0, 2, 6])
+    with torch.no_grad():
+        out, stats = patched(x, t, y)
+        ref, ref_stats = on_patches(F.pixel_unshuffle(x, 2), t, y)
+    # [ε | v] halves: channels 0..C·P²−1 of the token output are ε's pixels, so pixel-shuffle keeps them apart
+    assert out.shape == (3, 6, 8, 8) and stats.p.shape == (3, 16)
+    assert torch.equal(stats.kept, ref_stats.kept) and torch.allclose(stats.p, ref_stats.p)
+    torch.testing.assert_close(out, F.pixel_shuffle(ref, 2))
+    assert torch.equal(patched.unpatchify(patched.patchify(x)), x)
+
+
+def test_flops_count_the_patch_grid():
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.models.flops import dcdit_cost, flops_row
+
+    p1, p2 = load_recipe("tiny"), load_recipe("tiny", ["model.patch_size=2"])
+    r1, r2 = flops_row("p1", p1), flops_row("p2", p2)
+    assert r1.compression == pytest.approx(4.0) and r2.compression == pytest.approx(16.0)  # 64 px per 16 / 4 kept tokens
+    c1, c2 = dcdit_cost(p1.model), dcdit_cost(p2.model)
+    # the inner network's cost per kept token is the same; the scaffold runs on 16 tokens instead of 64,
+    # its stem and final layer on 4× the channels: constant part smaller, by more than 3× here
+    assert c2.b == pytest.approx(c1.b, rel=0.02) and c2.c == pytest.approx(c1.c, rel=1e-9)
+    assert c2.a < c1.a / 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The photos set at 64×64 pixels, P = 4 (16×16 tokens), through the real CLI
+# ---------------------------------------------------------------------------------------------
+
+PHOTOS_P4 = ["data.kind=photos", "data.image_size=64", "data.num_classes=4", "model.num_classes=4",
+             "model.input_size=64", "model.patch_size=4", "train.ckpt_every_steps=2"]
+
+
+def _dcdit(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dcdit_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("skimage") is None, reason="needs the photos extra")
+def test_photos_at_64_px_with_p4_trains_resumes_samples_and_draws_boundaries(tmp_path):
+    from dcdit_cli.sampling.viz_boundaries import sheet_layout
+
+    sets = lambda steps: sum((["--set", o] for o in PHOTOS_P4 + [f"train.max_steps={steps}"]), [])  # noqa: E731
+    _dcdit("train", "--recipe", "tiny", *sets(2), "--out", "runs/px", cwd=tmp_path)
+    _dcdit("train", "--recipe", "tiny", *sets(4), "--out", "runs/px", cwd=tmp_path)  # the same command, more steps: resumes
+    steps = [json.loads(line)["step"] for line in (tmp_path / "runs/px/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (tmp_path / "runs/px/checkpoints/step-0000004").is_dir()
+
+    _dcdit("sample", "--ckpt", "runs/px", "--num", "3", "--steps", "3", "--npz", "s.npz", "--batch-size", "3", cwd=tmp_path)
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8 and images.std() > 0  # pixels, no VAE
+
+    proc = _dcdit("viz-boundaries", "--ckpt", "runs/px", "--num", "1", "--timesteps", "2", "--steps", "3", "--out", "vb",
+                  "--json", cwd=tmp_path)
+    result = json.loads(proc.stdout)
+    assert result["tokens"] == 256 and all(0 < k <= 256 for col in result["kept"] for k in col)
+    sheet = Image.open(tmp_path / result["pngs"][0])
+    layout = sheet_layout(2, 16, 64)
+    assert sheet.size == layout.size and layout.cell % 4 == 0  # each 4×4-pixel patch gets a whole cell
+
+
+def test_pixel_recipes_load_and_their_dits_match_their_flops():
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.models.flops import flops_row
+
+    for side, patch, dit_patch in ((64, 2, 4), (256, 8, 16)):
+        dc, dit = load_recipe(f"b-n4-px{side}"), load_recipe(f"dit-b-p{dit_patch}-px{side}-isoflop")
+        for r in (dc, dit):
+            assert (r.data.kind, r.data.image_size, r.model.input_size, r.model.in_channels) == ("images", side, side, 3)
+        assert dc.model.patch_size == patch and (side // patch) ** 2 == 1024  # the 256 px latent grid, 32×32
+        a, b = flops_row("dc", dc), flops_row("dit", dit)
+        assert (side // dit_patch) ** 2 == 256 == 1024 / dc.model.target_ratio  # the DiT runs as many tokens as DC-DiT keeps
+        assert abs(b.tflops_per_img / a.tflops_per_img - 1) < 0.03, (a, b)  # within 3%: 16 blocks, 15 would be −4%
+        assert a.compression == b.compression == dit_patch**2
+
+
+def test_weights_stored_with_the_old_unused_patch_size_load_as_p1(tmp_path):
+    """A DC-DiT recipe stored before the patch stem could carry model.patch_size = 2 (the old default, ignored
+    by DC-DiT then): its weights are a P = 1 model, and they load as one."""
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.models import build_model
+    from dcdit_cli.training.checkpoint import export_weights, load_weights
+
+    recipe = load_recipe("tiny")
+    model = build_model(recipe.model)
+    old_toml = recipe.to_toml().replace("patch_size = 1\n", "patch_size = 2\n", 1)
+    assert "patch_size = 2" in old_toml
+    path = export_weights(tmp_path, 3, model.state_dict(), old_toml, keep_last=1)
+    loaded, stored, step = load_weights(path)
+    assert stored.model.patch_size == 1 and step == 3
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    p2 = build_model(load_recipe("tiny", ["model.patch_size=2"]).model)  # real P = 2 weights keep their P
+    loaded, stored, _ = load_weights(export_weights(tmp_path / "p2", 3, p2.state_dict(), old_toml, keep_last=1))
+    assert stored.model.patch_size == 2 and loaded.encoder.stem.weight.shape[1] == 12
+
+
+def test_upcycling_counts_the_source_grid_in_tokens_and_distillation_needs_p1():
+    """A DiT/2 on 8×8 has a 4×4 token grid: a DC-DiT with P = 2 on the same 8×8 input routes the same grid,
+    so its positions need no scaling (pos_grid_scale 1); at P = 1 they are scaled by 1/2."""
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training.upcycle import check_upcycle_recipe
+
+    def scale_warning(*overrides):
+        return any("pos_grid_scale" in w for w in check_upcycle_recipe(load_recipe("tiny-upcycle", list(overrides)), False))
+
+    assert not scale_warning() and scale_warning("model.patch_size=2")
+    assert not scale_warning("model.patch_size=2", "model.pos_grid_scale=1.0")
+    with pytest.raises(DcditError, match="needs model.patch_size = 1"):
+        check_upcycle_recipe(load_recipe("tiny-upcycle-distill", ["model.patch_size=2"]), True)
