@@ -274,3 +274,17 @@ def test_upcycling_counts_the_source_grid_in_tokens_and_distillation_needs_p1():
     assert not scale_warning("model.patch_size=2", "model.pos_grid_scale=1.0")
     with pytest.raises(DcditError, match="needs model.patch_size = 1"):
         check_upcycle_recipe(load_recipe("tiny-upcycle-distill", ["model.patch_size=2"]), True)
+
+
+def test_an_image_folder_and_its_pixel_shards_train_and_sample_through_the_cli(image_folder, tmp_path):
+    """`dcdit train` on the folder itself and on `dcdit extract --pixels` shards of it; `dcdit sample` writes
+    pixels with no VAE anywhere (the tiny recipe's 8×8 RGB model, 2 classes)."""
+    sets = sum((["--set", o] for o in ("data.kind=images", "data.image_size=8", "data.num_classes=2",
+                                        "model.num_classes=2", "train.max_steps=2")), [])
+    _dcdit("train", "--recipe", "tiny", *sets, "--set", f"data.path={image_folder}", "--out", "runs/folder", cwd=tmp_path)
+    _dcdit("extract", "--data-path", str(image_folder), "--out", "px", "--pixels", "--image-size", "8", "--flip", "none",
+           cwd=tmp_path)
+    assert json.loads((tmp_path / "px/index.json").read_text())["format"] == "dcdit-pixels-v1"
+    _dcdit("train", "--recipe", "tiny", *sets, "--set", "data.path=px", "--out", "runs/shards", cwd=tmp_path)
+    _dcdit("sample", "--ckpt", "runs/shards", "--num", "2", "--steps", "2", "--out", "grid.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "grid.png").size[0] >= 16
