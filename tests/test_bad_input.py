@@ -389,6 +389,7 @@ CASES = [
      "model.safetensors"),
     ("resume-optimizer-shapes", T + ["--out", "{root}/optrun", "--resume", "{optbad}"], "optimizer exp_avg"),
     ("recipe-is-a-directory", ["train", "--recipe", "{recipes}"], "is a directory: give a .toml file"),
+    ("extract-pixels-mean", ["extract", "--data-path", "{junk}", "--out", "{root}/f", "--pixels", "--mean"], "--pixels runs no VAE"),
     ("extract-out-in-images", ["extract", "--data-path", "{junk}", "--out", "{junk}/cls/f"], "lies inside --data-path"),
     ("hidden-size-beyond-int64", T + S("model.hidden_size=100000000000000000000"), "does not fit a 64-bit integer"),
     # --- the command line itself

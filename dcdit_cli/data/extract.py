@@ -111,11 +111,13 @@ def extract(
     posterior mean instead of a sample. Noise and random flips are seeded per shard from
     (seed, shard), so results do not depend on the number of processes. ``batch_size`` counts
     images (the VAE sees twice as many with flip="both"); ``num_workers`` threads decode images.
-    ``pixels``: store the uint8 crops, no VAE (``vae`` is not read; ``mean`` does not apply).
+    ``pixels``: store the uint8 crops, no VAE (``vae`` is not read, ``mean`` is refused).
     """
     check = OptionCheck().choice("--flip", flip, FLIP_MODES).count("--batch-size", batch_size, example=32)
     check.count("--shard-size", shard_size, example=1024).count("--image-size", image_size, example=256)
     check.count("--num-workers", num_workers, least=0, example=8).seed("--seed", seed).output("--out", Path(out), directory=True).done()
+    if pixels and mean:
+        raise DcditError("--mean picks the VAE posterior's mean, and --pixels runs no VAE: drop one of them")
     state = accelerator if accelerator is not None else _process_state()
     rank, world = state.process_index, state.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -133,7 +135,6 @@ def extract(
     fmt = PIXELS if pixels else LATENTS
     if pixels:
         vae = vae_name = vae_id = None
-        mean = False
     elif isinstance(vae, (str, os.PathLike)):
         vae_name = str(vae)
         vae_id = str(Path(vae).expanduser().resolve()) if Path(vae).expanduser().is_dir() else vae_name
