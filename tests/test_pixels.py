@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dcdit_cli.common.console import DcditError
-from dcdit_cli.data.datasets import LatentShardDataset, PixelShardDataset, make_dataset
+from dcdit_cli.data.datasets import PixelShardDataset, make_dataset
 from dcdit_cli.data.extract import extract
 from dcdit_cli.data.images import ImageFolderDataset
 from dcdit_cli.data.imaging import center_crop_arr
@@ -21,7 +21,7 @@ from dcdit_cli.data.imaging import center_crop_arr
 
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
-    """Two classes of small random images of different sizes and aspect ratios, plus a non-image."""
+    """Two classes of small random images of different sizes and aspect ratios."""
     rng = np.random.default_rng(0)
     root = tmp_path / "imgs"
     for c, sizes in enumerate([[(40, 30), (24, 24)], [(30, 50), (64, 20), (33, 33)]]):

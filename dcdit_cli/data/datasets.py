@@ -60,8 +60,6 @@ class ShardFormat:
 LATENTS = ShardFormat("dcdit-latents-v1", "latents", "latent_shape", "latents", "")
 PIXELS = ShardFormat("dcdit-pixels-v1", "pixels", "sample_shape", "images", " --pixels")
 SHARD_FORMATS = (LATENTS, PIXELS)
-LATENT_FORMAT = LATENTS.format
-_EXTRACT_HINT = LATENTS.hint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +427,7 @@ def make_dataset(data_cfg, seed: int = 0):
         dataset = _image_dataset(data_cfg)
     elif data_cfg.kind == "latents":
         if not data_cfg.path:
-            raise DcditError(f"data.kind = 'latents' but data.path is empty: pass --set data.path=FEATURES ({_EXTRACT_HINT})")
+            raise DcditError(f"data.kind = 'latents' but data.path is empty: pass --set data.path=FEATURES ({LATENTS.hint})")
         dataset = LatentShardDataset(data_cfg.path, flip=data_cfg.flip)
     else:
         raise DcditError(f"data.kind must be 'latents', 'images', 'shapes' or 'photos', got {data_cfg.kind!r}")
