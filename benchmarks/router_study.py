@@ -61,8 +61,8 @@ from safetensors.torch import load_file, save_file
 
 from dcdit_cli.data.datasets import batch_indices, make_dataset
 from dcdit_cli.diffusion.gaussian import make_diffusion
-from dcdit_cli.models import build_model
-from dcdit_cli.models.dit import DiTBlock, FinalLayer
+from dcdit_cli.models import RouterStats, build_model
+from dcdit_cli.models.dit import zero_adaln
 from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.training.losses import loss_for_recipe
 from router_science import auroc
@@ -136,13 +136,7 @@ def torch_default_init(model: nn.Module, part: str = "torch") -> None:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)) and (part == "torch" or (id(m) in cond) == (part == "torch-cond")):
             m.reset_parameters()
-    for m in model.modules():
-        if isinstance(m, (DiTBlock, FinalLayer)):
-            nn.init.zeros_(m.adaLN_modulation[-1].weight)
-            nn.init.zeros_(m.adaLN_modulation[-1].bias)
-        if isinstance(m, FinalLayer):
-            nn.init.zeros_(m.linear.weight)
-            nn.init.zeros_(m.linear.bias)
+    zero_adaln(model)
     model.router.initialize_weights()
     nn.init.zeros_(model.residual_proj.weight)
     nn.init.zeros_(model.residual_proj.bias)
@@ -295,13 +289,13 @@ def train_variant(factors: dict, data: str, steps: int, seed: int, router: str =
             mse = logs["mse"]
         else:
             loss, mse, stats = eps_only_loss(diffusion, model, x0, t, y, noise)
-        if stats is not None:
+        if isinstance(stats, RouterStats):
             kept_log.append(stats.num_kept)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if stats is not None and (step + 1) % trace_every == 0:
+        if isinstance(stats, RouterStats) and (step + 1) % trace_every == 0:
             ev = evaluate_trace(model, diffusion, trace_val)
             trace.append((step + 1, *ev))
             log(f"step {step + 1}/{steps}  mse {mse.mean():.4f}  kept {stats.num_kept.float().mean():.1f}  "

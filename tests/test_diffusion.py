@@ -83,7 +83,7 @@ def test_respaced_betas_and_alpha_bar():
     np.testing.assert_allclose(diff.betas, 1.0 - REF_ALPHA_BAR[s] / prev, rtol=1e-10)
     np.testing.assert_allclose(diff.alphas_cumprod, REF_ALPHA_BAR[s], rtol=1e-10)
     assert diff.timestep_map.tolist() == s
-    assert type(make_diffusion("")) is GaussianDiffusion
+    assert type(make_diffusion(respacing="")) is GaussianDiffusion
 
 
 def _leaf_output_fn(out):

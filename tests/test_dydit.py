@@ -14,10 +14,8 @@ from dcdit_cli.models.dydit import (
     add_gates,
     block_flops,
     flops_loss,
-    gated_blocks,
     gumbel_sigmoid_gate,
     saved_flops,
-    set_gate_execution,
 )
 from dcdit_cli.models.flops import count_flops, dynamic_flops, static_cost
 
@@ -69,11 +67,10 @@ def test_open_gates_reproduce_the_ungated_block(mode):
     plain, gated = _pair()
     x, c, t_emb = _inputs()
     gated.train(mode == "train")
-    gated.dydit.skip = mode == "eval-sliced"
     torch.manual_seed(0)
-    gated.route(t_emb)
-    out = gated(x, c)
-    assert torch.equal(gated.dydit.last.heads, torch.ones(3, H)) and bool(gated.dydit.last.tokens.bool().all())
+    out, decided = gated(x, c, t_emb=t_emb, skip_masked=mode == "eval-sliced")
+    assert torch.equal(decided.heads, torch.ones(3, H)) and bool(decided.tokens.bool().all())
+    assert not any(hasattr(gated.dydit, name) for name in ("skip", "last", "widths"))  # nothing kept on the module
     ref = plain(x, c)
     if mode == "eval-sliced":
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -94,9 +91,7 @@ def test_masked_head_equals_that_heads_output_zeroed():
     x, c, t_emb = _inputs()
     _close(gated, heads=[1])
     gated.eval()
-    gated.dydit.skip = False
-    gated.route(t_emb)
-    out = gated(x, c)
+    out, _ = gated(x, c, t_emb=t_emb, skip_masked=False)
     d = D // H
     hook = plain.attn.proj.register_forward_pre_hook(lambda m, a: (a[0] * (torch.arange(D) // d != 1),))
     ref = plain(x, c)
@@ -110,9 +105,7 @@ def test_masked_mlp_group_equals_that_groups_channels_zeroed():
     x, c, t_emb = _inputs()
     _close(gated, groups=[0, 3])
     gated.eval()
-    gated.dydit.skip = False
-    gated.route(t_emb)
-    out = gated(x, c)
+    out, _ = gated(x, c, t_emb=t_emb, skip_masked=False)
     cw = 4 * D // H
     keep = ~torch.isin(torch.arange(4 * D) // cw, torch.tensor([0, 3]))
     hook = plain.mlp.act.register_forward_pre_hook(lambda m, a: (a[0] * keep,))
@@ -130,10 +123,8 @@ def test_skipped_tokens_keep_their_residual_input_and_selected_ones_run_the_mlp(
         gated.dydit.token_router[-1].weight.normal_(0, 1.0)
     for skip in (False, True):
         gated.eval()
-        gated.dydit.skip = skip
-        gated.route(t_emb)
-        out = gated(x, c)
-        selected = gated.dydit.last.tokens.bool()
+        out, decided = gated(x, c, t_emb=t_emb, skip_masked=skip)
+        selected = decided.tokens.bool()
         assert 0 < int(selected.sum()) < selected.numel()
         shift, scale, gate, *_ = plain.adaLN_modulation(c).chunk(6, dim=1)
         from dcdit_cli.models.dit import modulate
@@ -163,10 +154,9 @@ def test_gated_inference_path_equals_the_masked_training_path_with_padding_and_m
     gated.eval()
     outs = {}
     for skip in (False, True):
-        gated.dydit.skip = skip
-        gated.route(t_emb)
-        outs[skip] = layout.pad(gated(layout.unpad(x), c, layout))
-    heads = gated.dydit.last.heads
+        out, decided = gated(layout.unpad(x), c, layout, t_emb=t_emb, skip_masked=skip)
+        outs[skip] = layout.pad(out)
+    heads = decided.heads
     assert len({tuple(r.tolist()) for r in heads}) > 1 and 0 < heads.sum() < heads.numel()
     torch.testing.assert_close(outs[True][valid], outs[False][valid], rtol=1e-5, atol=1e-5)
 
@@ -178,9 +168,7 @@ def test_all_heads_and_groups_closed_runs_on_biases():
     gated.eval()
     res = {}
     for skip in (False, True):
-        gated.dydit.skip = skip
-        gated.route(t_emb)
-        res[skip] = gated(x, c)
+        res[skip], _ = gated(x, c, t_emb=t_emb, skip_masked=skip)
     torch.testing.assert_close(res[True], res[False], rtol=1e-6, atol=1e-6)
 
 
@@ -224,7 +212,7 @@ def test_block_flops_match_the_flop_counter_on_the_sliced_path():
     cfg = dataclasses.replace(_gated_cfg("tiny"), kind="dit", patch_size=2)
     torch.manual_seed(0)
     model = _randomise(build_model(cfg)).eval()
-    blocks = gated_blocks(model)
+    blocks = model.blocks
     with torch.no_grad():
         blocks[0].dydit.head_router.bias[0] = -50.0
         blocks[1].dydit.mlp_router.bias[:2] = -50.0
@@ -233,8 +221,10 @@ def test_block_flops_match_the_flop_counter_on_the_sliced_path():
     x = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size)
     t, y = torch.tensor([3]), torch.tensor([1])
     counted = count_flops(model, x, t, y)
-    f_dyn, f_static = dynamic_flops(model, static_cost(cfg))
-    assert 0 < saved_flops(model).item() and 0 < int(blocks[1].dydit.last.tokens.sum()) < 16
+    with torch.no_grad():
+        _, stats = model(x, t, y)  # the same forward: eval, deterministic
+    f_dyn, f_static = dynamic_flops(stats.gates, cfg, static_cost(cfg))
+    assert 0 < saved_flops(stats.gates, cfg).item() and 0 < int(stats.gates[1].tokens.sum()) < 16
     assert f_dyn.item() == pytest.approx(counted, rel=1e-6)
     plain = build_model(dataclasses.replace(cfg, dynamic="none"))
     assert f_static.item() == pytest.approx(count_flops(plain, x, t, y), rel=1e-9)
@@ -253,8 +243,8 @@ def test_gradients_reach_every_router_through_diffusion_and_flops_losses():
     torch.manual_seed(0)
     model = _randomise(build_model(cfg)).train()  # trained-like blocks, the gates as built
     x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
-    out, _ = model(x, torch.tensor([5, 900]), torch.tensor([0, 1]))
-    f_dyn, f_static = dynamic_flops(model, static_cost(cfg))
+    out, stats = model(x, torch.tensor([5, 900]), torch.tensor([0, 1]))
+    f_dyn, f_static = dynamic_flops(stats.gates, cfg, static_cost(cfg))
     (out.square().mean() + flops_loss(f_dyn, f_static, 0.7)).backward()
     for name, p in model.named_parameters():
         if ".dydit." in name:
@@ -272,7 +262,7 @@ def test_gated_dcdit_sliced_equals_masked_end_to_end():
     cfg = _gated_cfg("tiny")
     torch.manual_seed(0)
     model = _randomise(build_model(cfg)).eval()
-    for b in gated_blocks(model):
+    for b in model.blocks:
         with torch.no_grad():
             b.dydit.head_router.bias.fill_(0.0)
             b.dydit.mlp_router.bias.fill_(0.0)
@@ -281,10 +271,8 @@ def test_gated_dcdit_sliced_equals_masked_end_to_end():
     x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size) * torch.tensor([0.2, 1.0, 3.0])[:, None, None, None]
     t, y = torch.tensor([7, 7, 7]), torch.tensor([0, 1, 2])
     with torch.no_grad():
-        set_gate_execution(model, skip=True)
         a, sa = model(x, t, y)
-        set_gate_execution(model, skip=False)
-        b, sb = model(x, t, y)
+        b, sb = model(x, t, y, skip_masked=False)
     assert torch.equal(sa.kept, sb.kept)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert isinstance(model.blocks[0], DyDiTBlock)
@@ -298,7 +286,6 @@ def test_gated_dcdit_with_every_gate_on_equals_the_plain_model_bit_for_bit(skip)
     plain = _randomise(build_model(load_recipe("tiny").model)).eval()
     gated = build_model(_gated_cfg("tiny")).eval()
     gated.load_state_dict(plain.state_dict(), strict=False)  # only the .dydit. gates keep their init (all on)
-    set_gate_execution(gated, skip=skip)
     cfg = _gated_cfg("tiny")
     for draw in range(8):  # padding the batch to its longest sample changes the rounding in about half of these
         g = torch.Generator().manual_seed(draw)
@@ -307,9 +294,9 @@ def test_gated_dcdit_with_every_gate_on_equals_the_plain_model_bit_for_bit(skip)
         t, y = torch.full((4,), int(torch.randint(1000, (1,), generator=g))), torch.randint(6, (4,), generator=g)
         with torch.no_grad():
             a, sa = plain(x, t, y)
-            b, sb = gated(x, t, y)
+            b, sb = gated(x, t, y, skip_masked=skip)
         assert torch.equal(sa.kept, sb.kept) and torch.equal(a, b), draw
-        assert all(blk.dydit.last.heads.all() and blk.dydit.last.tokens[blk.dydit.last.valid].all() for blk in gated_blocks(gated))
+        assert sa.gates is None and all(g.heads.all() and g.tokens[g.valid].all() for g in sb.gates)
 
 
 def test_fine_tune_a_plain_run_with_gates_end_to_end(tmp_path):

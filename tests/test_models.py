@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dcdit_cli.config.recipe import ModelConfig, load_recipe
-from dcdit_cli.models import DCDiT, DiT, build_model
+from dcdit_cli.models import DCDiT, DiT, RouterStats, build_model
 from dcdit_cli.models.dit import grid_positions, sincos_2d
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5, scaffold_width=16)
@@ -131,7 +131,7 @@ def test_dit_unpatchify_roundtrip_and_forward():
     m = _randomise(DiT(ModelConfig(kind="dit", input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5)))
     x, t, y = _inputs(2)
     out, stats = m(x, t, y)
-    assert out.shape == (2, 6, 8, 8) and stats is None
+    assert out.shape == (2, 6, 8, 8) and stats.gates is None and not isinstance(stats, RouterStats)
     tokens = torch.arange(2 * 16 * 24, dtype=torch.float32).reshape(2, 16, 24)
     img = m.unpatchify(tokens)
     # token (0,0), sub-position (p=1, q=0), channel 2 → index (1·2 + 0)·6 + 2 = 14

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
-from dcdit_cli.models.dit import DiT
+from dcdit_cli.models.dit import DiT, ForwardStats
 from dcdit_cli.models.dydit import add_gates
 
 
@@ -30,4 +30,4 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-__all__ = ["DCDiT", "DiT", "RouterStats", "build_model", "compile_blocks"]
+__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "compile_blocks"]

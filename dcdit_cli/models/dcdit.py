@@ -29,14 +29,16 @@ import torch.nn.functional as F
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.attention import select_backend
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, keep_at_least_one, raster_to_rc, ste, tail_drop
-from dcdit_cli.models.dit import DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, initialize_dit_weights, route_on_timestep, sincos_2d
+from dcdit_cli.models.dit import (DiTBlock, FinalLayer, ForwardStats, LabelEmbedder, TimestepEmbedder, initialize_dit_weights,
+                                  run_blocks, sincos_2d)
 from dcdit_cli.models.routers import force_endpoints, make_router
 from dcdit_cli.models.scaffold import Decoder, Encoder
 
 
 @dataclass
-class RouterStats:
-    """What the router decided for one forward pass (read by the loss, viz-boundaries and flops).
+class RouterStats(ForwardStats):
+    """What the router (and DyDiT's gates, ``gates``) decided for one forward pass (read by the loss,
+    viz-boundaries and flops).
 
     p (B, L) boundary probabilities; mask (B, L) the router's boundaries before tail dropping
     (what the ratio loss sees); kept (B, L) the tokens the inner network actually ran on;
@@ -112,11 +114,6 @@ class DCDiT(nn.Module):
         nn.init.zeros_(self.residual_proj.weight)  # docs/reference.md#residual-projection-init: zero, unlike the reference code
         nn.init.zeros_(self.residual_proj.bias)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t_emb = self.t_embedder(t)  # (B, D)
-        route_on_timestep(self.blocks, t_emb)  # DyDiT's width masks, once per forward
-        return t_emb + self.y_embedder(y)  # (B, D)
-
     def inner_positions(self, order: torch.Tensor, side: int) -> torch.Tensor:
         """Original (row, col) of each chunk slot, on the source grid when upcycling (docs/reference.md#source-grid-positions)."""
         return (raster_to_rc(order, side) + 0.5) * self.config.pos_grid_scale - 0.5  # (B, M, 2)
@@ -130,7 +127,7 @@ class DCDiT(nn.Module):
         return F.pixel_shuffle(x, self.config.patch_size) if self.config.patch_size > 1 else x
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None,
-                record_blocks: bool = False, attention: str = "auto"):
+                record_blocks: bool = False, attention: str = "auto", skip_masked: bool = True):
         """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats over L = (H/P)² tokens).
 
         budget: tail-dropping fraction in [0, 1), a scalar or one per sample (docs/reference.md#tail-dropping).
@@ -142,9 +139,12 @@ class DCDiT(nn.Module):
         student side of activation distillation, training/distill.py).
         attention: the variable-length attention backend of the inner network (models/attention.py);
         "auto" picks the best one the device supports (benchmarks compare them).
+        skip_masked: DyDiT's gated blocks at inference really skip what their gates turned off
+        (False: multiply the masks, as training does); their decisions come back in ``stats.gates``.
         """
         B, side = x.shape[0], x.shape[2] // self.config.patch_size  # side of the token grid
-        c = self.condition(t, y)  # (B, D)
+        t_emb = self.t_embedder(t)  # (B, D); DyDiT's width gates see the timestep only
+        c = t_emb + self.y_embedder(y)  # (B, D)
         h = self.encoder(self.patchify(x), c)  # (B, L, D)
         p = self.router(h, side)  # (B, L) fp32
         if self.config.force_endpoints:  # the release's p = 1 at raster positions 0 and L − 1
@@ -159,11 +159,8 @@ class DCDiT(nn.Module):
         tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend)  # (N, D) packed; (B, M_max) × 2
         positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
         tokens = tokens + sincos_2d(positions, self.config.hidden_size).to(tokens.dtype)
-        block_outputs = [] if record_blocks else None
-        for block in self.blocks:
-            tokens = block(tokens, c, layout)  # (N, D): exactly the kept tokens
-            if block_outputs is not None:
-                block_outputs.append(layout.pad(tokens))  # (B, M_max, D)
+        tokens, gates, outputs = run_blocks(self.blocks, tokens, c, t_emb, layout, skip_masked, record_blocks)  # (N, D)
+        block_outputs = [layout.pad(o) for o in outputs] if record_blocks else None  # each (B, M_max, D)
         tokens = self.inner_norm(tokens)
 
         z = self.dechunk(layout.pad(tokens), order, valid, p, side, radius)  # (B, L, D) fp32
@@ -173,5 +170,5 @@ class DCDiT(nn.Module):
         out = self.final_layer(out, c)  # (B, L, P²·2C)
         out = self.unpatchify(out.transpose(1, 2).reshape(B, -1, side, side))  # (B, 2C, H, W)
         stats = RouterStats(p=p, mask=mask, kept=kept, num_kept=kept.sum(dim=1), order=order, valid=valid,
-                            block_outputs=block_outputs)
+                            block_outputs=block_outputs, gates=gates)
         return out, stats

@@ -9,6 +9,7 @@ so an official DiT loads into :class:`DiT` and its blocks into DC-DiT's inner ne
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -85,6 +86,8 @@ class DiTBlock(nn.Module):
     attention stays within each sample.
     """
 
+    gated = False  # DyDiT's gated subclass (models/dydit.py) also takes t_emb and returns its decisions
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -105,12 +108,33 @@ class DiTBlock(nn.Module):
         return x  # (B, T, D) or (N, D)
 
 
-def route_on_timestep(blocks: nn.ModuleList, t_emb: torch.Tensor) -> None:
-    """Hands t_emb (B, D) to blocks that adapt their width to the timestep (DyDiT's gated blocks,
-    models/dydit.py), once per forward; plain DiT blocks have no ``route`` and are left alone."""
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor,
+               layout: PackedLayout | None = None, skip_masked: bool = True, record: bool = False):
+    """x through every block → (x, gates, outputs).
+
+    DyDiT's gated blocks (``block.gated``, models/dydit.py) also take the timestep embedding t_emb
+    (B, D) and return what they decided: ``gates`` lists it per block, None without gated blocks.
+    ``outputs``: each block's output when ``record`` (activation distillation), else None.
+    """
+    gates, outputs = [], [] if record else None
     for block in blocks:
-        if hasattr(block, "route"):
-            block.route(t_emb)
+        if block.gated:
+            x, decided = block(x, c, layout, t_emb=t_emb, skip_masked=skip_masked)
+            gates.append(decided)
+        else:
+            x = block(x, c, layout)
+        if record:
+            outputs.append(x)
+    return x, gates or None, outputs
+
+
+@dataclass(kw_only=True)
+class ForwardStats:
+    """What one forward decided besides its prediction: DyDiT's gate decisions, one
+    :class:`~dcdit_cli.models.dydit.GateDecisions` per block (``gates``, None without gates).
+    A DiT returns this; DC-DiT's :class:`~dcdit_cli.models.dcdit.RouterStats` adds the router's."""
+
+    gates: list | None = None
 
 
 class FinalLayer(nn.Module):
@@ -167,12 +191,19 @@ def initialize_dit_weights(module: nn.Module) -> None:
         elif isinstance(m, TimestepEmbedder):
             nn.init.normal_(m.mlp[0].weight, std=0.02)
             nn.init.normal_(m.mlp[2].weight, std=0.02)
-        elif isinstance(m, (DiTBlock, FinalLayer)):
+    zero_adaln(module)
+
+
+def zero_adaln(module: nn.Module) -> None:
+    """adaLN-Zero: every block's modulation and the final layer start at zero, so each block starts
+    as the identity and the untrained model predicts 0 (DiT)."""
+    for m in module.modules():
+        if isinstance(m, (DiTBlock, FinalLayer)):
             nn.init.zeros_(m.adaLN_modulation[-1].weight)
             nn.init.zeros_(m.adaLN_modulation[-1].bias)
-            if isinstance(m, FinalLayer):
-                nn.init.zeros_(m.linear.weight)
-                nn.init.zeros_(m.linear.bias)
+        if isinstance(m, FinalLayer):
+            nn.init.zeros_(m.linear.weight)
+            nn.init.zeros_(m.linear.bias)
 
 
 class DiT(nn.Module):
@@ -213,29 +244,24 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t_emb = self.t_embedder(t)  # (B, D)
-        route_on_timestep(self.blocks, t_emb)  # DyDiT's width masks, once per forward
-        return t_emb + self.y_embedder(y)  # (B, D)
-
     def forward_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Each block's output (B, T, D), in order; the teacher side of activation distillation (docs/reference.md#activation-distillation)."""
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.condition(t, y)  # (B, D)
-        outputs = []
-        for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
-            outputs.append(x)
+        t_emb = self.t_embedder(t)  # (B, D)
+        _, _, outputs = run_blocks(self.blocks, x, t_emb + self.y_embedder(y), t_emb, record=True)
         return outputs
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None):
-        """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), None).
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None,
+                skip_masked: bool = True):
+        """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), ForwardStats).
 
         ``budget`` and ``boundary`` exist for interface parity with DC-DiT and are ignored.
+        ``skip_masked``: DyDiT's gated blocks at inference really skip what their gates turned off
+        (False: multiply the masks, as training does).
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = H·W / P²
-        c = self.condition(t, y)  # (B, D)
-        for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
+        t_emb = self.t_embedder(t)  # (B, D); DyDiT's width gates see the timestep only
+        c = t_emb + self.y_embedder(y)  # (B, D)
+        x, gates, _ = run_blocks(self.blocks, x, c, t_emb, skip_masked=skip_masked)  # (B, T, D)
         x = self.final_layer(x, c)  # (B, T, P²·2C)
-        return self.unpatchify(x), None  # (B, 2C, H, W)
+        return self.unpatchify(x), ForwardStats(gates=gates)  # (B, 2C, H, W)

@@ -8,10 +8,13 @@ DyDiT (Zhao et al. 2024, arXiv 2410.03456) adds three gates to every DiT block:
                                                             residual: which tokens run the MLP
 
 The width masks depend on the timestep only (not the class), so while sampling they are the
-same for every image of a step, both CFG halves included: they are computed once per step
-(:func:`~dcdit_cli.models.dit.route_on_timestep`) and the masked heads and MLP groups are
-really skipped by slicing the weights. Skipped tokens keep their residual input; at inference
+same for every image of a step, both CFG halves included: each block computes them from t_emb
+in its forward, and the masked heads and MLP groups are really skipped by slicing the weights. Skipped tokens keep their residual input; at inference
 only the selected tokens are gathered into the MLP, so FLOPs and wall time drop.
+
+A gated block returns what it decided (:class:`GateDecisions`) with its output; the model
+collects them in its forward's stats object (``stats.gates``), where the FLOPs loss, ``dcdit flops``,
+the sampler and the gates figure read them. Nothing is kept on the modules between forwards.
 
 Training (``module.training``): Gumbel-sigmoid with temperature τ = 5 and a straight-through
 hard threshold at 0.5, masks multiplied into the dense computation, and the FLOPs loss
@@ -36,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.attention import PackedLayout, varlen_attention
 from dcdit_cli.models.dit import DiTBlock, modulate
 
@@ -65,7 +69,8 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, training: bool, tau: float = GATE_
 
 @dataclass
 class GateDecisions:
-    """What one gated block ran in its last forward (read by the FLOPs loss, flops, sample, viz).
+    """What one gated block ran in one forward, returned with its output (``stats.gates``; read by the
+    FLOPs loss, flops, sample and viz).
 
     heads, groups (B, H) and tokens (B, T): 0/1 masks (straight-through in training, so the FLOPs
     loss reaches the routers); valid (B, T) bool: real tokens (False for DC-DiT's batch padding).
@@ -88,10 +93,6 @@ class DyDiTGates(nn.Module):
         self.token_router = nn.Sequential(
             nn.Linear(hidden_size, hidden_size // 16), nn.ReLU(), nn.Linear(hidden_size // 16, 1)
         )
-        self.skip = True
-        """At inference, really skip masked heads, groups and tokens (False: multiply masks, as in training)."""
-        self.widths: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last: GateDecisions | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -110,10 +111,10 @@ class DyDiTGates(nn.Module):
         nn.init.constant_(self.mlp_router.bias, WIDTH_BIAS)
         nn.init.constant_(self.token_router[-1].bias, TOKEN_BIAS)
 
-    def route(self, t_emb: torch.Tensor) -> None:
-        """TDW: head and MLP-group masks (B, H) from the timestep embedding, for this forward."""
-        self.widths = (gumbel_sigmoid_gate(self.head_router(t_emb), self.training),
-                       gumbel_sigmoid_gate(self.mlp_router(t_emb), self.training))
+    def route(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TDW: head and MLP-group masks (B, H) each, from the timestep embedding."""
+        return (gumbel_sigmoid_gate(self.head_router(t_emb), self.training),
+                gumbel_sigmoid_gate(self.mlp_router(t_emb), self.training))
 
     def select_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """SDT: (B, T, D) stream after the attention residual → (B, T) 0/1 'runs the MLP'."""
@@ -128,31 +129,32 @@ def _head_rows(index: torch.Tensor, width: int) -> torch.Tensor:
 class DyDiTBlock(DiTBlock):
     """A DiT block with DyDiT's gates; DiTBlock's parameters and key names are unchanged.
 
-    forward(x, c, layout) as DiTBlock: tokens (B, T, D) (the DiT baseline) or packed (N, D) with a
-    :class:`~dcdit_cli.models.attention.PackedLayout` (DC-DiT: exactly the kept tokens, attention
-    through the layout's variable-length backend, as the plain block); the width masks come from
-    :meth:`route` (called once per forward by the model, from t_emb).
+    forward(x, c, layout, t_emb=…, skip_masked=…) → (x, :class:`GateDecisions`): tokens (B, T, D)
+    (the DiT baseline) or packed (N, D) with a :class:`~dcdit_cli.models.attention.PackedLayout`
+    (DC-DiT: exactly the kept tokens, attention through the layout's variable-length backend, as the
+    plain block). The width masks come from t_emb (B, D), the timestep embedding. ``skip_masked``: at
+    inference, really skip the masked heads, groups and tokens (False: multiply the masks, as training does).
     """
+
+    gated = True
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__(hidden_size, num_heads, mlp_ratio)
         self.dydit = DyDiTGates(hidden_size, num_heads)
 
-    def route(self, t_emb: torch.Tensor) -> None:
-        self.dydit.route(t_emb)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout | None = None, *,
+                t_emb: torch.Tensor, skip_masked: bool = True) -> tuple[torch.Tensor, GateDecisions]:
+        heads, groups = self.dydit.route(t_emb)  # (B, H) each
+        sliced = skip_masked and not self.training
+        if layout is None:
+            return self._forward_tokens(x, c, heads, groups, sliced)
+        return self._forward_packed(x, c, layout, heads, groups, sliced)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout | None = None) -> torch.Tensor:
-        if self.dydit.widths is None:
-            raise RuntimeError("DyDiTBlock.route(t_emb) must run before forward (models call route_on_timestep)")
-        return self._forward_tokens(x, c) if layout is None else self._forward_packed(x, c, layout)
-
-    def _forward_tokens(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _forward_tokens(self, x, c, heads, groups, sliced: bool) -> tuple[torch.Tensor, GateDecisions]:
         """x (B, T, D), c (B, D) → (B, T, D): the DiT baseline's layout."""
-        heads, groups = self.dydit.widths  # (B, H) each
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
-        sliced = self.dydit.skip and not self.training
         attn = self._sliced_attention(h, heads) if sliced else self._masked_attention(h, heads.unsqueeze(1), None)
         x = x + gate_msa.unsqueeze(1) * attn
         tokens = self.dydit.select_tokens(x)  # (B, T)
@@ -161,18 +163,16 @@ class DyDiTBlock(DiTBlock):
         else:
             mlp = self._masked_mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), groups.unsqueeze(1))
             x = x + tokens.unsqueeze(-1).to(x.dtype) * (gate_mlp.unsqueeze(1) * mlp)
-        self.dydit.last = GateDecisions(heads, groups, tokens, valid)
-        return x  # (B, T, D)
+        return x, GateDecisions(heads, groups, tokens, valid)  # (B, T, D)
 
-    def _forward_packed(self, x: torch.Tensor, c: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def _forward_packed(self, x, c, layout: PackedLayout, heads, groups, sliced: bool) -> tuple[torch.Tensor, GateDecisions]:
         """x (N, D) packed kept tokens, c (B, D) → (N, D). Training, and inference batches whose
         samples have different width masks, multiply the masks per token; inference with one width
         mask for the batch (sampling: every image shares t) slices the weights and gathers tokens."""
-        heads, groups = self.dydit.widths  # (B, H) each
         mod = layout.per_token(self.adaLN_modulation(c))  # (N, 6D): once per sample, gathered per token
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa  # (N, D)
-        head_plan = self._width_plan(heads) if self.dydit.skip and not self.training else []
+        head_plan = self._width_plan(heads) if sliced else []
         if len(head_plan) == 1:
             attn = self._active_heads_attention(h, head_plan[0][1], layout)
         else:
@@ -181,14 +181,13 @@ class DyDiTBlock(DiTBlock):
         logits = layout.pad(self.dydit.token_router(x).squeeze(-1))  # (B, M_max): one draw per slot
         tokens = gumbel_sigmoid_gate(logits, self.training)  # (B, M_max), padding slots ignored
         run_mlp = layout.unpad(tokens)  # (N,)
-        group_plan = self._width_plan(groups) if self.dydit.skip and not self.training else []
+        group_plan = self._width_plan(groups) if sliced else []
         if len(group_plan) == 1:
             x = self._gathered_mlp_packed(x, shift_mlp, scale_mlp, gate_mlp, group_plan[0][1], run_mlp.bool())
         else:
             mlp = self._masked_mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, layout.per_token(groups))
             x = x + run_mlp.unsqueeze(-1).to(x.dtype) * (gate_mlp * mlp)
-        self.dydit.last = GateDecisions(heads, groups, tokens, layout.valid)
-        return x  # (N, D)
+        return x, GateDecisions(heads, groups, tokens, layout.valid)  # (N, D)
 
     # --- training path: masks multiply the dense computation --------------------------------
 
@@ -294,16 +293,6 @@ def add_gates(model: nn.Module) -> nn.Module:
     return model
 
 
-def gated_blocks(model: nn.Module) -> list[DyDiTBlock]:
-    return [b for b in getattr(model, "blocks", []) if isinstance(b, DyDiTBlock)]
-
-
-def set_gate_execution(model: nn.Module, skip: bool) -> None:
-    """skip=True (default): inference slices weights and gathers tokens; False: multiplies masks."""
-    for block in gated_blocks(model):
-        block.dydit.skip = skip
-
-
 def block_flops(heads, groups, tokens, valid, dim: int, num_heads: int, mlp_hidden: int) -> torch.Tensor:
     """(B,) FLOPs of one block's attention and MLP with the given masks, docs/reference.md#flop-convention.
 
@@ -324,13 +313,15 @@ def gate_overhead_flops(M: torch.Tensor, dim: int, num_heads: int) -> torch.Tens
     return 2 * 2 * dim * num_heads + 2 * M * (dim * r + r)
 
 
-def saved_flops(model: nn.Module) -> torch.Tensor | None:
-    """(B,) FLOPs the gates saved in the model's last forward, net of the routers' own cost
+def saved_flops(gates: list[GateDecisions] | None, config: ModelConfig) -> torch.Tensor | None:
+    """(B,) FLOPs the gates saved in one forward (its ``stats.gates``), net of the routers' own cost
     (negative while every gate is on); None for an ungated model."""
+    if gates is None:
+        return None
+    D, H = config.hidden_size, config.num_heads
+    hidden = int(D * config.mlp_ratio)  # the blocks' MLP width (DiTBlock)
     total = None
-    for block in gated_blocks(model):
-        g = block.dydit.last
-        D, H, hidden = block.attn.qkv.in_features, block.attn.num_heads, block.mlp.fc1.out_features
+    for g in gates:
         ones = torch.ones_like(g.heads, dtype=torch.float32)
         static = block_flops(ones, ones, torch.ones_like(g.valid, dtype=torch.float32), g.valid, D, H, hidden)
         used = block_flops(g.heads, g.groups, g.tokens, g.valid, D, H, hidden)
@@ -339,9 +330,9 @@ def saved_flops(model: nn.Module) -> torch.Tensor | None:
     return total
 
 
-def kept_counts(model: nn.Module) -> torch.Tensor:
-    """(B,) tokens the inner blocks ran on in the last forward (DC-DiT's kept count M)."""
-    return gated_blocks(model)[0].dydit.last.valid.sum(1)
+def kept_counts(gates: list[GateDecisions]) -> torch.Tensor:
+    """(B,) tokens the inner blocks ran on in one forward (DC-DiT's kept count M), from its gates."""
+    return gates[0].valid.sum(1)
 
 
 def flops_loss(dynamic_flops: torch.Tensor, static_flops: torch.Tensor, target: float) -> torch.Tensor:

@@ -129,12 +129,13 @@ def static_cost(model_cfg) -> QuadraticCost:
     return dcdit_cost(plain)
 
 
-def dynamic_flops(model, cost: QuadraticCost) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F_dynamic, F_static), each (B,), of the gated model's last forward: the ungated cost at
-    each sample's kept count minus what the gates saved (net of the routers' cost); differentiable
-    in the gates' straight-through masks, so the FLOPs loss trains the routers."""
-    f_static = cost(kept_counts(model).double()).float()
-    return f_static - saved_flops(model), f_static
+def dynamic_flops(gates: list, config, cost: QuadraticCost) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_dynamic, F_static), each (B,), of one gated forward (its ``stats.gates``; ``config`` the
+    model's ModelConfig): the ungated cost at each sample's kept count minus what the gates saved (net
+    of the routers' cost); differentiable in the gates' straight-through masks, so the FLOPs loss
+    trains the routers."""
+    f_static = cost(kept_counts(gates).double()).float()
+    return f_static - saved_flops(gates, config), f_static
 
 
 def tflops_per_image(forward_flops: float, sampling_steps: int) -> float:

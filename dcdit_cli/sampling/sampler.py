@@ -32,6 +32,7 @@ from dcdit_cli.config.recipe import SampleConfig
 from dcdit_cli.data.image_batches import load_samples
 from dcdit_cli.data.vae import decode, load_vae
 from dcdit_cli.diffusion.gaussian import classifier_free_guidance, make_diffusion
+from dcdit_cli.models.dcdit import RouterStats
 from dcdit_cli.models.dydit import saved_flops
 from dcdit_cli.models.flops import per_image_flops, tflops_per_image
 from dcdit_cli.training.checkpoint import load_weights
@@ -128,12 +129,12 @@ def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
         else:  # both halves in one forward, each at its own kept count (the inner network is packed)
             out, stats = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg, budget=budgets)
             out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels or None)[:B]
-        if stats is not None:
+        if isinstance(stats, RouterStats):
             log.per_step.append(stats.num_kept.detach().view(-1, B))
         else:  # a DiT runs every patch token, in each CFG half
             tokens = (model.config.input_size // model.config.patch_size) ** 2
             log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
-        saved = saved_flops(model)
+        saved = saved_flops(stats.gates, model.config)
         log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
                          else saved.detach().double().view(-1, B))
         return out

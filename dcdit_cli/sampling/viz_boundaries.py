@@ -32,7 +32,7 @@ from dcdit_cli.common.atomic import write_png
 from dcdit_cli.common.console import DcditError, print0, progress_bar
 from dcdit_cli.common.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
 from dcdit_cli.config.options import OptionCheck
-from dcdit_cli.models.dydit import gated_blocks
+from dcdit_cli.models.dcdit import RouterStats
 from dcdit_cli.sampling.sampler import SampleOptions, ToPixels, classes_for, sample_batch, to_uint8
 from dcdit_cli.sampling.viz_gates import gate_snapshot, gates_figure
 from dcdit_cli.training.checkpoint import load_weights
@@ -77,10 +77,10 @@ class _Recorder:
         out, stats = self.model(x, t, y, budget=budget)
         B = self.batch
         self.t.append(int(t[0]))
-        gates = gate_snapshot(self.model, B, stats)
+        gates = gate_snapshot(stats, B)
         if gates is not None:
             self.gates.append(gates)
-        if stats is None:  # a gated DiT: no router to record
+        if not isinstance(stats, RouterStats):  # a gated DiT: no router to record
             return out, stats
         self.num_kept.append(stats.num_kept[:B].detach().cpu())
         if self.calls in self.record_at:
@@ -280,7 +280,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     check.output("--out", Path(out_dir), directory=True).done()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, recipe, step = load_weights(ckpt, device)
-    gated = bool(gated_blocks(model))
+    gated = recipe.model.dynamic == "dydit"
     if recipe.model.kind != "dcdit" and not gated:
         raise DcditError(f"{ckpt} is a {recipe.model.kind} checkpoint: it patchifies with a fixed grid and has no "
                          "router to draw; pass a DC-DiT run (model.kind = 'dcdit') or a DyDiT-gated one")

@@ -15,22 +15,22 @@ import torch
 from PIL import Image, ImageDraw
 
 from dcdit_cli.common.plots import centered, font, nice_ticks, viridis
-from dcdit_cli.models.dydit import gated_blocks
+from dcdit_cli.models.dcdit import RouterStats
+from dcdit_cli.models.dit import ForwardStats
 
 _ON, _OFF, _NOT_KEPT = (25, 95, 60), (228, 228, 228), (190, 190, 190)
 
 
-def gate_snapshot(model, batch: int, stats) -> dict | None:
-    """The gates of the last forward: heads/groups (depth, H) of image 0 (t-only) and, per image of
+def gate_snapshot(stats: ForwardStats, batch: int) -> dict | None:
+    """The gates of one forward (its stats): heads/groups (depth, H) of image 0 (t-only) and, per image of
     the first ``batch`` (the conditional half), the fraction of blocks each grid position ran the
     MLP in (B, L), NaN where the router kept no token. None for an ungated model."""
-    blocks = gated_blocks(model)
-    if not blocks:
+    if stats.gates is None:
         return None
-    heads = torch.stack([b.dydit.last.heads[0] for b in blocks]).detach().float().cpu()  # (depth, H)
-    groups = torch.stack([b.dydit.last.groups[0] for b in blocks]).detach().float().cpu()
-    ran = torch.stack([b.dydit.last.tokens[:batch] for b in blocks]).detach().float().mean(0).cpu()  # (B, M)
-    if stats is None:  # a DiT: every patch token runs the blocks, in raster order
+    heads = torch.stack([g.heads[0] for g in stats.gates]).detach().float().cpu()  # (depth, H)
+    groups = torch.stack([g.groups[0] for g in stats.gates]).detach().float().cpu()
+    ran = torch.stack([g.tokens[:batch] for g in stats.gates]).detach().float().mean(0).cpu()  # (B, M)
+    if not isinstance(stats, RouterStats):  # a DiT: every patch token runs the blocks, in raster order
         return {"heads": heads, "groups": groups, "ran_mlp": ran}
     order, valid = stats.order[:batch].cpu(), stats.valid[:batch].cpu()
     grid = torch.full((batch, stats.p.shape[1]), float("nan"))

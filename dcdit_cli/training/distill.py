@@ -25,6 +25,7 @@ from typing import Mapping
 import torch
 
 from dcdit_cli.config.recipe import ModelConfig, Recipe
+from dcdit_cli.models.dcdit import RouterStats
 from dcdit_cli.models.dit import DiT, grid_positions, sincos_2d
 from dcdit_cli.training.loop import Objective
 from dcdit_cli.training.losses import ComposableLoss, Loss, loss_for_recipe
@@ -105,7 +106,7 @@ class DistillLoss(ComposableLoss):
 
     def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None, **model_kwargs):
         loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise, step, record_blocks=True, **model_kwargs)
-        if stats is None or stats.block_outputs is None:
+        if not isinstance(stats, RouterStats) or stats.block_outputs is None:
             raise RuntimeError("activation distillation needs a DC-DiT student that returns its block outputs")
         if next(self.teacher.parameters()).device != x_t.device:
             self.teacher.to(x_t.device)

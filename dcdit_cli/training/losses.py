@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from dcdit_cli.diffusion.gaussian import GaussianDiffusion, make_diffusion
+from dcdit_cli.models.dcdit import RouterStats
 from dcdit_cli.models.chunking import ratio_loss
 from dcdit_cli.models.dydit import flops_loss
 from dcdit_cli.models.flops import dynamic_flops, static_cost
@@ -70,7 +71,7 @@ class DiffusionLoss(ComposableLoss):
         terms = d.loss_terms(d.check_output(out, x_t), x, x_t, t, noise)
         loss = self.diffusion_weight * terms["loss"].mean()
         logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}
-        if stats is not None:
+        if isinstance(stats, RouterStats):  # a DC-DiT
             if self.ratio_loss_weight > 0:
                 r_loss = ratio_loss(stats.mask, stats.p, self.target_ratio)
                 loss = loss + self.ratio_loss_weight * r_loss
@@ -115,7 +116,7 @@ class FlopsLoss(ComposableLoss):
 
     def forward(self, model, x: torch.Tensor, y: torch.Tensor, t=None, budget=None, noise=None, step=None, **model_kwargs):
         loss, logs, stats, x_t, t = self.base.forward(model, x, y, t, budget, noise, step, **model_kwargs)
-        f_dyn, f_static = dynamic_flops(getattr(model, "module", model), self.static_cost)  # (B,) each
+        f_dyn, f_static = dynamic_flops(stats.gates, getattr(model, "module", model).config, self.static_cost)  # (B,) each
         target = self.target_at(step)
         f_loss = flops_loss(f_dyn, f_static, target)
         loss = loss + self.weight * f_loss
