@@ -5,8 +5,11 @@ Both models route the same 16×16 token grid: the photos set at 64×64 pixels wi
 (default: the toy DC-DiT's widths, 4 photo classes). Each is trained twice: with its router's own
 boundaries (their count differs between the two models, and drifts while they learn), and with the
 boundaries forced to every N-th token in raster order (M = L / N kept tokens, the same for both), which
-isolates what the patch stem costs. The training steps are interleaved in one process (one step of
-each in turn, same batch indices), so machine load hits all alike; the table gives medians and the
+isolates what the patch stem costs; and once more on forced boundaries with the diffusion loss replaced
+by the mean square of the model's output ("model only": no q_sample, no loss terms over the pixels),
+which separates the model's own cost from the per-pixel work around it. The training steps are
+interleaved in one process (one step of each in turn, same batch indices), so machine load hits all
+alike; the table gives medians and the
 ratio to P = 1, with the kept tokens and the FLOPs per image (paper convention, at the router's
 target) beside them (docs/pixels.md).
 
@@ -30,6 +33,7 @@ from dcdit_cli.models.flops import flops_row
 from dcdit_cli.training.losses import loss_for_recipe
 
 SETTINGS = {"P = 4, 64×64 px": (64, 4), "P = 1, 16×16 px": (16, 1)}
+MODES = ("router", "forced M = L/N", "model only, forced")
 
 
 def setting(recipe_name: str, side: int, patch: int):
@@ -42,15 +46,17 @@ def setting(recipe_name: str, side: int, patch: int):
 
 class Trainer:
     """One model, its optimizer, data and loss: ``step(k)`` runs training step k and returns its seconds.
-    ``forced``: train on boundaries at every N-th token instead of the router's."""
+    ``mode``: one of :data:`MODES`; forced modes train on boundaries at every N-th token instead of the
+    router's, "model only" on mean(output²) instead of the diffusion loss."""
 
-    def __init__(self, recipe, batch: int, forced: bool):
+    def __init__(self, recipe, batch: int, mode: str):
         torch.manual_seed(0)
         self.recipe, self.batch = recipe, batch
         m = recipe.model
         tokens = (m.input_size // m.patch_size) ** 2
         every = torch.arange(tokens) % round(m.target_ratio) == 0  # (L,) M = L / N
-        self.kwargs = {"boundary": every.expand(batch, tokens)} if forced else {}
+        self.kwargs = {"boundary": every.expand(batch, tokens)} if mode != "router" else {}
+        self.model_only = mode.startswith("model only")
         self.model = build_model(recipe.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=recipe.train.lr)
         self.data = make_dataset(recipe.data)
@@ -62,12 +68,17 @@ class Trainer:
         x, y = self.data.batch(idx, flips)[:2]
         t = torch.randint(0, self.recipe.diffusion.num_timesteps, (self.batch,), generator=torch.Generator().manual_seed(k))
         start = time.perf_counter()
-        loss, logs, _, _, _ = self.loss_fn.forward(self.model, x, y, t=t, **self.kwargs)
+        if self.model_only:
+            out, stats = self.model(x, t, y, **self.kwargs)
+            loss, kept = out.square().mean(), stats.num_kept.float().mean()
+        else:
+            loss, logs, _, _, _ = self.loss_fn.forward(self.model, x, y, t=t, **self.kwargs)
+            kept = logs["kept_tokens"]
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         elapsed = time.perf_counter() - start
-        self.kept.append(float(logs["kept_tokens"]))
+        self.kept.append(float(kept))
         return elapsed
 
 
@@ -78,8 +89,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="toy", help="the DC-DiT whose widths both models use")
     args = parser.parse_args()
     recipes = {name: setting(args.recipe, side, patch) for name, (side, patch) in SETTINGS.items()}
-    trainers = {f"{name}, {mode}": Trainer(recipe, args.batch, forced=mode != "router")
-                for mode in ("router", "forced M = L/N") for name, recipe in recipes.items()}
+    trainers = {f"{name}: {mode}": Trainer(recipe, args.batch, mode) for mode in MODES for name, recipe in recipes.items()}
     times = {name: [] for name in trainers}
     for k in range(args.steps + 3):
         for name, trainer in trainers.items():  # interleaved: one step of each in turn
@@ -87,13 +97,13 @@ def main() -> None:
             if k >= 3:
                 times[name].append(seconds)
 
-    base = {mode: statistics.median(times[f"P = 1, 16×16 px, {mode}"]) for mode in ("router", "forced M = L/N")}
+    base = {mode: statistics.median(times[f"P = 1, 16×16 px: {mode}"]) for mode in MODES}
     table = Table(title=f"training step, batch {args.batch}, median of {args.steps} interleaved steps, "
                         f"{torch.get_num_threads()} thread(s)")
     for col in ("setting", "tokens L", "mean kept", "params", "TFLOPs/img at N", "median step s", "step / P = 1"):
         table.add_column(col, justify="right")
     for name, trainer in trainers.items():
-        mode = name.rsplit(", ", 1)[1]
+        mode = name.split(": ", 1)[1]
         m = trainer.recipe.model
         row = flops_row(name, trainer.recipe)
         median = statistics.median(times[name])
