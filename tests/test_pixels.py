@@ -294,3 +294,18 @@ def test_an_image_folder_and_its_pixel_shards_train_and_sample_through_the_cli(i
     _dcdit("train", "--recipe", "tiny", *sets, "--set", "data.path=px", "--out", "runs/shards", cwd=tmp_path)
     _dcdit("sample", "--ckpt", "runs/shards", "--num", "2", "--steps", "2", "--out", "grid.png", cwd=tmp_path)
     assert Image.open(tmp_path / "grid.png").size[0] >= 16
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("skimage") is None, reason="needs the photos extra")
+def test_pixel_patch_benchmark_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks/pixel_patch.py"), "--steps", "1", "--batch", "2"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for row in ("P = 4, 64×64 px: model only, forced", "P = 1, 16×16 px: forced M = L/N"):
+        assert row in proc.stdout
