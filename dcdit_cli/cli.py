@@ -41,12 +41,22 @@ ResumeOpt = typer.Option(None, "--resume", help="Resume from this run dir or che
 PrDistancesOpt = typer.Option(
     "adm", "--pr-distances",
     help="Precision/recall distances: adm (ADM's default: float16 per 10,000² block, float32 where that overflows), float32 or float64.")
+MetricsOpt = typer.Option(
+    "fid,sfid,is,pr", "--metrics",
+    help="Comma-separated: fid, sfid, is, pr (ADM's set, the default), fd_dinov2 (DINOv2 ViT-L/14), kid; or all. FID is always computed.")
+Dinov2Opt = typer.Option(
+    None, "--dinov2-weights",
+    help="Local DINOv2 ViT-L/14 weights for fd_dinov2 (or $DCDIT_DINOV2_WEIGHTS; default: the HF cache). Never downloaded.")
 
 # Sampling options: None = the checkpoint recipe's value ([sample], diffusion.sampling_steps).
 CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the recipe's sample.cfg_scale).")
 StepsOpt = typer.Option(None, "--steps", help="Respaced sampler steps (default: the recipe's diffusion.sampling_steps).")
 BudgetOpt = typer.Option(None, "--budget", help="Tail-dropping fraction in [0, 1) (default: the recipe's sample.budget).")
 UncondOpt = typer.Option(None, "--uncond-budget", help="Lite-CFG: the unconditional half's budget; -1 = as --budget (default: the recipe's).")
+SchedulerOpt = typer.Option(
+    None, "--scheduler", "--method",
+    help="Sampler: ddpm or ddim (dcdit's ADM sampler, the paper's), dpm-solver, unipc, euler or euler-a (diffusers) "
+         "(default: the recipe's sample.method).")
 AllChannelsOpt = typer.Option(False, "--guide-all-channels", help="Guide all ε channels (default: the recipe's sample.guided_channels).")
 
 
@@ -84,6 +94,8 @@ def _maybe_print(recipe, print_recipe: bool) -> None:
         "  dcdit flops --all                       # paper Table 1, every shipped recipe\n\n"
         "  dcdit flops --recipe b-n4 --recipe dit-b-p2-isoflop\n\n"
         "  dcdit flops --ckpt runs/toy --num 8     # kept tokens measured by sampling a checkpoint\n\n"
+        "  dcdit flops --recipe xl-n4 --convention authors   # beside the authors' flop_counter count\n\n"
+        "  dcdit flops --recipe xl-n4-512 --memory --batch 32   # predicted peak training GiB per GPU\n\n"
         "  dcdit flops --all --json > flops.json"
     )
 )
@@ -91,19 +103,31 @@ def flops(
     recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="Recipe(s) to report (repeatable)."),
     all_: bool = typer.Option(False, "--all", help="Report every shipped recipe."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Run dir, dcdit weights, the authors' .pt or hf:…: count kept tokens by sampling."),
-    num: int = typer.Option(4, "--num", help="Images sampled with --ckpt to measure kept tokens."),
+    num: int = typer.Option(4, "--num", help="Images sampled with --ckpt (one batch) to measure kept tokens."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="With --ckpt: comma-separated class labels cycled over the images."),
     set_: Optional[List[str]] = SetOpt,
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    convention: str = typer.Option("dcdit", "--convention", help="dcdit (what runs) or authors: also their flop_counter's count (--ckpt rows always show both)."),
+    memory: bool = typer.Option(False, "--memory", help="Predicted peak training memory per GPU (GiB) instead, with and without checkpointing."),
+    batch: int = typer.Option(32, "--batch", help="With --memory: samples per GPU (the paper's 256 over 8 GPUs is 32)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="With --memory: bf16 or no (default: the recipe's train.mixed_precision)."),
 ):
     """Parameters, TFLOPs per image and average compression, as in paper Table 1."""
-    from dcdit_cli.models.flops import run_flops
+    from dcdit_cli.models.flops import check_convention, run_flops
 
+    check_convention(convention)
+    if memory:
+        from dcdit_cli.training.memory import run_memory
+
+        run_memory(recipe or [], set_ or [], batch, precision, as_json=json_)
+        return
     measured = None
     if ckpt is not None:
         from dcdit_cli.sampling.sampler import measure_kept_tokens
 
-        measured = measure_kept_tokens(ckpt, num=num)
-    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_)
+        measured = measure_kept_tokens(ckpt, num=num, classes=_classes(classes))
+    run_flops(recipes=recipe or [], all_recipes=all_, measured=measured, overrides=set_ or [], as_json=json_,
+              convention=convention)
 
 
 @app.command(
@@ -166,6 +190,30 @@ def convert(
     written = convert_weights(source, out, weights)
     print0(f"[bold green]wrote[/] {written}")
     print0(f"next: dcdit sample --ckpt {out} --vae VAE_DIR --out {out}/samples.png")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dcdit export --ckpt runs/toy --out exports/toy\n\n"
+        "  dcdit export --ckpt runs/toy --out exports/toy --push-to-hub me/dcdit-toy      # huggingface-cli login first\n\n"
+        "  dcdit export --ckpt runs/xl-n4 --out exports/xl-n4 --vae VAE_DIR --scheduler ddpm\n\n"
+        "Then, in Python: DCDiTPipeline.from_pretrained(\"exports/toy\") (from dcdit_cli.pipelines); "
+        "dcdit sample --ckpt exports/toy (or hf:OWNER/NAME from the local Hugging Face cache) reads it too."
+    )
+)
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:…"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write: model_index.json, transformer/, scheduler/, vae/, README.md."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this Hub repo (OWNER/NAME)."),
+    scheduler: str = typer.Option("dpm-solver", "--scheduler", help="The folder's scheduler: ddpm (learned range), ddim, dpm-solver, unipc, euler, euler-a."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Latent runs: the VAE dir or hub id to include (default sd-vae-ft-ema from the HF cache)."),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Sample a few images for the card's TFLOPs/img and figures."),
+):
+    """Export a run as a diffusers folder (DCDiTPipeline) with a model card; optionally push it to the Hub."""
+    from dcdit_cli.hub.export import export as run_export
+
+    run_export(ckpt, out, scheduler=scheduler, vae=vae, push_to_hub=push_to_hub, measure=measure)
 
 
 def _next_steps(out_dir: Path, weights) -> None:
@@ -264,7 +312,7 @@ def extract(
     data_path: Path = typer.Option(..., "--data-path", help="Image folder with one subfolder per class (ImageNet train/ layout)."),
     out: Path = typer.Option(..., "--out", help="Directory for the latent shards and index.json."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="diffusers AutoencoderKL directory, or a hub id in the HF cache."),
-    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels."),
+    image_size: int = typer.Option(256, "--image-size", help="ADM centre-crop size in pixels (512 for the *-512 recipes: 64×64 latents)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per VAE call per process (x2 with --flip both)."),
     flip: str = typer.Option("both", "--flip", help="both: original + mirrored latent; random: one frozen random flip; none."),
     mean: bool = typer.Option(False, "--mean", help="Store the posterior mean instead of a sample."),
@@ -290,8 +338,11 @@ def extract(
         "      --inception-weights weights-inception-2015-12-05-6726825d.pth\n\n"
         "  DCDIT_INCEPTION_WEIGHTS=inception.pth dcdit fid --samples samples/ --ref ref.npz --num 10000 --json\n\n"
         "  dcdit fid --make-ref imagenet/val --out ref.npz --inception-weights inception.pth   # a reference batch\n\n"
+        "  dcdit fid --make-ref imagenet/train --out ref.npz --metrics all --dinov2-weights model.safetensors   # + DINOv2 stats\n\n"
+        "  dcdit fid --samples samples.npz --ref ref.npz --metrics fid,fd_dinov2,kid\n\n"
         "FID, sFID, Inception Score, precision and recall as the ADM evaluator computes them, on torch-fidelity's "
-        "port of the 2015-12-05 Inception graph read from a local file."
+        "port of the 2015-12-05 Inception graph read from a local file; on request FD-DINOv2 (dgm-eval's protocol) "
+        "and KID (torch-fidelity's)."
     )
 )
 def fid(
@@ -305,27 +356,33 @@ def fid(
     image_size: int = typer.Option(256, "--image-size", help="With --make-ref: ADM centre-crop size."),
     json_: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     pr_distances: str = PrDistancesOpt,
+    metric_names: str = MetricsOpt,
+    dinov2_weights: Optional[Path] = Dinov2Opt,
 ):
-    """FID / sFID / IS / precision / recall of samples against a reference batch (ADM evaluator)."""
+    """FID / sFID / IS / precision / recall (ADM evaluator), FD-DINOv2 and KID of samples against a reference batch."""
     import json
 
     from dcdit_cli.evaluation import fid as metrics
+    from dcdit_cli.evaluation.metrics import parse_metrics
 
+    names = parse_metrics(metric_names)
     if make_ref is not None:
         if out is None:
             raise DcditError("--make-ref needs --out REF.npz: where to write the reference batch")
         result = metrics.make_reference(make_ref, out, image_size=image_size, inception_weights=inception_weights,
-                                        num=num, batch_size=batch_size)
+                                        num=num, batch_size=batch_size, metrics=names, dinov2_weights=dinov2_weights)
     elif samples is None or ref is None:
         raise DcditError("pass --samples S.npz and --ref REF.npz (or --make-ref DIR --out REF.npz to build a reference)")
     else:
-        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size, distances=pr_distances)
+        result = metrics.evaluate(samples, ref, inception_weights, num=num, batch_size=batch_size, distances=pr_distances,
+                                  metrics=names, dinov2_weights=dinov2_weights)
     if json_:
         print(json.dumps(result, indent=2, default=str))
     elif make_ref is None:
         print_table(metrics.report_table(result))
     else:
-        console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped)")
+        console.print(f"wrote {result['path']}: {result['num_images']} images ({result['skipped']} skipped), "
+                      f"statistics {', '.join(result['statistics'])}")
 
 
 def _classes(text: Optional[str]) -> Optional[List[int]]:
@@ -348,7 +405,7 @@ def _classes(text: Optional[str]) -> Optional[List[int]]:
     )
 )
 def sample(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), a `dcdit export` folder, hf:OWNER/NAME, the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     num: int = typer.Option(16, "--num", help="Number of images."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
     cfg_scale: Optional[float] = CfgOpt,
@@ -356,7 +413,7 @@ def sample(
     seed: int = typer.Option(0, "--seed"),
     budget: Optional[float] = BudgetOpt,
     uncond_budget: Optional[float] = UncondOpt,
-    method: Optional[str] = typer.Option(None, "--method", help="ddpm or ddim (eta 0) (default: the recipe's sample.method)."),
+    method: Optional[str] = SchedulerOpt,
     all_channels: bool = AllChannelsOpt,
     out: Path = typer.Option(Path("sample.png"), "--out", help="PNG grid to write."),
     npz: Optional[Path] = typer.Option(None, "--npz", help="Write an ADM-evaluator .npz instead of a grid."),
@@ -385,7 +442,7 @@ def sample(
     ),
 )
 def viz_boundaries(
-    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="DC-DiT run directory, EMA weights (.safetensors), a `dcdit export` folder, hf:OWNER/NAME, the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     num: int = typer.Option(4, "--num", help="Number of images (one sheet each)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes (default: random)."),
     timesteps: int = typer.Option(8, "--timesteps", help="Columns: evenly spaced sampler steps, first and last included."),
@@ -396,11 +453,12 @@ def viz_boundaries(
     steps: Optional[int] = StepsOpt,
     vae: Optional[str] = typer.Option(None, "--vae", help="VAE dir or hub id (latent runs; default sd-vae-ft-ema)."),
     as_json: bool = typer.Option(False, "--json", help="Print kept tokens and compression per timestep as JSON."),
+    method: Optional[str] = SchedulerOpt,
 ):
     """Draw the router's boundaries along the sampling trajectory and plot compression against t (paper Fig. 4)."""
     from dcdit_cli.sampling.viz_boundaries import run_viz
 
-    run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json)
+    run_viz(ckpt, num, _classes(classes), timesteps, budget, out, seed, cfg_scale, steps, vae, as_json, method=method)
 
 
 @app.command(
@@ -413,20 +471,22 @@ def viz_boundaries(
         "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --cfg-scales 1.25 --budgets 0 --uncond-budget 0.9   # Lite-CFG\n\n"
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli eval --ckpt runs/xl-n4 --ref REF.npz\n\n"
         "  dcdit eval --ckpt runs/toy --ref ref.npz --num 64 --steps 20 --inception-weights inception.pth\n\n"
+        "  dcdit eval --ckpt runs/xl-n4 --ref REF.npz --metrics all --pareto-metric fd_dinov2   # FD-DINOv2 and KID too\n\n"
         "Defaults come from the checkpoint's recipe (\\[eval] num_samples, cfg_scale, batch_size; \\[sample] budget; "
         "diffusion.sampling_steps). Killed? Run the same command again: finished parts are skipped. "
-        "Writes eval.json, pareto.png and elastic.png to --out (default RUN/eval)."
+        "Writes eval.json, pareto.png (--pareto-metric against TFLOPs/img) and elastic.png to --out (default RUN/eval)."
     ),
 )
 def eval_(
     ctx: typer.Context,
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory, EMA weights (.safetensors), a `dcdit export` folder, hf:OWNER/NAME, the authors' .pt or hf:amd/DynamicChunkingDiT/…"),
     ref: Path = typer.Option(..., "--ref", help="Reference batch: ADM's VIRTUAL_imagenet256_labeled.npz or `dcdit fid --make-ref`."),
     num: Optional[int] = typer.Option(None, "--num", help="Samples per setting (default: the recipe's eval.num_samples)."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated tail-dropping budgets (default: sample.budget)."),
     uncond_budget: Optional[float] = UncondOpt,
     cfg_scales: Optional[str] = typer.Option(None, "--cfg-scales", help="Comma-separated guidance scales (default: eval.cfg_scale)."),
     steps: Optional[int] = StepsOpt,
+    method: Optional[str] = SchedulerOpt,
     seed: int = typer.Option(0, "--seed"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per part and process (default: eval.batch_size)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN/eval)."),
@@ -435,11 +495,17 @@ def eval_(
     compare: Optional[List[Path]] = typer.Option(
         None, "--compare", help="Other runs' eval.json (file, eval dir or run dir) to overlay: --compare A B C, or repeated."),
     pr_distances: str = PrDistancesOpt,
+    metric_names: str = MetricsOpt,
+    dinov2_weights: Optional[Path] = Dinov2Opt,
+    pareto_metric: str = typer.Option(
+        "fid", "--pareto-metric", help="The quality axis of pareto.png: fid, sfid, is, precision, recall, fd_dinov2 or kid."),
 ):
-    """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img."""
+    """Sample and evaluate a checkpoint over budgets and guidance scales: FID, sFID, IS, precision, recall, TFLOPs/img
+    (and FD-DINOv2, KID with --metrics)."""
     from accelerate import PartialState
 
     from dcdit_cli.evaluation.evaluate import parse_floats, run_eval
+    from dcdit_cli.evaluation.metrics import parse_metrics
 
     if ctx.args and not compare:
         raise DcditError(f"unexpected argument(s) {' '.join(ctx.args)}: eval takes options only (see dcdit eval --help)")
@@ -447,7 +513,8 @@ def eval_(
     run_eval(ckpt, ref, num=num, budgets=parse_floats(budgets, "--budgets"), uncond_budget=uncond_budget,
              cfg_scales=parse_floats(cfg_scales, "--cfg-scales"), steps=steps, seed=seed, batch_size=batch_size, out=out,
              inception_weights=inception_weights, vae=vae, compare=compare, distances=pr_distances,
-             command=" ".join(["dcdit", *sys.argv[1:]]))
+             metrics=parse_metrics(metric_names), dinov2_weights=dinov2_weights, pareto_metric=pareto_metric,
+             command=" ".join(["dcdit", *sys.argv[1:]]), method=method)
     PartialState().destroy_process_group()  # clean exit of multi-process runs (docs/reference.md#multi-process-runs-on-cpu)
 
 

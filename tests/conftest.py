@@ -60,3 +60,31 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "weights-random.pth"
     torch.save(random_inception_state_dict(), path)
     return path
+
+
+def random_dinov2_state_dict(embed_dim: int = 128, depth: int = 2) -> dict:
+    """A tiny DINOv2-shaped ViT (patch 14, 64-d heads, 37×37 position embeddings of the 518-pixel
+    pretraining, the hub's ``mask_token``) with random weights. Layer-scale gammas are drawn
+    around 1, not timm's 1e-5, so the blocks change the CLS token and the tests can see them."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_large_patch14_dinov2", pretrained=False, embed_dim=embed_dim, depth=depth,
+                            num_heads=embed_dim // 64, num_classes=0)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    for k, v in state.items():
+        if k.endswith(("gamma", "pos_embed", "cls_token")) or k.startswith("norm") or ".norm" in k:
+            state[k] = (1.0 if k.endswith(("gamma", "weight")) else 0.0) + 0.5 * torch.randn(v.shape, generator=gen)
+    state["mask_token"] = torch.zeros(1, embed_dim)
+    return state
+
+
+@pytest.fixture(scope="session")
+def dinov2_weights(tmp_path_factory):
+    """The tiny DINOv2 as a .safetensors file, as real weights would be passed (--dinov2-weights)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("dinov2") / "dinov2-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in random_dinov2_state_dict().items()}, path)
+    return path

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dcdit_cli"
 
 # Bottom to top, as in docs/architecture.md ("The import rule").
-LAYERS = ["common", "config", "models", "diffusion", "data", "training", "sampling", "evaluation", "cli"]
+LAYERS = ["common", "config", "models", "diffusion", "pipelines", "data", "training", "sampling", "evaluation", "hub", "cli"]
 CLI_MODULES = {"dcdit_cli.cli", "dcdit_cli.__main__", "dcdit_cli.errors"}
 
 # Library imports that may stay inside a function, each with its reason (docs/architecture.md).

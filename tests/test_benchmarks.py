@@ -15,3 +15,31 @@ def test_gpu_benchmark_smoke_on_cpu():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "b-n4 [sdpa_pad]" in out.stdout and "dit-b-p2-isoflop" in out.stdout
     assert "MFU relative to dit-b-p2-isoflop" in out.stdout and "Lite-CFG 0.0 / 0.9" in out.stdout
+
+
+def test_scaling_benchmark_smoke():
+    """benchmarks/scaling.py end to end at toy grids: rows for the three models and the per-doubling ratios."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/scaling.py"), "--grids", "8", "16", "--width", "64",
+                          "--depth", "1", "--repeats", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "16²  scaffold" in out.stdout and "DC-DiT / DiT at each grid" in out.stdout
+    scaffold = next(line for line in out.stdout.splitlines() if line.startswith("  16²  scaffold"))
+    assert 3.9 < float(scaffold.split()[-1]) <= 4.0  # the scaffold's FLOPs: linear in L plus the per-image embeddings
+
+
+def test_sampler_comparison_figure_and_doc_table_come_from_its_json(tmp_path):
+    """docs/diffusers.md's table and figure are benchmarks/sampler_comparison.py's recorded result."""
+    import json
+
+    result = json.loads((ROOT / "docs/figures/sampler-comparison.json").read_text())
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/sampler_comparison.py"), "--from-json",
+                          str(ROOT / "docs/figures/sampler-comparison.json"), "--figure", str(tmp_path / "f.png")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "f.png").stat().st_size > 0
+    doc = (ROOT / "docs/diffusers.md").read_text()
+    for row in result["rows"]:
+        cells = f"| {row['seconds_per_image']:.2f} | {row['time_vs_ddpm250']:.3f} | {row['tflops_spent_per_img']:.3g} | " \
+                f"{row['kept_tokens']:.1f} | {100 * row['recognised']:.0f} % | {row['feature_fd']:.1f} |"
+        assert cells in doc, cells

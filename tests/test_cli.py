@@ -75,10 +75,12 @@ def test_flops_from_checkpoint(tmp_path):
     from dcdit_cli.training.loop import train
 
     train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "run")
-    proc = dcdit("flops", "--ckpt", str(tmp_path / "run"), "--num", "2", "--json")
+    proc = dcdit("flops", "--ckpt", str(tmp_path / "run"), "--num", "2", "--classes", "1,2", "--json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)[0]
     assert row["source"] == "checkpoint + data" and 1 <= row["compression"] <= 64
+    # beside dcdit's own: the authors' sample.py report (geometric-mean CR of the conditional half)
+    assert 1 <= row["authors_compression"] <= 64 and row["authors_tflops"] > 0
 
 
 def test_missing_checkpoint_is_one_line():

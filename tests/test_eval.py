@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.evaluation import fid
 from dcdit_cli.evaluation.evaluate import Setting, default_out, find_eval_json, merge_records, parse_floats, settings_for
 from dcdit_cli.evaluation.figures import elastic_figure, pareto_figure
+from dcdit_cli.evaluation.metrics import FIELDS
 from dcdit_cli.training.loop import train
 
 # ------------------------------------------------------------------ options and records
@@ -50,6 +52,7 @@ def test_default_out_and_compare_lookup(tmp_path):
     assert default_out(tmp_path) == tmp_path / "eval"
     (tmp_path / "weights").mkdir()
     assert default_out(tmp_path / "weights" / "step-0000010.safetensors") == tmp_path / "eval"
+    assert default_out("hf:me/dcdit-toy") == Path("eval") / "me--dcdit-toy"  # a Hub reference: not hf:me/eval
     with pytest.raises(DcditError, match="no eval.json"):
         find_eval_json(tmp_path)
     (tmp_path / "eval").mkdir()
@@ -81,6 +84,19 @@ def test_pareto_and_elastic_figures(tmp_path):
         assert im.size == (760, 520) and _has_colour(im, "#1f77b4") and _has_colour(im, "#ff7f0e")  # both runs
     with Image.open(tmp_path / "elastic.png") as im:
         assert im.size == (1360, 520) and _has_colour(im, "#1f77b4") and _has_colour(im, "#ff7f0e")  # both cfg lines
+
+
+def test_figures_plot_any_metric_and_skip_records_without_it(tmp_path):
+    mine = [{**r, "fd_dinov2": d, "kid": k} for r, d, k in
+            zip(_records("b-n4", [13.5, 14.2, 16.0], [32.7, 27.1, 22.0], [0.0, 0.1, 0.2]), [210.0, 230.0, 260.0], [0.01, 0.02, 0.03])]
+    old = _records("dit-b-p2", [19.45], [24.84], [0.0])  # evaluated before FD-DINOv2: no point on its plot
+    pareto = pareto_figure(mine, [(tmp_path, old)], "FD-DINOv2 vs cost", FIELDS["fd_dinov2"])
+    assert not _has_colour(pareto, "#ff7f0e") and _has_colour(pareto, "#1f77b4")
+    assert _has_colour(pareto_figure(mine, [(tmp_path, [{**old[0], "fd_dinov2": 250.0}])], "t", FIELDS["fd_dinov2"]), "#ff7f0e")
+    elastic = elastic_figure(mine, "budgets", [FIELDS["fid"], FIELDS["fd_dinov2"], FIELDS["kid"]])
+    assert elastic.size == (1360, 950)  # four panels, two a row
+    pareto.save(tmp_path / "pareto-fd.png")
+    elastic.save(tmp_path / "elastic-4.png")
 
 
 # ------------------------------------------------------------------ the whole command
@@ -152,6 +168,34 @@ def test_eval_end_to_end_on_tiny(tiny_run, tmp_path, inception_weights, fast_sqr
     assert [r["setting"] for r in json.loads((out / "eval.json").read_text())] == ["cfg1-b0", "cfg1-b0.5"]
 
 
+def test_eval_fd_dinov2_and_kid_end_to_end(tiny_run, tmp_path, inception_weights, dinov2_weights, fast_sqrtm):
+    from dcdit_cli.data.datasets import make_dataset
+    from dcdit_cli.sampling.sampler import to_uint8
+
+    shapes = make_dataset(load_recipe("tiny").data, seed=1)
+    (tmp_path / "real").mkdir()
+    for i in range(12):
+        Image.fromarray(to_uint8(shapes[i][0][None])[0]).save(tmp_path / "real" / f"{i:02d}.png")
+    weights = ["--inception-weights", str(inception_weights), "--dinov2-weights", str(dinov2_weights)]
+    result = _invoke("fid", "--make-ref", str(tmp_path / "real"), "--out", str(tmp_path / "ref.npz"), "--image-size", "8",
+                     "--metrics", "all", *weights)
+    assert "mu_dinov2, sigma_dinov2" in result.output
+
+    out = tmp_path / "eval"
+    result = _invoke("eval", "--ckpt", str(tiny_run), "--ref", str(tmp_path / "ref.npz"), "--num", "8", "--budgets", "0,0.5",
+                     "--cfg-scales", "1.0", "--steps", "3", "--batch-size", "4", "--out", str(out),
+                     "--metrics", "fid,fd_dinov2,kid", "--pareto-metric", "fd_dinov2", *weights)
+    assert "FD-DINOv2" in result.output and "KID" in result.output and "sFID" not in result.output
+    records = json.loads((out / "eval.json").read_text())
+    for r in records:
+        assert r["fd_dinov2"] > 0 and np.isfinite(r["kid"]) and r["kid_subset_size"] == 8 and r["metrics"] == ["fid", "fd_dinov2", "kid"]
+        assert r["sfid"] is None and r["precision"] is None and r["dinov2_weights"] == str(dinov2_weights)
+    with Image.open(out / "elastic.png") as im:
+        assert im.size == (1360, 950)  # FID, FD-DINOv2, KID and cost panels
+    with Image.open(out / "pareto.png") as im:
+        assert im.size == (760, 520)
+
+
 def test_eval_bad_input_is_one_line_before_sampling(tiny_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra, message in ((["--budgets", "0,1.2"], "outside [0, 1)"), (["--cfg-scales", "x"], "--cfg-scales 'x'")):
@@ -179,6 +223,13 @@ def test_eval_refuses_bad_inception_weights_and_compare_records_before_sampling(
         (["--inception-weights", str(inception_weights), "--compare", str(good), str(tmp_path / "nowhere")], "nowhere"),
         (["--inception-weights", str(inception_weights), "stray"], "unexpected argument(s) stray"),
         (["--inception-weights", str(inception_weights), "--pr-distances", "half"], "--pr-distances 'half'"),
+        (["--inception-weights", str(inception_weights), "--metrics", "fid,fdd"], "--metrics 'fid,fdd'"),
+        (["--inception-weights", str(inception_weights), "--metrics", "fd_dinov2", "--dinov2-weights", str(tmp_path / "no.pth")],
+         "DINOv2 weights not found"),
+        (["--inception-weights", str(inception_weights), "--pareto-metric", "fd_dinov2"], "not among --metrics fid,sfid,is,pr: add fd_dinov2"),
+        (["--inception-weights", str(inception_weights), "--pareto-metric", "speed"], "--pareto-metric 'speed'"),
+        (["--inception-weights", str(inception_weights), "--metrics", "fid,kid", "--pareto-metric", "kid", "--compare", str(good)],
+         "no record has a finite kid"),
     ):
         result = CliRunner().invoke(app, base + extra)  # `dcdit` prints a DcditError as one line, exit 2
         assert isinstance(result.exception, DcditError) and words in str(result.exception), (extra, result.output)

@@ -363,3 +363,23 @@ def test_make_reference_then_evaluate_another_distribution(tmp_path, inception, 
     assert results["num_samples"] == 12 and results["num_ref"] == 16
     assert results["fid"] > 1.0 and results["sfid"] > 0.01
     assert results["precision"] < 1.0 and results["recall"] < 1.0
+
+
+def test_make_reference_keeps_images_spread_over_the_sorted_files(tmp_path):
+    """arr_0 samples every class folder of a class-sorted tree, not its first folders (KID and
+    precision / recall compare with it)."""
+    for c in range(3):
+        (tmp_path / "real" / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), 10 * c + i, np.uint8)).save(tmp_path / "real" / f"class{c}" / f"{i}.png")
+
+    def fake_inception(batch):  # the statistics do not matter here
+        n = len(batch)
+        return {"pool": np.ones((n, 2048), np.float32) * batch[:, :1, 0, 0], "logits": np.zeros((n, 1008), np.float32),
+                "spatial": np.ones((n, 2023), np.float32) * batch[:, :1, 0, 0]}
+
+    summary = fid.make_reference(tmp_path / "real", tmp_path / "ref.npz", image_size=8, extractor=fake_inception,
+                                 keep_images=6, batch_size=4)
+    assert summary["num_images"] == 30 and summary["num_stored"] == 6
+    stored = np.load(tmp_path / "ref.npz")["arr_0"][:, 0, 0, 0].tolist()
+    assert stored == [0, 6, 12, 17, 23, 29]  # files 0, 6, 12, 17, 23 and 29 of 30: all three classes

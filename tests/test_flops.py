@@ -105,3 +105,72 @@ def test_per_image_flops_is_the_one_cost_function():
     one_half = np.full((3, 2, 1), tokens)  # guidance off: one half ran, the convention still counts two
     steps = dit.diffusion.sampling_steps
     assert table1_tflops(dit.model, one_half, steps) == pytest.approx(flops_row("toy-dit", dit).tflops_per_img)
+
+
+def test_authors_convention_differs_by_padded_smoothing_minus_residual_proj():
+    """docs/reference.md#authors-flop-counter: their count − dcdit's = 2·M_max²·D (the padded bmm)
+    − dcdit's grid smoothing (2 depthwise convs of 2σ·6+1 taps over D + 1 channels) − residual_proj (2·L·D²)."""
+    from dcdit_cli.models.flops import authors_delta
+
+    recipe = load_recipe("tiny")
+    m = recipe.model
+    L, D = m.input_size**2, m.hidden_size
+    delta = authors_delta(m)
+    taps = 2 * 6 * int(m.smoothing_sigma) + 1
+    assert delta.dechunk == 2 * 2 * taps * (D + 1) * L
+    assert delta.residual_proj == 2 * L * D * D
+    ours, theirs = flops_row("tiny", recipe), flops_row("tiny", recipe, convention="authors")
+    M = L // 4
+    steps = recipe.diffusion.sampling_steps
+    expected = (2 * M * M * D - delta.dechunk - delta.residual_proj) * 2 * (steps - 1) / 1e12
+    assert theirs.authors_tflops - ours.tflops_per_img == pytest.approx(expected, rel=1e-9)
+    assert theirs.tflops_per_img == ours.tflops_per_img and theirs.authors_compression == pytest.approx(4.0)
+    dit = flops_row("dit-b-p2", load_recipe("dit-b-p2"), convention="authors")
+    assert dit.authors_tflops == dit.tflops_per_img  # a DiT is counted alike
+
+
+def test_authors_sample_report_matches_an_oracle_of_their_counter():
+    """authors' sample.py: each step's whole CFG batch (smoothing padded to the batch's largest M),
+    steps 2.. summed, ÷ images. Oracle: each row's forward counted by FlopCounterMode without the
+    dechunk and residual_proj modules, plus one real bmm over the batch padded to its largest M."""
+    import numpy as np
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dcdit_cli.models.flops import _CUSTOM, authors_tflops_per_image, count_flops
+
+    recipe = load_recipe("tiny")
+    model = build_for_counting(recipe.model, "cpu")
+    side, D = recipe.model.input_size, recipe.model.hidden_size
+    x = torch.zeros(1, recipe.model.in_channels, side, side)
+    t = y = torch.zeros(1, dtype=torch.long)
+
+    def their_count_without_smoothing(m):
+        boundary = torch.zeros(1, side * side, dtype=torch.bool)
+        boundary[0, :m] = True
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
+            model(x, t, y, boundary=boundary)
+        counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+        return counts["Global"] - counts["DCDiT.dechunk"] - counts["DCDiT.residual_proj"]
+
+    rows = [20, 7, 9, 3]  # [cond image 0, cond image 1, uncond 0, uncond 1]: one batch, M_max = 20
+    padded_bmm = count_flops(torch.bmm, torch.zeros(4, 20, 20), torch.zeros(4, 20, D))
+    step = sum(their_count_without_smoothing(m) for m in rows) + padded_bmm
+    kept = np.array([[[20, 9], [7, 3]]] * 3)  # (3 steps, 2 images, 2 halves); the first step is not counted
+    assert authors_tflops_per_image(recipe.model, kept) * 1e12 == pytest.approx(2 * step / 2, rel=1e-9)
+
+
+def test_authors_compression_is_geometric_over_steps_of_the_conditional_half():
+    import math
+
+    import numpy as np
+
+    from dcdit_cli.models.flops import authors_compression
+
+    kept = np.array([[[16, 64], [16, 64]], [[4, 1], [12, 1]]])  # (2 steps, 2 images, [cond, uncond])
+    # step 1: 2·64 / 32 = 4; step 2: 2·64 / 16 = 8; geometric mean √32; the unconditional half is ignored.
+    assert authors_compression(kept, 64) == pytest.approx(math.sqrt(32))
+    row = flops_row("tiny", load_recipe("tiny"), kept_per_step=kept)
+    assert row.authors_compression == pytest.approx(math.sqrt(32))
+    assert row.compression == pytest.approx(64 / kept.mean())  # dcdit's: L over the mean kept count of every forward

@@ -17,6 +17,8 @@ def test_wheel_contains_recipes_and_finds_them(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).stem for n in names if n.startswith("dcdit_cli/recipes/") and n.endswith(".toml")}
     assert shipped == {p.stem for p in (ROOT / "recipes").rglob("*.toml")}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "dcdit_cli").rglob("*.py")}
+    assert modules <= set(names), f"pyproject's packages list misses {sorted(modules - set(names))[:3]}"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

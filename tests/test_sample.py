@@ -85,8 +85,8 @@ def test_recipe_is_the_source_of_sampling_defaults(tiny_run, tmp_path):
     assert opts.uncond_budget == -1.0 and opts.uncond == opts.budget  # one convention: -1 = as budget
     assert SampleOptions.from_recipe(recipe, budget=0.3, uncond_budget=None).uncond == 0.3
     assert SampleOptions.from_recipe(recipe, steps=3, cfg_scale=None).steps == 3
-    with pytest.raises(DcditError, match="--method 'euler'"):
-        SampleOptions.from_recipe(recipe, method="euler")
+    with pytest.raises(DcditError, match="--scheduler 'heun'"):
+        SampleOptions.from_recipe(recipe, method="heun")
     npz = tmp_path / "d.npz"
     run_sample(run, 2, {"cfg_scale": 1.0}, npz=npz, batch_size=2)  # no --steps: the recipe's 10
     kept = np.load(tmp_path / "d.npz.parts" / "part-000000.npz")["kept"]

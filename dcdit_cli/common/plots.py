@@ -75,6 +75,7 @@ class Axes:
 
     def frame(self, xticks, yticks, xlabel: str, ylabel: str, title: str) -> None:
         d, (l, t, r, b), f = self.draw, self.box, self.font
+        tick_w = max((text_width(d, f"{y:g}", f) for y in yticks), default=0)
         for y in yticks:
             _, py = self.px(self.xlim[0], y)
             d.line([l, py, r, py], fill=(228, 228, 228))
@@ -91,7 +92,8 @@ class Axes:
         label = Image.new("RGBA", (text_width(d, ylabel, f) + 4, 18), (255, 255, 255, 0))
         ImageDraw.Draw(label).text((2, 1), ylabel, font=f, fill=(0, 0, 0))
         label = label.rotate(90, expand=True)
-        self.image.paste(label, (int(l - 58), int((t + b) / 2 - label.height / 2)), label)
+        x = min(l - 58, l - 8 - tick_w - 4 - label.width)  # clear of the widest tick label
+        self.image.paste(label, (int(max(x, 0)), int((t + b) / 2 - label.height / 2)), label)
 
     def line(self, xs, ys, fill, width: int) -> None:
         self.draw.line([self.px(x, y) for x, y in zip(xs, ys)], fill=fill, width=width, joint="curve")

@@ -174,6 +174,9 @@ class TrainConfig:
     """From this step on, draw one tail-dropping fraction per step (-1: off)."""
     multi_budget_fractions: list[float] = bounded("[0, 1)", factory=lambda: [0.0, 0.1, 0.2, 0.3])
     """The fractions drawn from in multi-budget training (README default {0, 0.1, 0.2, 0.3})."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer and scaffold block in the backward pass instead of storing its
+    activations: less memory (`dcdit flops --memory`), about one more forward of compute."""
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,9 @@ class SampleConfig:
     """Classifier-free guidance scale; 1 turns guidance off (one forward per step), below 1 is refused."""
     guided_channels: int = bounded("[0, inf)", 3)
     """CFG guides the first N epsilon channels (DiT convention: 3); 0 means all channels."""
-    method: str = one_of("ddpm", "ddim")
-    """Sampler: 'ddpm' or 'ddim' (η = 0)."""
+    method: str = one_of("ddpm", "ddim", "dpm-solver", "unipc", "euler", "euler-a")
+    """Sampler: 'ddpm' or 'ddim' (η = 0), dcdit's ADM sampler as in the paper; or a diffusers scheduler
+    on the same diffusion: 'dpm-solver' (DPM-Solver++ 2M), 'unipc', 'euler', 'euler-a' (docs/diffusers.md)."""
     budget: float = bounded("[0, 1)", 0.0)
     """Tail-dropping fraction f in [0, 1) of elastic inference (0 keeps every boundary)."""
     uncond_budget: float = bounded("[-1, 1)", -1.0)

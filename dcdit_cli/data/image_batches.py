@@ -4,7 +4,8 @@ Samples are an ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3), read in batches s
 the zip (50,000 samples are never held in memory twice), or a folder of images decoded in a
 thread pool, unreadable files skipped and counted. A reference batch is ADM's
 ``VIRTUAL_imagenet256_labeled.npz`` layout: ``arr_0`` plus, when present, precomputed
-``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial).
+``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial); references made by dcdit may also
+hold ``mu_dinov2``/``sigma_dinov2`` (DINOv2 CLS features, for FD-DINOv2).
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ class Reference:
     sigma: np.ndarray | None = None
     mu_s: np.ndarray | None = None
     sigma_s: np.ndarray | None = None
+    mu_dinov2: np.ndarray | None = None
+    sigma_dinov2: np.ndarray | None = None
     images: NpzImages | None = None
 
     @property
@@ -178,7 +181,8 @@ class Reference:
 def load_reference(path: str | Path) -> Reference:
     """An ADM reference .npz (e.g. ``VIRTUAL_imagenet256_labeled.npz``): ``mu``, ``sigma`` (pool_3),
     ``mu_s``, ``sigma_s`` (spatial) and ``arr_0`` images. Statistics missing from the file are
-    computed from ``arr_0``; precision / recall always need ``arr_0``."""
+    computed from ``arr_0``; precision / recall always need ``arr_0``. ``mu_dinov2``/``sigma_dinov2``
+    (any width D: D and D × D) are read when present."""
     path = Path(path)
     if not path.is_file():
         raise DcditError(
@@ -188,7 +192,7 @@ def load_reference(path: str | Path) -> Reference:
     members = _npz_members(path, "reference")
     ref = Reference(path, images=NpzImages(path, "arr_0") if "arr_0" in members else None)
     with np.load(path) as npz:
-        for name, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
+        for name, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM), ("mu_dinov2", None)):
             cov = name.replace("mu", "sigma")
             if name not in members and cov not in members:
                 continue
@@ -198,11 +202,11 @@ def load_reference(path: str | Path) -> Reference:
                 mu, sigma = np.asarray(npz[name], np.float64), np.asarray(npz[cov], np.float64)
             except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:  # object arrays need pickle: refused
                 raise DcditError(f"{path}: {name}/{cov} are not numeric arrays ({e}): re-create the reference batch") from None
-            if mu.shape != (dim,) or sigma.shape != (dim, dim):
-                raise DcditError(
-                    f"{path}: {name} {mu.shape} / {cov} {sigma.shape} are not {dim}-d Inception statistics: "
-                    "use an ADM reference batch or one made by dcdit"
-                )
+            d = dim or (mu.shape[0] if mu.ndim == 1 else -1)
+            if mu.shape != (d,) or sigma.shape != (d, d):
+                what = f"{dim}-d Inception statistics" if dim else "a mean and covariance of one width"
+                raise DcditError(f"{path}: {name} {mu.shape} / {cov} {sigma.shape} are not {what}: "
+                                 "use an ADM reference batch or one made by dcdit")
             setattr(ref, name, mu)
             setattr(ref, cov, sigma)
     if ref.images is None and not ref.has_stats:

@@ -5,15 +5,18 @@ the unconditional half) it samples an ADM ``.npz`` with :func:`dcdit_cli.samplin
 (sharded over the processes of ``accelerate launch``, resumable: finished parts are kept and
 skipped), then evaluates it on rank 0 with the ADM-exact metrics of :mod:`dcdit_cli.evaluation.fid`
 against one reference batch whose features are computed once. Each setting's record holds
-FID, sFID, IS, precision, recall, the TFLOPs/img measured from the kept tokens the sampler
-actually used (paper Table 1's convention and the FLOPs actually spent), the sampling rate,
-and what is needed to rerun it (command, checkpoint, weights step, seed, versions).
+FID, sFID, IS, precision, recall (and FD-DINOv2, KID when ``--metrics`` asks), the TFLOPs/img
+measured from the kept tokens the sampler actually used (paper Table 1's convention and the
+FLOPs actually spent), the sampling rate, and what is needed to rerun it (command, checkpoint,
+weights step, seed, versions).
 
 Outputs in ``--out`` (default ``RUN/eval``)::
 
     eval.json      one record per setting (merged with the records of earlier invocations)
-    pareto.png     FID against TFLOPs/img, one point per setting, other runs overlaid (--compare)
-    elastic.png    FID and TFLOPs/img against the budget, one line per guidance scale
+    pareto.png     --pareto-metric (default FID) against TFLOPs/img, one point per setting,
+                   other runs overlaid (--compare)
+    elastic.png    FID (and FD-DINOv2, KID, the Pareto metric when computed) and TFLOPs/img
+                   against the budget, one line per guidance scale
     samples/       the .npz of each setting (and its .parts while sampling)
 """
 
@@ -36,14 +39,18 @@ from dcdit_cli.common.atomic import write_json, write_png
 from dcdit_cli.common.console import DcditError, print0, print_table
 from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.evaluation import fid
+from dcdit_cli.evaluation.dinov2 import load_dinov2
 from dcdit_cli.evaluation.figures import elastic_figure, pareto_figure
+from dcdit_cli.evaluation.metrics import ADM_METRICS, FIELDS, METRICS, Field, fields_of, metric_field
 from dcdit_cli.evaluation.precision_recall import check_distances
 from dcdit_cli.sampling.sampler import SampleOptions, sample_npz
 from dcdit_cli.training.checkpoint import load_weights
 
 EVAL_FILE = "eval.json"
 PLOTTED = ("fid", "tflops_per_img")
-"""The fields of a record that the figures plot, checked when a record is read."""
+"""The fields every record has for the figures, checked when a record is read."""
+ELASTIC_FIELDS = ("fid", "fd_dinov2", "kid")
+"""The quality panels of elastic.png, where computed (with the Pareto metric)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,10 @@ def settings_for(recipe, budgets: list[float] | None, uncond_budget: float | Non
 
 
 def default_out(ckpt: Path) -> Path:
-    """RUN/eval for a run directory, else eval/ beside the weights file's run."""
+    """RUN/eval for a run directory, else eval/ beside the weights file's run; for a Hub reference
+    (``hf:OWNER/NAME…``, read from the cache) eval/OWNER--NAME… in the working directory."""
+    if str(ckpt).startswith("hf:"):
+        return Path("eval") / str(ckpt)[len("hf:"):].strip("/").replace("/", "--")
     ckpt = Path(ckpt)
     run = ckpt if ckpt.is_dir() else ckpt.parent.parent if ckpt.parent.name == "weights" else ckpt.parent
     return run / "eval"
@@ -112,6 +122,17 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
+def check_plotted(field: Field, metrics: tuple[str, ...], others: list[tuple[Path, list[dict]]]) -> None:
+    """The Pareto metric is computed by this run and present in every compared run: one line otherwise."""
+    if not any(field.key in METRICS[m] for m in metrics):
+        name = next(m for m, keys in METRICS.items() if field.key in keys)
+        raise DcditError(f"--pareto-metric {field.key} is not among --metrics {','.join(metrics)}: add {name}")
+    for path, records in others:
+        if not any(_finite(r.get(field.key)) for r in records):
+            raise DcditError(f"--compare {path}: no record has a finite {field.key}: evaluate that run with --metrics "
+                             f"including it, or plot another --pareto-metric")
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -135,7 +156,9 @@ def merge_records(old: list[dict], new: list[dict]) -> list[dict]:
 def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[float] | None = None,
              uncond_budget: float | None = None, cfg_scales: list[float] | None = None, steps: int | None = None,
              seed: int = 0, batch_size: int | None = None, out: Path | None = None, inception_weights: Path | None = None,
-             vae: str | None = None, compare: list[Path] = (), distances: str = "adm", command: str = "") -> list[dict]:
+             vae: str | None = None, compare: list[Path] = (), distances: str = "adm", metrics: tuple[str, ...] = ADM_METRICS,
+             dinov2_weights: Path | None = None, pareto_metric: str = "fid", command: str = "",
+             method: str | None = None) -> list[dict]:
     """What `dcdit eval` does; returns this invocation's records (on rank 0; [] elsewhere)."""
     # Every input is checked before the first image is sampled.
     _, recipe, step = load_weights(ckpt)
@@ -148,15 +171,20 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     check.output("--out", out, directory=True).done()
     settings = settings_for(recipe, budgets, uncond_budget, cfg_scales)
     for s in settings:
-        SampleOptions.from_recipe(recipe, steps=steps, seed=seed, **s.flags())  # bad budget / steps → one line, now
+        SampleOptions.from_recipe(recipe, steps=steps, seed=seed, method=method, **s.flags())  # bad budget / steps / scheduler → one line, now
     num = recipe.eval.num_samples if num is None else num
     batch_size = recipe.eval.batch_size if batch_size is None else batch_size
     if num < 4 or batch_size < 1:
         raise DcditError(f"--num {num} / --batch-size {batch_size}: evaluate at least 4 samples (precision/recall use k = 3) in batches of >= 1")
     check_distances(distances)
+    plotted = metric_field(pareto_metric)
     reference = fid.load_reference(ref)
-    extractor = fid.load_inception(inception_weights)  # a bad weights file is reported now, not after sampling
+    fid.check_reference(reference, metrics, None)
     others = [(p, load_records(find_eval_json(p))) for p in compare]
+    check_plotted(plotted, metrics, others)
+    extractor = fid.load_inception(inception_weights)  # a bad weights file is reported now, not after sampling
+    dinov2 = load_dinov2(dinov2_weights, extractor.device) if "fd_dinov2" in metrics else None
+    fid.check_reference(reference, metrics, dinov2)
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
         (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -164,18 +192,20 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
 
     # Sample every setting first (all processes), then evaluate on rank 0: no rank waits at a
     # barrier while another runs the Inception net.
-    reports = {s: sample_npz(ckpt, num, {"steps": steps, "seed": seed, **s.flags()}, None, out / "samples" / f"{s.name}.npz",
+    reports = {s: sample_npz(ckpt, num, {"steps": steps, "seed": seed, "method": method, **s.flags()}, None, out / "samples" / f"{s.name}.npz",
                              batch_size, vae) for s in settings}
     if not state.is_main_process:
         return []  # no barrier after this: rank 0 may evaluate for longer than a collective's timeout
-    ref_pool = fid.reference_features(reference, extractor)
-    args = dict(steps=steps, seed=seed, distances=distances, ref=ref, ckpt=ckpt, command=command)
+    ref_pool = fid.reference_features(reference, extractor, dinov2=dinov2, metrics=metrics)
+    args = dict(steps=steps, seed=seed, method=method, distances=distances, ref=ref, ckpt=ckpt, command=command,
+                metrics=metrics, dinov2=dinov2)
     records = [_evaluate_setting(s, report, recipe, step, extractor, reference, ref_pool, out, num, args)
                for s, report in reports.items()]
     merged = merge_records(old, records)
     write_json(out / EVAL_FILE, merged, indent=1)
-    write_png(out / "pareto.png", pareto_figure(merged, others, f"{recipe.run.name}: FID against inference cost"))
-    write_png(out / "elastic.png", elastic_figure(merged, f"{recipe.run.name}: quality and cost across tail-dropping budgets"))
+    write_png(out / "pareto.png", pareto_figure(merged, others, f"{recipe.run.name}: {plotted.label} against inference cost", plotted))
+    panels = [FIELDS[k] for k in dict.fromkeys([*ELASTIC_FIELDS, plotted.key]) if any(_finite(r.get(k)) for r in merged)]
+    write_png(out / "elastic.png", elastic_figure(merged, f"{recipe.run.name}: quality and cost across tail-dropping budgets", panels))
     table = results_table(merged, f"dcdit eval: {recipe.run.name} (weights step {step}, {num:,} samples)")
     print_table(table)
     print0(f"wrote {out / EVAL_FILE}, {out / 'pareto.png'}, {out / 'elastic.png'}")
@@ -185,12 +215,15 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
 def _evaluate_setting(s: Setting, report, recipe, step: int, extractor, reference, ref_pool, out: Path, num: int,
                       args: dict) -> dict:
     """The record of one sampled setting: ADM metrics of its .npz plus cost, speed and provenance."""
-    opts = SampleOptions.from_recipe(recipe, steps=args["steps"], seed=args["seed"], **s.flags())
+    opts = SampleOptions.from_recipe(recipe, steps=args["steps"], seed=args["seed"], method=args["method"], **s.flags())
     npz = out / "samples" / f"{s.name}.npz"
     samples = fid.load_samples(npz)
-    acts = fid.compute_activations(samples.batches(50, limit=num), extractor, 50, total=num, description=f"inception {s.name}")
+    dinov2 = args["dinov2"]
+    acts = fid.compute_activations(samples.batches(50, limit=num), extractor, 50, total=num, description=f"features {s.name}",
+                                   dinov2=dinov2)
     t0 = time.perf_counter()
-    metrics = fid.sample_metrics(acts, reference, ref_pool, distances=args["distances"], device=extractor.device)
+    metrics = fid.sample_metrics(acts, reference, ref_pool, metrics=args["metrics"], distances=args["distances"],
+                                 device=extractor.device)
     return {
         "run": recipe.run.name, "setting": s.name, "cfg_scale": s.cfg_scale, "budget": s.budget,
         "uncond_budget": opts.uncond, **metrics, "metric_seconds": time.perf_counter() - t0,
@@ -198,18 +231,20 @@ def _evaluate_setting(s: Setting, report, recipe, step: int, extractor, referenc
         "compression": report.compression, "kept_tokens": report.kept_tokens,
         "images_per_s": num / max(report.seconds, 1e-9), "steps": opts.steps, "method": opts.method,
         "guided_channels": opts.guided_channels, "pr_distances": args["distances"], "samples": str(npz),
-        "reference": str(args["ref"]), "checkpoint": str(args["ckpt"]), "step": step, "seed": opts.seed,
+        "reference": str(args["ref"]), "dinov2_weights": None if dinov2 is None else str(dinov2.path),
+        "checkpoint": str(args["ckpt"]), "step": step, "seed": opts.seed,
         "command": args["command"], "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def results_table(records: list[dict], title: str):
-    """One row per setting: the metrics of paper Table 1 plus cost and speed."""
+    """One row per setting: the metrics of paper Table 1 (and those asked beyond it) plus cost and speed."""
     table = Table(title=title)
+    asked = tuple(dict.fromkeys(m for r in records for m in r.get("metrics", ADM_METRICS) if m in METRICS))
+    short = {"precision": "Prec", "recall": "Rec"}
     columns = [("cfg", "cfg_scale", "{:g}"), ("budget", "budget", "{:g}"), ("uncond", "uncond_budget", "{:g}"),
-               ("FID", "fid", "{:.2f}"), ("sFID", "sfid", "{:.2f}"), ("IS", "inception_score", "{:.2f}"),
-               ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"), ("TFLOPs/img", "tflops_per_img", "{:.4g}"),
-               ("CR", "compression", "{:.2f}"), ("img/s", "images_per_s", "{:.3g}")]
+               *((short.get(f.key, f.label), f.key, f.fmt) for f in fields_of(asked)),
+               ("TFLOPs/img", "tflops_per_img", "{:.4g}"), ("CR", "compression", "{:.2f}"), ("img/s", "images_per_s", "{:.3g}")]
     for label, _, _ in columns:
         table.add_column(label, justify="right")
     for r in records:

@@ -1,4 +1,5 @@
-"""FID, sFID, Inception Score and precision / recall, compatible with OpenAI's ADM evaluator.
+"""FID, sFID, Inception Score and precision / recall, compatible with OpenAI's ADM evaluator,
+and on request FD-DINOv2 and KID.
 
 The paper's "standard suite" (docs/reference.md#adm-data-and-evaluator) is ADM's TensorFlow evaluator. dcdit computes the
 same quantities in PyTorch:
@@ -14,6 +15,11 @@ same quantities in PyTorch:
   Precision / recall (Kynkäänniemi et al. 2019) with ADM's distance precision by default
   (float16 per 10,000 × 10,000 block where finite, else float32), float64 on request; the
   blocks are computed in row slices, so no N × N matrix is ever held (:mod:`dcdit_cli.evaluation.precision_recall`).
+
+* On request (``metrics``, :mod:`dcdit_cli.evaluation.metrics`): FD-DINOv2, the same Fréchet
+  distance on DINOv2 ViT-L/14 CLS features (:mod:`dcdit_cli.evaluation.dinov2`), against the
+  reference's ``mu_dinov2``/``sigma_dinov2``; and KID, computed by torch-fidelity's own
+  ``kid_features_to_metric`` on the Inception pool features already held for precision / recall.
 
 Samples are an ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) or a folder of images; they are
 read in batches, so 50,000 samples are never held in memory twice.
@@ -34,6 +40,7 @@ import scipy.special
 import torch
 from rich.table import Table
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from dcdit_cli.common.atomic import write_npz
 from dcdit_cli.common.console import DcditError, RateMeter, load_error_reason, plain_log, print0, progress_bar
@@ -51,6 +58,8 @@ from dcdit_cli.data.image_batches import (
     load_samples,
 )
 from dcdit_cli.data.imaging import center_crop_arr
+from dcdit_cli.evaluation.dinov2 import DinoV2Features, load_dinov2
+from dcdit_cli.evaluation.metrics import ADM_METRICS, FIELDS, fields_of
 from dcdit_cli.evaluation.precision_recall import check_distances, precision_recall
 
 INCEPTION_WEIGHTS_ENV = "DCDIT_INCEPTION_WEIGHTS"
@@ -58,6 +67,9 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 PR_REF_IMAGES = 10_000  # ADM: precision / recall against the reference batch's 10,000 images
 IS_SPLIT_SIZE = 5_000  # ADM: Inception Score over contiguous chunks of 5,000 samples
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1_000  # torch-fidelity's defaults
+KID_KERNEL = {"kid_kernel": "poly", "kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None,  # gamma None: 1 / d
+              "kid_kernel_poly_coef0": 1, "rng_seed": 2020}  # torch-fidelity's defaults, pinned
 
 
 # -----------------------------------------------------------------------------------------
@@ -77,7 +89,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise DcditError(
             f"Fréchet distance: statistics do not match (mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-            f"{sigma2.shape}): compute both with the same Inception features"
+            f"{sigma2.shape}): compute both with the same feature extractor"
         )
     diff = mu1 - mu2
     with warnings.catch_warnings():  # "matrix is singular": handled by the checks below
@@ -145,6 +157,24 @@ def inception_score(logits_or_probs: np.ndarray, split_size: int = IS_SPLIT_SIZE
         kl = scipy.special.rel_entr(part, p_y).sum(axis=1)  # p log(p / p_y), 0 where p = 0
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores))
+
+
+def kernel_inception_distance(real_feats: np.ndarray, fake_feats: np.ndarray,
+                              subset_size: int = KID_SUBSET_SIZE) -> tuple[float, float, int]:
+    """KID (Bińkowski et al. 2018) as torch-fidelity defines it, computed by torch-fidelity's own
+    ``kid_features_to_metric``: over 100 subsets of ``subset_size`` rows drawn without replacement
+    from each set (its seed 2020), the unbiased MMD² with the kernel k(x, y) = (x·y / d + 1)³;
+    returns (mean, standard deviation, subset size).
+
+    torch-fidelity refuses sets smaller than the subset size; here the subset size shrinks to the
+    smaller set (toy runs), and the size used is returned so a record says when it is not 1,000.
+    """
+    size = min(subset_size, len(real_feats), len(fake_feats))
+    if size < 2:
+        raise DcditError(f"KID needs at least 2 images per set, got {len(fake_feats)} samples and {len(real_feats)} reference images")
+    out = kid_features_to_metric(torch.as_tensor(np.asarray(fake_feats)), torch.as_tensor(np.asarray(real_feats)),
+                                 kid_subsets=KID_SUBSETS, kid_subset_size=size, verbose=False, **KID_KERNEL)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD], size
 
 
 # -----------------------------------------------------------------------------------------
@@ -232,13 +262,17 @@ def _as_batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> I
             yield batch[i : i + batch_size]
 
 
-def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, total: int | None, description: str):
-    """Yields (batch, features) with a progress bar in images/s."""
+def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, total: int | None, description: str,
+                      dinov2: DinoV2Features | None = None):
+    """Yields (batch, features) with a progress bar in images/s; ``features["dinov2"]`` (N, D) too
+    when a DINOv2 extractor is given."""
     meter, rate = RateMeter(), ""
     with progress_bar(description) as progress:
         task = progress.add_task(description, total=total, rate="")
         for batch in _as_batches(images, batch_size):
             feats = extractor(batch)
+            if dinov2 is not None:
+                feats["dinov2"] = dinov2(batch)
             rate = f"{meter.update(len(batch)):.2f} img/s"
             progress.update(task, advance=len(batch), rate=rate)
             yield batch, feats
@@ -249,13 +283,14 @@ def _iter_activations(images, extractor: InceptionFeatures, batch_size: int, tot
 @dataclass
 class Activations:
     """What the metrics need from N images, held once: ``pool`` (N, 2048) and ``logits``
-    (N, 1008) float32 (precision / recall and IS need every row), and running mean / covariance
-    of pool and spatial features (FID, sFID), so the 2023-d spatial features are never kept."""
+    (N, 1008) float32 (precision / recall, KID and IS need every row), and running mean /
+    covariance of pool, spatial and (for FD-DINOv2) DINOv2 features, so those are never kept."""
 
     pool: np.ndarray
     logits: np.ndarray
     pool_stats: RunningStats
     spatial_stats: RunningStats
+    dinov2_stats: RunningStats | None = None
 
 
 class _Rows:
@@ -285,40 +320,46 @@ def compute_activations(
     *,
     total: int | None = None,
     description: str = "inception",
+    dinov2: DinoV2Features | None = None,
 ) -> Activations:
-    """Inception features of uint8 (N, H, W, 3) images (an array or an iterable of at most
-    ``total`` images in batches)."""
+    """Inception (and, given ``dinov2``, DINOv2) features of uint8 (N, H, W, 3) images (an array
+    or an iterable of at most ``total`` images in batches)."""
     if total is None and isinstance(images, np.ndarray):
         total = len(images)
     pool, logits = _Rows(total), _Rows(total)
     pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
-    for _, feats in _iter_activations(images, extractor, batch_size, total, description):
+    dinov2_stats = RunningStats(dinov2.dim) if dinov2 is not None else None
+    for _, feats in _iter_activations(images, extractor, batch_size, total, description, dinov2):
         pool.add(feats["pool"])
         logits.add(feats["logits"])
         pool_stats.update(feats["pool"])
         spatial_stats.update(feats["spatial"])
+        if dinov2_stats is not None:
+            dinov2_stats.update(feats["dinov2"])
     if pool.n == 0:
         raise DcditError("no images to evaluate")
-    return Activations(pool.result(), logits.result(), pool_stats, spatial_stats)
+    return Activations(pool.result(), logits.result(), pool_stats, spatial_stats, dinov2_stats)
 
 
-def sample_metrics(acts: Activations, ref: Reference, ref_pool: np.ndarray | None, *, split_size: int = IS_SPLIT_SIZE,
-                   distances: str = "adm", device: str | torch.device | None = None) -> dict:
-    """The metric step: FID, sFID, IS and precision / recall of the samples' activations against
-    the reference's statistics and (for precision / recall) its pool features."""
-    (mu, sigma), (mu_s, sigma_s) = acts.pool_stats.result(), acts.spatial_stats.result()
-    precision = recall = None
-    if ref_pool is not None:
-        precision, recall = precision_recall(ref_pool, acts.pool, k=3, device=device, distances=distances)
-    return {
-        "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
-        "sfid": frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
-        "inception_score": inception_score(acts.logits, split_size=split_size),
-        "precision": precision,
-        "recall": recall,
-        "num_samples": int(len(acts.pool)),
-        "num_ref": int(len(ref_pool)) if ref_pool is not None else 0,
-    }
+def sample_metrics(acts: Activations, ref: Reference, ref_pool: np.ndarray | None, *, metrics: tuple[str, ...] = ADM_METRICS,
+                   split_size: int = IS_SPLIT_SIZE, distances: str = "adm", device: str | torch.device | None = None) -> dict:
+    """The metric step: the ``metrics`` (FID always) of the samples' activations against the
+    reference's statistics and (precision / recall, KID) its pool features. Every field of
+    :data:`~dcdit_cli.evaluation.metrics.FIELDS` is in the result, None where not computed."""
+    out: dict = dict.fromkeys(FIELDS)
+    out["fid"] = frechet_distance(*acts.pool_stats.result(), ref.mu, ref.sigma)
+    if "sfid" in metrics:
+        out["sfid"] = frechet_distance(*acts.spatial_stats.result(), ref.mu_s, ref.sigma_s)
+    if "is" in metrics:
+        out["inception_score"] = inception_score(acts.logits, split_size=split_size)
+    if "pr" in metrics and ref_pool is not None:
+        out["precision"], out["recall"] = precision_recall(ref_pool, acts.pool, k=3, device=device, distances=distances)
+    if "fd_dinov2" in metrics:
+        out["fd_dinov2"] = frechet_distance(*acts.dinov2_stats.result(), ref.mu_dinov2, ref.sigma_dinov2)
+    if "kid" in metrics:
+        out["kid"], out["kid_std"], out["kid_subset_size"] = kernel_inception_distance(ref_pool, acts.pool)
+    return {**out, "metrics": list(metrics), "num_samples": int(len(acts.pool)),
+            "num_ref": int(len(ref_pool)) if ref_pool is not None else 0}
 
 
 def _warn_skipped(source) -> None:
@@ -331,18 +372,42 @@ def _warn_skipped(source) -> None:
 # -----------------------------------------------------------------------------------------
 
 
-def reference_features(ref: Reference, extractor: InceptionFeatures, batch_size: int = 50) -> np.ndarray | None:
-    """The reference's pool features for precision / recall (its first 10,000 images), filling in
-    its FID / sFID statistics from ``arr_0`` when the file has none. None without ``arr_0``."""
+def check_reference(ref: Reference, metrics: tuple[str, ...], dinov2: DinoV2Features | None) -> None:
+    """One line, before any work, when the reference cannot serve the asked metrics: FD-DINOv2
+    needs DINOv2 statistics of the extractor's width (or an images-only reference, whose
+    statistics are all computed from ``arr_0``); KID needs the reference images."""
+    rebuild = "build the reference once with `dcdit fid --make-ref DIR --out REF.npz --metrics all`"
+    if "fd_dinov2" in metrics:
+        if ref.mu_dinov2 is None and ref.has_stats:
+            raise DcditError(f"{ref.path} has Inception statistics but no DINOv2 ones (mu_dinov2/sigma_dinov2), so "
+                             f"fd_dinov2 cannot be computed: it predates FD-DINOv2 or comes from ADM; {rebuild}")
+        if ref.mu_dinov2 is not None and dinov2 is not None and ref.mu_dinov2.shape[0] != dinov2.dim:
+            raise DcditError(f"{ref.path} holds {ref.mu_dinov2.shape[0]}-d DINOv2 statistics but {dinov2.path} gives "
+                             f"{dinov2.dim}-d features: use the DINOv2 weights the reference was built with")
+    if "kid" in metrics and ref.images is None:
+        raise DcditError(f"{ref.path} has no arr_0 images, which KID compares the samples with: {rebuild}")
+
+
+def reference_features(ref: Reference, extractor: InceptionFeatures, batch_size: int = 50,
+                       dinov2: DinoV2Features | None = None, metrics: tuple[str, ...] = ADM_METRICS) -> np.ndarray | None:
+    """The reference's pool features for precision / recall and KID (its first 10,000 images),
+    filling in its FID / sFID (and, given ``dinov2``, DINOv2) statistics from ``arr_0`` when the
+    file has none. None without ``arr_0``, or when the file has its statistics and ``metrics``
+    need no features (neither pr nor kid)."""
+    if ref.has_stats and not {"pr", "kid"} & set(metrics):
+        return None
     if ref.images is None:
         print0(f"[yellow]{ref.path} has no arr_0 images: precision and recall are not computed[/]")
         return None
     limit = None if not ref.has_stats else min(ref.images.num, PR_REF_IMAGES)
+    dinov2 = dinov2 if not ref.has_stats and ref.mu_dinov2 is None else None  # only an images-only reference
     acts = compute_activations(ref.images.batches(batch_size, limit=limit), extractor, batch_size,
-                               total=limit or ref.images.num, description="reference")
+                               total=limit or ref.images.num, description="reference", dinov2=dinov2)
     if not ref.has_stats:
         ref.mu, ref.sigma = acts.pool_stats.result()
         ref.mu_s, ref.sigma_s = acts.spatial_stats.result()
+    if acts.dinov2_stats is not None:
+        ref.mu_dinov2, ref.sigma_dinov2 = acts.dinov2_stats.result()
     return acts.pool[:PR_REF_IMAGES]
 
 
@@ -357,27 +422,39 @@ def evaluate(
     distances: str = "adm",
     device: str | torch.device | None = None,
     extractor: InceptionFeatures | None = None,
+    metrics: tuple[str, ...] = ADM_METRICS,
+    dinov2_weights: str | Path | None = None,
+    dinov2: DinoV2Features | None = None,
 ) -> dict:
     """ADM-evaluator metrics of ``samples`` against the reference batch ``ref``: FID and sFID
     (against the reference's statistics), Inception Score (contiguous chunks of ``split_size``)
     and precision / recall (k = 3, against the reference's first 10,000 images, distances in
-    ``distances`` precision: see :func:`precision_recall`)."""
+    ``distances`` precision: see :func:`precision_recall`); FD-DINOv2 and KID when ``metrics``
+    names them."""
     OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).done()
     check_distances(distances)
     samples = samples if isinstance(samples, (NpzImages, FolderImages)) else load_samples(samples)
     ref = ref if isinstance(ref, Reference) else load_reference(ref)
     if num is not None and num > samples.num:
         raise DcditError(f"asked for {num} samples but {samples.path} holds {samples.num}: lower --num or sample more")
+    check_reference(ref, metrics, dinov2)
     extractor = extractor or load_inception(inception_weights, device)
+    if "fd_dinov2" in metrics:
+        dinov2 = dinov2 or load_dinov2(dinov2_weights, extractor.device)
+        check_reference(ref, metrics, dinov2)
+    else:
+        dinov2 = None
 
     n = samples.num if num is None else num
-    acts = compute_activations(samples.batches(batch_size, limit=n), extractor, batch_size, total=n, description="samples")
+    acts = compute_activations(samples.batches(batch_size, limit=n), extractor, batch_size, total=n, description="samples",
+                               dinov2=dinov2)
     _warn_skipped(samples)
     if num is not None and len(acts.pool) < num:
         raise DcditError(f"asked for {num} samples but only {len(acts.pool)} under {samples.path} are readable: lower --num")
 
-    ref_pool = reference_features(ref, extractor, batch_size)
-    return sample_metrics(acts, ref, ref_pool, split_size=split_size, distances=distances, device=extractor.device)
+    ref_pool = reference_features(ref, extractor, batch_size, dinov2, metrics)
+    return sample_metrics(acts, ref, ref_pool, metrics=metrics, split_size=split_size, distances=distances,
+                          device=extractor.device)
 
 
 def make_reference(
@@ -391,10 +468,17 @@ def make_reference(
     keep_images: int = PR_REF_IMAGES,
     batch_size: int = 50,
     device: str | torch.device | None = None,
+    metrics: tuple[str, ...] = ADM_METRICS,
+    dinov2_weights: str | Path | None = None,
+    dinov2: DinoV2Features | None = None,
 ) -> dict:
     """An ADM-style reference batch from real images: each image ADM-centre-cropped to
     ``image_size``; ``mu``/``sigma`` and ``mu_s``/``sigma_s`` over all of them (or the first
-    ``num``), ``arr_0`` = the first ``keep_images`` crops (ADM keeps 10,000). Returns a summary."""
+    ``num``), ``arr_0`` = ``keep_images`` crops spread evenly over the sorted files (ADM keeps
+    10,000; the indices count readable images, so skipped files may leave fewer). With ``fd_dinov2``
+    in ``metrics`` also ``mu_dinov2``/``sigma_dinov2`` over all of them, so one reference serves
+    every metric (KID needs no extra field: it uses the Inception features of ``arr_0``, which
+    precision / recall compute anyway). Returns a summary."""
     root, out = Path(image_dir), Path(out_npz)
     OptionCheck().count("--num", num).count("--batch-size", batch_size, example=50).count("--image-size", image_size, example=256) \
         .output("--out", out, (".npz",)).done()
@@ -403,42 +487,50 @@ def make_reference(
     files = list_images(root)[:num]
     if not files:
         raise DcditError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}: pass --make-ref DIR, a folder of real images")
-    out.parent.mkdir(parents=True, exist_ok=True)
     extractor = extractor or load_inception(inception_weights, device)
+    if "fd_dinov2" in metrics:
+        dinov2 = dinov2 or load_dinov2(dinov2_weights, extractor.device)
+    else:
+        dinov2 = None
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     source = FolderImages(root, files, transform=lambda im: center_crop_arr(im, image_size))
     pool_stats, spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
-    kept, n_kept = [], 0
-    for batch, feats in _iter_activations(source.batches(batch_size), extractor, batch_size, len(files), "reference"):
+    dinov2_stats = RunningStats(dinov2.dim) if dinov2 is not None else None
+    # arr_0 (what precision / recall and KID compare with) spread evenly over the sorted files, so a
+    # class-sorted folder such as ImageNet's gives every class a share, not its first few classes.
+    keep = np.unique(np.linspace(0, len(files) - 1, min(keep_images, len(files))).round().astype(np.int64))
+    kept, seen = [], 0
+    for batch, feats in _iter_activations(source.batches(batch_size), extractor, batch_size, len(files), "reference", dinov2):
         pool_stats.update(feats["pool"])
         spatial_stats.update(feats["spatial"])
-        if n_kept < keep_images:
-            kept.append(batch[: keep_images - n_kept])
-            n_kept += len(kept[-1])
+        if dinov2_stats is not None:
+            dinov2_stats.update(feats["dinov2"])
+        kept.append(batch[np.isin(np.arange(seen, seen + len(batch)), keep)])
+        seen += len(batch)
     _warn_skipped(source)
     if pool_stats.n < 2:
         raise DcditError(f"only {pool_stats.n} readable image(s) under {root}: a reference needs at least 2")
     mu, sigma = pool_stats.result()
     mu_s, sigma_s = spatial_stats.result()
-    arr_0 = np.concatenate(kept) if kept else np.zeros((0, image_size, image_size, 3), np.uint8)
-    write_npz(out, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    return {"path": str(out), "num_images": pool_stats.n, "num_stored": len(arr_0), "skipped": len(source.skipped)}
+    arr_0 = np.concatenate(kept)
+    extra = {}
+    if dinov2_stats is not None:
+        extra["mu_dinov2"], extra["sigma_dinov2"] = dinov2_stats.result()
+    write_npz(out, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, **extra)
+    return {"path": str(out), "num_images": pool_stats.n, "num_stored": len(arr_0), "skipped": len(source.skipped),
+            "statistics": ["mu", "sigma", "mu_s", "sigma_s", *extra]}
 
 
 def report_table(results: dict):
-    """The metrics as a rich table (what ``dcdit fid`` prints)."""
-    table = Table(title="ADM evaluator metrics")
+    """The metrics as a rich table (what ``dcdit fid`` prints): the fields of the asked metrics."""
+    table = Table(title="ADM evaluator metrics" + ("" if set(results.get("metrics", ADM_METRICS)) <= set(ADM_METRICS) else " and more"))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = [
-        ("FID", "fid", "{:.3f}"),
-        ("sFID", "sfid", "{:.3f}"),
-        ("Inception Score", "inception_score", "{:.2f}"),
-        ("Precision", "precision", "{:.4f}"),
-        ("Recall", "recall", "{:.4f}"),
-        ("samples", "num_samples", "{:,}"),
-        ("reference images (P/R)", "num_ref", "{:,}"),
-    ]
+    rows = [(f.label, f.key, f.fmt) for f in fields_of(tuple(results.get("metrics", ADM_METRICS)))]
+    if results.get("kid") is not None:
+        rows += [("KID std (subsets)", "kid_std", "{:.5f}"), ("KID subset size", "kid_subset_size", "{:,}")]
+    rows += [("samples", "num_samples", "{:,}"), ("reference images (P/R, KID)", "num_ref", "{:,}")]
     for label, key, fmt in rows:
         value = results.get(key)
         table.add_row(label, "n/a" if value is None else fmt.format(value))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.dcdit import DCDiT, RouterStats
@@ -30,4 +33,17 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "compile_blocks"]
+def checkpoint_blocks(model) -> None:
+    """Gradient checkpointing (``train.grad_checkpointing``): every transformer block and, in a
+    DC-DiT, every scaffold res-block keeps only its inputs for the backward pass and runs its
+    forward again there (``torch.utils.checkpoint``, non-reentrant). Activation memory then holds one
+    block's intermediates at a time instead of all of them, for about one more forward of compute;
+    values, gradients and state-dict names are unchanged (the call is wrapped, not the module)."""
+    blocks = [*model.blocks]
+    if isinstance(model, DCDiT):
+        blocks += [*model.encoder.blocks, *model.decoder.blocks]
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, type(block).forward, block, use_reentrant=False)
+
+
+__all__ = ["DCDiT", "DiT", "ForwardStats", "RouterStats", "build_model", "checkpoint_blocks", "compile_blocks"]

@@ -101,13 +101,20 @@ class QuadraticCost:
         return self.a + self.b * m + self.c * m * m
 
 
-def forward_flops_at(model, m: int) -> int:
-    """Count one single-image DC-DiT forward with exactly m kept tokens (the first m in raster order)."""
+def _counted_forward(model, m: int) -> FlopCounterMode:
+    """One single-image DC-DiT forward with exactly m kept tokens (the first m in raster order), counted."""
     x, t, y = _dummy_inputs(model, "cpu")
     L = (model.config.input_size // model.config.patch_size) ** 2  # tokens the router sees
     boundary = torch.zeros(1, L, dtype=torch.bool)
     boundary[0, :m] = True
-    return count_flops(model, x, t, y, boundary=boundary)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
+        model(x, t, y, boundary=boundary)
+    return counter
+
+
+def forward_flops_at(model, m: int) -> int:
+    """FLOPs of one single-image DC-DiT forward with exactly m kept tokens."""
+    return _counted_forward(model, m).get_total_flops()
 
 
 def dcdit_cost(model_cfg, model=None) -> QuadraticCost:
@@ -118,6 +125,32 @@ def dcdit_cost(model_cfg, model=None) -> QuadraticCost:
     b = f2 - f1 - 3 * c
     a = f1 - b - c
     return QuadraticCost(a, b, c)
+
+
+@dataclass(frozen=True)
+class AuthorsDelta:
+    """How the authors' ``flop_counter.py`` counts one DC-DiT forward differently from dcdit
+    (docs/reference.md#authors-flop-counter). Their smoothing is a bmm over the chunk slots padded
+    to the batch's largest kept count: 2·M_max²·D per sample, where dcdit counts its grid
+    convolution (``dechunk``, constant in M); and ``residual_proj``, which runs, is outside every
+    component they track. Every other component is counted alike."""
+
+    dechunk: float
+    residual_proj: float
+    hidden_size: int
+
+    def __call__(self, m_max):
+        """Authors' count − dcdit's, per sample of a batch whose largest kept count is m_max."""
+        return 2.0 * m_max * m_max * self.hidden_size - self.dechunk - self.residual_proj
+
+
+def authors_delta(model_cfg, model=None) -> AuthorsDelta:
+    """Measured on the real model: dcdit's de-chunk and residual_proj FLOPs of one forward."""
+    model = model if model is not None else build_for_counting(model_cfg, "cpu")
+    counts = _counted_forward(model, 1).get_flop_counts()
+    name = type(model).__name__
+    dechunk, residual = (sum(counts.get(f"{name}.{part}", {}).values()) for part in ("dechunk", "residual_proj"))
+    return AuthorsDelta(float(dechunk), float(residual), model.config.hidden_size)
 
 
 def static_cost(model_cfg) -> QuadraticCost:
@@ -156,8 +189,39 @@ def per_image_flops(model_cfg, kept, saved=None) -> np.ndarray:
     return cost.sum(dim=(0, 2)).numpy()
 
 
+def static_delta(model_cfg) -> AuthorsDelta:
+    """:func:`authors_delta` of the model without DyDiT's gates; zero for a DiT (counted alike)."""
+    plain = dataclasses.replace(model_cfg, dynamic="none")
+    return AuthorsDelta(0.0, 0.0, 0) if plain.kind == "dit" else authors_delta(plain)
+
+
 # Counting builds the model: once per configuration (ModelConfig is frozen, hence hashable).
 _static_cost_cached = functools.lru_cache(maxsize=8)(static_cost)
+_static_delta_cached = functools.lru_cache(maxsize=8)(static_delta)
+
+
+def authors_tflops_per_image(model_cfg, kept, saved=None) -> float:
+    """TFLOPs/img as the authors' sample.py totals them (docs/reference.md#authors-sample-report):
+    each step's forward of the whole batch, both CFG halves in one batch with smoothing padded to
+    its largest kept count, summed over every step but the first, divided by the images.
+    ``kept``: (steps, images, halves) or (steps, images) counts; ``saved`` what gates skipped."""
+    kept = np.asarray(kept, dtype=np.float64)
+    kept = kept[..., None] if kept.ndim == 2 else kept  # (steps, images, halves)
+    rows = kept.shape[1] * kept.shape[2]
+    per_row = _static_cost_cached(model_cfg)(kept)
+    if saved is not None and np.size(saved):
+        per_row = per_row - np.asarray(saved, dtype=np.float64).reshape(kept.shape)
+    per_step = per_row.sum(axis=(1, 2)) + rows * _static_delta_cached(model_cfg)(kept.max(axis=(1, 2)))  # (steps,)
+    return float(per_step[1:].sum()) / kept.shape[1] / 1e12
+
+
+def authors_compression(kept, tokens: int) -> float:
+    """Avg CR as the authors' sample.py prints it: per step L·n / Σ M over the n images of the
+    conditional half (the first half of the batch), then the geometric mean over all steps."""
+    kept = np.asarray(kept, dtype=np.float64)
+    cond = kept[..., 0] if kept.ndim == 3 else kept  # (steps, images)
+    per_step = tokens * cond.shape[1] / cond.sum(axis=1)
+    return float(np.exp(np.log(per_step).mean()))
 
 
 def table1_tflops(model_cfg, kept, sampling_steps: int, saved=None) -> float:
@@ -188,15 +252,27 @@ class FlopsRow:
     P²·L/M with L = (input_size / P)² routed tokens and M kept (P = 1 in the paper, docs/pixels.md)."""
     source: str
     """Where the kept count comes from: 'fixed patchify', 'target N' or 'checkpoint + data'."""
+    authors_tflops: float | None = None
+    """TFLOPs/img as the authors count them (their flop_counter, and for a checkpoint their sample.py's totals)."""
+    authors_compression: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None) -> FlopsRow:
+CONVENTIONS = ("dcdit", "authors")
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise DcditError(f"--convention {convention!r}: use one of {', '.join(CONVENTIONS)}")
+
+
+def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None, convention: str = "dcdit") -> FlopsRow:
     """One Table-1 row. ``kept_per_step``: a (steps, images, 2 halves) array of kept counts measured
     while sampling with a checkpoint, ``saved_per_step`` what DyDiT's gates skipped there (same
-    shape); else the target N is used, and for a gated recipe λ times the ungated cost (Table 4)."""
+    shape); else the target N is used, and for a gated recipe λ times the ungated cost (Table 4).
+    ``convention="authors"`` adds the authors' count beside dcdit's; a measured row always has it."""
     m, steps = recipe.model, recipe.diffusion.sampling_steps
     params = param_count(m)
     kind = m.kind + ("+dydit" if m.dynamic == "dydit" else "")
@@ -205,15 +281,21 @@ def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None) -> Flo
         kept = tokens if m.kind == "dit" else max(1, round(tokens / m.target_ratio))
         lam = recipe.train.flops_target if m.dynamic == "dydit" else 1.0
         source = ("fixed patchify" if m.kind == "dit" else "target N") + (f" × λ {lam:g}" if lam != 1.0 else "")
-        return FlopsRow(name, kind, params, tflops_per_image(_static_cost_cached(m)(kept) * lam, steps), L / kept, source)
+        row = FlopsRow(name, kind, params, tflops_per_image(_static_cost_cached(m)(kept) * lam, steps), L / kept, source)
+        if convention == "authors":  # every sample at M = L/N: the padded M_max is M
+            forward = (_static_cost_cached(m)(kept) + _static_delta_cached(m)(kept)) * lam
+            row.authors_tflops, row.authors_compression = tflops_per_image(forward, steps), L / kept
+        return row
     kept = np.asarray(kept_per_step, dtype=np.float64)  # (steps, images, halves) or (steps, images)
     source = "checkpoint + data" + (" (gates as run)" if m.dynamic == "dydit" else "")
-    return FlopsRow(name, kind, params, table1_tflops(m, kept, steps, saved_per_step), float(L / kept.mean()), source)
+    return FlopsRow(name, kind, params, table1_tflops(m, kept, steps, saved_per_step), float(L / kept.mean()), source,
+                    authors_tflops_per_image(m, kept, saved_per_step), authors_compression(kept, L))
 
 
-def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) -> list[FlopsRow]:
+def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool, convention: str = "dcdit") -> list[FlopsRow]:
     """What `dcdit flops` does: build the rows, print a rich table or JSON. ``measured``: None or
     (name, recipe, kept counts) from :func:`dcdit_cli.sampling.sampler.measure_kept_tokens`."""
+    check_convention(convention)
     rows = []
     if measured is not None:
         name, recipe, kept, saved = measured
@@ -221,14 +303,18 @@ def run_flops(recipes, all_recipes: bool, measured, overrides, as_json: bool) ->
     names = available_recipes() if all_recipes else list(recipes)
     if not names and measured is None:
         raise DcditError("nothing to count: pass --recipe NAME, --all or --ckpt RUN")
-    rows += [flops_row(n, load_recipe(n, overrides)) for n in names]
+    rows += [flops_row(n, load_recipe(n, overrides), convention=convention) for n in names]
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return rows
     table = Table(title="Parameters and inference cost (paper Table 1 convention: 2 FLOPs/MAC, ×2 CFG, ×(steps−1))")
-    for col in ("recipe", "model", "params", "TFLOPs/img", "avg CR", "kept tokens from"):
+    authors = any(r.authors_tflops is not None for r in rows)
+    columns = ("recipe", "model", "params", "TFLOPs/img", "avg CR") + (("authors' TFLOPs/img", "authors' CR") if authors else ())
+    for col in columns + ("kept tokens from",):
         table.add_column(col, justify="left" if col in ("recipe", "model", "kept tokens from") else "right")
     for r in rows:
-        table.add_row(r.recipe, r.kind, f"{r.params / 1e6:.1f}M", f"{r.tflops_per_img:.4g}", f"{r.compression:.2f}", r.source)
+        theirs = (f"{r.authors_tflops:.4g}", f"{r.authors_compression:.2f}") if r.authors_tflops is not None else ("", "")
+        table.add_row(r.recipe, r.kind, f"{r.params / 1e6:.1f}M", f"{r.tflops_per_img:.4g}", f"{r.compression:.2f}",
+                      *(theirs if authors else ()), r.source)
     print_table(table)
     return rows

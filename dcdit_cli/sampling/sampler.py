@@ -17,7 +17,7 @@ import json
 import math
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,9 @@ from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.config.recipe import SampleConfig
 from dcdit_cli.data.image_batches import load_samples
 from dcdit_cli.data.vae import decode, load_vae
-from dcdit_cli.diffusion.gaussian import classifier_free_guidance, make_diffusion
-from dcdit_cli.models.dcdit import RouterStats
-from dcdit_cli.models.dydit import saved_flops
+from dcdit_cli.diffusion.gaussian import make_diffusion, randn_like_per_sample
+from dcdit_cli.diffusion.guidance import KeptLog, guided_model_fn
+from dcdit_cli.diffusion.schedulers import ADM_METHODS, METHODS, make_scheduler, scheduler_sample_loop
 from dcdit_cli.models.flops import per_image_flops, tflops_per_image
 from dcdit_cli.training.checkpoint import load_weights
 
@@ -65,24 +65,6 @@ class SampleOptions(SampleConfig):
         return self.budget if self.uncond_budget < 0 else self.uncond_budget
 
 
-@dataclass
-class KeptLog:
-    """Kept-token counts per sampler step: a list of (halves, B) tensors; ``saved``: the FLOPs that
-    DyDiT's gates skipped (net of their routers) per step, the same shape (0 without gates). Both
-    stay on the device and are read once, at the end."""
-
-    per_step: list = field(default_factory=list)
-    saved: list = field(default_factory=list)
-
-    def as_array(self) -> np.ndarray:
-        """(steps, B, halves)."""
-        return torch.stack(self.per_step).permute(0, 2, 1).cpu().numpy() if self.per_step else np.zeros((0, 0, 0))
-
-    def saved_array(self) -> np.ndarray:
-        """(steps, B, halves) FLOPs skipped by the gates."""
-        return torch.stack(self.saved).permute(0, 2, 1).double().cpu().numpy() if self.saved else np.zeros((0, 0, 0))
-
-
 def check_sample_options(options: dict, num: int | None = None, batch_size: int | None = None,
                          out: Path | None = None, npz: Path | None = None) -> None:
     """Every problem with the sampling options at once, as one DcditError, before any work:
@@ -95,7 +77,7 @@ def check_sample_options(options: dict, num: int | None = None, batch_size: int 
                    hint="a fraction such as 0.9 (Lite-CFG), or -1 for the same as --budget")
     check.seed("--seed", o["seed"]).count("sample.guided_channels", o["guided_channels"], least=0, example=3)
     if o["method"] is not None:
-        check.choice("--method", o["method"], ("ddpm", "ddim"))
+        check.choice("--scheduler", o["method"], METHODS)
     check.output("--out", None if npz is not None else out, (".png",)).output("--npz", npz, (".npz",)).done()
 
 
@@ -116,30 +98,9 @@ def classes_for(indices, num_classes: int, seed: int, classes: list[int] | None)
 
 
 def make_model_fn(model, y: torch.Tensor, opts: SampleOptions, log: KeptLog):
-    """The sampler's model function: CFG with Lite-CFG budgets in one batched forward."""
-    B = y.shape[0]
-    use_cfg = opts.cfg_scale > 1.0
-    uncond_budget = opts.uncond
-    y_cfg = torch.cat([y, torch.full_like(y, model.config.num_classes)])  # [cond; uncond] labels
-    budgets = torch.cat([torch.full((B,), opts.budget), torch.full((B,), uncond_budget)]).to(y.device)  # once, not per step
-
-    def model_fn(x, t):
-        if not use_cfg:
-            out, stats = model(x, t, y, budget=opts.budget)
-        else:  # both halves in one forward, each at its own kept count (the inner network is packed)
-            out, stats = model(torch.cat([x, x]), torch.cat([t, t]), y_cfg, budget=budgets)
-            out = classifier_free_guidance(out, opts.cfg_scale, opts.guided_channels or None)[:B]
-        if isinstance(stats, RouterStats):
-            log.per_step.append(stats.num_kept.detach().view(-1, B))
-        else:  # a DiT runs every patch token, in each CFG half
-            tokens = (model.config.input_size // model.config.patch_size) ** 2
-            log.per_step.append(torch.full((2 if use_cfg else 1, B), tokens, device=x.device))
-        saved = saved_flops(stats.gates, model.config)
-        log.saved.append(torch.zeros_like(log.per_step[-1], dtype=torch.float64) if saved is None
-                         else saved.detach().double().view(-1, B))
-        return out
-
-    return model_fn
+    """The sampler's model function for these options (diffusion/guidance.py)."""
+    return guided_model_fn(model, y, cfg_scale=opts.cfg_scale, budget=opts.budget, uncond_budget=opts.uncond,
+                           guided_channels=opts.guided_channels, log=log)
 
 
 @torch.no_grad()
@@ -148,13 +109,17 @@ def sample_batch(model, recipe, indices: list[int], opts: SampleOptions, classes
     y = classes_for(indices, recipe.model.num_classes, opts.seed, classes).to(device)
     gens = [torch.Generator().manual_seed(image_seed(opts.seed, i)) for i in indices]
     # Pixel-space runs (shapes, photos) clamp x_0 to [−1, 1] as ADM does; latents are not clamped (DiT).
-    diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=recipe.diffusion.num_timesteps,
-                               clip_denoised=recipe.data.kind != "latents")
+    clip, T = recipe.data.kind != "latents", recipe.diffusion.num_timesteps
     log = KeptLog()
+    model_fn = make_model_fn(model, y, opts, log)
     shape = (len(indices), model.config.in_channels, model.config.input_size, model.config.input_size)
-    x0 = diffusion.sample_loop(
-        make_model_fn(model, y, opts, log), shape, method=opts.method, generator=gens, device=device, on_step=on_step
-    )
+    if opts.method in ADM_METHODS:  # the paper's sampler, dcdit's own
+        diffusion = make_diffusion(respacing=str(opts.steps), num_timesteps=T, clip_denoised=clip)
+        x0 = diffusion.sample_loop(model_fn, shape, method=opts.method, generator=gens, device=device, on_step=on_step)
+    else:  # a diffusers scheduler on the same diffusion and the same per-image noise
+        noise = randn_like_per_sample(shape, gens, device)
+        x0 = scheduler_sample_loop(make_scheduler(opts.method, T, clip_sample=clip), model_fn, noise, opts.steps,
+                                   generator=gens, on_step=on_step)
     return x0, y.cpu(), log
 
 
@@ -361,10 +326,11 @@ def sample_npz(ckpt, num: int, flags: dict | None, classes, npz: Path, batch_siz
     return report
 
 
-def measure_kept_tokens(ckpt, num: int = 4):
-    """For `dcdit flops --ckpt`: kept counts and gate savings (steps, images, halves) while sampling with the recipe's settings."""
+def measure_kept_tokens(ckpt, num: int = 4, classes: list[int] | None = None):
+    """For `dcdit flops --ckpt`: kept counts and gate savings (steps, images, halves) while sampling
+    the ``num`` images in one batch with the recipe's settings (``classes`` cycle over them)."""
     check_sample_options({}, num=num)
     model, recipe, _ = load_weights(ckpt)
     opts = SampleOptions.from_recipe(recipe, cfg_scale=max(recipe.sample.cfg_scale, 1.0 + 1e-6))
-    _, _, log = sample_batch(model, recipe, list(range(num)), opts)
+    _, _, log = sample_batch(model, recipe, list(range(num)), opts, classes=classes)
     return f"{recipe.run.name} (ckpt)", recipe, log.as_array(), log.saved_array()

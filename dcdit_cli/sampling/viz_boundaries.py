@@ -32,6 +32,7 @@ from dcdit_cli.common.atomic import write_png
 from dcdit_cli.common.console import DcditError, print0, progress_bar
 from dcdit_cli.common.plots import SAMPLE_COLOURS, Axes, centered, font, nice_ticks, text_width, viridis
 from dcdit_cli.config.options import OptionCheck
+from dcdit_cli.diffusion.schedulers import METHODS
 from dcdit_cli.models.dcdit import RouterStats
 from dcdit_cli.sampling.sampler import SampleOptions, ToPixels, classes_for, sample_batch, to_uint8
 from dcdit_cli.sampling.viz_gates import gate_snapshot, gates_figure
@@ -269,7 +270,7 @@ def compression_plot(t_all: list[int], kept_all: np.ndarray, tokens: int, title:
 
 def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int = 8, budget: float | None = None,
             out_dir: Path = Path("boundaries"), seed: int = 0, cfg_scale: float | None = None,
-            steps: int | None = None, vae: str | None = None, as_json: bool = False) -> dict:
+            steps: int | None = None, vae: str | None = None, as_json: bool = False, method: str | None = None) -> dict:
     """What `dcdit viz-boundaries` does; returns the JSON summary plus the paths written.
 
     kept[i][b] is image b's kept-token count (conditional half) at column i, compression[i][b]
@@ -277,6 +278,8 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     """
     check = OptionCheck().count("--num", num, example=4).count("--timesteps", timesteps, example=8).count("--steps", steps, example=50)
     check.fraction("--budget", budget).cfg_scale("--cfg-scale", cfg_scale).seed("--seed", seed)
+    if method is not None:
+        check.choice("--scheduler", method, METHODS)
     check.output("--out", Path(out_dir), directory=True).done()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, recipe, step = load_weights(ckpt, device)
@@ -284,7 +287,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
     if recipe.model.kind != "dcdit" and not gated:
         raise DcditError(f"{ckpt} is a {recipe.model.kind} checkpoint: it patchifies with a fixed grid and has no "
                          "router to draw; pass a DC-DiT run (model.kind = 'dcdit') or a DyDiT-gated one")
-    opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, budget=budget, seed=seed)
+    opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, budget=budget, seed=seed, method=method)
     classes_for(range(num), recipe.model.num_classes, seed, classes)  # bad --classes: one line, before any output
     steps, cfg_scale, budget = opts.steps, opts.cfg_scale, opts.budget
     cols = column_steps(steps, timesteps)

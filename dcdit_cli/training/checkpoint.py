@@ -38,6 +38,7 @@ from dcdit_cli.common.atomic import (
 from dcdit_cli.common.console import DcditError, warn
 from dcdit_cli.config.recipe import read_stored_recipe, recipe_diff, recipe_from_toml
 from dcdit_cli.models import build_model
+from dcdit_cli.pipelines.folders import is_diffusers_folder, read_folder_weights
 from dcdit_cli.training.released_checkpoints import is_safetensors, read_official, resolve_hf
 
 WEIGHTS_FORMAT = "dcdit-weights-v1"
@@ -272,7 +273,10 @@ def resolve_weights(path: Path) -> Path:
 def read_weights(path: Path, weights: str = "ema"):
     """(state dict, recipe, step) from a run dir, exported dcdit weights (.safetensors), or a
     checkpoint of the authors' DC-DiT release (.pt, also as ``hf:amd/DynamicChunkingDiT/…``),
-    whose ``weights`` ('ema' or 'model') are mapped to dcdit's names (dcdit_cli/training/released_checkpoints.py)."""
+    whose ``weights`` ('ema' or 'model') are mapped to dcdit's names (dcdit_cli/training/released_checkpoints.py),
+    or a diffusers folder of `dcdit export` (also as ``hf:OWNER/NAME``, dcdit_cli/pipelines/folders.py)."""
+    if is_diffusers_folder(path):
+        return read_folder_weights(path)
     file = resolve_weights(path)
     if not is_safetensors(file):
         return read_official(file, weights)

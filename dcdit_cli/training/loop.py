@@ -31,7 +31,7 @@ from dcdit_cli.common.processes import watch_ranks
 from dcdit_cli.config.recipe import Recipe, read_stored_recipe, recipe_diff
 from dcdit_cli.data.datasets import batch_indices, check_fits_model, make_dataset
 from dcdit_cli.diffusion.gaussian import make_diffusion, to_device
-from dcdit_cli.models import build_model, compile_blocks
+from dcdit_cli.models import build_model, checkpoint_blocks, compile_blocks
 from dcdit_cli.models.attention import select_backend
 from dcdit_cli.training.checkpoint import export_weights, find_latest, load_checkpoint, load_into, resolve_weights, save_checkpoint
 from dcdit_cli.training.checkpoint import init_from as load_init
@@ -267,6 +267,8 @@ def _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_
     _record_run(recipe, out_dir, command, accelerator, compiled)
     if world > 1:
         match_grad_strides(model)
+    if t_cfg.grad_checkpointing:
+        checkpoint_blocks(model)  # after the EMA copy: the EMA model only samples
     if compiled:
         compile_blocks(model)  # after the EMA copy: the EMA model samples in eager mode
     model, optimizer = accelerator.prepare(model, optimizer)
