@@ -309,3 +309,20 @@ def test_pixel_patch_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for row in ("P = 4, 64×64 px: model only, forced", "P = 1, 16×16 px: forced M = L/N"):
         assert row in proc.stdout
+
+
+def test_memory_model_counts_the_patch_grid():
+    """`dcdit flops --memory` at P > 1: the router's grid is (input_size / P)², and the fitted model stays
+    within 15% of the measured peak of a P = 4 model on 64×64 pixels (16×16 tokens)."""
+    import dataclasses
+
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training import memory
+
+    base = dataclasses.replace(load_recipe("tiny").model, hidden_size=80, scaffold_width=20, depth=2, num_heads=4,
+                               norm_groups=4)
+    p4, p1 = dataclasses.replace(base, input_size=64, patch_size=4), dataclasses.replace(base, input_size=16)
+    assert memory.grid_tokens(p4) == memory.grid_tokens(p1) == 256 and memory.kept_tokens(p4) == 64
+    measured = memory.measure_peak_bytes(p4, 2, "no", False)
+    predicted = memory.predict_peak_bytes(p4, 2, "no", False, scores=True)
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
