@@ -326,3 +326,16 @@ def test_memory_model_counts_the_patch_grid():
     measured = memory.measure_peak_bytes(p4, 2, "no", False)
     predicted = memory.predict_peak_bytes(p4, 2, "no", False, scores=True)
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+def test_diffusers_pipeline_returns_boundaries_on_the_patch_grid():
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.diffusion.schedulers import make_scheduler
+    from dcdit_cli.pipelines import DCDiTPipeline, DCDiTTransformer2DModel
+
+    recipe = load_recipe("tiny", ["model.patch_size=2"])
+    pipe = DCDiTPipeline(DCDiTTransformer2DModel(recipe=recipe.to_dict()), make_scheduler("ddpm", 1000))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=[1, 2], num_inference_steps=2, output_type="pt", return_boundaries=True,
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 3, 8, 8) and out.boundaries.shape == (2, 2, 4, 4)  # (steps, B, 8/2, 8/2)
