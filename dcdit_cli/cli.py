@@ -308,6 +308,7 @@ def _run_from_dit(run, recipe, source, set_, out, resume, compile_, print_recipe
         "  accelerate launch --multi_gpu --num_processes 8 -m dcdit_cli extract \\\n"
         "      --data-path imagenet/train --out features/imagenet256 --vae vae/\n\n"
         "  dcdit extract --data-path imagenet/train --out features/in256-mean --vae stabilityai/sd-vae-ft-ema --mean --flip none\n\n"
+        "  dcdit extract --data-path imagenet/train --out pixels/imagenet64 --pixels --image-size 64 --flip none   # no VAE\n\n"
         "Killed? Run the same command again: finished shards are skipped. The VAE is never downloaded: on a machine "
         "with internet run `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir vae/` and copy vae/ here. "
         "Then: dcdit train --recipe b-n4 --set data.path=features/imagenet256"
@@ -324,14 +325,15 @@ def extract(
     shard_size: int = typer.Option(1024, "--shard-size", help="Images per shard: the unit of work split and resume."),
     seed: int = typer.Option(0, "--seed", help="Seed of the posterior noise and random flips."),
     num_workers: int = typer.Option(8, "--num-workers", help="Image-decoding threads per process."),
+    pixels: bool = typer.Option(False, "--pixels", help="Store the uint8 centre crops, no VAE (pixel space: data.kind = images)."),
 ):
-    """Encode an image folder into VAE latent shards for training (resumable, multi-GPU)."""
+    """Encode an image folder into VAE latent shards for training (resumable, multi-GPU); --pixels keeps the pixels."""
     from accelerate import PartialState
 
     from dcdit_cli.data.extract import extract as run_extract
 
     run_extract(data_path, out, vae, image_size=image_size, batch_size=batch_size, flip=flip, mean=mean,
-                seed=seed, shard_size=shard_size, num_workers=num_workers)
+                seed=seed, shard_size=shard_size, num_workers=num_workers, pixels=pixels)
     PartialState().destroy_process_group()  # clean exit of multi-process runs (docs/reference.md#multi-process-runs-on-cpu)
 
 

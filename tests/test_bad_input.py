@@ -30,6 +30,7 @@ from dcdit_cli import cli
 
 TINY = "tiny"
 LATENTS = ["--set", "data.kind=latents", "--set", "data.image_size=16", "--set", "model.in_channels=4"]
+IMAGES = ["--set", "data.kind=images"]  # tiny's 8×8 RGB model reads the pixels directly
 
 
 class Evil:
@@ -164,6 +165,8 @@ def ws(tmp_path_factory, inception_weights):
     p["lat_classes"] = _shards(root / "lat-classes", index_extra={"classes": 3})
     p["lat_labels"] = _shards(root / "lat-labels", labels=[0, 9, 1, 2])  # six class names, a label 9
     p["lat_latin1"] = _shards(root / "lat-latin1")
+    p["px_size"] = _shards(root / "px-size", shape=(3, 16, 16), index_extra={"format": "dcdit-pixels-v1", "sample_shape": [3, 16, 16]})
+    (p["px_size"] / "shard-000000.latents.npy").rename(p["px_size"] / "shard-000000.pixels.npy")
     (p["lat_latin1"] / "index.json").write_bytes(b'{"format": "caf\xe9"}')
 
     # Evaluator inputs
@@ -365,6 +368,14 @@ CASES = [
     ("latents-garbage-shard", T + LATENTS + S("data.path='{lat_garbage}'"), "is unreadable"),
     ("latents-channels", T + LATENTS + S("data.path='{lat_channels}'"), "holds samples of shape (3, 8, 8)"),
     ("latents-size", T + LATENTS + S("data.path='{lat_size}'"), "holds samples of shape (4, 4, 4)"),
+    ("images-empty-path", T + IMAGES, "data.kind = 'images' but data.path is empty"),
+    ("images-missing", T + IMAGES + S("data.path='{root}/none'"), "is missing: point it at a folder of class subfolders"),
+    ("images-path-is-file", T + IMAGES + S("data.path='{file}'"), "is a file: point it at a folder of class subfolders"),
+    ("images-no-class-folders", T + IMAGES + S("data.path='{empty}'"), "no class folders"),
+    ("images-not-images", T + IMAGES + S("data.path='{junk}'"), "is not an image PIL can read"),
+    ("images-latent-shards", T + IMAGES + S("data.path='{lat_ok}'"), "holds latent shards (dcdit-latents-v1), not pixel shards"),
+    ("images-shards-size", T + IMAGES + S("data.path='{px_size}'"), "extracted at 16 px but data.image_size = 8"),
+    ("images-model-channels", T + IMAGES + S("model.in_channels=4"), "set model.input_size = data.image_size and model.in_channels = 3"),
     # --- found by a hostile review (second round)
     ("hidden-size-not-4", T + S("model.hidden_size=6", "model.num_heads=2"), "not a multiple of 4"),
     ("run-name-empty", T + S("run.name=''"), "run.name '' must be a non-empty name"),
@@ -387,6 +398,7 @@ CASES = [
      "model.safetensors"),
     ("resume-optimizer-shapes", T + ["--out", "{root}/optrun", "--resume", "{optbad}"], "optimizer exp_avg"),
     ("recipe-is-a-directory", ["train", "--recipe", "{recipes}"], "is a directory: give a .toml file"),
+    ("extract-pixels-mean", ["extract", "--data-path", "{junk}", "--out", "{root}/f", "--pixels", "--mean"], "--pixels runs no VAE"),
     ("extract-out-in-images", ["extract", "--data-path", "{junk}", "--out", "{junk}/cls/f"], "lies inside --data-path"),
     ("hidden-size-beyond-int64", T + S("model.hidden_size=100000000000000000000"), "does not fit a 64-bit integer"),
     # --- the command line itself

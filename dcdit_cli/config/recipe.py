@@ -49,7 +49,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     kind: str = one_of("dcdit", "dit")
-    """'dcdit' (learned dynamic chunking, P = 1) or 'dit' (fixed patchify with patch_size)."""
+    """'dcdit' (learned dynamic chunking over P×P patches, P = patch_size) or 'dit' (fixed patchify)."""
     input_size: int = bounded("[1, 4096]", 32)
     """Side of the model's input grid (latent side for VAE runs: image_size / 8)."""
     in_channels: int = bounded("[1, inf)", 4)
@@ -66,8 +66,10 @@ class ModelConfig:
     """Class labels; one more embedding row is the null class for classifier-free guidance."""
     learn_sigma: bool = True
     """Predict the learned-range variance (output channels 2·C)."""
-    patch_size: int = bounded("[1, inf)", 2)
-    """DiT baseline only: the fixed patch size P."""
+    patch_size: int = bounded("[1, inf)", 1)
+    """Patch size P: DiT's fixed patchify (DiT/2: 2), or DC-DiT's patch stem, whose router chunks a grid of
+    (input_size / P)² patches (1: the paper's DC-DiT, one token per latent pixel; 4 or 8 in pixel space,
+    docs/pixels.md)."""
     scaffold_width: int = bounded("[1, 65536]", 192)
     """DC-DiT only: encoder/decoder width e (paper: D/4)."""
     encoder_blocks: int = bounded("[1, 256]", 2)
@@ -116,11 +118,12 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = one_of("latents", "shapes", "photos")
-    """'latents' (shards written by `dcdit extract`), 'shapes' (the built-in procedural set) or 'photos'
-    (16×16-ish crops of four photographs shipped by scikit-image, `pip install 'dcdit[photos]'`)."""
+    kind: str = one_of("latents", "images", "shapes", "photos")
+    """'latents' (shards written by `dcdit extract`), 'images' (pixel space, no VAE: an image folder or
+    the shards of `dcdit extract --pixels`, docs/pixels.md), 'shapes' (the built-in procedural set) or
+    'photos' (16×16-ish crops of four photographs shipped by scikit-image, `pip install 'dcdit[photos]'`)."""
     path: str = ""
-    """Directory of latent shards (kind = 'latents')."""
+    """Directory of latent shards (kind = 'latents'); of class subfolders of images, or of pixel shards (kind = 'images')."""
     image_size: int = bounded("[1, inf)", 256)
     """Pixel size of the images (shapes: the generated size)."""
     num_classes: int = bounded("[1, inf)", 1000)
@@ -295,11 +298,11 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                         "training on: give the fractions, or set the start step to -1")
     if not recipe.run.name.strip() or any(c in recipe.run.name for c in "/\\") or recipe.run.name in (".", ".."):
         problems.append(f"run.name {recipe.run.name!r} must be a non-empty name without path separators (it names runs/<name>)")
-    if m.kind == "dit" and m.input_size % m.patch_size:
+    if m.input_size % m.patch_size:
         problems.append(f"model.input_size {m.input_size} is not divisible by model.patch_size {m.patch_size}")
     if m.num_classes != d.num_classes:
         problems.append(f"model.num_classes {m.num_classes} differs from data.num_classes {d.num_classes}: set both")
-    if d.kind in ("shapes", "photos") and (d.image_size != m.input_size or m.in_channels != 3):
+    if d.kind in ("images", "shapes", "photos") and (d.image_size != m.input_size or m.in_channels != 3):
         problems.append(
             f"data.kind = '{d.kind}' makes 3 × {d.image_size}² pixel images but the model takes {m.in_channels} × "
             f"{m.input_size}²: set model.input_size = data.image_size and model.in_channels = 3"

@@ -8,7 +8,9 @@ Three datasets share one small interface, which is all the training loop reads:
 - ``.num_classes``, ``.sample_shape`` (C, H, W), ``len(dataset)``
 
 ``LatentShardDataset`` reads the shards that ``dcdit extract`` writes (docs/reference.md#latent-shards [choice]:
-many latents per file, both flips stored, an ``index.json``). ``ShapesDataset`` draws coloured,
+many latents per file, both flips stored, an ``index.json``); ``PixelShardDataset`` the uint8 pixel
+shards of ``dcdit extract --pixels``, and ``images.ImageFolderDataset`` an image folder directly
+(``data.kind = "images"``, pixel-space DC-DiT, docs/pixels.md). ``ShapesDataset`` draws coloured,
 textured shapes from (seed, index) alone: no files, for the ``toy`` and ``tiny`` recipes.
 ``PhotosDataset`` (``photos.py``) crops real photographs shipped by scikit-image.
 
@@ -21,18 +23,43 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dcdit_cli.common.console import DcditError
+from dcdit_cli.data.images import ImageFolderDataset
+from dcdit_cli.data.imaging import to_model_range
 from dcdit_cli.data.photos import PhotosDataset
 
-LATENT_FORMAT = "dcdit-latents-v1"
 INDEX_NAME = "index.json"
-_EXTRACT_CMD = "`dcdit extract --data-path DIR --out FEATURES`"
-_EXTRACT_HINT = f"{_EXTRACT_CMD} makes the shards"
+
+
+@dataclass(frozen=True)
+class ShardFormat:
+    """What one kind of shard directory holds: ``index.json`` says ``format``; each shard's samples are
+    ``<shard>.<suffix>.npy``; the per-sample shape is under ``shape_key``; ``data_kind`` reads it."""
+
+    format: str
+    suffix: str
+    shape_key: str
+    data_kind: str
+    flags: str  # what `dcdit extract` needs to write it
+
+    @property
+    def command(self) -> str:
+        return f"`dcdit extract --data-path DIR{self.flags} --out FEATURES`"
+
+    @property
+    def hint(self) -> str:
+        return f"{self.command} makes the shards"
+
+
+LATENTS = ShardFormat("dcdit-latents-v1", "latents", "latent_shape", "latents", "")
+PIXELS = ShardFormat("dcdit-pixels-v1", "pixels", "sample_shape", "images", " --pixels")
+SHARD_FORMATS = (LATENTS, PIXELS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,41 +87,46 @@ def batch_indices(seed: int, step: int, rank: int, batch: int, length: int) -> t
 # ---------------------------------------------------------------------------------------------
 
 
-def read_index(path: str | Path) -> dict:
-    """The validated ``index.json`` of a shard directory, or a DcditError naming the fix."""
+def read_index(path: str | Path, fmt: ShardFormat = LATENTS) -> dict:
+    """The validated ``index.json`` of a shard directory in format ``fmt``, or a DcditError naming the fix."""
     root = Path(path)
+    what, hint, cmd = f"{fmt.suffix[:-1]} shards", fmt.hint, fmt.command
     if not str(path):
-        raise DcditError(f"data.path is empty: set it to a directory of latent shards ({_EXTRACT_HINT})")
+        raise DcditError(f"data.path is empty: set it to a directory of {what} ({hint})")
     if root.is_file():
-        raise DcditError(f"data.path {root} is a file: point it at the directory of latent shards ({_EXTRACT_HINT})")
+        raise DcditError(f"data.path {root} is a file: point it at the directory of {what} ({hint})")
     if not root.is_dir():
-        raise DcditError(f"latent directory {root} does not exist: {_EXTRACT_HINT}")
+        raise DcditError(f"{fmt.suffix[:-1]} directory {root} does not exist: {hint}")
     index_path = root / INDEX_NAME
     if not index_path.is_file():
-        raise DcditError(f"{index_path} is missing (an unfinished or foreign directory?): {_EXTRACT_HINT}")
+        raise DcditError(f"{index_path} is missing (an unfinished or foreign directory?): {hint}")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DcditError(f"{index_path} is not readable JSON ({exc}): rerun {_EXTRACT_CMD}") from exc
-    if not isinstance(index, dict) or index.get("format") != LATENT_FORMAT:
-        raise DcditError(f"{index_path} is not a {LATENT_FORMAT} index: {_EXTRACT_HINT}")
-    for key in ("latent_shape", "shards", "image_size"):
+        raise DcditError(f"{index_path} is not readable JSON ({exc}): rerun {cmd}") from exc
+    if not isinstance(index, dict) or index.get("format") != fmt.format:
+        other = next((f for f in SHARD_FORMATS if isinstance(index, dict) and index.get("format") == f.format), None)
+        if other is not None:
+            raise DcditError(f"{root} holds {other.suffix[:-1]} shards ({other.format}), not {what}: "
+                             f"set data.kind = '{other.data_kind}', or {hint}")
+        raise DcditError(f"{index_path} is not a {fmt.format} index: {hint}")
+    for key in (fmt.shape_key, "shards", "image_size"):
         if key not in index:
-            raise DcditError(f"{index_path} lacks '{key}': {_EXTRACT_HINT}")
+            raise DcditError(f"{index_path} lacks '{key}': {hint}")
     shards_ok = isinstance(index["shards"], list) and all(
         isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int) and s["count"] >= 0
         for s in index["shards"]
     )
-    shape = index["latent_shape"]
+    shape = index[fmt.shape_key]
     if not shards_ok or not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
-        raise DcditError(f"{index_path} has malformed 'shards' or 'latent_shape' entries: rerun {_EXTRACT_CMD}")
+        raise DcditError(f"{index_path} has malformed 'shards' or '{fmt.shape_key}' entries: rerun {cmd}")
     if not isinstance(index["image_size"], int) or index["image_size"] < 1:
-        raise DcditError(f"{index_path} has image_size {index['image_size']!r}, not a positive integer: rerun {_EXTRACT_CMD}")
+        raise DcditError(f"{index_path} has image_size {index['image_size']!r}, not a positive integer: rerun {cmd}")
     classes = index.get("classes", [])
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise DcditError(f"{index_path} has 'classes' {classes!r}, not a list of class names: rerun {_EXTRACT_CMD}")
+        raise DcditError(f"{index_path} has 'classes' {classes!r}, not a list of class names: rerun {cmd}")
     if sum(s["count"] for s in index["shards"]) == 0:
-        raise DcditError(f"{root} holds zero images: {_EXTRACT_HINT} from a folder of class subfolders")
+        raise DcditError(f"{root} holds zero images: {hint} from a folder of class subfolders")
     return index
 
 
@@ -108,33 +140,36 @@ class LatentShardDataset:
     ``__getitem__`` returns the unflipped latent; training reads ``batch``.
     """
 
+    FORMAT = LATENTS
+
     def __init__(self, path: str | Path, flip: str = "random") -> None:
         if flip not in ("random", "none"):
             raise DcditError(f"data.flip must be 'random' or 'none', got {flip!r}")
+        fmt, cmd = self.FORMAT, self.FORMAT.command
         self.root = Path(path)
-        self.index = read_index(self.root)
+        self.index = read_index(self.root, fmt)
         self.flip = flip
         self.classes: list[str] = list(self.index.get("classes", []))
         self.image_size = int(self.index["image_size"])
-        self.sample_shape = tuple(int(v) for v in self.index["latent_shape"])
+        self.sample_shape = tuple(int(v) for v in self.index[fmt.shape_key])
         self._latents: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         counts = []
         for shard in self.index["shards"]:
             if int(shard["count"]) == 0:
                 continue
-            lat_path = self.root / f"{shard['name']}.latents.npy"
+            lat_path = self.root / f"{shard['name']}.{fmt.suffix}.npy"
             lab_path = self.root / f"{shard['name']}.labels.npy"
             try:
                 latents = np.load(lat_path, mmap_mode="r")
                 labels = np.load(lab_path, mmap_mode="r")
             except (OSError, ValueError) as exc:
-                raise DcditError(f"shard {shard['name']} in {self.root} is unreadable ({exc}): rerun {_EXTRACT_CMD}") from exc
+                raise DcditError(f"shard {shard['name']} in {self.root} is unreadable ({exc}): rerun {cmd}") from exc
             n = int(shard["count"])
             if latents.ndim != 5 or latents.shape[0] != n or latents.shape[1] not in (1, 2) or labels.shape != (n,) or tuple(latents.shape[2:]) != self.sample_shape:
                 raise DcditError(
-                    f"shard {shard['name']} in {self.root} has latents {latents.shape} / labels {labels.shape}, "
-                    f"index says {n} × {self.sample_shape}: rerun {_EXTRACT_CMD}"
+                    f"shard {shard['name']} in {self.root} has {fmt.suffix} {latents.shape} / labels {labels.shape}, "
+                    f"index says {n} × {self.sample_shape}: rerun {cmd}"
                 )
             self._latents.append(latents)
             self._labels.append(labels)
@@ -143,8 +178,13 @@ class LatentShardDataset:
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (S+1,)
         low, high = min(int(l.min()) for l in self._labels), max(int(l.max()) for l in self._labels)
         if low < 0:
-            raise DcditError(f"{self.root} holds a negative class label ({low}): rerun {_EXTRACT_CMD}")
+            raise DcditError(f"{self.root} holds a negative class label ({low}): rerun {cmd}")
         self.num_classes = max(len(self.classes), high + 1)  # labels the model must be able to embed
+
+    @staticmethod
+    def to_model(stored: np.ndarray) -> np.ndarray:
+        """Stored samples → model space float32 (latents are stored in it)."""
+        return stored.astype(np.float32)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -157,7 +197,7 @@ class LatentShardDataset:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         (s,), (j,) = self._locate(np.asarray([i], dtype=np.int64))
-        latent = torch.from_numpy(np.array(self._latents[s][j, 0], dtype=np.float32))  # (C, h, w)
+        latent = torch.from_numpy(self.to_model(np.asarray(self._latents[s][j, 0])))  # (C, h, w)
         return latent, int(self._labels[s][j])
 
     def batch(self, indices, flip_bits=None) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -176,13 +216,24 @@ class LatentShardDataset:
             order = sel[np.argsort(local[sel], kind="stable")]  # sorted reads are kinder to the page cache
             rows = local[order]
             which = bits[order].astype(np.int64) if stored else np.zeros(rows.size, dtype=np.int64)
-            out[order] = self._latents[s][rows, which]  # (n, C, h, w), float16 -> float32
+            out[order] = self.to_model(self._latents[s][rows, which])  # (n, C, h, w) float32
             labels[order] = self._labels[s][rows]
         latents = torch.from_numpy(out)
         if not stored and bits.any():
             flip = torch.from_numpy(bits)
             latents[flip] = latents[flip].flip(-1)  # horizontal flip on the fly (F = 1)
         return latents, torch.from_numpy(labels), None
+
+
+class PixelShardDataset(LatentShardDataset):
+    """Images and labels from the uint8 shards of ``dcdit extract --pixels`` (no VAE): per shard
+    ``<name>.pixels.npy`` uint8 (N, F, 3, H, W) in ADM's centre crop, read as x / 127.5 − 1."""
+
+    FORMAT = PIXELS
+
+    @staticmethod
+    def to_model(stored: np.ndarray) -> np.ndarray:
+        return to_model_range(stored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,25 +404,42 @@ def check_fits_model(dataset, model_cfg):
     return dataset
 
 
+def _image_dataset(data_cfg):
+    """``data.kind = "images"``: pixel shards when data.path holds an index.json, else an image folder."""
+    root = Path(data_cfg.path)
+    folder = "a folder of class subfolders of images, or the shards of " + PIXELS.command
+    if not data_cfg.path:
+        raise DcditError(f"data.kind = 'images' but data.path is empty: pass --set data.path=DIR ({folder})")
+    if not root.is_dir():
+        raise DcditError(f"data.path {root} is {'a file' if root.exists() else 'missing'}: point it at {folder}")
+    if (root / INDEX_NAME).exists():
+        return PixelShardDataset(root, flip=data_cfg.flip)
+    return ImageFolderDataset(root, data_cfg.image_size, flip=data_cfg.flip)
+
+
 def make_dataset(data_cfg, seed: int = 0):
     """The dataset a recipe's ``[data]`` section names (``DataConfig``)."""
     if data_cfg.kind == "shapes":
         return ShapesDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
     if data_cfg.kind == "photos":
         return PhotosDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
-    if data_cfg.kind != "latents":
-        raise DcditError(f"data.kind must be 'latents', 'shapes' or 'photos', got {data_cfg.kind!r}")
-    if not data_cfg.path:
-        raise DcditError(f"data.kind = 'latents' but data.path is empty: pass --set data.path=FEATURES ({_EXTRACT_HINT})")
-    dataset = LatentShardDataset(data_cfg.path, flip=data_cfg.flip)
+    if data_cfg.kind == "images":
+        dataset = _image_dataset(data_cfg)
+    elif data_cfg.kind == "latents":
+        if not data_cfg.path:
+            raise DcditError(f"data.kind = 'latents' but data.path is empty: pass --set data.path=FEATURES ({LATENTS.hint})")
+        dataset = LatentShardDataset(data_cfg.path, flip=data_cfg.flip)
+    else:
+        raise DcditError(f"data.kind must be 'latents', 'images', 'shapes' or 'photos', got {data_cfg.kind!r}")
     if dataset.num_classes > data_cfg.num_classes:
         raise DcditError(
-            f"the shards in {data_cfg.path} have {dataset.num_classes} classes but data.num_classes = "
+            f"the data in {data_cfg.path} have {dataset.num_classes} classes but data.num_classes = "
             f"{data_cfg.num_classes}: set data.num_classes and model.num_classes to {dataset.num_classes}"
         )
     if dataset.image_size != data_cfg.image_size:
+        flag = dataset.FORMAT.flags
         raise DcditError(
             f"the shards in {data_cfg.path} were extracted at {dataset.image_size} px but data.image_size = "
-            f"{data_cfg.image_size}: set data.image_size={dataset.image_size} or extract at --image-size {data_cfg.image_size}"
+            f"{data_cfg.image_size}: set data.image_size={dataset.image_size} or extract{flag} at --image-size {data_cfg.image_size}"
         )
     return dataset

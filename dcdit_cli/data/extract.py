@@ -1,5 +1,9 @@
 """Images → VAE latents in shards (docs/reference.md#latent-shards [choice]): both flips, resumable, multi-process.
 
+With ``pixels=True`` (``dcdit extract --pixels``) no VAE runs: the centre crops themselves are stored,
+uint8 ``shard-*.pixels.npy`` (N, F, 3, H, W) under a ``dcdit-pixels-v1`` index, for pixel-space
+training (``data.kind = "images"``, docs/pixels.md).
+
 Layout of ``--out`` (read by ``data.LatentShardDataset``)::
 
     index.json                      written last, by rank 0, from the markers
@@ -26,45 +30,20 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from accelerate import PartialState
-from PIL import Image, UnidentifiedImageError
 
 from dcdit_cli.common.atomic import remove_stale_temps, write_json, write_npy
 from dcdit_cli.common.console import DcditError, RateMeter, plain_log, print0, progress_bar
 from dcdit_cli.config.options import OptionCheck
-from dcdit_cli.data.datasets import INDEX_NAME, LATENT_FORMAT
-from dcdit_cli.data.imaging import center_crop_arr
+from dcdit_cli.data.datasets import INDEX_NAME, LATENTS, PIXELS
+from dcdit_cli.data.imaging import list_images, load_centre_crop, to_model_range
 from dcdit_cli.data.vae import VAE_SCALE, encode, latent_shape, load_vae
 
 FLIP_MODES = ("both", "random", "none")
-_LAYOUT_HINT = "one subfolder per class with the images inside (DIR/<class>/*.JPEG, as ImageNet's train/)"
 
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def list_images(data_path: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names, [(path relative to data_path, label)]) in sorted order; hidden entries skipped.
-
-    Every other file is listed: whether it is an image is decided by PIL when it is read, so
-    any format PIL opens works and everything else ends up in the index's ``skipped``.
-    """
-    root = Path(data_path)
-    if not root.is_dir():
-        raise DcditError(f"data path {root} does not exist: pass --data-path DIR with {_LAYOUT_HINT}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DcditError(f"no class folders in {root}: --data-path needs {_LAYOUT_HINT}")
-    files: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = Path(dirpath).relative_to(root)
-            files.extend(((rel / f).as_posix(), label) for f in sorted(filenames) if not f.startswith("."))
-    if not files:
-        raise DcditError(f"the class folders of {root} hold no files: --data-path needs {_LAYOUT_HINT}")
-    return classes, files
 
 
 def shard_name(k: int) -> str:
@@ -81,18 +60,6 @@ def _read_marker(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # missing or torn: the shard is redone
-
-
-def _load_image(path: Path, image_size: int) -> np.ndarray | str:
-    """ADM centre crop (H, W, 3) uint8, or the reason the file is skipped."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return center_crop_arr(image, image_size)
-    except UnidentifiedImageError:
-        return "not an image PIL can read"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"unreadable: {exc}"
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
@@ -114,8 +81,7 @@ def _process_state():
 
 
 def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    return x.float() / 127.5 - 1.0  # [-1, 1]
+    return torch.from_numpy(to_model_range(np.stack(arrays))).permute(0, 3, 1, 2)  # (B, 3, H, W) in [-1, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +101,7 @@ def extract(
     accelerator=None,
     shard_size: int = 1024,
     num_workers: int = 8,
+    pixels: bool = False,
 ) -> dict:
     """Encode an ImageNet-style folder into latent shards under ``out``; returns the index (rank 0).
 
@@ -144,10 +111,13 @@ def extract(
     posterior mean instead of a sample. Noise and random flips are seeded per shard from
     (seed, shard), so results do not depend on the number of processes. ``batch_size`` counts
     images (the VAE sees twice as many with flip="both"); ``num_workers`` threads decode images.
+    ``pixels``: store the uint8 crops, no VAE (``vae`` is not read, ``mean`` is refused).
     """
     check = OptionCheck().choice("--flip", flip, FLIP_MODES).count("--batch-size", batch_size, example=32)
     check.count("--shard-size", shard_size, example=1024).count("--image-size", image_size, example=256)
     check.count("--num-workers", num_workers, least=0, example=8).seed("--seed", seed).output("--out", Path(out), directory=True).done()
+    if pixels and mean:
+        raise DcditError("--mean picks the VAE posterior's mean, and --pixels runs no VAE: drop one of them")
     state = accelerator if accelerator is not None else _process_state()
     rank, world = state.process_index, state.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -162,18 +132,21 @@ def extract(
                          "write them outside it, e.g. --out features/NAME")
     classes, files = list_images(root)
 
-    if isinstance(vae, (str, os.PathLike)):
+    fmt = PIXELS if pixels else LATENTS
+    if pixels:
+        vae = vae_name = vae_id = None
+    elif isinstance(vae, (str, os.PathLike)):
         vae_name = str(vae)
         vae_id = str(Path(vae).expanduser().resolve()) if Path(vae).expanduser().is_dir() else vae_name
         vae = load_vae(vae_name, device=state.device)
     else:
         vae_name = vae_id = str(getattr(vae.config, "_name_or_path", "") or type(vae).__name__)
         vae = vae.to(state.device).eval().requires_grad_(False)
-    shape = latent_shape(vae, image_size)
+    shape = (3, image_size, image_size) if pixels else latent_shape(vae, image_size)
     settings = {
         "image_size": image_size,
         "vae": vae_id,
-        "latent_shape": list(shape),
+        fmt.shape_key: list(shape),
         "flips": flip,
         "mean": mean,
         "seed": seed,
@@ -203,12 +176,12 @@ def extract(
     mine = len(range(rank, num_shards, world))
     print0(
         f"extract: {len(files)} files in {len(classes)} classes → {num_shards} shards of {shard_size}, "
-        f"latents {tuple(shape)}, flips {flip}, {world} process(es); rank 0: {mine - len(todo)} of {mine} shards already done"
+        f"{fmt.suffix} {tuple(shape)}, flips {flip}, {world} process(es); rank 0: {mine - len(todo)} of {mine} shards already done"
     )
 
     def load(item: tuple[str, int]) -> tuple[str, int, np.ndarray | str]:
         rel, label = item
-        return rel, label, _load_image(root / rel, image_size)
+        return rel, label, load_centre_crop(root / rel, image_size)
 
     work = (item for k in todo for item in files[k * shard_size : (k + 1) * shard_size])
     meter = RateMeter()
@@ -218,7 +191,7 @@ def extract(
         for k in todo:
             count_files = len(files[k * shard_size : (k + 1) * shard_size])
             items = [next(loaded) for _ in range(count_files)]
-            _encode_shard(out, k, items, vae, shape, batch_size, flip, mean, seed, settings)
+            _encode_shard(out, k, items, vae, shape, batch_size, flip, mean, seed, settings, fmt)
             rate = f"{meter.update(count_files):.2f} img/s"
             progress.update(task, advance=count_files, rate=rate)
             plain_log(f"extract: {shard_name(k)} done ({count_files} files, {rate} on rank {rank})")
@@ -226,22 +199,18 @@ def extract(
     state.wait_for_everyone()
     index = None
     if state.is_main_process:
-        index = _write_index(out, classes, num_shards, settings, vae_name, image_size, shape, flip, mean)
+        index = _write_index(out, classes, num_shards, settings, vae_name, image_size, shape, flip, mean, fmt)
         print0(f"extract: {index['num_images']} images, {len(index['skipped'])} skipped → {out / INDEX_NAME}")
     state.wait_for_everyone()
     return index if index is not None else json.loads((out / INDEX_NAME).read_text(encoding="utf-8"))
 
 
-def _encode_shard(out: Path, k: int, items, vae, shape, batch_size, flip, mean, seed, settings) -> None:
-    """Encode one shard's images and write it: latents, labels, then the marker (all atomic)."""
-    name = shard_name(k)
-    good = [(rel, label, arr) for rel, label, arr in items if not isinstance(arr, str)]
-    skipped = [{"path": rel, "reason": arr} for rel, _, arr in items if isinstance(arr, str)]
-    gen = torch.Generator().manual_seed(_seed_for("dcdit-extract", seed, k))
+def _latent_shard(arrays: list[np.ndarray], vae, shape, batch_size: int, flip: str, mean: bool, gen) -> np.ndarray:
+    """uint8 crops (H, W, 3) → float16 latents (N, F, C, h, w), encoded ``batch_size`` images at a time."""
     num_flips = 2 if flip == "both" else 1
-    latents = np.empty((len(good), num_flips, *shape), dtype=np.float16)  # (N, F, C, h, w)
-    for start in range(0, len(good), batch_size):
-        x = _to_tensor([arr for _, _, arr in good[start : start + batch_size]])  # (B, 3, H, W)
+    latents = np.empty((len(arrays), num_flips, *shape), dtype=np.float16)  # (N, F, C, h, w)
+    for start in range(0, len(arrays), batch_size):
+        x = _to_tensor(arrays[start : start + batch_size])  # (B, 3, H, W)
         b = x.shape[0]
         if flip == "both":
             x = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W): originals, then their mirror images
@@ -250,14 +219,41 @@ def _encode_shard(out: Path, k: int, items, vae, shape, batch_size, flip, mean, 
             x = torch.where(bits[:, None, None, None], x.flip(-1), x)
         z = encode(vae, x, sample=not mean, generator=gen).float().cpu()  # (F·B, C, h, w)
         latents[start : start + b] = z.reshape(num_flips, b, *shape).transpose(0, 1).numpy()
+    return latents
+
+
+def _pixel_shard(arrays: list[np.ndarray], flip: str, gen: torch.Generator) -> np.ndarray:
+    """uint8 crops (H, W, 3) → uint8 (N, F, 3, H, W), flipped as ``flip`` says (no VAE)."""
+    x = np.stack(arrays).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    if flip == "both":
+        return np.ascontiguousarray(np.stack([x, x[..., ::-1]], axis=1))
+    if flip == "random":
+        bits = (torch.rand(len(x), generator=gen) < 0.5).numpy()
+        x = np.where(bits[:, None, None, None], x[..., ::-1], x)
+    return np.ascontiguousarray(x[:, None])
+
+
+def _encode_shard(out: Path, k: int, items, vae, shape, batch_size, flip, mean, seed, settings, fmt=LATENTS) -> None:
+    """Encode one shard's images (or keep their pixels) and write it: samples, labels, then the marker (all atomic)."""
+    name = shard_name(k)
+    good = [(rel, label, arr) for rel, label, arr in items if not isinstance(arr, str)]
+    skipped = [{"path": rel, "reason": arr} for rel, _, arr in items if isinstance(arr, str)]
+    gen = torch.Generator().manual_seed(_seed_for("dcdit-extract", seed, k))
+    arrays = [arr for _, _, arr in good]
+    if not arrays:
+        samples = np.empty((0, 2 if flip == "both" else 1, *shape), np.uint8 if fmt is PIXELS else np.float16)
+    elif fmt is PIXELS:
+        samples = _pixel_shard(arrays, flip, gen)
+    else:
+        samples = _latent_shard(arrays, vae, shape, batch_size, flip, mean, gen)
     labels = np.asarray([label for _, label, _ in good], dtype=np.int64)
-    write_npy(out / f"{name}.latents.npy", latents)
+    write_npy(out / f"{name}.{fmt.suffix}.npy", samples)
     write_npy(out / f"{name}.labels.npy", labels)
     marker = {"name": name, "count": len(good), "files": len(items), "skipped": skipped, "settings": settings}
     write_json(out / f"{name}.done.json", marker)
 
 
-def _write_index(out: Path, classes, num_shards, settings, vae_name, image_size, shape, flip, mean) -> dict:
+def _write_index(out: Path, classes, num_shards, settings, vae_name, image_size, shape, flip, mean, fmt=LATENTS) -> dict:
     shards, skipped = [], []
     for k in range(num_shards):
         marker = _read_marker(out / f"{shard_name(k)}.done.json")
@@ -274,11 +270,11 @@ def _write_index(out: Path, classes, num_shards, settings, vae_name, image_size,
         raise DcditError(f"none of the {len(skipped)} files in --data-path is an image ({first['path']}: {first['reason']}): "
                          "expected DIR/<class>/*.JPEG")
     index = {
-        "format": LATENT_FORMAT,
+        "format": fmt.format,
         "image_size": image_size,
-        "latent_shape": list(shape),
+        fmt.shape_key: list(shape),
         "vae": vae_name,
-        "scale": VAE_SCALE,
+        "scale": VAE_SCALE if fmt is LATENTS else None,
         "flips": flip,
         "mean": mean,
         "classes": classes,

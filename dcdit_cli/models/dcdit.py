@@ -1,13 +1,21 @@
 """DC-DiT: a DiT whose fixed patchify is replaced by learned dynamic chunking (paper §3).
 
-    x (B,C,H,W) ─stem P=1 + Encoder─▶ h (B,L,D) ─Router─▶ p (B,L), boundary = p > 0.5
+    x (B,C,H,W) ─patch stem P + Encoder─▶ h (B,L,D), L = (H/P)² ─Router─▶ p (B,L), boundary = p > 0.5
       ─ChunkLayer─▶ (N = ΣM, D) packed ─+ sin-cos at original (r,c)─▶ DiT blocks ─▶ RMSNorm
       ─DeChunkLayer─▶ (B,L,D) ─× STE(max(p,1−p)) + residual_proj(h)─▶ Decoder (… RMSNorm(e))
-      ─▶ FinalLayer ─▶ [ε | v] (B,2C,H,W)
+      ─▶ FinalLayer ─▶ (B,L,P²·2C) ─pixel-shuffle─▶ [ε | v] (B,2C,H,W)
 
 The de-chunked features are gated by the STE of the router's confidence and the encoder
 output is added back through a zero-initialised ``residual_proj`` (H-Net; docs/reference.md#ste-residual).
 The inner network runs on exactly the kept tokens, packed over the batch (models/attention.py).
+
+The patch stem (``model.patch_size = P``, docs/pixels.md) lets the router chunk P×P patches of pixels
+instead of single latent pixels. It is a pixel-unshuffle, (B, C, H, W) → (B, C·P², H/P, W/P), and
+the encoder's own stem conv taking C·P² channels; its inverse is the final layer writing P²·2C
+channels per token and a pixel-shuffle. Chosen over a strided P×P conv (DiT's patch embedding)
+because it adds no layer: the 3×3 stem conv sees a 3P×3P pixel neighbourhood, like the rest of
+the scaffold's convs do at the token grid, and at P = 1 both reshapes are skipped, so the model
+is the paper's (and the authors' release) with the same parameter names, shapes and outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models.attention import select_backend
@@ -86,11 +95,12 @@ class DCDiT(nn.Module):
             raise ValueError(f"DCDiT needs a model config with kind = 'dcdit', got {config.kind!r}")
         self.config = config
         D, e, eps, groups = config.hidden_size, config.scaffold_width, config.norm_eps, config.norm_groups
+        P2 = config.patch_size**2  # the patch stem's channels per input channel (1 in the paper)
         self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
 
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D)
-        self.encoder = Encoder(config.in_channels, e, D, config.encoder_blocks, config.cond_adaptor, eps, groups)
+        self.encoder = Encoder(config.in_channels * P2, e, D, config.encoder_blocks, config.cond_adaptor, eps, groups)
         self.router = make_router(config.router, D, config.target_ratio, eps)
         self.chunk = ChunkLayer()
         self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
@@ -98,7 +108,7 @@ class DCDiT(nn.Module):
         self.dechunk = DeChunkLayer(config.smoothing_sigma)
         self.residual_proj = nn.Linear(D, D)
         self.decoder = Decoder(e, D, config.decoder_blocks, config.cond_adaptor, eps, groups)
-        self.final_layer = FinalLayer(e, self.out_channels, cond_size=D)
+        self.final_layer = FinalLayer(e, self.out_channels * P2, cond_size=D)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -118,9 +128,17 @@ class DCDiT(nn.Module):
         """Original (row, col) of each chunk slot, on the source grid when upcycling (docs/reference.md#source-grid-positions)."""
         return (raster_to_rc(order, side) + 0.5) * self.config.pos_grid_scale - 0.5  # (B, M, 2)
 
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, C·P², H/P, W/P), channel c·P² + i·P + j = pixel (i, j) of the patch."""
+        return F.pixel_unshuffle(x, self.config.patch_size) if self.config.patch_size > 1 else x
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2C·P², H/P, W/P) → (B, 2C, H, W), the inverse of :meth:`patchify`."""
+        return F.pixel_shuffle(x, self.config.patch_size) if self.config.patch_size > 1 else x
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, budget=None, boundary=None,
                 record_blocks: bool = False, attention: str = "auto", skip_masked: bool = True):
-        """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats).
+        """x (B, C, H, W), t (B,), y (B,) → (prediction (B, 2C, H, W), RouterStats over L = (H/P)² tokens).
 
         budget: tail-dropping fraction in [0, 1), a scalar or one per sample (docs/reference.md#tail-dropping).
         boundary: an optional (B, L) bool mask that replaces the router's decision (FLOP
@@ -134,7 +152,7 @@ class DCDiT(nn.Module):
         skip_masked: DyDiT's gated blocks at inference really skip what their gates turned off
         (False: multiply the masks, as training does); their decisions come back in ``stats.gates``.
         """
-        B, _, side, _ = x.shape
+        B, side = x.shape[0], x.shape[2] // self.config.patch_size  # side of the token grid
         backend = select_backend(x.device, attention)
         c, t_emb, h, p, mask, kept, sizes = self.route(x, t, y, as_fraction(budget, B, x.device), boundary)
         # The forward's one host synchronisation: N, M_max, the plug-back radius and the attention
@@ -152,10 +170,10 @@ class DCDiT(nn.Module):
         c (B, D), t_emb (B, D), h (B, L, D), p (B, L), mask (B, L), kept (B, L) and the device sizes
         the host reads (:meth:`ChunkLayer.sizes`). One graph under ``torch.compile``
         (:func:`dcdit_cli.models.compile_model`)."""
-        side = x.shape[-1]
+        side = x.shape[-1] // self.config.patch_size  # side of the token grid
         t_emb = self.t_embedder(t)  # (B, D); DyDiT's width gates see the timestep only
         c = t_emb + self.y_embedder(y)  # (B, D)
-        h = self.encoder(x, c)  # (B, L, D)
+        h = self.encoder(self.patchify(x), c)  # (B, L, D)
         p = self.router(h, side)  # (B, L) fp32
         if self.config.force_endpoints:  # the release's p = 1 at raster positions 0 and L − 1
             p = force_endpoints(p)
@@ -184,6 +202,6 @@ class DCDiT(nn.Module):
         confidence = torch.maximum(p, 1 - p)  # (B, L)
         z = z.to(h.dtype) * ste(confidence)[..., None].to(h.dtype) + self.residual_proj(h)  # (B, L, D)
         out = self.decoder(z, c, side)  # (B, L, e)
-        out = self.final_layer(out, c)  # (B, L, 2C)
-        out = out.transpose(1, 2).reshape(B, self.out_channels, side, side)  # (B, 2C, H, W)
+        out = self.final_layer(out, c)  # (B, L, P²·2C)
+        out = self.unpatchify(out.transpose(1, 2).reshape(B, -1, side, side))  # (B, 2C, H, W)
         return out, order, valid, block_outputs, gates

@@ -104,7 +104,7 @@ class QuadraticCost:
 def _counted_forward(model, m: int) -> FlopCounterMode:
     """One single-image DC-DiT forward with exactly m kept tokens (the first m in raster order), counted."""
     x, t, y = _dummy_inputs(model, "cpu")
-    L = model.config.input_size**2
+    L = (model.config.input_size // model.config.patch_size) ** 2  # tokens the router sees
     boundary = torch.zeros(1, L, dtype=torch.bool)
     boundary[0, :m] = True
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
@@ -241,11 +241,15 @@ def param_count(model_cfg) -> int:
 
 @dataclass
 class FlopsRow:
+    """One row of `dcdit flops`."""
+
     recipe: str
     kind: str
     params: int
     tflops_per_img: float
     compression: float
+    """Input positions (latent or image pixels) per token of the inner network: a DiT/p has p², a DC-DiT
+    P²·L/M with L = (input_size / P)² routed tokens and M kept (P = 1 in the paper, docs/pixels.md)."""
     source: str
     """Where the kept count comes from: 'fixed patchify', 'target N' or 'checkpoint + data'."""
     authors_tflops: float | None = None
@@ -272,9 +276,9 @@ def flops_row(name: str, recipe, kept_per_step=None, saved_per_step=None, conven
     m, steps = recipe.model, recipe.diffusion.sampling_steps
     params = param_count(m)
     kind = m.kind + ("+dydit" if m.dynamic == "dydit" else "")
-    L = m.input_size**2
+    L, tokens = m.input_size**2, (m.input_size // m.patch_size) ** 2  # input positions; patch tokens
     if kept_per_step is None:
-        kept = (m.input_size // m.patch_size) ** 2 if m.kind == "dit" else max(1, round(L / m.target_ratio))
+        kept = tokens if m.kind == "dit" else max(1, round(tokens / m.target_ratio))
         lam = recipe.train.flops_target if m.dynamic == "dydit" else 1.0
         source = ("fixed patchify" if m.kind == "dit" else "target N") + (f" × λ {lam:g}" if lam != 1.0 else "")
         row = FlopsRow(name, kind, params, tflops_per_image(_static_cost_cached(m)(kept) * lam, steps), L / kept, source)

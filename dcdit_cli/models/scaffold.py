@@ -55,7 +55,8 @@ def _widths(n_blocks: int, start: int, end: int) -> list[tuple[int, int]]:
 
 
 class Encoder(nn.Module):
-    """Stem Conv3×3(C → e) on the P = 1 grid, res-blocks e→…→D, RMSNorm(D)."""
+    """Stem Conv3×3(C·P² → e) on the token grid (the patch stem's pixel-unshuffle comes first in DCDiT;
+    P = 1 in the paper), res-blocks e→…→D, RMSNorm(D)."""
 
     def __init__(self, in_channels: int, width: int, hidden_size: int, n_blocks: int, cond_adaptor: bool = False,
                  eps: float = 1e-5, norm_groups: int = 32):

@@ -36,8 +36,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 class DCDiTPipelineOutput(BaseOutput):
     """``images``: PIL images, or an array / tensor (B, H, W, 3) in [0, 1] (``np``), (B, 3, H, W)
     in [0, 1] (``pt``) or the model-space x_0 (B, C, h, w) (``latent``). With ``return_boundaries``:
-    ``boundaries`` (steps, B, h, w) bool, the tokens the conditional half's inner network ran on at
-    each step (None for a DiT baseline), and ``kept`` (steps, B, halves), the kept-token counts."""
+    ``boundaries`` (steps, B, h/P, w/P) bool (P = model.patch_size), the tokens the conditional half's
+    inner network ran on at each step (None for a DiT baseline), and ``kept`` (steps, B, halves), the
+    kept-token counts."""
 
     images: list | np.ndarray | torch.Tensor
     boundaries: torch.Tensor | None = None
@@ -86,7 +87,8 @@ class DCDiTPipeline(DiffusionPipeline):
             x0 = scheduler_sample_loop(self.scheduler, model_fn, noise.to(self.transformer.dtype), num_inference_steps,
                                        timesteps=timesteps, generator=generator, on_step=lambda done, total: bar.update())
         images = self._to_output(x0, output_type)
-        boundaries = log.maps_tensor(network.config.input_size) if return_boundaries else None
+        side = network.config.input_size // network.config.patch_size  # the router's token grid
+        boundaries = log.maps_tensor(side) if return_boundaries else None
         kept = log.as_array() if return_boundaries else None
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -129,7 +129,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class ToPixels:
-    """Model space → pixels: the VAE for latent runs, identity for pixel-space (shapes) runs."""
+    """Model space → pixels: the VAE for latent runs, identity for pixel-space runs (images, shapes, photos)."""
 
     def __init__(self, recipe, vae: str | None, device):
         self.vae = None

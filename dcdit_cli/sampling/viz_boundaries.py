@@ -145,8 +145,12 @@ class SheetLayout:
 
 
 def sheet_layout(columns: int, grid: int, image_side: int) -> SheetLayout:
-    """Token cells of ⌈max(MIN_PANEL, image side) / grid⌉ pixels (16×16 tokens → 10 px each)."""
-    return SheetLayout(columns, grid, math.ceil(max(MIN_PANEL, image_side) / grid))
+    """Token cells of ⌈max(MIN_PANEL, image side) / grid⌉ pixels (16×16 tokens → 10 px each), rounded up
+    to a whole number of image pixels per token when the image side is a multiple of the grid (a P×P
+    patch of a pixel-space DC-DiT, 8 latent pixels' worth of a decoded one), so each token cell covers
+    exactly its patch of x_t."""
+    unit = image_side // grid if image_side % grid == 0 else 1  # image pixels per token
+    return SheetLayout(columns, grid, unit * math.ceil(max(MIN_PANEL, image_side) / (grid * unit)))
 
 
 def _draw_kept(draw: ImageDraw.ImageDraw, x0: int, y0: int, cell: int, kept: np.ndarray, dropped: np.ndarray) -> None:
@@ -175,7 +179,8 @@ def _colorbar(draw: ImageDraw.ImageDraw, image: Image.Image, x: int, y: int, hei
 
 def boundary_sheet(images: np.ndarray, p: np.ndarray, mask: np.ndarray, kept: np.ndarray, t_cols: list[int],
                    title: str) -> Image.Image:
-    """One sample's sheet. images (S, h, w, 3) uint8 x_t; p, mask, kept (S, G, G) for the G×G token grid."""
+    """One sample's sheet. images (S, h, w, 3) uint8 x_t; p, mask, kept (S, G, G) for the G×G token grid,
+    drawn upsampled to the image (a token's cell covers its patch of pixels, h / G of them a side)."""
     S, G = p.shape[0], p.shape[1]
     layout = sheet_layout(S, G, images.shape[1])
     sheet = Image.new("RGB", layout.size, (255, 255, 255))
@@ -302,7 +307,7 @@ def run_viz(ckpt, num: int = 4, classes: list[int] | None = None, timesteps: int
             print0(f"wrote {gates_png} (a DiT has no router: only DyDiT's gates are drawn)")
         return result
     decoder = ToPixels(recipe, vae, device)
-    G, out_dir = recipe.model.input_size, Path(out_dir)
+    G, out_dir = recipe.model.input_size // recipe.model.patch_size, Path(out_dir)  # the token grid
     L = G * G
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -294,7 +294,17 @@ def read_weights(path: Path, weights: str = "ema"):
         raise DcditError(f"{file} is damaged ({e}): export the weights again from the run's checkpoint") from None
     if "sha256" in meta and tensors_sha256(state) != meta["sha256"]:
         raise DcditError(f"{file} is damaged (its tensors do not match their checksum): use another weights file of the run")
-    return state, recipe, int(meta.get("step", 0))
+    return state, with_stored_patch_size(recipe, state), int(meta.get("step", 0))
+
+
+def with_stored_patch_size(recipe, state):
+    """The recipe with the patch size its DC-DiT weights were trained at. Before DC-DiT had a patch stem
+    (docs/pixels.md), a recipe that left ``model.patch_size`` out stored the old default 2, which DC-DiT
+    ignored; its weights are a P = 1 model (a stem conv on C input channels, not C·P²), so P = 1 it is."""
+    m, stem = recipe.model, state.get("encoder.stem.weight")
+    if m.kind == "dcdit" and m.patch_size > 1 and stem is not None and stem.shape[1] == m.in_channels:
+        return recipe.replace(model={"patch_size": 1})
+    return recipe
 
 
 def load_weights(path: Path, device="cpu"):

@@ -52,16 +52,21 @@ COEFFICIENTS: dict[tuple[str, bool], tuple[float, ...]] = {  # (precision, check
 GIB = 2**30
 
 
+def grid_tokens(m: ModelConfig) -> int:
+    """L: the tokens the router sees, (input_size / P)² (P = model.patch_size, docs/pixels.md)."""
+    return (m.input_size // m.patch_size) ** 2
+
+
 def kept_tokens(m: ModelConfig) -> int:
     """The kept count a training step runs at: M = L/N (the ratio loss's target)."""
-    return max(1, round(m.input_size**2 / m.target_ratio))
+    return max(1, round(grid_tokens(m) / m.target_ratio))
 
 
 def features(m: ModelConfig, batch: int, params: int, scores: bool = True) -> np.ndarray:
     """The terms of FEATURES for ``batch`` samples; ``scores``: whether attention keeps its H·M² scores."""
     if m.kind != "dcdit":
         raise DcditError(f"the memory model covers DC-DiT recipes; model.kind = {m.kind!r} is not one")
-    L, M, D = m.input_size**2, kept_tokens(m), m.hidden_size
+    L, M, D = grid_tokens(m), kept_tokens(m), m.hidden_size
     per_sample = [L * m.scaffold_width, L * D, m.depth * M * D, M * D, m.depth * m.num_heads * M * M * scores]
     return np.array([params, *(batch * f for f in per_sample)], dtype=np.float64)
 
@@ -90,7 +95,7 @@ def training_step(m: ModelConfig, batch: int, precision: str = "no", checkpointi
     t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, m.num_classes, (batch,))
     kwargs = {}
     if m.kind == "dcdit":
-        kwargs["boundary"] = torch.zeros(batch, side * side, dtype=torch.bool)
+        kwargs["boundary"] = torch.zeros(batch, grid_tokens(m), dtype=torch.bool)
         kwargs["boundary"][:, : kept_tokens(m)] = True  # every sample at M = L/N
 
     def step():

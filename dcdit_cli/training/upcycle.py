@@ -186,7 +186,10 @@ def check_upcycle_recipe(recipe: Recipe, distill: bool) -> list[str]:
         raise DcditError(f"the teacher sees the student's input: upcycle.source_input_size = {u.source_input_size} "
                          f"must equal model.input_size = {m.input_size} for distillation")
     warnings = []
-    grid_scale = u.source_input_size / (u.source_patch_size * m.input_size)
+    if distill and m.patch_size != 1:
+        raise DcditError(f"distillation maps each DC-DiT token to the teacher's patch on the latent grid, which needs "
+                         f"model.patch_size = 1 (got {m.patch_size}): --set model.patch_size=1, or upcycle without distillation")
+    grid_scale = (u.source_input_size / u.source_patch_size) / (m.input_size / m.patch_size)  # source tokens per DC-DiT token
     if abs(m.pos_grid_scale - grid_scale) > 1e-9:
         warnings.append(f"model.pos_grid_scale = {m.pos_grid_scale}, but the source grid is at {grid_scale:g} of the "
                         f"DC-DiT grid: the pretrained blocks will see positions on a different scale (docs/reference.md#source-grid-positions)")
