@@ -78,14 +78,14 @@ def trained_classifier(image_size: int, num_classes: int, steps: int = 1500, bat
 
 
 def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 100, seed: int = 0,
-                grid: Path | None = None) -> dict:
+                grid: Path | None = None, cache: Path = Path("runs")) -> dict:
     """Samples ``num`` images, the classes cycling, and the classifier's verdict on them; ``grid``
-    saves the samples, one column per class."""
+    saves the samples, one column per class; ``cache``: where the classifier's weights are kept."""
     model, recipe, _ = load_weights(ckpt)
     if recipe.data.kind != "shapes":
         raise SystemExit(f"{ckpt} was trained on data.kind = {recipe.data.kind!r}: the classifier knows the shapes set only")
     K = recipe.model.num_classes
-    classifier, real_acc = trained_classifier(recipe.data.image_size, K)
+    classifier, real_acc = trained_classifier(recipe.data.image_size, K, cache=cache)
     opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, seed=seed)
     start = time.perf_counter()
     x0, y, _ = sample_batch(model, recipe, list(range(num)), opts, classes=list(range(K)))

@@ -6,6 +6,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# pytest-xdist (``-n auto`` in pyproject.toml) runs one worker per core: each worker, and every
+# process it starts, computes on one thread, so the workers never contend for a core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_recipe():

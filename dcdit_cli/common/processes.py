@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -36,8 +37,14 @@ class RankWatch:
     def dead_ranks(self) -> list[int]:
         return [r for r, pid in enumerate(self.pids) if r != self.rank and not _alive(pid)]
 
-    def failure(self, cause: str) -> RankFailure:
-        dead = self.dead_ranks()
+    def failure(self, cause: str, grace: float = 2.0) -> RankFailure:
+        """The one-line report; ``grace`` seconds to see the dead rank go: a killed process closes its
+        sockets (so a peer's collective fails) a moment before it becomes a zombie, and a loaded
+        machine can schedule the peer inside that moment."""
+        dead, deadline = self.dead_ranks(), time.monotonic() + grace
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = self.dead_ranks()
         who = f"rank {', '.join(map(str, dead))}" if dead else "another rank"
         return RankFailure(
             f"{who} of {len(self.pids)} stopped ({cause}), so rank {self.rank} stopped too: resume with the same "

@@ -219,7 +219,7 @@ def upcycle(
 ) -> Path | None:
     """`dcdit upcycle` (and `dcdit distill`, training/distill.py): DiT checkpoint → DC-DiT,
     then the shared training loop into ``out_dir``; returns the last exported EMA weights.
-    compile_blocks: ``torch.compile`` the student's transformer blocks (``--compile``).
+    compile_blocks: ``torch.compile`` the whole student, two graphs (``--compile``, :func:`dcdit_cli.models.compile_model`).
     distill_objectives: for `dcdit distill`, builds the warm-up and diffusion objectives from
     the DiT's weights (a frozen teacher); None for plain upcycling.
 

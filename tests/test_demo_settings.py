@@ -1,0 +1,52 @@
+"""benchmarks/demo_settings.py: its shapes variants draw what they say, and leave the shipped set alone."""
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import demo_settings  # noqa: E402
+import shape_classifier  # noqa: E402
+
+from dcdit_cli.data.datasets import ShapesDataset  # noqa: E402
+
+
+def _batch(variant: str, n: int = 64):
+    with mock.patch.object(ShapesDataset, "_params", demo_settings.drawn(demo_settings.VARIANTS[variant])):
+        return ShapesDataset(16, 6, seed=3).batch(torch.arange(n))
+
+
+def test_the_default_variant_is_the_shipped_set():
+    x, y, m = _batch("default")
+    x0, y0, m0 = ShapesDataset(16, 6, seed=3).batch(torch.arange(64))
+    assert torch.equal(x, x0) and torch.equal(y, y0) and torch.equal(m, m0)
+
+
+def test_mono_flat_shapes_are_grey_and_flat_filled():
+    x, y, m = _batch("mono-flat")
+    assert torch.equal(y, ShapesDataset(16, 6, seed=3).batch(torch.arange(64))[1])  # same classes, same order
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grey everywhere
+    inside, fill = x[:, 0][m], torch.tensor(0.85 * 2 - 1)
+    assert torch.isclose(inside, fill).float().mean() > 0.5 and inside.max() <= fill + 1e-6  # one flat fill; edges blend
+
+
+def test_centred_variants_keep_the_shape_near_the_middle_and_unrotated():
+    _, _, m = _batch("mono-centred")
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    area = m.sum(dim=(1, 2)).float()
+    cy, cx = (m * ys).sum(dim=(1, 2)) / area, (m * xs).sum(dim=(1, 2)) / area
+    # jitter 0.1 of the side = 1.6 px (+ half a pixel of rasterising); unrotated mirror-symmetric shapes
+    # have their centroid on the centre's column, the triangle's sits up to ~1.3 px below its box centre
+    assert (cx - 7.5).abs().max() < 2.2 and (cy - 7.5).abs().max() < 3.2
+    _, _, m_default = _batch("default")
+    spread = lambda masks: ((masks * xs).sum(dim=(1, 2)) / masks.sum(dim=(1, 2))).std()  # noqa: E731
+    assert spread(m) < 0.5 * spread(m_default)
+
+
+def test_the_classifier_is_cached_where_it_is_told(tmp_path):
+    model, acc = shape_classifier.trained_classifier(8, 2, steps=2, batch=8, cache=tmp_path)
+    assert (tmp_path / "shape-classifier-8-2.safetensors").is_file() and 0.0 <= acc <= 1.0
+    again, acc_again = shape_classifier.trained_classifier(8, 2, steps=2, batch=8, cache=tmp_path)
+    assert acc_again == acc and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
