@@ -43,3 +43,20 @@ def test_sampler_comparison_figure_and_doc_table_come_from_its_json(tmp_path):
         cells = f"| {row['seconds_per_image']:.2f} | {row['time_vs_ddpm250']:.3f} | {row['tflops_spent_per_img']:.3g} | " \
                 f"{row['kept_tokens']:.1f} | {100 * row['recognised']:.0f} % | {row['feature_fd']:.1f} |"
         assert cells in doc, cells
+
+
+def test_perf_train_profile_lists_the_costliest_operators_of_both_models():
+    """benchmarks/perf.py train --profile: per model, a header with the per-step total, the top 12
+    operators in falling order and the rest, whose shares add up to the whole."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "train", "--size", "toy", "--batch", "2",
+                          "--repeats", "1", "--profile"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    heads = [i for i, line in enumerate(lines) if "most self time per step" in line]
+    assert [lines[i].split(":")[0].strip() for i in heads] == ["toy-dit", "toy"]
+    for i in heads:
+        rows, rest = lines[i + 1 : i + 13], lines[i + 13]
+        ms = [float(r.split()[-3]) for r in rows]
+        shares = [float(r.split()[-1].rstrip("%")) for r in rows + [rest]]
+        assert ms == sorted(ms, reverse=True) and "the other" in rest and abs(sum(shares) - 100.0) < 0.5
