@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shape_classifier import recognition  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
         train(recipe, out)
         seconds = time.perf_counter() - start
         r = recognition(out, num=args.num, grid=out / "recognised.png", cache=cache)
-    row = {"variant": args.variant, "overrides": args.overrides, "threads": int(os.environ.get("OMP_NUM_THREADS", 0)),
+    row = {"variant": args.variant, "overrides": args.overrides, "threads": torch.get_num_threads(),
            "train_seconds": round(seconds, 1), **r}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with args.json.open("a") as f:
