@@ -8,7 +8,7 @@ from test_models import _randomise
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
-from dcdit_cli.models.attention import PackedLayout, available_backends, select_backend, varlen_attention
+from dcdit_cli.models.attention import PackedLayout, available_backends, packed_attention, select_backend, varlen_attention
 from dcdit_cli.models.dit import DiTBlock
 
 CPU_BACKENDS = available_backends("cpu")
@@ -66,6 +66,30 @@ def test_backend_equals_per_sample_attention_forward_and_backward(backend):
     ref = _per_sample(  # each sample alone, no mask at all
         lambda b, rows: F.scaled_dot_product_attention(*(a[rows].transpose(0, 1) for a in (q, k, v))).transpose(0, 1), LENGTHS)
     _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
+
+
+def test_compiled_path_op_equals_per_sample_attention_and_passes_opcheck():
+    """The op torch.compile calls (flash forward and flash backward on CPU, from the saved logsumexp)
+    gives each sample's own attention, its logsumexp, and the same gradients; opcheck verifies its fake
+    (meta) functions and autograd registration as torch.compile will use them."""
+    g = torch.Generator().manual_seed(1)
+    N, H, d = sum(LENGTHS), 2, 8
+    q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
+    layout = _layout(LENGTHS, "sdpa_pad")
+    out, lse = packed_attention(q, k, v, layout.slot, layout.valid)
+    grad_out = torch.randn(N, H, d, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    def alone(b, rows):
+        qb, kb, vb = (a[rows].transpose(0, 1) for a in (q, k, v))  # (H, M, d)
+        return F.scaled_dot_product_attention(qb, kb, vb).transpose(0, 1)
+
+    ref = _per_sample(alone, LENGTHS)
+    _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
+    ref_lse = _per_sample(lambda b, rows: torch.logsumexp(
+        torch.einsum("mhd,nhd->mhn", q[rows], k[rows]) * d**-0.5, dim=-1), LENGTHS)  # (N, H)
+    assert lse.shape == (N, H) and torch.allclose(lse, ref_lse, atol=1e-5)
+    torch.library.opcheck(packed_attention, (q, k, v, layout.slot, layout.valid))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -108,23 +108,43 @@ def _unpad_heads(a: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return a.transpose(1, 2).flatten(0, 1).index_select(0, slot)
 
 
+def _key_padding(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """valid (B, M) → an additive key-padding mask (B, 1, 1, M): 0 at real keys, −inf at padding
+    (the CPU flash kernels take the mask in the query's dtype, not as bools)."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
+
+
 @torch.library.custom_op("dcdit::packed_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
-                     valid: torch.Tensor) -> torch.Tensor:
-    """q, k, v (N, H, d) packed → (N, H, d): SDPA over the batch padded to M_max with a key-padding mask,
-    as one op torch.compile does not look into. Its inputs and saved tensors are packed, so no stride
-    depends on M (:func:`_sdpa_pad` says why that matters)."""
-    out = F.scaled_dot_product_attention(*(_pad_heads(a, slot, valid) for a in (q, k, v)),
-                                         attn_mask=valid[:, None, None, :])
-    return _unpad_heads(out, slot)
+                     valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (N, H, d) packed → (output (N, H, d), logsumexp (N, H)): attention over the batch
+    padded to M_max with a key-padding mask, as one op torch.compile does not look into. Its inputs,
+    outputs and saved tensors are packed, so no stride depends on M (:func:`_sdpa_pad` says why that
+    matters). On CPU it is the flash kernel, whose logsumexp lets the backward be the flash backward;
+    elsewhere SDPA, and the logsumexp is empty (the backward recomputes the weights)."""
+    qp, kp, vp = (_pad_heads(a, slot, valid) for a in (q, k, v))  # (B, H, M, d)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kp, vp, attn_mask=_key_padding(valid, q.dtype))  # (B, H, M, d), (B, H, M) fp32
+        return _unpad_heads(out, slot), _unpad_heads(lse[..., None], slot)[..., 0]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :])
+    return _unpad_heads(out, slot), q.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("dcdit::packed_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, slot: torch.Tensor,
                               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`packed_attention`, recomputing the attention weights P (only q, k, v are saved):
+    """Gradients of :func:`packed_attention` with respect to q, k, v, all packed (N, H, d). On CPU the
+    flash backward from the saved output and logsumexp (padded query rows have zero gradient, so they
+    contribute nothing); elsewhere the attention weights P are recomputed:
     dv = Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k / √d, dk = dSᵀ q / √d."""
     g, q, k, v = (_pad_heads(a, slot, valid) for a in (grad, q, k, v))  # (B, H, M, d)
+    if q.device.type == "cpu":
+        lse = _pad_heads(lse[..., None], slot, valid)[..., 0]  # (B, H, M)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, _pad_heads(out, slot, valid), lse, 0.0, False, attn_mask=_key_padding(valid, q.dtype))
+        return tuple(_unpad_heads(a, slot) for a in grads)
     scale = q.shape[-1] ** -0.5
     weights = (q @ k.transpose(-2, -1) * scale).masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
     d_weights = g @ v.transpose(-2, -1)  # (B, H, M, M)
@@ -135,23 +155,26 @@ def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 @packed_attention.register_fake
 def _(q, k, v, slot, valid):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse_shape = (q.shape[0], q.shape[1]) if q.device.type == "cpu" else (0,)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @packed_attention_backward.register_fake
-def _(grad, q, k, v, slot, valid):
+def _(grad, q, k, v, out, lse, slot, valid):
     return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in (q, k, v))
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _save_for_backward(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    q, k, v, slot, valid = inputs
+    ctx.save_for_backward(q, k, v, *output, slot, valid)
 
 
-def _attention_grads(ctx, grad):
+def _attention_grads(ctx, grad, _grad_lse):
     return (*packed_attention_backward(grad, *ctx.saved_tensors), None, None)
 
 
-packed_attention.register_autograd(_attention_grads, setup_context=_save_inputs)
+packed_attention.register_autograd(_attention_grads, setup_context=_save_for_backward)
 
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
@@ -161,7 +184,7 @@ def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
         # it (a recompile per batch); written out (q kᵀ, softmax, · v) it specialised on M_max; and
         # padded tensors saved for the backward got the strides of the first batch's M in the
         # compiled backward ("expected … stride 480==800" on the next batch).
-        return packed_attention(q, k, v, layout.slot, layout.valid)
+        return packed_attention(q, k, v, layout.slot, layout.valid)[0]
     qp, kp, vp = (layout.pad(a).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max, d)
     out = torch.zeros_like(qp)
     size = layout.batch // len(layout.group_len)
