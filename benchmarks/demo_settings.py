@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=96, help="samples scored (16 per class)")
     parser.add_argument("--json", type=Path, default=Path("runs/demo-settings.jsonl"))
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
+    parser.add_argument("--classifier", choices=("robust", "plain"), default="robust",
+                        help="the shape classifier that scores the samples (benchmarks/shape_classifier.py)")
     args = parser.parse_args()
     if args.list:
         for name, v in VARIANTS.items():
@@ -99,7 +101,7 @@ def main() -> None:
         start = time.perf_counter()
         train(recipe, out)
         seconds = time.perf_counter() - start
-        r = recognition(out, num=args.num, grid=out / "recognised.png", cache=cache)
+        r = recognition(out, num=args.num, grid=out / "recognised.png", cache=cache, robust=args.classifier == "robust")
     row = {"variant": args.variant, "overrides": args.overrides, "threads": torch.get_num_threads(),
            "train_seconds": round(seconds, 1), **r}
     args.json.parent.mkdir(parents=True, exist_ok=True)

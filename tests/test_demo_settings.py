@@ -47,6 +47,32 @@ def test_centred_variants_keep_the_shape_near_the_middle_and_unrotated():
 
 def test_the_classifier_is_cached_where_it_is_told(tmp_path):
     model, acc = shape_classifier.trained_classifier(8, 2, steps=2, batch=8, cache=tmp_path)
-    assert (tmp_path / "shape-classifier-8-2.safetensors").is_file() and 0.0 <= acc <= 1.0
+    assert (tmp_path / "shape-classifier-8-2-robust.safetensors").is_file() and 0.0 <= acc <= 1.0
     again, acc_again = shape_classifier.trained_classifier(8, 2, steps=2, batch=8, cache=tmp_path)
     assert acc_again == acc and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_denoising_real_shapes_reports_each_start_at_its_sampled_step(tmp_path):
+    """--from-real: each t0 is taken to the nearest step of the spaced sampler and reported as that step's t."""
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training.loop import train
+
+    train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "run")
+    shape_classifier.trained_classifier(8, 6, steps=2, batch=8, cache=tmp_path)  # cached: not retrained below
+    r = shape_classifier.denoised_recognition(tmp_path / "run", starts=(0, 500, 999), num=6, steps=10, cache=tmp_path)
+    # 10 steps over 1000: t = 0, 111, …, 999; 500 is nearest to 555 (55 away; 444 is 56)
+    assert list(r["recognised_from_t0"]) == [0, 555, 999]
+    assert all(0.0 <= a <= 1.0 for a in r["recognised_from_t0"].values())
+
+
+def test_the_robust_classifiers_training_view_blurs_and_noises_each_image_by_its_own_amount():
+    x, _, _ = ShapesDataset(16, 6, seed=3).batch(torch.arange(4))
+    same = shape_classifier.blurred(x, torch.zeros(4))
+    assert torch.allclose(same, x, atol=1e-6)  # σ = 0 leaves the image alone
+    flat = shape_classifier.blurred(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 1.0]))
+    assert torch.allclose(flat, torch.full_like(flat, 0.3))  # a normalised kernel, edges replicated
+    soft = shape_classifier.blurred(x, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    edges = lambda a: (a[..., 1:] - a[..., :-1]).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    assert torch.allclose(soft[[0, 2]], x[[0, 2]], atol=1e-6) and (edges(soft[[1, 3]]) < 0.8 * edges(x[[1, 3]])).all()
+    noisy = shape_classifier.degraded(x, torch.Generator().manual_seed(0))
+    assert noisy.min() >= -1 and noisy.max() <= 1 and not torch.equal(noisy, x)
