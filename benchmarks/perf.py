@@ -451,7 +451,9 @@ def bench_scaffold(args) -> None:
         print(f"  {'huge pages (as dcdit runs)' if huge else '4 KiB pages (glibc mmap, unmapped when freed)'}:")
         prev = None
         for side in args.sides:
-            step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, x{peak[side] / max(peak[prev], 1e-9):.2f} memory per doubling"
+            # a peak growth below 0.1 MB (the smallest side, where the allocator's pool suffices) has no ratio
+            memory = "—" if prev is None or peak[prev] < 0.1 else f"x{peak[side] / peak[prev]:.2f}"
+            step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, {memory} memory per doubling"
             print(f"    {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MB  {faults[side]:>7} page faults/call{step}")
             prev = side
 
