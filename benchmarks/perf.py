@@ -6,7 +6,8 @@ medians compared, so drift in machine load hits both alike. FLOPs are counted on
 with the model's ``boundary`` argument: each sample keeps L/N · f tokens at random positions,
 f spread evenly over [1 − spread, 1 + spread] across the batch (a trained router's spread).
 
-    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--parts] [--bf16] [--compile] [--profile]
+    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--parts] [--bf16] [--compile]
+                                      [--profile [--profile-rows 12] [--profile-shapes]]
     python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--bf16]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--batch 8]
@@ -18,7 +19,8 @@ CPU with AVX-512-BF16 or AMX the matmuls get several times faster while norms, g
 gain little, the regime of an AMX Xeon or a GPU. ``--parts`` adds the share of a DC-DiT training
 step spent in each part, each part's forward + backward timed alone on its real inputs.
 ``--profile`` adds, for both models, the operators that take the most time over 5 steps
-(``torch.profiler``, self time, compiled graphs included): with ``--compile`` it shows what the
+(``torch.profiler``, self time and calls per step, compiled graphs included; ``--profile-shapes``
+splits them by input shapes, printed under each row): with ``--compile`` it shows what the
 compiler could not fuse away.
 
 The dcdit command puts large CPU tensors on huge pages (dcdit_cli/common/host_memory.py); so does this
@@ -233,19 +235,23 @@ def bench_train(args) -> None:
         step_parts(dc_model, dc_loss, *inputs(dc_recipe, args.batch), steps[dc], models[1], args)
     if args.profile:
         for name in (dit, dc):
-            profile_step(name, steps[name])
+            profile_step(name, steps[name], rows=args.profile_rows, shapes=args.profile_shapes)
 
 
-def profile_step(name: str, step, calls: int = 5, rows: int = 12) -> None:
-    """The operators with the most self time over ``calls`` training steps, as ms per step and share."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def profile_step(name: str, step, calls: int = 5, rows: int = 12, shapes: bool = False) -> None:
+    """The operators with the most self time over ``calls`` training steps, as ms per step and share;
+    ``shapes``: one row per operator and input shapes (which convolution, which gather)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(calls):
             step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    events = sorted(prof.key_averages(group_by_input_shape=shapes), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     print(f"  {name}: most self time per step ({calls} steps profiled, {total / calls / 1e3:.1f} ms per step in all)")
     for e in events[:rows]:
-        print(f"    {e.key[:60]:<60} {e.self_cpu_time_total / calls / 1e3:7.2f} ms  {e.self_cpu_time_total / total:6.1%}")
+        print(f"    {e.key[:60]:<60} {e.count / calls:5.1f}× {e.self_cpu_time_total / calls / 1e3:7.2f} ms  "
+              f"{e.self_cpu_time_total / total:6.1%}")
+        if shapes:
+            print(f"        {[list(s) for s in e.input_shapes if s]}")
     rest = sum(e.self_cpu_time_total for e in events[rows:])
     print(f"    {f'the other {len(events) - rows} operators':<60} {rest / calls / 1e3:7.2f} ms  {rest / total:6.1%}")
 
@@ -538,6 +544,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="train: both models compiled whole (compile_model)")
     parser.add_argument("--profile", action="store_true", help="train: the operators with the most time, both models")
+    parser.add_argument("--profile-rows", type=int, default=12, help="--profile: how many operators to list")
+    parser.add_argument("--profile-shapes", action="store_true", help="--profile: one row per operator and input shapes")
     parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT, not its blocks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small-pages", action="store_true",

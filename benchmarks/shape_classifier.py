@@ -15,11 +15,14 @@ blur (``--robustness`` prints both).
 
     python benchmarks/shape_classifier.py --ckpt runs/toy                 # 96 cfg-4 samples, 100 steps
     python benchmarks/shape_classifier.py --ckpt runs/toy --num 192 --cfg-scale 4 --steps 100
+    python benchmarks/shape_classifier.py --ckpt runs/toy --scheduler ddim
     python benchmarks/shape_classifier.py --ckpt runs/toy --from-real   # which noise level loses the shape?
 
 ``--from-real`` noises real held-out shapes to t0 = 200, 400, 600, 800 and 999 and denoises them from
-there with the same sampler and guidance (their own class): a model that keeps the shape from t0
-on is recognised as often as the real images (SDEdit's test of a denoiser).
+there with the same guidance (their own class): a model that keeps the shape from t0 on is recognised
+as often as the real images (SDEdit's test of a denoiser). It reports three readings per t0: the
+model's one-step prediction of x_0, the DDPM chain (the samples' sampler) and the DDIM chain, so a
+lost shape is traced to the denoiser or to the chain.
 """
 
 from __future__ import annotations
@@ -110,15 +113,16 @@ def trained_classifier(image_size: int, num_classes: int, steps: int = 1500, bat
 
 
 def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 100, seed: int = 0,
-                grid: Path | None = None, cache: Path = Path("runs"), robust: bool = True) -> dict:
+                grid: Path | None = None, cache: Path = Path("runs"), robust: bool = True, method: str | None = None) -> dict:
     """Samples ``num`` images, the classes cycling, and the classifier's verdict on them; ``grid``
-    saves the samples, one column per class; ``cache``: where the classifier's weights are kept."""
+    saves the samples, one column per class; ``cache``: where the classifier's weights are kept;
+    ``method``: the sampler (``dcdit sample --scheduler``; None: the recipe's)."""
     model, recipe, _ = load_weights(ckpt)
     if recipe.data.kind != "shapes":
         raise SystemExit(f"{ckpt} was trained on data.kind = {recipe.data.kind!r}: the classifier knows the shapes set only")
     K = recipe.model.num_classes
     classifier, real_acc = trained_classifier(recipe.data.image_size, K, cache=cache, robust=robust)
-    opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, seed=seed)
+    opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, seed=seed, method=method)
     start = time.perf_counter()
     x0, y, _ = sample_batch(model, recipe, list(range(num)), opts, classes=list(range(K)))
     seconds = time.perf_counter() - start
@@ -128,14 +132,24 @@ def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 
     if grid is not None:
         save_grid(to_uint8(x0), grid, nrow=K)
     return {"ckpt": str(ckpt), "classifier": "robust" if robust else "plain", "num": num, "cfg_scale": cfg_scale,
-            "steps": steps, "real_accuracy": real_acc, "recognised": (pred == y).float().mean().item(),
+            "steps": steps, "method": opts.method, "real_accuracy": real_acc, "recognised": (pred == y).float().mean().item(),
             "per_class": per_class, "chance": 1 / K, "sampling_seconds": round(seconds, 1)}
 
 
 def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int = 96, cfg_scale: float = 4.0,
-                         steps: int = 100, seed: int = 0, cache: Path = Path("runs"), robust: bool = True) -> dict:
-    """Real held-out shapes noised to each start t0 and denoised from there (DDPM, ``steps`` spaced
-    steps over the whole chain, guided towards their own class) → the share the classifier recognises."""
+                         steps: int = 100, seed: int = 0, cache: Path = Path("runs"), robust: bool = True,
+                         grid: Path | None = None, columns: int = 12) -> dict:
+    """Real held-out shapes noised to each start t0, then denoised towards their own class three ways
+    → the share the classifier recognises after each:
+
+    - ``one_step_from_t0``: the model's own prediction of x_0 from x_t0 (one call, no chain);
+    - ``recognised_from_t0``: the DDPM chain from t0 (``steps`` spaced steps over the whole chain, the
+      learned variance, fresh noise at each step: the sampler the samples use);
+    - ``ddim_from_t0``: the deterministic DDIM chain over the same steps (no noise added).
+
+    If the one-step prediction keeps the shape and the chains lose it, the chain is to blame; if
+    the one-step prediction already loses it, the denoiser is. ``grid`` saves the first ``columns``
+    shapes: the real row, then per t0 the rows x_t0, one-step x_0, DDPM chain, DDIM chain."""
     model, recipe, _ = load_weights(ckpt)
     classifier, real_acc = trained_classifier(recipe.data.image_size, recipe.model.num_classes, cache=cache, robust=robust)
     x0, y, _ = ShapesDataset(recipe.data.image_size, recipe.model.num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
@@ -143,16 +157,28 @@ def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int 
     diffusion = make_diffusion(respacing=str(steps), num_timesteps=recipe.diffusion.num_timesteps, clip_denoised=True)
     spaced = diffusion.timestep_map  # (steps,) original t of each spaced step
     g = torch.Generator().manual_seed(seed)
-    recognised = {}
+    readings = {"one_step_from_t0": {}, "recognised_from_t0": {}, "ddim_from_t0": {}}
+    columns = min(columns, num)
+    rows = [x0[:columns]]
     for t0 in starts:
         k0 = int((spaced - t0).abs().argmin())  # the spaced step nearest to t0
-        x = diffusion.q_sample(x0, torch.full((num,), k0), torch.randn(x0.shape, generator=g))
+        k = torch.full((num,), k0)
+        x = diffusion.q_sample(x0, k, torch.randn(x0.shape, generator=g))
         with torch.no_grad():
-            for k in range(k0, -1, -1):
-                x = diffusion.p_sample(model_fn, x, torch.full((num,), k), generator=g)
-        recognised[int(spaced[k0])] = accuracy(classifier, x.clamp(-1, 1), y)
+            out = diffusion.check_output(model_fn(x, diffusion.model_timesteps(k)), x)
+            one_step = diffusion.p_mean_variance(out, x, k)["pred_xstart"]
+            ddpm = ddim = x
+            for step in range(k0, -1, -1):
+                k = torch.full((num,), step)
+                ddpm = diffusion.p_sample(model_fn, ddpm, k, generator=g)
+                ddim = diffusion.ddim_sample(model_fn, ddim, k)
+        for name, image in zip(readings, (one_step, ddpm, ddim)):
+            readings[name][int(spaced[k0])] = accuracy(classifier, image.clamp(-1, 1), y)
+        rows += [image[:columns].clamp(-1, 1) for image in (x, one_step, ddpm, ddim)]
+    if grid is not None:
+        save_grid(to_uint8(torch.cat(rows)), grid, nrow=columns)
     return {"ckpt": str(ckpt), "classifier": "robust" if robust else "plain", "num": num, "cfg_scale": cfg_scale,
-            "steps": steps, "real_accuracy": real_acc, "recognised_from_t0": recognised}
+            "steps": steps, "real_accuracy": real_acc, **readings}
 
 
 def robustness(image_size: int = 16, num_classes: int = 6, robust: bool = True, num: int = 512) -> dict:
@@ -173,7 +199,10 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", type=Path, default=None, help="also save the samples here (PNG, one column per class)")
+    parser.add_argument("--scheduler", dest="method", default=None,
+                        help="the sampler, as dcdit sample --scheduler: ddpm, ddim, dpm-solver, … (default: the recipe's)")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="also save the samples here (PNG, one column per class); with --from-real, the denoising rows")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--from-real", action="store_true", help="denoise noised real shapes instead of sampling")
     parser.add_argument("--classifier", choices=("robust", "plain"), default="robust",
@@ -190,16 +219,21 @@ def main() -> None:
         parser.error("--ckpt is required (except with --robustness)")
     if args.from_real:
         r = denoised_recognition(args.ckpt, num=args.num, cfg_scale=args.cfg_scale, steps=args.steps, seed=args.seed,
-                                 robust=robust)
-        print(json.dumps(r) if args.json else "recognised after denoising real shapes from t0: " + ", ".join(
-            f"t0 {t} {100 * a:.1f}%" for t, a in r["recognised_from_t0"].items()))
+                                 robust=robust, grid=args.grid)
+        if args.json:
+            print(json.dumps(r))
+            return
+        print(f"recognised after denoising real shapes from t0 (cfg {args.cfg_scale:g}; real shapes {100 * r['real_accuracy']:.1f}%):")
+        for t in r["recognised_from_t0"]:
+            print(f"  t0 {t:>3}: one-step x0 {100 * r['one_step_from_t0'][t]:5.1f}%, DDPM chain "
+                  f"{100 * r['recognised_from_t0'][t]:5.1f}%, DDIM chain {100 * r['ddim_from_t0'][t]:5.1f}%")
         return
-    r = recognition(args.ckpt, args.num, args.cfg_scale, args.steps, args.seed, args.grid, robust=robust)
+    r = recognition(args.ckpt, args.num, args.cfg_scale, args.steps, args.seed, args.grid, robust=robust, method=args.method)
     if args.json:
         print(json.dumps(r))
         return
     print(f"classifier on real held-out shapes: {100 * r['real_accuracy']:.1f}%")
-    print(f"{args.ckpt}: {100 * r['recognised']:.1f}% of {r['num']} cfg-{r['cfg_scale']:g} samples ({r['steps']} steps) "
+    print(f"{args.ckpt}: {100 * r['recognised']:.1f}% of {r['num']} cfg-{r['cfg_scale']:g} samples ({r['method']}, {r['steps']} steps) "
           f"recognised as their class (chance {100 * r['chance']:.0f}%)")
     print("per class: " + ", ".join(f"{SHAPE_CLASSES[c]} {100 * a:.0f}%" for c, a in r["per_class"].items()))
 

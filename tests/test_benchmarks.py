@@ -60,3 +60,21 @@ def test_perf_train_profile_lists_the_costliest_operators_of_both_models():
         ms = [float(r.split()[-3]) for r in rows]
         shares = [float(r.split()[-1].rstrip("%")) for r in rows + [rest]]
         assert ms == sorted(ms, reverse=True) and "the other" in rest and abs(sum(shares) - 100.0) < 0.5
+        assert all(float(r.split()[-4].rstrip("×")) > 0 for r in rows)  # calls per step
+
+
+def test_perf_train_profile_shapes_names_the_input_shapes_under_each_operator():
+    """--profile-shapes --profile-rows 4: four operator rows per model, each followed by its input shapes,
+    which for the DC-DiT include a 3×3 convolution's (B, C, 16, 16) input and (C', C, 3, 3) weight."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "train", "--size", "toy", "--batch", "2",
+                          "--repeats", "1", "--profile", "--profile-rows", "40", "--profile-shapes"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    heads = [i for i, line in enumerate(lines) if "most self time per step" in line]
+    for i in heads:
+        block = lines[i + 1 : i + 81]
+        assert all(shape.strip().startswith("[") for shape in block[1::2]) and "the other" in lines[i + 81]
+    dcdit_block = "\n".join(lines[heads[1] :])
+    assert "convolution" in dcdit_block and "[2, 32, 16, 16], [32, 32, 3, 3]" in dcdit_block

@@ -5,6 +5,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import demo_settings  # noqa: E402
@@ -53,16 +54,25 @@ def test_the_classifier_is_cached_where_it_is_told(tmp_path):
 
 
 def test_denoising_real_shapes_reports_each_start_at_its_sampled_step(tmp_path):
-    """--from-real: each t0 is taken to the nearest step of the spaced sampler and reported as that step's t."""
+    """--from-real: each t0 is taken to the nearest step of the spaced sampler and reported as that step's t,
+    for each of the three readings (one-step x_0, DDPM chain, DDIM chain)."""
     from dcdit_cli.config.recipe import load_recipe
     from dcdit_cli.training.loop import train
 
     train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "run")
     shape_classifier.trained_classifier(8, 6, steps=2, batch=8, cache=tmp_path)  # cached: not retrained below
-    r = shape_classifier.denoised_recognition(tmp_path / "run", starts=(0, 500, 999), num=6, steps=10, cache=tmp_path)
+    r = shape_classifier.denoised_recognition(tmp_path / "run", starts=(0, 500, 999), num=6, steps=10, cache=tmp_path,
+                                              grid=tmp_path / "rows.png")
     # 10 steps over 1000: t = 0, 111, …, 999; 500 is nearest to 555 (55 away; 444 is 56)
-    assert list(r["recognised_from_t0"]) == [0, 555, 999]
-    assert all(0.0 <= a <= 1.0 for a in r["recognised_from_t0"].values())
+    readings = ("one_step_from_t0", "recognised_from_t0", "ddim_from_t0")
+    assert all(list(r[name]) == [0, 555, 999] for name in readings)
+    assert all(0.0 <= a <= 1.0 for name in readings for a in r[name].values())
+    # From t = 0 (the last spaced step) DDPM adds no noise and DDIM's step is the same x_0 prediction:
+    # all three readings see the same image.
+    assert r["one_step_from_t0"][0] == r["recognised_from_t0"][0] == r["ddim_from_t0"][0]
+    # the grid: 6 shapes across; the real row, then x_t, one-step, DDPM, DDIM for each of the 3 starts
+    # (8-pixel images, 2-pixel gaps, upscaled ×32 by save_grid)
+    assert Image.open(tmp_path / "rows.png").size == (32 * (6 * 10 + 2), 32 * ((1 + 3 * 4) * 10 + 2))
 
 
 def test_the_robust_classifiers_training_view_blurs_and_noises_each_image_by_its_own_amount():
