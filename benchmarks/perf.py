@@ -551,6 +551,8 @@ def main() -> None:
     parser.add_argument("--small-pages", action="store_true",
                         help="4 KiB pages for every tensor instead of huge pages as dcdit runs (scaffold: always both)")
     args = parser.parse_args()
+    if args.profile_rows < 1:
+        parser.error(f"--profile-rows {args.profile_rows}: list at least 1 operator")
     torch.set_num_threads(args.threads)
     print_machine()
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,

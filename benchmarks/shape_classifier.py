@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from dcdit_cli.training.checkpoint import load_weights
 from dcdit_cli.data.datasets import SHAPE_CLASSES, ShapesDataset
 from dcdit_cli.diffusion.gaussian import make_diffusion
+from dcdit_cli.diffusion.schedulers import METHODS
 from dcdit_cli.sampling.sampler import KeptLog, SampleOptions, make_model_fn, sample_batch, save_grid, to_uint8
 
 TRAIN_SEED, TEST_SEED, DENOISE_SEED = 777, 4242, 4243
@@ -165,8 +166,7 @@ def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int 
         k = torch.full((num,), k0)
         x = diffusion.q_sample(x0, k, torch.randn(x0.shape, generator=g))
         with torch.no_grad():
-            out = diffusion.check_output(model_fn(x, diffusion.model_timesteps(k)), x)
-            one_step = diffusion.p_mean_variance(out, x, k)["pred_xstart"]
+            one_step = diffusion.p_mean_variance(diffusion._call(model_fn, x, k), x, k)["pred_xstart"]
             ddpm = ddim = x
             for step in range(k0, -1, -1):
                 k = torch.full((num,), step)
@@ -199,8 +199,8 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scheduler", dest="method", default=None,
-                        help="the sampler, as dcdit sample --scheduler: ddpm, ddim, dpm-solver, … (default: the recipe's)")
+    parser.add_argument("--scheduler", dest="method", default=None, choices=METHODS,
+                        help="the sampler, as dcdit sample --scheduler (default: the recipe's)")
     parser.add_argument("--grid", type=Path, default=None,
                         help="also save the samples here (PNG, one column per class); with --from-real, the denoising rows")
     parser.add_argument("--json", action="store_true")
@@ -218,6 +218,8 @@ def main() -> None:
     if args.ckpt is None:
         parser.error("--ckpt is required (except with --robustness)")
     if args.from_real:
+        if args.method is not None:
+            parser.error("--scheduler does not apply to --from-real, which reports the DDPM and the DDIM chain")
         r = denoised_recognition(args.ckpt, num=args.num, cfg_scale=args.cfg_scale, steps=args.steps, seed=args.seed,
                                  robust=robust, grid=args.grid)
         if args.json:

@@ -64,7 +64,7 @@ def test_perf_train_profile_lists_the_costliest_operators_of_both_models():
 
 
 def test_perf_train_profile_shapes_names_the_input_shapes_under_each_operator():
-    """--profile-shapes --profile-rows 4: four operator rows per model, each followed by its input shapes,
+    """--profile-shapes --profile-rows 40: forty operator rows per model, each followed by its input shapes,
     which for the DC-DiT include a 3×3 convolution's (B, C, 16, 16) input and (C', C, 3, 3) weight."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "train", "--size", "toy", "--batch", "2",
