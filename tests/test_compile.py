@@ -69,8 +69,12 @@ def test_whole_model_compiles_to_two_graphs_that_match_eager_as_kept_counts_and_
     dynamo.utils.counters.clear()
     g = torch.Generator().manual_seed(0)
     radii = set()
-    for _ in range(8):  # kept counts 2 … L/2: N, M_max, the longer half and the plug-back radius all change
-        boundary = _boundary(torch.randint(2, side * side // 2, (B,), generator=g).tolist(), side)
+    # The first batch keeps one token per sample, as a fresh router does at step 1 (keep_at_least_one):
+    # M_max = 1, a size Dynamo would specialise on, then kept counts 2 … L/2: N, M_max, the longer
+    # half and the plug-back radius all change.
+    for i in range(8):
+        counts = [1] * B if i == 0 else torch.randint(2, side * side // 2, (B,), generator=g).tolist()
+        boundary = _boundary(counts, side)
         radii.add(int(plug_back_radius(boundary.view(B, side, side))))
         outs = []
         for model in (eager, compiled):

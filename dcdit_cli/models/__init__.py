@@ -48,9 +48,28 @@ def compile_model(model, backend: str = "inductor") -> None:
     options = {"strict_output_strides": True} if backend == "inductor" else None
     if isinstance(model, DCDiT):
         model.route = torch.compile(model.route, dynamic=True, backend=backend, options=options)
-        model.process_kept = torch.compile(model.process_kept, dynamic=True, backend=backend, options=options)
+        model.process_kept = sizes_at_least_two(
+            torch.compile(model.process_kept, dynamic=True, backend=backend, options=options))
     else:
         model.compile(dynamic=True, backend=backend, options=options)
+
+
+def sizes_at_least_two(process_kept):
+    """``process_kept`` called with M_max and the groups' longest lengths raised to at least 2.
+
+    Dynamo specialises a size of 0 or 1 whatever ``dynamic`` says, and a freshly initialised router
+    keeps no token, so :func:`keep_at_least_one` keeps one per sample: M_max = 1 at the first step, 2
+    or more after, and the compiled graph would be traced a second time at step 2. The extra slot
+    is padding that ``valid`` marks invalid, so the outputs are those of the exact sizes; eager
+    mode keeps the exact sizes, so FLOP counts do not see it (tests/test_compile.py)."""
+
+    @functools.wraps(process_kept)
+    def call(h, c, t_emb, p, kept, side, sizes, *rest):
+        total, m_max, radius, *group_len = sizes
+        return process_kept(h, c, t_emb, p, kept, side, [total, max(m_max, 2), radius, *(max(n, 2) for n in group_len)],
+                            *rest)
+
+    return call
 
 
 def checkpoint_blocks(model) -> None:
