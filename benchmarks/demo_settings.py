@@ -15,7 +15,16 @@ A variant changes only how shapes are drawn, for this benchmark (the shipped set
     OMP_NUM_THREADS=1 python benchmarks/demo_settings.py --variant mono-centred --set train.lr=0.002 --out runs/demo-lr
     python benchmarks/demo_settings.py --list
 
-Each run appends one JSON line (variant, overrides, training seconds, recognition) to ``--json``.
+    OMP_NUM_THREADS=1 python benchmarks/demo_settings.py --variant fixed --recipe toy-dit --set train.lr=0.001 --out runs/dit-fixed
+    python benchmarks/demo_settings.py --variant fixed --ckpt runs/demo-fixed/weights/step-0002400-ema.safetensors --grid fixed.png
+
+``fixed`` is the limit: one grey shape per class, flat, unrotated, of one size at the centre (six
+images up to the background's slope), so the class alone decides the image. ``--recipe`` trains
+another recipe than ``toy`` (``toy-dit``: the DiT baseline); ``--ckpt`` scores a trained run or
+weights of the variant again without training.
+
+Each run appends one JSON line (variant, recipe, overrides, training seconds, recognition, and
+the ε-MSE on real shapes of the variant at t = 50 … 800, ``shape_classifier.noise_error``) to ``--json``.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shape_classifier import recognition  # noqa: E402
+from shape_classifier import noise_error, recognition  # noqa: E402
 
 from dcdit_cli.config.recipe import load_recipe  # noqa: E402
 from dcdit_cli.data.datasets import ShapesDataset  # noqa: E402
@@ -47,6 +56,8 @@ VARIANTS = {
     "mono": {"colours": "fixed"},
     "mono-flat": {"colours": "fixed", "texture": 0.0},
     "mono-centred": {"colours": "fixed", "jitter": 0.1, "rotation": 0.0, "scale": (0.5, 0.7)},
+    "mono-flat-centred": {"colours": "fixed", "texture": 0.0, "jitter": 0.1, "rotation": 0.0, "scale": (0.5, 0.7)},
+    "fixed": {"colours": "fixed", "texture": 0.0, "jitter": 0.0, "rotation": 0.0, "scale": (0.6, 0.6)},
     "palette-centred": {"colours": "palette", "jitter": 0.1, "rotation": 0.0, "scale": (0.5, 0.7)},
 }
 
@@ -81,8 +92,12 @@ def drawn(variant: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="default")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override on top of toy")
+    parser.add_argument("--recipe", default="toy", help="the recipe trained (default toy; toy-dit: the DiT baseline)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override on top of --recipe")
     parser.add_argument("--out", type=Path, help="run directory (default runs/demo-<variant>)")
+    parser.add_argument("--ckpt", type=Path, help="score this trained run (or weights) of the variant again; no training")
+    parser.add_argument("--grid", type=Path, help="save the scored samples here, one column per class "
+                        "(default: recognised.png in the run directory when training)")
     parser.add_argument("--num", type=int, default=96, help="samples scored (16 per class)")
     parser.add_argument("--json", type=Path, default=Path("runs/demo-settings.jsonl"))
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
@@ -94,21 +109,28 @@ def main() -> None:
             print(f"{name:<20} {v or 'the shipped set'}")
         return
     out = args.out or Path(f"runs/demo-{args.variant}")
-    recipe = load_recipe("toy", args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
     # The classifier is cached per variant: it learns the classes of the distribution it scores.
     cache = Path("runs") / f"classifier-{args.variant}"
     with mock.patch.object(ShapesDataset, "_params", drawn(VARIANTS[args.variant])):
         start = time.perf_counter()
-        train(recipe, out)
+        if args.ckpt is None:
+            train(recipe, out)
         seconds = time.perf_counter() - start
-        r = recognition(out, num=args.num, grid=out / "recognised.png", cache=cache, robust=args.classifier == "robust")
-    row = {"variant": args.variant, "overrides": args.overrides, "threads": torch.get_num_threads(),
-           "train_seconds": round(seconds, 1), **r}
+        run = args.ckpt or out
+        grid = args.grid or (None if args.ckpt else out / "recognised.png")
+        r = recognition(run, num=args.num, grid=grid, cache=cache, robust=args.classifier == "robust")
+        errors = noise_error(run, num=args.num)["eps_mse"]
+    row = {"variant": args.variant, "recipe": args.recipe, "overrides": args.overrides, "threads": torch.get_num_threads(),
+           "train_seconds": round(seconds, 1) if args.ckpt is None else None, **r, "eps_mse": errors}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with args.json.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"{args.variant} {' '.join(args.overrides)}: {100 * r['recognised']:.1f}% of {r['num']} cfg-4 samples recognised "
-          f"(classifier {100 * r['real_accuracy']:.1f}% on real held-out shapes; {seconds:.0f} s of training)")
+    print(f"{args.variant} {run} {' '.join(args.overrides)}: {100 * r['recognised']:.1f}% of {r['num']} cfg-4 samples recognised "
+          f"(classifier {100 * r['real_accuracy']:.1f}% on real held-out shapes; "
+          + ("scored again)" if args.ckpt else f"{seconds:.0f} s of training)"))
+    for name, by_t in errors.items():
+        print(f"  ε-MSE on real shapes, {name}: " + ", ".join(f"t {t} {e:.4f}" for t, e in by_t.items()))
 
 
 if __name__ == "__main__":

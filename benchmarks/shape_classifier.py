@@ -181,6 +181,30 @@ def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int 
             "steps": steps, "real_accuracy": real_acc, **readings}
 
 
+def noise_error(ckpt: Path, ts=(50, 200, 400, 600, 800), num: int = 96, seed: int = 0) -> dict:
+    """The model's ε-MSE on real held-out shapes noised to each t, given their own class: with its
+    own boundaries (``router``) and, for a DC-DiT, with every token kept (``all_kept``). If keeping
+    every token barely lowers the error, the kept count is not what limits the denoiser."""
+    model, recipe, _ = load_weights(ckpt)
+    x0, y, _ = ShapesDataset(recipe.data.image_size, recipe.model.num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
+    diffusion = make_diffusion(respacing="", num_timesteps=recipe.diffusion.num_timesteps)
+    side = recipe.model.input_size // recipe.model.patch_size
+    forced = {"router": None}
+    if recipe.model.kind == "dcdit":
+        forced["all_kept"] = torch.ones(num, side * side, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    errors = {name: {} for name in forced}
+    for t in ts:
+        tt = torch.full((num,), t)
+        noise = torch.randn(x0.shape, generator=g)
+        x = diffusion.q_sample(x0, tt, noise)
+        with torch.no_grad():
+            for name, boundary in forced.items():
+                out = model(x, tt, y) if boundary is None else model(x, tt, y, boundary=boundary)
+                errors[name][t] = (out[0][:, : x0.shape[1]] - noise).square().mean().item()
+    return {"ckpt": str(ckpt), "num": num, "eps_mse": errors}
+
+
 def robustness(image_size: int = 16, num_classes: int = 6, robust: bool = True, num: int = 512) -> dict:
     """The classifier's accuracy on held-out real shapes, clean, with pixel noise and blurred: how much
     of a sample's rendering it needs before it sees the shape."""

@@ -86,3 +86,29 @@ def test_the_robust_classifiers_training_view_blurs_and_noises_each_image_by_its
     assert torch.allclose(soft[[0, 2]], x[[0, 2]], atol=1e-6) and (edges(soft[[1, 3]]) < 0.8 * edges(x[[1, 3]])).all()
     noisy = shape_classifier.degraded(x, torch.Generator().manual_seed(0))
     assert noisy.min() >= -1 and noisy.max() <= 1 and not torch.equal(noisy, x)
+
+
+def test_the_fixed_variant_draws_one_grey_shape_per_class_at_the_centre():
+    """`fixed`: the class alone decides the shape, its size and place (the limit the demo's data can reach)."""
+    x, y, m = _batch("fixed", 96)
+    for c in range(6):
+        masks = m[y == c]
+        assert len(masks) > 1 and bool((masks == masks[0]).all())  # one silhouette per class
+    assert not torch.equal(m[y == 0][0], m[y == 1][0])
+    assert torch.isclose(x[:, 0][m], torch.tensor(0.85 * 2 - 1)).float().mean() > 0.5  # flat grey fill
+
+
+def test_noise_error_is_the_noise_variance_for_a_model_that_predicts_zero(tmp_path):
+    """`noise_error`: a model two steps from DiT's init (zeroed output layer) predicts ε ≈ 0, so its
+    ε-MSE is E[ε²] ≈ 1 at every t, with the router's boundaries and with every token kept; a DiT has
+    no boundaries to force."""
+    from dcdit_cli.config.recipe import load_recipe
+    from dcdit_cli.training.loop import train
+
+    train(load_recipe("tiny", ["train.max_steps=2"]), tmp_path / "dcdit")
+    r = shape_classifier.noise_error(tmp_path / "dcdit", ts=(10, 500), num=16)
+    assert set(r["eps_mse"]) == {"router", "all_kept"}
+    for by_t in r["eps_mse"].values():
+        assert list(by_t) == [10, 500] and all(0.85 < e < 1.15 for e in by_t.values())
+    train(load_recipe("toy-dit", ["train.max_steps=1", "train.global_batch=4"]), tmp_path / "dit")
+    assert set(shape_classifier.noise_error(tmp_path / "dit", ts=(10,), num=4)["eps_mse"]) == {"router"}
