@@ -43,8 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shape_classifier import noise_error, recognition  # noqa: E402
 
+from dcdit_cli.common.console import DcditError  # noqa: E402
 from dcdit_cli.config.recipe import load_recipe  # noqa: E402
 from dcdit_cli.data.datasets import ShapesDataset  # noqa: E402
+from dcdit_cli.training.checkpoint import resolve_weights  # noqa: E402
 from dcdit_cli.training.loop import train  # noqa: E402
 
 PALETTE = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.25, 0.4, 0.95], [0.95, 0.85, 0.2]])
@@ -109,26 +111,30 @@ def main() -> None:
             print(f"{name:<20} {v or 'the shipped set'}")
         return
     out = args.out or Path(f"runs/demo-{args.variant}")
-    recipe = load_recipe(args.recipe, args.overrides)
+    try:  # a wrong recipe, override or checkpoint: one line, exit 2, before any work
+        recipe = load_recipe(args.recipe, args.overrides)
+        run = resolve_weights(args.ckpt) if args.ckpt else out
+    except DcditError as e:
+        parser.error(str(e))
     # The classifier is cached per variant: it learns the classes of the distribution it scores.
     cache = Path("runs") / f"classifier-{args.variant}"
     with mock.patch.object(ShapesDataset, "_params", drawn(VARIANTS[args.variant])):
-        start = time.perf_counter()
+        seconds = None
         if args.ckpt is None:
+            start = time.perf_counter()
             train(recipe, out)
-        seconds = time.perf_counter() - start
-        run = args.ckpt or out
+            seconds = time.perf_counter() - start
         grid = args.grid or (None if args.ckpt else out / "recognised.png")
         r = recognition(run, num=args.num, grid=grid, cache=cache, robust=args.classifier == "robust")
         errors = noise_error(run, num=args.num)["eps_mse"]
     row = {"variant": args.variant, "recipe": args.recipe, "overrides": args.overrides, "threads": torch.get_num_threads(),
-           "train_seconds": round(seconds, 1) if args.ckpt is None else None, **r, "eps_mse": errors}
+           "train_seconds": None if seconds is None else round(seconds, 1), **r, "eps_mse": errors}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with args.json.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{args.variant} {run} {' '.join(args.overrides)}: {100 * r['recognised']:.1f}% of {r['num']} cfg-4 samples recognised "
           f"(classifier {100 * r['real_accuracy']:.1f}% on real held-out shapes; "
-          + ("scored again)" if args.ckpt else f"{seconds:.0f} s of training)"))
+          + ("scored again)" if seconds is None else f"{seconds:.0f} s of training)"))
     for name, by_t in errors.items():
         print(f"  ε-MSE on real shapes, {name}: " + ", ".join(f"t {t} {e:.4f}" for t, e in by_t.items()))
 

@@ -137,6 +137,12 @@ def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 
             "per_class": per_class, "chance": 1 / K, "sampling_seconds": round(seconds, 1)}
 
 
+def held_out_shapes(image_size: int, num_classes: int, num: int):
+    """(x (num, 3, H, W), labels (num,)): real shapes of a seed no run trains on (DENOISE_SEED)."""
+    x, y, _ = ShapesDataset(image_size, num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
+    return x, y
+
+
 def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int = 96, cfg_scale: float = 4.0,
                          steps: int = 100, seed: int = 0, cache: Path = Path("runs"), robust: bool = True,
                          grid: Path | None = None, columns: int = 12) -> dict:
@@ -153,7 +159,7 @@ def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int 
     shapes: the real row, then per t0 the rows x_t0, one-step x_0, DDPM chain, DDIM chain."""
     model, recipe, _ = load_weights(ckpt)
     classifier, real_acc = trained_classifier(recipe.data.image_size, recipe.model.num_classes, cache=cache, robust=robust)
-    x0, y, _ = ShapesDataset(recipe.data.image_size, recipe.model.num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
+    x0, y = held_out_shapes(recipe.data.image_size, recipe.model.num_classes, num)
     model_fn = make_model_fn(model, y, SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, seed=seed), KeptLog())
     diffusion = make_diffusion(respacing=str(steps), num_timesteps=recipe.diffusion.num_timesteps, clip_denoised=True)
     spaced = diffusion.timestep_map  # (steps,) original t of each spaced step
@@ -186,7 +192,7 @@ def noise_error(ckpt: Path, ts=(50, 200, 400, 600, 800), num: int = 96, seed: in
     own boundaries (``router``) and, for a DC-DiT, with every token kept (``all_kept``). If keeping
     every token barely lowers the error, the kept count is not what limits the denoiser."""
     model, recipe, _ = load_weights(ckpt)
-    x0, y, _ = ShapesDataset(recipe.data.image_size, recipe.model.num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
+    x0, y = held_out_shapes(recipe.data.image_size, recipe.model.num_classes, num)
     diffusion = make_diffusion(respacing="", num_timesteps=recipe.diffusion.num_timesteps)
     side = recipe.model.input_size // recipe.model.patch_size
     forced = {"router": None}
@@ -209,7 +215,7 @@ def robustness(image_size: int = 16, num_classes: int = 6, robust: bool = True, 
     """The classifier's accuracy on held-out real shapes, clean, with pixel noise and blurred: how much
     of a sample's rendering it needs before it sees the shape."""
     classifier, _ = trained_classifier(image_size, num_classes, robust=robust)
-    x, y, _ = ShapesDataset(image_size, num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
+    x, y = held_out_shapes(image_size, num_classes, num)
     g = torch.Generator().manual_seed(0)
     views = {"clean": x, **{f"noise {s}": (x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1) for s in (0.1, 0.2, 0.3)},
              **{f"blur {s} px": blurred(x, torch.full((num,), s)) for s in (0.5, 1.0)}}

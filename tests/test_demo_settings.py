@@ -112,3 +112,14 @@ def test_noise_error_is_the_noise_variance_for_a_model_that_predicts_zero(tmp_pa
         assert list(by_t) == [10, 500] and all(0.85 < e < 1.15 for e in by_t.values())
     train(load_recipe("toy-dit", ["train.max_steps=1", "train.global_batch=4"]), tmp_path / "dit")
     assert set(shape_classifier.noise_error(tmp_path / "dit", ts=(10,), num=4)["eps_mse"]) == {"router"}
+
+
+def test_a_missing_checkpoint_or_unknown_recipe_is_one_line_and_exit_2_before_any_work(tmp_path):
+    import subprocess
+
+    script = Path(demo_settings.__file__)
+    for args, named in ((["--ckpt", str(tmp_path / "nope")], "nope does not exist"), (["--recipe", "no-such"], "unknown recipe")):
+        out = subprocess.run([sys.executable, str(script), *args, "--json", str(tmp_path / "rows.jsonl")],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and named in out.stderr.splitlines()[-1]
+        assert not (tmp_path / "rows.jsonl").exists()
