@@ -18,10 +18,14 @@ A variant changes only how shapes are drawn, for this benchmark (the shipped set
     OMP_NUM_THREADS=1 python benchmarks/demo_settings.py --variant fixed --recipe toy-dit --set train.lr=0.001 --out runs/dit-fixed
     python benchmarks/demo_settings.py --variant fixed --ckpt runs/demo-fixed/weights/step-0002400-ema.safetensors --grid fixed.png
 
-``fixed`` is the limit: one grey shape per class, flat, unrotated, of one size at the centre (six
-images up to the background's slope), so the class alone decides the image. ``--recipe`` trains
-another recipe than ``toy`` (``toy-dit``: the DiT baseline); ``--ckpt`` scores a trained run or
-weights of the variant again without training.
+``fixed`` is the limit, and the shipped ``data.shapes = "fixed"`` set (the ``demo`` recipe's): one
+grey shape per class, flat, unrotated, of one size at the centre (six images up to the background's
+slope), so the class alone decides the image. ``fixed-colours`` is the same layout in the varied set's
+colours. ``--recipe`` trains another recipe than ``toy`` (``toy-dit``: the DiT baseline; ``demo``:
+toy on the fixed set at lr 3e-3); ``--ckpt`` scores a trained run or weights of the variant again
+without training.
+
+    OMP_NUM_THREADS=1 python benchmarks/demo_settings.py --variant fixed --set train.lr=0.003 --out runs/demo-fixed-lr3
 
 Each run appends one JSON line (variant, recipe, overrides, training seconds, recognition, and
 the ε-MSE on real shapes of the variant at t = 50 … 800, ``shape_classifier.noise_error``) to ``--json``.
@@ -46,7 +50,7 @@ from shape_classifier import noise_error, recognition  # noqa: E402
 from dcdit_cli.common.console import DcditError  # noqa: E402
 from dcdit_cli.config.recipe import load_recipe  # noqa: E402
 from dcdit_cli.data.datasets import ShapesDataset  # noqa: E402
-from dcdit_cli.training.checkpoint import resolve_weights  # noqa: E402
+from dcdit_cli.training.checkpoint import read_weights, resolve_weights  # noqa: E402
 from dcdit_cli.training.loop import train  # noqa: E402
 
 PALETTE = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.25, 0.4, 0.95], [0.95, 0.85, 0.2]])
@@ -59,9 +63,18 @@ VARIANTS = {
     "mono-flat": {"colours": "fixed", "texture": 0.0},
     "mono-centred": {"colours": "fixed", "jitter": 0.1, "rotation": 0.0, "scale": (0.5, 0.7)},
     "mono-flat-centred": {"colours": "fixed", "texture": 0.0, "jitter": 0.1, "rotation": 0.0, "scale": (0.5, 0.7)},
-    "fixed": {"colours": "fixed", "texture": 0.0, "jitter": 0.0, "rotation": 0.0, "scale": (0.6, 0.6)},
+    "fixed-colours": {"texture": 0.0, "jitter": 0.0, "rotation": 0.0, "scale": (0.6, 0.6)},
     "palette-centred": {"colours": "palette", "jitter": 0.1, "rotation": 0.0, "scale": (0.5, 0.7)},
 }
+
+
+SHIPPED = {"fixed": "fixed"}  # variants that are a data.shapes setting of the shipped set, not a patch of it
+
+
+def variant_recipe(variant: str, name: str, overrides: list[str]):
+    """The recipe ``name`` trained on ``variant``: ``data.shapes`` is the variant's shipped setting, or
+    the varied set that the variant's patch (:func:`drawn`) then changes."""
+    return load_recipe(name, [f"data.shapes={SHIPPED.get(variant, 'varied')}", *overrides])
 
 
 def drawn(variant: dict):
@@ -93,7 +106,7 @@ def drawn(variant: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    parser.add_argument("--variant", choices=sorted([*VARIANTS, *SHIPPED]), default="default")
     parser.add_argument("--recipe", default="toy", help="the recipe trained (default toy; toy-dit: the DiT baseline)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override on top of --recipe")
     parser.add_argument("--out", type=Path, help="run directory (default runs/demo-<variant>)")
@@ -107,18 +120,20 @@ def main() -> None:
                         help="the shape classifier that scores the samples (benchmarks/shape_classifier.py)")
     args = parser.parse_args()
     if args.list:
-        for name, v in VARIANTS.items():
-            print(f"{name:<20} {v or 'the shipped set'}")
+        for name, v in {**VARIANTS, **{k: f"data.shapes = {v!r}" for k, v in SHIPPED.items()}}.items():
+            print(f"{name:<20} {v or 'the shipped varied set'}")
         return
     out = args.out or Path(f"runs/demo-{args.variant}")
     try:  # a wrong recipe, override or checkpoint: one line, exit 2, before any work
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = variant_recipe(args.variant, args.recipe, args.overrides)
         run = resolve_weights(args.ckpt) if args.ckpt else out
+        if args.ckpt:
+            read_weights(run)  # dcdit weights with their recipe, not a damaged or foreign file
     except DcditError as e:
         parser.error(str(e))
     # The classifier is cached per variant: it learns the classes of the distribution it scores.
     cache = Path("runs") / f"classifier-{args.variant}"
-    with mock.patch.object(ShapesDataset, "_params", drawn(VARIANTS[args.variant])):
+    with mock.patch.object(ShapesDataset, "_params", drawn(VARIANTS.get(args.variant, {}))):
         seconds = None
         if args.ckpt is None:
             start = time.perf_counter()

@@ -51,7 +51,8 @@ def main() -> None:
     model, recipe, step = load_weights(args.ckpt)
     if recipe.data.kind != "shapes" or recipe.model.kind != "dcdit":
         raise SystemExit("router_science needs a DC-DiT trained on the shapes set (it uses the object masks)")
-    data = ShapesDataset(recipe.data.image_size, recipe.data.num_classes, seed=recipe.run.seed + 12345)  # held-out seed
+    data = ShapesDataset(recipe.data.image_size, recipe.data.num_classes, seed=recipe.run.seed + 12345,  # held-out seed
+                         variety=recipe.data.shapes)
     x0, y, masks = data.batch(torch.arange(args.num))
     diffusion = make_diffusion(num_timesteps=recipe.diffusion.num_timesteps)
     L = recipe.model.input_size**2

@@ -62,8 +62,8 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
 def run(ckpt: Path, num: int, chunks: int, cfg_scale: float, ref_steps: int) -> dict:
     model, recipe, step = load_weights(ckpt)
     K = recipe.model.num_classes
-    classifier, real_acc = trained_classifier(recipe.data.image_size, K, robust=False)  # the figure's classifier
-    real, _, _ = ShapesDataset(recipe.data.image_size, K, seed=TEST_SEED).batch(torch.arange(600))
+    classifier, real_acc = trained_classifier(recipe.data.image_size, K, robust=False, variety=recipe.data.shapes)  # the figure's classifier
+    real, _, _ = ShapesDataset(recipe.data.image_size, K, seed=TEST_SEED, variety=recipe.data.shapes).batch(torch.arange(600))
     real_feats = features(classifier, real)
     classes = list(range(K))
     parts = np.array_split(np.arange(num), chunks)

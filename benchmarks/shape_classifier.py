@@ -5,7 +5,8 @@ recognition rate (chance: 1 / number of classes).
 The classifier (three conv layers, global pooling, a linear head) trains on shapes of another
 seed than any diffusion run uses (seed 777) and is scored on held-out shapes (seed 4242), so it
 knows the classes, not the training images. It is a benchmark instrument, not part of the model;
-its weights are cached in ``runs/shape-classifier-<size>-<classes>[-robust].safetensors``.
+It learns the shapes set the run trained on (``data.shapes``: varied, or fixed for the ``demo``
+recipe); its weights are cached in ``runs/shape-classifier-<size>-<classes>[-fixed][-robust].safetensors``.
 
 The ``robust`` classifier (the default) also sees each training shape degraded the way a young
 model's samples are: blurred (σ up to 1 px) and with pixel noise (σ up to 0.3 of the [−1, 1]
@@ -13,7 +14,8 @@ range), so it judges the outline and not the rendering: the ``plain`` one (earli
 ``--classifier plain``) labels 72 % of real shapes with noise σ 0.1 and 26 % after a 1 px Gaussian
 blur (``--robustness`` prints both).
 
-    python benchmarks/shape_classifier.py --ckpt runs/toy                 # 96 cfg-4 samples, 100 steps
+    python benchmarks/shape_classifier.py --ckpt runs/demo                # 96 cfg-4 samples, 100 steps
+    python benchmarks/shape_classifier.py --ckpt runs/toy
     python benchmarks/shape_classifier.py --ckpt runs/toy --num 192 --cfg-scale 4 --steps 100
     python benchmarks/shape_classifier.py --ckpt runs/toy --scheduler ddim
     python benchmarks/shape_classifier.py --ckpt runs/toy --from-real   # which noise level loses the shape?
@@ -86,17 +88,19 @@ def degraded(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def trained_classifier(image_size: int, num_classes: int, steps: int = 1500, batch: int = 128,
-                       cache: Path = Path("runs"), robust: bool = True) -> tuple[nn.Module, float]:
-    """The cached classifier for this size (trained on first use) and its held-out accuracy on clean shapes."""
-    path = cache / f"shape-classifier-{image_size}-{num_classes}{'-robust' if robust else ''}.safetensors"
+                       cache: Path = Path("runs"), robust: bool = True, variety: str = "varied") -> tuple[nn.Module, float]:
+    """The cached classifier for this size and shapes set (``data.shapes``; trained on first use) and
+    its held-out accuracy on clean shapes of that set."""
+    name = f"{image_size}-{num_classes}{'' if variety == 'varied' else '-' + variety}{'-robust' if robust else ''}"
+    path = cache / f"shape-classifier-{name}.safetensors"
     model = ShapeClassifier(num_classes)
-    test = ShapesDataset(image_size, num_classes, seed=TEST_SEED)
+    test = ShapesDataset(image_size, num_classes, seed=TEST_SEED, variety=variety)
     x_test, y_test, _ = test.batch(torch.arange(1024))
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model, accuracy(model, x_test, y_test)
     torch.manual_seed(0)
-    data = ShapesDataset(image_size, num_classes, seed=TRAIN_SEED)
+    data = ShapesDataset(image_size, num_classes, seed=TRAIN_SEED, variety=variety)
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -122,7 +126,7 @@ def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 
     if recipe.data.kind != "shapes":
         raise SystemExit(f"{ckpt} was trained on data.kind = {recipe.data.kind!r}: the classifier knows the shapes set only")
     K = recipe.model.num_classes
-    classifier, real_acc = trained_classifier(recipe.data.image_size, K, cache=cache, robust=robust)
+    classifier, real_acc = trained_classifier(recipe.data.image_size, K, cache=cache, robust=robust, variety=recipe.data.shapes)
     opts = SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, seed=seed, method=method)
     start = time.perf_counter()
     x0, y, _ = sample_batch(model, recipe, list(range(num)), opts, classes=list(range(K)))
@@ -137,9 +141,10 @@ def recognition(ckpt: Path, num: int = 96, cfg_scale: float = 4.0, steps: int = 
             "per_class": per_class, "chance": 1 / K, "sampling_seconds": round(seconds, 1)}
 
 
-def held_out_shapes(image_size: int, num_classes: int, num: int):
-    """(x (num, 3, H, W), labels (num,)): real shapes of a seed no run trains on (DENOISE_SEED)."""
-    x, y, _ = ShapesDataset(image_size, num_classes, seed=DENOISE_SEED).batch(torch.arange(num))
+def held_out_shapes(image_size: int, num_classes: int, num: int, variety: str = "varied"):
+    """(x (num, 3, H, W), labels (num,)): real shapes of the set ``variety`` (``data.shapes``), of a
+    seed no run trains on (DENOISE_SEED)."""
+    x, y, _ = ShapesDataset(image_size, num_classes, seed=DENOISE_SEED, variety=variety).batch(torch.arange(num))
     return x, y
 
 
@@ -158,8 +163,9 @@ def denoised_recognition(ckpt: Path, starts=(200, 400, 600, 800, 999), num: int 
     the one-step prediction already loses it, the denoiser is. ``grid`` saves the first ``columns``
     shapes: the real row, then per t0 the rows x_t0, one-step x_0, DDPM chain, DDIM chain."""
     model, recipe, _ = load_weights(ckpt)
-    classifier, real_acc = trained_classifier(recipe.data.image_size, recipe.model.num_classes, cache=cache, robust=robust)
-    x0, y = held_out_shapes(recipe.data.image_size, recipe.model.num_classes, num)
+    d = recipe.data
+    classifier, real_acc = trained_classifier(d.image_size, recipe.model.num_classes, cache=cache, robust=robust, variety=d.shapes)
+    x0, y = held_out_shapes(d.image_size, recipe.model.num_classes, num, d.shapes)
     model_fn = make_model_fn(model, y, SampleOptions.from_recipe(recipe, cfg_scale=cfg_scale, steps=steps, seed=seed), KeptLog())
     diffusion = make_diffusion(respacing=str(steps), num_timesteps=recipe.diffusion.num_timesteps, clip_denoised=True)
     spaced = diffusion.timestep_map  # (steps,) original t of each spaced step
@@ -192,7 +198,7 @@ def noise_error(ckpt: Path, ts=(50, 200, 400, 600, 800), num: int = 96, seed: in
     own boundaries (``router``) and, for a DC-DiT, with every token kept (``all_kept``). If keeping
     every token barely lowers the error, the kept count is not what limits the denoiser."""
     model, recipe, _ = load_weights(ckpt)
-    x0, y = held_out_shapes(recipe.data.image_size, recipe.model.num_classes, num)
+    x0, y = held_out_shapes(recipe.data.image_size, recipe.model.num_classes, num, recipe.data.shapes)
     diffusion = make_diffusion(respacing="", num_timesteps=recipe.diffusion.num_timesteps)
     side = recipe.model.input_size // recipe.model.patch_size
     forced = {"router": None}

@@ -140,3 +140,31 @@ def test_make_dataset(tmp_path):
         make_dataset(SimpleNamespace(**{**vars(cfg), "num_classes": 1}))
     shapes = make_dataset(SimpleNamespace(kind="shapes", path="", image_size=16, num_classes=6, flip="random"))
     assert isinstance(shapes, ShapesDataset) and shapes.sample_shape == (3, 16, 16) and shapes.num_classes == 6
+
+
+def test_the_fixed_shapes_set_draws_one_grey_shape_per_class_at_the_centre():
+    """data.shapes = "fixed" (the demo's set): the class alone decides the shape, its size and place;
+    labels and backgrounds are the varied set's of the same (seed, index)."""
+    fixed, varied = ShapesDataset(16, 6, seed=3, variety="fixed"), ShapesDataset(16, 6, seed=3)
+    x, y, m = fixed.batch(torch.arange(96))
+    for c in range(6):
+        masks = m[y == c]
+        assert len(masks) > 1 and bool((masks == masks[0]).all())  # one silhouette per class
+    assert not torch.equal(m[y == 0][0], m[y == 1][0])
+    assert torch.isclose(x[:, 0][m], torch.tensor(0.85 * 2 - 1)).float().mean() > 0.5  # flat light-grey fill
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grey everywhere
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    disc = m[y == 0][0].float()
+    assert torch.allclose(torch.stack([(disc * ys).sum(), (disc * xs).sum()]) / disc.sum(), torch.tensor([7.5, 7.5]))
+    assert torch.equal(y, varied.batch(torch.arange(96))[1])
+    with pytest.raises(DcditError, match="data.shapes"):
+        ShapesDataset(16, 6, variety="few")
+
+
+def test_make_dataset_draws_the_recipes_shapes_set():
+    from dcdit_cli.config.recipe import load_recipe
+
+    assert make_dataset(load_recipe("demo").data).variety == "fixed"
+    assert make_dataset(load_recipe("toy").data).variety == "varied"
+    with pytest.raises(DcditError, match="data.kind = 'shapes'"):
+        load_recipe("toy", ["data.kind=photos", "data.shapes=fixed"])

@@ -88,14 +88,14 @@ def test_the_robust_classifiers_training_view_blurs_and_noises_each_image_by_its
     assert noisy.min() >= -1 and noisy.max() <= 1 and not torch.equal(noisy, x)
 
 
-def test_the_fixed_variant_draws_one_grey_shape_per_class_at_the_centre():
-    """`fixed`: the class alone decides the shape, its size and place (the limit the demo's data can reach)."""
-    x, y, m = _batch("fixed", 96)
+def test_the_fixed_variant_trains_the_shipped_fixed_set_and_the_others_the_varied_one():
+    assert demo_settings.variant_recipe("fixed", "toy", []).data.shapes == "fixed"
+    assert demo_settings.variant_recipe("mono-centred", "demo", ["train.lr=0.001"]).data.shapes == "varied"
+    x, y, m = _batch("fixed-colours", 96)  # the fixed layout in the varied set's colours
     for c in range(6):
         masks = m[y == c]
-        assert len(masks) > 1 and bool((masks == masks[0]).all())  # one silhouette per class
-    assert not torch.equal(m[y == 0][0], m[y == 1][0])
-    assert torch.isclose(x[:, 0][m], torch.tensor(0.85 * 2 - 1)).float().mean() > 0.5  # flat grey fill
+        assert len(masks) > 1 and bool((masks == masks[0]).all())
+    assert x[:, 0][m].std() > 0.2  # colours vary
 
 
 def test_noise_error_is_the_noise_variance_for_a_model_that_predicts_zero(tmp_path):
@@ -114,11 +114,15 @@ def test_noise_error_is_the_noise_variance_for_a_model_that_predicts_zero(tmp_pa
     assert set(shape_classifier.noise_error(tmp_path / "dit", ts=(10,), num=4)["eps_mse"]) == {"router"}
 
 
-def test_a_missing_checkpoint_or_unknown_recipe_is_one_line_and_exit_2_before_any_work(tmp_path):
+def test_a_missing_or_foreign_checkpoint_or_unknown_recipe_is_one_line_and_exit_2_before_any_work(tmp_path):
     import subprocess
 
+    from safetensors.torch import save_file
+
     script = Path(demo_settings.__file__)
-    for args, named in ((["--ckpt", str(tmp_path / "nope")], "nope does not exist"), (["--recipe", "no-such"], "unknown recipe")):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))  # not dcdit weights: no recipe inside
+    for args, named in ((["--ckpt", str(tmp_path / "nope")], "nope does not exist"), (["--recipe", "no-such"], "unknown recipe"),
+                        (["--ckpt", str(tmp_path / "foreign.safetensors")], "has no dcdit recipe")):
         out = subprocess.run([sys.executable, str(script), *args, "--json", str(tmp_path / "rows.jsonl")],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and named in out.stderr.splitlines()[-1]

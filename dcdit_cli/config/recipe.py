@@ -130,6 +130,10 @@ class DataConfig:
     """Classes in the data (must equal model.num_classes)."""
     flip: str = one_of("random", "none")
     """'random': a random horizontal flip when the shards do not store both flips; 'none'."""
+    shapes: str = one_of("varied", "fixed")
+    """The shapes set's draws (kind = 'shapes'): 'varied' (random size, place, tilt, colours, fill texture
+    and background) or 'fixed' (one light-grey, flat, upright shape per class at the centre, 60 % of the
+    side, on dark grey: the class alone decides the image, up to the background's slope; the README demo)."""
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,9 @@ def _cross_checks(recipe: Recipe) -> list[str]:
             f"data.kind = '{d.kind}' makes 3 × {d.image_size}² pixel images but the model takes {m.in_channels} × "
             f"{m.input_size}²: set model.input_size = data.image_size and model.in_channels = 3"
         )
+    if d.shapes != "varied" and d.kind != "shapes":
+        problems.append(f"data.shapes = '{d.shapes}' draws the shapes set but data.kind = '{d.kind}': set data.kind = 'shapes', "
+                        "or data.shapes = 'varied'")
     if d.kind == "latents" and d.image_size % m.input_size:
         problems.append(f"data.image_size {d.image_size} is not a multiple of model.input_size {m.input_size} (the latent side)")
     if t.micro_batch > t.global_batch:

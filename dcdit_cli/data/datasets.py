@@ -289,9 +289,18 @@ class ShapesDataset:
     spans 35–70 % of the side, sits mostly inside the frame, is rotated at most ±12°, and is
     filled with stripes, a checkerboard or noise. Every class is mirror-symmetric, so ``batch``
     ignores the flip bits (a flip would not add variety).
+
+    ``variety = "fixed"`` (``data.shapes``, the README demo) draws every shape of a class the same:
+    light grey, flat, upright, 60 % of the side, at the centre, on dark grey, so only the background's
+    slope varies. A model small enough to train in minutes on a CPU learns this set's layout in its
+    budget and the varied set's not (docs/router-study.md#the-readme-demo). The fixed draws replace
+    fields of the varied ones, so both sets share the labels and backgrounds of each (seed, i).
     """
 
-    def __init__(self, image_size: int = 32, num_classes: int = 6, seed: int = 0, length: int = 1_000_000) -> None:
+    VARIETIES = ("varied", "fixed")
+
+    def __init__(self, image_size: int = 32, num_classes: int = 6, seed: int = 0, length: int = 1_000_000,
+                 variety: str = "varied") -> None:
         if not 1 <= num_classes <= len(SHAPE_CLASSES):
             raise DcditError(
                 f"the shapes set has {len(SHAPE_CLASSES)} classes ({', '.join(SHAPE_CLASSES)}), "
@@ -299,9 +308,12 @@ class ShapesDataset:
             )
         if image_size < 8:
             raise DcditError(f"shapes image_size {image_size} is too small to draw on: use 8 or more (16, 32 are typical)")
+        if variety not in self.VARIETIES:
+            raise DcditError(f"unknown shapes variety {variety!r}: set data.shapes to one of {', '.join(self.VARIETIES)}")
         self.image_size = image_size
         self.num_classes = num_classes
         self.seed = seed
+        self.variety = variety
         self.length = length
         self.classes = list(SHAPE_CLASSES[:num_classes])
         self.sample_shape = (3, image_size, image_size)
@@ -319,7 +331,7 @@ class ShapesDataset:
         r = rng.uniform(0.35, 0.70) / 2.0  # radius as a fraction of the side
         margin = 0.85 * r  # centre range: fully or mostly inside
         fg = rng.uniform(0.05, 0.95, 3)
-        return {
+        params = {
             "label": label,
             "r": r,
             "cx": rng.uniform(margin, 1.0 - margin),
@@ -336,6 +348,10 @@ class ShapesDataset:
             "tex_cell": rng.uniform(0.1, 0.2),
             "noise_seed": int(rng.integers(2**31)),
         }
+        if self.variety == "fixed":
+            grey = np.full(3, 0.85), np.full(3, 0.15)
+            params.update(r=0.3, cx=0.5, cy=0.5, angle=0.0, fg=grey[0], bg=grey[1], tex_amp=0.0)
+        return params
 
     def _render(self, p: dict) -> tuple[np.ndarray, np.ndarray]:
         """(image (3, H, W) float32 in [0, 1], mask (H, W) bool) from drawn parameters."""
@@ -420,7 +436,8 @@ def _image_dataset(data_cfg):
 def make_dataset(data_cfg, seed: int = 0):
     """The dataset a recipe's ``[data]`` section names (``DataConfig``)."""
     if data_cfg.kind == "shapes":
-        return ShapesDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
+        variety = getattr(data_cfg, "shapes", "varied")  # a [data] table from before data.shapes: the varied set
+        return ShapesDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed, variety=variety)
     if data_cfg.kind == "photos":
         return PhotosDataset(image_size=data_cfg.image_size, num_classes=data_cfg.num_classes, seed=seed)
     if data_cfg.kind == "images":
