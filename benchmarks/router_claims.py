@@ -4,11 +4,14 @@
     OMP_NUM_THREADS=1 python benchmarks/router_claims.py --data photos --seeds 0 1   # needs dcdit[photos]
     OMP_NUM_THREADS=1 python benchmarks/router_claims.py --name s32 --routers cosine predictive \
         --set model.input_size=32 --set data.image_size=32 --set model.norm_groups=8 --steps 800
+    OMP_NUM_THREADS=1 python benchmarks/router_claims.py --name demo --routers cosine predictive \
+        --set data.shapes=fixed --set model.norm_groups=8 --lr 0.003 --steps 1200   # the README demo's setting
     python benchmarks/router_claims.py --table            # the closing table of every stored result
     python benchmarks/router_claims.py --figure docs/figures/router-p-hist.png   # p's histograms
 
 For each data set and seed the same data order, optimiser and loop as ``router_study.py`` (batch 32,
-AdamW 3e-4, uniform t, ``loss_for_recipe``) trains, on the ``toy`` recipe with ``--set`` on top:
+AdamW at ``--lr``, 3e-4 unless given, uniform t, ``loss_for_recipe``) trains, on the ``toy`` recipe
+with ``--set`` on top:
 
 - one DC-DiT per router in ``--routers``: the paper's ``cosine`` router, or the authors'
   ``predictive`` router (with ``model.force_endpoints = true``, as their release) for ``--steps``;
@@ -29,6 +32,11 @@ Claims, on 128 held-out images (another seed for shapes, the held-out columns fo
     of exactly the learned router's count per image and t (target: learned below random);
 (d) DC-DiT vs the FLOP-matched DiT at equal training FLOPs, same fixed set (target: DC-DiT at
     or below the DiT).
+
+Where objects sit at the same places in every image (``data.shapes = "fixed"``) a router that keeps
+the centre meets (a) without looking at the image; the table also gives the AUROC at equal position
+(``router_science.auroc_at_equal_position``: p compared between images at the same pixel, 0.5 for
+place alone) for the rows that stored it.
 
 Also p's histogram at t = 0 and 250 (H-Net users report p collapsing to 0.5): the share of
 tokens within 0.05 of 0.5 and the 5–95% range.
@@ -114,7 +122,8 @@ def p_histogram(model, diffusion, val) -> dict:
     return out
 
 
-def run(data: str, seed: int, steps: int, routers: list[str], sets: list[str], dit_sets: list[str], name: str, log) -> list[dict]:
+def run(data: str, seed: int, steps: int, routers: list[str], sets: list[str], dit_sets: list[str], name: str, log,
+        lr: float = 3e-4) -> list[dict]:
     """One row per learned router; the random-boundary model and the DiT are trained once and shared."""
     factors = {k: v[0] for k, v in FACTORS.items()}
     rand_recipe, dit_recipe = recipes(data, "random", sets, dit_sets)
@@ -126,11 +135,11 @@ def run(data: str, seed: int, steps: int, routers: list[str], sets: list[str], d
         log(f"[{name} {data} seed {seed}] DC-DiT, {router} router")
         torch.manual_seed(seed)
         learned, _, kept_log, secs = train_variant(factors, data, steps, seed, router=router, model=build_model(recipe.model),
-                                                   recipe=recipe, log=log)
+                                                   recipe=recipe, log=log, lr=lr)
         if dcdit_flops is None:  # the DiT matches the first router's training FLOPs
             cost = dcdit_cost(recipe.model)
             dcdit_flops = float(sum(cost(k.double()).sum() for k in kept_log))
-        learned_rows.append({"name": name, "set": sets, "router": router, "data": data, "seed": seed, "steps": steps,
+        learned_rows.append({"name": name, "set": sets, "router": router, "data": data, "seed": seed, "steps": steps, "lr": lr,
                              "seconds": round(secs), **evaluate(learned, diffusion, val),
                              "p_hist": p_histogram(learned, diffusion, val),
                              "counts": kept_counts(learned, diffusion, val), "loss_learned": fixed_loss(learned, diffusion, val)})
@@ -138,12 +147,13 @@ def run(data: str, seed: int, steps: int, routers: list[str], sets: list[str], d
     log(f"[{name} {data} seed {seed}] DC-DiT, random boundaries")
     torch.manual_seed(seed)
     rand_model, _, _, _ = train_variant(factors, data, steps, seed, router="random", model=build_model(rand_recipe.model),
-                                        recipe=rand_recipe, log=log)
+                                        recipe=rand_recipe, log=log, lr=lr)
     dit_fwd = dit_forward_flops(dit_recipe.model)
     dit_steps = max(1, round(dcdit_flops / (dit_fwd * 32)))
     log(f"[{name} {data} seed {seed}] DiT/2, {dit_steps} steps for equal training FLOPs")
     torch.manual_seed(seed)
-    dit, _, _, _ = train_variant(factors, data, dit_steps, seed, model=build_model(dit_recipe.model), recipe=dit_recipe, log=log)
+    dit, _, _, _ = train_variant(factors, data, dit_steps, seed, model=build_model(dit_recipe.model), recipe=dit_recipe, log=log,
+                                 lr=lr)
     loss_dit = fixed_loss(dit, diffusion, val)
     for row in learned_rows:
         counts = row.pop("counts")
@@ -165,10 +175,13 @@ def table(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         au = " / ".join(f"{r['auroc'][k]:.2f}" for k in ("0", "50", "250"))
+        if "auroc_equal_position" in r:  # rows stored since the reading exists
+            au += "; at equal position " + " / ".join(f"{r['auroc_equal_position'][k]:.2f}" for k in ("0", "50", "250"))
         k0, k999 = r["kept"]["0"], r["kept"]["999"]
         hist = r.get("p_hist")
         near = f"{100 * hist['0']['near_half']:.0f}% / {100 * hist['250']['near_half']:.0f}%" if hist else "not stored"
-        lines.append(f"| {r.get('name', 'toy')} | {r.get('router', 'cosine')} | {r['data']} | {r['seed']} | {r['steps']} ({r['dit_steps']}) "
+        steps = f"{r['steps']} ({r['dit_steps']})" + (f", lr {r['lr']:g}" if "lr" in r else "")
+        lines.append(f"| {r.get('name', 'toy')} | {r.get('router', 'cosine')} | {r['data']} | {r['seed']} | {steps} "
                      f"| {au} ({r['auroc']['999']:.2f}) | {k0:.0f} → {k999:.0f}, {k999 / k0:.2f} "
                      f"| {r['loss_learned']:.4f} / {r['loss_random']:.4f} | {r['loss_learned']:.4f} / {r['loss_dit']:.4f} "
                      f"| {near} | {' '.join('yes' if m else 'no' for m in met(r))} |")
@@ -209,6 +222,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override for every model, e.g. model.input_size=32")
     parser.add_argument("--dit-set", action="append", default=[], help="recipe override for the DiT only, e.g. model.depth=12")
     parser.add_argument("--name", default="toy", help="the setting's name in the table")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of every model (the study's 3e-4)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the table of the stored results and exit")
     parser.add_argument("--figure", type=Path, default=None, help="draw p's histograms of the stored results to this PNG and exit")
@@ -223,7 +237,7 @@ def main() -> None:
         steps = args.steps or load_recipe("toy").train.max_steps
         for seed in args.seeds:
             new = run(args.data, seed, steps, args.routers, args.set, args.dit_set, args.name,
-                      lambda s: print(s, file=sys.stderr, flush=True))
+                      lambda s: print(s, file=sys.stderr, flush=True), lr=args.lr)
             with open(args.results, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in new)
             rows += json.loads(json.dumps(new))

@@ -65,7 +65,7 @@ from dcdit_cli.models import RouterStats, build_model
 from dcdit_cli.models.dit import zero_adaln
 from dcdit_cli.config.recipe import load_recipe
 from dcdit_cli.training.losses import loss_for_recipe
-from router_science import auroc
+from router_science import auroc, auroc_at_equal_position
 
 FACTORS = {  # name: (project as shipped, prototype)
     "init": ("dit", "torch"),
@@ -249,12 +249,13 @@ def evaluate(model, diffusion, val) -> dict:
     x0, y, mask, noise = val
     C = x0.shape[1]
     obj = mask.flatten(1)  # (B, L)
-    out = {"auroc": {}, "kept": {}, "mse": {}}
+    out = {"auroc": {}, "auroc_equal_position": {}, "kept": {}, "mse": {}}
     for t_val in TIMESTEPS:
         t = torch.full((x0.shape[0],), t_val)
         x_t = diffusion.q_sample(x0, t, noise[t_val])
         pred, stats = model(x_t, t, y)
         out["auroc"][t_val] = auroc(stats.p, obj)
+        out["auroc_equal_position"][t_val] = auroc_at_equal_position(stats.p, obj)  # place cannot help (router_science.py)
         out["kept"][t_val] = stats.num_kept.float().mean().item()
         out["mse"][t_val] = (pred[:, :C] - noise[t_val]).square().mean().item()
     model.train()
@@ -262,15 +263,16 @@ def evaluate(model, diffusion, val) -> dict:
 
 
 def train_variant(factors: dict, data: str, steps: int, seed: int, router: str = "cosine", trace_every: int = 100,
-                  model=None, recipe=None, log=print):
-    """Trains one variant with fixed steps; returns (model, trace [(step, AUROC t=0, AUROC t=250)], training FLOP log)."""
+                  model=None, recipe=None, log=print, lr: float = 3e-4):
+    """Trains one variant with fixed steps at AdamW ``lr``; returns (model, trace [(step, AUROC t=0,
+    AUROC t=250)], training FLOP log)."""
     recipe = recipe or study_recipe(factors, data, router)
     model = model if model is not None else build_variant(factors, recipe, seed)
     dataset = study_dataset(data, recipe, seed)
     loss_fn = loss_for_recipe(recipe)  # the package's loss: DiT's MSE + VB and λ · ratio loss
     diffusion = loss_fn.diffusion
     learn_sigma = recipe.model.learn_sigma
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     trace_val = validation(data, recipe, n=64, seed=54321)
     trace, kept_log = [], []
     null_class = recipe.model.num_classes
