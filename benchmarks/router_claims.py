@@ -174,15 +174,16 @@ def table(rows: list[dict]) -> str:
              "| (c) ε-MSE learned / random | (d) ε-MSE DC-DiT / DiT | p within 0.05 of ½, t=0 / 250 | met (a b c d) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        au = " / ".join(f"{r['auroc'][k]:.2f}" for k in ("0", "50", "250"))
+        au = " / ".join(f"{r['auroc'][k]:.2f}" for k in ("0", "50", "250")) + f" ({r['auroc']['999']:.2f})"
         if "auroc_equal_position" in r:  # rows stored since the reading exists
-            au += "; at equal position " + " / ".join(f"{r['auroc_equal_position'][k]:.2f}" for k in ("0", "50", "250"))
+            eq = r["auroc_equal_position"]
+            au += "; at equal position " + " / ".join(f"{eq[k]:.2f}" for k in ("0", "50", "250")) + f" ({eq['999']:.2f})"
         k0, k999 = r["kept"]["0"], r["kept"]["999"]
         hist = r.get("p_hist")
         near = f"{100 * hist['0']['near_half']:.0f}% / {100 * hist['250']['near_half']:.0f}%" if hist else "not stored"
         steps = f"{r['steps']} ({r['dit_steps']})" + (f", lr {r['lr']:g}" if "lr" in r else "")
         lines.append(f"| {r.get('name', 'toy')} | {r.get('router', 'cosine')} | {r['data']} | {r['seed']} | {steps} "
-                     f"| {au} ({r['auroc']['999']:.2f}) | {k0:.0f} → {k999:.0f}, {k999 / k0:.2f} "
+                     f"| {au} | {k0:.0f} → {k999:.0f}, {k999 / k0:.2f} "
                      f"| {r['loss_learned']:.4f} / {r['loss_random']:.4f} | {r['loss_learned']:.4f} / {r['loss_dit']:.4f} "
                      f"| {near} | {' '.join('yes' if m else 'no' for m in met(r))} |")
     return "\n".join(lines)
