@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the table of the stored results and exit")
     parser.add_argument("--figure", type=Path, default=None, help="draw p's histograms of the stored results to this PNG and exit")
     args = parser.parse_args()
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()] if args.results.is_file() else []
     if args.figure:
         figure(rows, args.figure)

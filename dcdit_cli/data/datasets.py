@@ -349,8 +349,7 @@ class ShapesDataset:
             "noise_seed": int(rng.integers(2**31)),
         }
         if self.variety == "fixed":
-            grey = np.full(3, 0.85), np.full(3, 0.15)
-            params.update(r=0.3, cx=0.5, cy=0.5, angle=0.0, fg=grey[0], bg=grey[1], tex_amp=0.0)
+            params.update(r=0.3, cx=0.5, cy=0.5, angle=0.0, fg=np.full(3, 0.85), bg=np.full(3, 0.15), tex_amp=0.0)
         return params
 
     def _render(self, p: dict) -> tuple[np.ndarray, np.ndarray]:
