@@ -11,6 +11,7 @@ f spread evenly over [1 − spread, 1 + spread] across the batch (a trained rout
     python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--bf16]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--batch 8]
+    python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
     python benchmarks/perf.py compile [--steps 12] [--whole]
 
 Every command first prints the machine: CPU model, its vector/matrix ISA extensions (AVX-512, AMX),
@@ -464,6 +465,26 @@ def bench_scaffold(args) -> None:
             prev = side
 
 
+def bench_smoothing(args) -> None:
+    """The de-chunk blur (models/chunking.py) both ways, forward + backward, on (batch, side², dim + 1)
+    grids: band-matrix products against depthwise convolutions, and which one the model runs."""
+    from dcdit_cli.models.chunking import BAND_MAX_SIDE, DeChunkLayer, _blur_band, _blur_conv
+
+    kernel = DeChunkLayer(1.0).kernel_1d
+    print(f"de-chunk blur (σ = 1, {kernel.numel()} taps), batch {args.batch}, {args.dim + 1} channels, forward + backward, "
+          f"median of {args.repeats} (interleaved)")
+    for side in args.sides:
+        grid = torch.randn(args.batch, side * side, args.dim + 1, requires_grad=True)
+
+        def run(blur, grid=grid, side=side):  # the kernel is a buffer: no gradient, as in the model
+            blur(grid, kernel, side).backward(torch.ones_like(grid))
+
+        times = interleaved({"band": lambda: run(_blur_band), "conv": lambda: run(_blur_conv)}, args.repeats)
+        runs = "band" if side <= BAND_MAX_SIDE else "conv"
+        print(f"  {side:>4}²  band products {times['band'] * 1e3:8.2f} ms  convolutions {times['conv'] * 1e3:8.2f} ms  "
+              f"band / conv {times['band'] / times['conv']:.2f}  (the model runs: {runs})")
+
+
 def bench_attention(args) -> None:
     """The portable attention backends at B width on packed kept counts (forward + backward)."""
     from dcdit_cli.models.attention import PackedLayout, available_backends, varlen_attention
@@ -532,7 +553,7 @@ def main() -> None:
     # No abbreviations: --small-pages is read from sys.argv before argparse runs.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("what", choices=["train", "sample", "scaffold", "attention", "compile"])
+    parser.add_argument("what", choices=["train", "sample", "scaffold", "attention", "smoothing", "compile"])
     parser.add_argument("--size", choices=sorted(SIZES), default="toy")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--spread", type=float, default=0.3)
@@ -556,7 +577,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print_machine()
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,
-     "compile": bench_compile}[args.what](args)
+     "smoothing": bench_smoothing, "compile": bench_compile}[args.what](args)
 
 
 if __name__ == "__main__":

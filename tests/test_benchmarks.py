@@ -78,3 +78,19 @@ def test_perf_train_profile_shapes_names_the_input_shapes_under_each_operator():
         assert all(shape.strip().startswith("[") for shape in block[1::2]) and "the other" in lines[i + 81]
     dcdit_block = "\n".join(lines[heads[1] :])
     assert "convolution" in dcdit_block and "[2, 32, 16, 16], [32, 32, 3, 3]" in dcdit_block
+
+
+def test_ab_benchmark_times_the_working_tree_against_a_commit():
+    """benchmarks/ab.py: three worker processes (a commit, the working tree, the DiT) timed in turn; the
+    same seed and inputs give the same loss on a commit whose model code is the working tree's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), "--before", "HEAD", "--batch", "2", "--repeats", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [line for line in out.stdout.splitlines() if "loss before" in line][0]
+    before, after = (float(part.split()[-1]) for part in losses.split(";")[1].split(","))
+    assert before == after  # a clean tree runs HEAD's code: same seed and inputs, the same loss
+    assert "after / before = " in out.stdout and out.stdout.count("per FLOP") == 2
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), "--before", "no-such-commit"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--before no-such-commit: not a commit of this repository" in bad.stderr

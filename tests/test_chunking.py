@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from dechunk_reference import plug_back_index_dense, plug_back_reference, smooth_reference
 
 from dcdit_cli.models.chunking import (
+    BAND_MAX_SIDE,
     ChunkLayer,
     DeChunkLayer,
     keep_at_least_one,
@@ -219,16 +220,37 @@ def test_linear_plug_back_equals_both_oracles_on_random_masks(side, density):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("sigma", [1.0, 2.0])
-def test_grid_smoothing_equals_direct_oracle(seed, sigma):
+@pytest.mark.parametrize("side", [10, BAND_MAX_SIDE + 3])  # the blur as band products, then as convolutions
+def test_grid_smoothing_equals_direct_oracle(seed, sigma, side):
     from dcdit_cli.models.chunking import raster_to_rc
 
-    side = 10
     z, order, valid, p = _random_chunks(seed, side=side)
     layer = DeChunkLayer(sigma)
     p_kept = p.gather(1, order)
     fast = layer.smooth(z, order, valid, p_kept, side)
     oracle = smooth_reference(z, raster_to_rc(order, side), p_kept, valid, layer.sigma)
     assert torch.allclose(fast[valid], oracle[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [5, 16, BAND_MAX_SIDE + 8])
+def test_gaussian_blur_band_products_equal_the_separable_convolutions_forward_and_backward(side):
+    """Both ways of running the de-chunk blur give the same grid and the same gradient (the blur is
+    self-adjoint), and its FLOPs are counted as the two depthwise convolutions whichever way it runs."""
+    from dcdit_cli.models.chunking import _blur_band, _blur_conv, gaussian_blur
+    from dcdit_cli.models.flops import count_flops, count_train_flops
+
+    kernel = DeChunkLayer(1.0).kernel_1d
+    grid = torch.randn(2, side * side, 7, generator=torch.Generator().manual_seed(side), requires_grad=True)
+    weight = torch.randn(2, side * side, 7)
+    band, conv = _blur_band(grid, kernel, side), _blur_conv(grid, kernel, side)
+    assert torch.allclose(band, conv, atol=1e-5) and not torch.equal(band, grid)
+    (got,) = torch.autograd.grad((gaussian_blur(grid, kernel, side) * weight).sum(), grid)
+    (expected,) = torch.autograd.grad((_blur_conv(grid, kernel, side) * weight).sum(), grid)
+    assert torch.allclose(got, expected, atol=1e-5)
+    convs = 2 * 2 * kernel.numel() * grid.numel()  # two depthwise convolutions of 13 taps
+    assert count_flops(gaussian_blur, grid, kernel, side) == convs == count_flops(_blur_conv, grid, kernel, side)
+    assert count_train_flops(lambda: gaussian_blur(grid, kernel, side).sum()) == 2 * convs  # + the gradient's blur
+    torch.library.opcheck(gaussian_blur, (grid, kernel, side))
 
 
 def test_the_oracles_live_in_the_tests():

@@ -153,6 +153,64 @@ def plug_back_radius(kept: torch.Tensor, window: int = 2) -> torch.Tensor:
     return d_up.max().double().sqrt().floor().long().clamp(max=W - 1)
 
 
+# Up to this grid side the Gaussian blur runs as two band-matrix products, above it as two
+# depthwise convolutions (`python benchmarks/perf.py smoothing`, docs/performance.md): a product
+# costs 2·side multiply-adds per element against the convolution's 2·(2⌈6σ⌉ + 1), but runs at
+# matmul speed, so it wins on small grids and the convolution keeps large ones linear in L.
+BAND_MAX_SIDE = 16
+
+
+def band_matrix(kernel: torch.Tensor, side: int) -> torch.Tensor:
+    """(side, side) T with T[i, j] = kernel[r + j − i] for |i − j| ≤ r, 0 beyond: T @ x is the
+    zero-padded 1-D convolution of x with the (symmetric) kernel of 2r + 1 taps, and T = Tᵀ."""
+    r = kernel.numel() // 2
+    i = torch.arange(side, device=kernel.device)
+    offset = i[None, :] - i[:, None]  # (side, side) j − i
+    return torch.where(offset.abs() <= r, kernel[(offset + r).clamp(0, 2 * r)], 0.0)
+
+
+def _blur_band(grid: torch.Tensor, kernel: torch.Tensor, side: int) -> torch.Tensor:
+    B, L, C = grid.shape
+    T = band_matrix(kernel, side)
+    grid = torch.matmul(T, grid.reshape(B, side, side * C))  # along rows: (B, H, W·C)
+    return torch.matmul(T, grid.view(B * side, side, C)).view(B, L, C)  # along columns
+
+
+def _blur_conv(grid: torch.Tensor, kernel: torch.Tensor, side: int) -> torch.Tensor:
+    B, L, C = grid.shape
+    r = kernel.numel() // 2
+    grid = grid.transpose(1, 2).reshape(B, C, side, side)  # (B, C, H, W)
+    grid = F.conv2d(grid, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(r, 0), groups=C)  # rows
+    grid = F.conv2d(grid, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, r), groups=C)  # columns
+    return grid.flatten(2).transpose(1, 2).contiguous()  # (B, L, C)
+
+
+@torch.library.custom_op("dcdit::gaussian_blur", mutates_args=())
+def gaussian_blur(grid: torch.Tensor, kernel: torch.Tensor, side: int) -> torch.Tensor:
+    """Separable zero-padded blur of a grid in raster order: grid (B, L = side², C), kernel
+    (2r + 1,) symmetric → (B, L, C). Band-matrix products up to :data:`BAND_MAX_SIDE`, depthwise
+    convolutions above (equal to float rounding). One op so that its FLOPs are counted as the
+    convolution's whichever way it runs (models/flops.py): the cost of the smoothing, not of a kernel."""
+    return (_blur_band if side <= BAND_MAX_SIDE else _blur_conv)(grid, kernel, side)
+
+
+@gaussian_blur.register_fake
+def _(grid, kernel, side):
+    return torch.empty_like(grid, memory_format=torch.contiguous_format)
+
+
+def _blur_grads(ctx, grad):
+    # The blur is linear and self-adjoint (a symmetric kernel, zero padding): its gradient is the blur.
+    return gaussian_blur(grad.contiguous(), ctx.kernel, ctx.side), None, None
+
+
+def _keep_kernel(ctx, inputs, output):
+    _, ctx.kernel, ctx.side = inputs
+
+
+gaussian_blur.register_autograd(_blur_grads, setup_context=_keep_kernel)
+
+
 class DeChunkLayer(nn.Module):
     """Gaussian smoothing among kept tokens, then nearest-kept plug-back (paper §3.4), in fp32.
 
@@ -180,17 +238,12 @@ class DeChunkLayer(nn.Module):
         """The smoothing above, on the grid: z (B, M, D), order/valid/p_kept (B, M) → (B, M, D)."""
         B, M, D = z.shape
         w = p_kept * valid  # (B, M): padding slots carry no weight
-        slots = order.masked_fill(~valid, side * side)  # padding → a dump cell past the grid
-        num = z.new_zeros(B, side * side + 1, D).scatter_(1, slots[..., None].expand(-1, -1, D), z * w[..., None])
-        den = z.new_zeros(B, side * side + 1).scatter_(1, slots, w)
-        grid = torch.cat([num[:, :-1], den[:, :-1, None]], dim=-1)  # (B, L, D + 1)
-        grid = grid.transpose(1, 2).reshape(B, D + 1, side, side)  # (B, D + 1, H, W)
-        k = self.kernel_1d.to(z.dtype)
-        r = k.numel() // 2
-        grid = F.conv2d(grid, k.view(1, 1, -1, 1).expand(D + 1, 1, -1, 1), padding=(r, 0), groups=D + 1)  # rows
-        grid = F.conv2d(grid, k.view(1, 1, 1, -1).expand(D + 1, 1, 1, -1), padding=(0, r), groups=D + 1)  # columns
-        grid = grid.flatten(2).transpose(1, 2)  # (B, L, D + 1)
-        at_kept = grid.gather(1, order[..., None].expand(-1, -1, D + 1))  # (B, M, D + 1)
+        weighted = torch.cat([z * w[..., None], w[..., None]], dim=-1)  # (B, M, D + 1): p·h and p
+        index = order[..., None].expand(-1, -1, D + 1)
+        # A padding slot's position is a non-kept cell and its weight 0: adding it changes nothing.
+        grid = z.new_zeros(B, side * side, D + 1).scatter_add_(1, index, weighted)  # (B, L, D + 1)
+        grid = gaussian_blur(grid, self.kernel_1d.to(z.dtype), side)  # (B, L, D + 1)
+        at_kept = grid.gather(1, index)  # (B, M, D + 1)
         smoothed = at_kept[..., :D] / at_kept[..., D:].clamp_min(1e-30)
         p = p_kept[..., None]
         return p * z + (1 - p) * smoothed

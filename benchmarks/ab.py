@@ -1,0 +1,138 @@
+"""A code change's effect on a training step: the working tree against an earlier commit, interleaved.
+
+Two versions of the package cannot share one interpreter, so each runs in a worker process of its
+own (the commit's files from ``git archive``, its own ``benchmarks/perf.py``); the workers build the
+same model from the same seed and inputs, and the parent asks them for one timed step in turn
+(before, after, DiT, then DiT, after, before, …), so only one runs at a time and drift in machine load
+hits all alike. It prints the medians and the ratios after / before, and each against the
+FLOP-matched DiT of the working tree per FLOP, as ``perf.py train`` does.
+
+    python benchmarks/ab.py --before HEAD~1 [--size toy|b] [--compile] [--repeats 21] [--batch 8] [--spread 0.3]
+
+The commit must have ``benchmarks/perf.py`` with ``build``, ``inputs`` and ``WithBoundary`` (every
+commit since the whole-model compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def export_commit(rev: str, into: Path) -> Path:
+    """The files of ``rev`` under ``into`` (no checkout, the working tree is not touched)."""
+    archive = into / "tree.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "-C", str(ROOT), "archive", rev], stdout=out, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def worker(args) -> None:
+    """Build one model of ``args.size`` from the tree on sys.path, then time a step per line read."""
+    sys.argv = [sys.argv[0]]  # perf.py reads --small-pages from argv at import; this worker runs as dcdit does
+    import perf
+    import torch
+
+    torch.set_num_threads(args.threads)
+    index = {"dcdit": 0, "dit": 1}[args.model]
+    name, recipe, model, loss_fn = perf.build(args.size, args.batch, args.spread)[index]
+    x, y, t = perf.inputs(recipe, args.batch)
+    params = list((model.model if isinstance(model, perf.WithBoundary) else model).parameters())
+    flops = perf.useful_flops(model, loss_fn, x, y, t)  # on the eager model, as perf.py counts them
+    if args.compile:
+        from dcdit_cli.models import compile_model
+
+        compile_model(model.model if isinstance(model, perf.WithBoundary) else model)
+
+    def step():
+        torch.manual_seed(0)
+        loss, _, _ = loss_fn(model, x, y, t=t)
+        loss.backward()
+        for p in params:
+            p.grad = None
+        return loss.item()
+
+    loss = step()  # the cold compile, outside the timings
+    print(json.dumps({"name": name, "loss": loss, "flops": flops}), flush=True)
+    for _ in sys.stdin:
+        print(perf.timed(step), flush=True)
+
+
+def start(tree: Path, model: str, args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'benchmarks'}", "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--size", args.size, "--batch",
+           str(args.batch), "--spread", str(args.spread), "--threads", str(args.threads), *(["--compile"] * args.compile)]
+    return subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def ask(proc: subprocess.Popen) -> str:
+    proc.stdin.write("step\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"a worker stopped (exit code {proc.wait()})")
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", help="the commit to compare the working tree with (e.g. HEAD~1, a hash)")
+    parser.add_argument("--size", choices=["toy", "b"], default="toy")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--spread", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="every model compiled whole (compile_model)")
+    parser.add_argument("--worker", choices=["dcdit", "dit"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.model = args.worker
+        return worker(args)
+    if not args.before:
+        parser.error("--before REV is required: the commit to compare the working tree with")
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True)
+    if rev.returncode != 0:
+        parser.error(f"--before {args.before}: not a commit of this repository ({rev.stderr.strip()})")
+    with tempfile.TemporaryDirectory(prefix="dcdit-ab-") as tmp:
+        old = export_commit(args.before, Path(tmp))
+        workers = {"before": start(old, "dcdit", args), "after": start(ROOT, "dcdit", args), "dit": start(ROOT, "dit", args)}
+        info = {}
+        for label, proc in workers.items():  # one at a time: each cold start alone
+            line = proc.stdout.readline()
+            if not line:
+                raise SystemExit(f"the {label} worker failed to start (exit code {proc.wait()})")
+            info[label] = json.loads(line)
+        samples = {label: [] for label in workers}
+        for i in range(args.repeats):
+            for label in (list(workers) if i % 2 == 0 else reversed(workers)):  # A B C, then C B A: no seat is favoured
+                samples[label].append(float(ask(workers[label])))
+        for proc in workers.values():
+            proc.stdin.close()
+            proc.wait()
+    times = {label: statistics.median(s) for label, s in samples.items()}
+    mode = "compiled (whole model)" if args.compile else "eager"
+    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, fp32, {mode}, torch threads "
+          f"{args.threads}, median of {args.repeats} (interleaved across processes)")
+    print(f"  before = {rev.stdout.strip()} ({args.before}), after = the working tree; loss before {info['before']['loss']:.6f}, "
+          f"after {info['after']['loss']:.6f}")
+    for label in workers:
+        print(f"  {label:<7} {info[label]['name']:<10} {times[label] * 1e3:9.2f} ms")
+    print(f"  after / before = {times['after'] / times['before']:.3f}")
+    for label in ("before", "after"):
+        tr, fr = times[label] / times["dit"], info[label]["flops"] / info["dit"]["flops"]
+        print(f"  {label} vs DiT: time ratio {tr:.3f} / FLOP ratio {fr:.3f} = {tr / fr:.3f} per FLOP")
+
+
+if __name__ == "__main__":
+    main()
