@@ -466,23 +466,34 @@ def bench_scaffold(args) -> None:
 
 
 def bench_smoothing(args) -> None:
-    """The de-chunk blur (models/chunking.py) both ways, forward + backward, on (batch, side², dim + 1)
-    grids: band-matrix products against depthwise convolutions, and which one the model runs."""
-    from dcdit_cli.models.chunking import BAND_MAX_SIDE, DeChunkLayer, _blur_band, _blur_conv
+    """The de-chunk blur (models/chunking.py ``gaussian_blur``: band-matrix products on tiles of the
+    grid) against the two depthwise convolutions it replaced, on the (B, D + 1, H, W) grid they ran
+    on, forward + backward, per grid side: time, and time per element (flat when linear in L)."""
+    import torch.nn.functional as F
+
+    from dcdit_cli.models.chunking import BAND_MAX_SIDE, DeChunkLayer, gaussian_blur
 
     kernel = DeChunkLayer(1.0).kernel_1d
-    print(f"de-chunk blur (σ = 1, {kernel.numel()} taps), batch {args.batch}, {args.dim + 1} channels, forward + backward, "
+    r, C = kernel.numel() // 2, args.dim + 1
+    rows, cols = kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1)
+    print(f"de-chunk blur (σ = 1, {kernel.numel()} taps), batch {args.batch}, {C} channels, forward + backward, "
           f"median of {args.repeats} (interleaved)")
     for side in args.sides:
-        grid = torch.randn(args.batch, side * side, args.dim + 1, requires_grad=True)
+        grid = torch.randn(side, side, args.batch * C, requires_grad=True)  # (H, W, B·(D + 1)) as in the model
+        image = torch.randn(args.batch, C, side, side, requires_grad=True)  # the convolutions' layout
 
-        def run(blur, grid=grid, side=side):  # the kernel is a buffer: no gradient, as in the model
-            blur(grid, kernel, side).backward(torch.ones_like(grid))
+        def band(grid=grid):
+            gaussian_blur(grid, kernel).backward(torch.ones_like(grid))
 
-        times = interleaved({"band": lambda: run(_blur_band), "conv": lambda: run(_blur_conv)}, args.repeats)
-        runs = "band" if side <= BAND_MAX_SIDE else "conv"
-        print(f"  {side:>4}²  band products {times['band'] * 1e3:8.2f} ms  convolutions {times['conv'] * 1e3:8.2f} ms  "
-              f"band / conv {times['band'] / times['conv']:.2f}  (the model runs: {runs})")
+        def conv(image=image):  # the kernel is a buffer: no gradient, as in the model
+            F.conv2d(F.conv2d(image, rows, padding=(r, 0), groups=C), cols, padding=(0, r), groups=C).sum().backward()
+
+        times = interleaved({"band": band, "conv": conv}, args.repeats)
+        per = 1e9 / grid.numel()
+        print(f"  {side:>4}²  band products {times['band'] * 1e3:8.2f} ms ({times['band'] * per:5.2f} ns/element)  "
+              f"convolutions {times['conv'] * 1e3:8.2f} ms ({times['conv'] * per:5.2f} ns/element)  "
+              f"band / conv {times['band'] / times['conv']:.2f}  (the model runs: "
+              f"{'band' if side <= BAND_MAX_SIDE else 'conv'})")
 
 
 def bench_attention(args) -> None:

@@ -1,8 +1,8 @@
 """Direct formulations of the de-chunk layer (paper §3.4), kept as the tests' oracles.
 
-``models/chunking.py`` runs smoothing as a separable convolution on the grid and plug-back as a
-two-pass distance transform; these are the same maps written the obvious way, at O(M²), O(L·M)
-and O(L·√L) cost, which ``tests/test_chunking.py`` and ``benchmarks/dechunk_speed.py`` compare with.
+``models/chunking.py`` runs smoothing as a separable blur of the grid (band-matrix products) and
+plug-back as a two-pass distance transform; these are the same maps written the obvious way, at
+O(M²), O(L·M) and O(L·√L) cost, and the blur as the depthwise convolutions it equals, which ``tests/test_chunking.py`` and ``benchmarks/dechunk_speed.py`` compare with.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from dcdit_cli.models.chunking import kept_slots, nearest_kept_row, raster_to_rc
 
@@ -48,3 +49,12 @@ def plug_back_index_dense(order, valid, side: int) -> torch.Tensor:
     src_row = best_row.gather(2, best)  # (B, H, W)
     src = src_row.clamp(0, side - 1) * side + best
     return slot_of.view(B, L).gather(1, src.view(B, L))
+
+
+def blur_reference(grid, kernel):
+    """The de-chunk blur as two zero-padded depthwise convolutions: grid (H, W, K) → (H, W, K)."""
+    K, r = grid.shape[-1], kernel.numel() // 2
+    x = grid.permute(2, 0, 1)[None]  # (1, K, H, W)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(K, 1, -1, 1), padding=(r, 0), groups=K)  # along the rows
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(K, 1, 1, -1), padding=(0, r), groups=K)  # along the columns
+    return x[0].permute(1, 2, 0)

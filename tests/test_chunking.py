@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dechunk_reference import plug_back_index_dense, plug_back_reference, smooth_reference
+from dechunk_reference import blur_reference, plug_back_index_dense, plug_back_reference, smooth_reference
 
 from dcdit_cli.models.chunking import (
     BAND_MAX_SIDE,
@@ -232,25 +232,27 @@ def test_grid_smoothing_equals_direct_oracle(seed, sigma, side):
     assert torch.allclose(fast[valid], oracle[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("side", [5, 16, BAND_MAX_SIDE + 8])
-def test_gaussian_blur_band_products_equal_the_separable_convolutions_forward_and_backward(side):
-    """Both ways of running the de-chunk blur give the same grid and the same gradient (the blur is
-    self-adjoint), and its FLOPs are counted as the two depthwise convolutions whichever way it runs."""
-    from dcdit_cli.models.chunking import _blur_band, _blur_conv, gaussian_blur
+@pytest.mark.parametrize("side", [5, 16, BAND_MAX_SIDE])
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_gaussian_blur_equals_the_separable_convolutions_forward_and_backward(side, sigma):
+    """The de-chunk blur as band-matrix products (grids up to BAND_MAX_SIDE) equals two zero-padded
+    depthwise convolutions and so does its gradient (the blur is self-adjoint); its FLOPs are counted
+    as theirs, so the smoothing counts alike on either side of the switch."""
+    from dcdit_cli.models.chunking import gaussian_blur
     from dcdit_cli.models.flops import count_flops, count_train_flops
 
-    kernel = DeChunkLayer(1.0).kernel_1d
-    grid = torch.randn(2, side * side, 7, generator=torch.Generator().manual_seed(side), requires_grad=True)
-    weight = torch.randn(2, side * side, 7)
-    band, conv = _blur_band(grid, kernel, side), _blur_conv(grid, kernel, side)
-    assert torch.allclose(band, conv, atol=1e-5) and not torch.equal(band, grid)
-    (got,) = torch.autograd.grad((gaussian_blur(grid, kernel, side) * weight).sum(), grid)
-    (expected,) = torch.autograd.grad((_blur_conv(grid, kernel, side) * weight).sum(), grid)
+    kernel = DeChunkLayer(sigma).kernel_1d
+    grid = torch.randn(side, side, 6, generator=torch.Generator().manual_seed(side), requires_grad=True)
+    weight = torch.randn(side, side, 6)
+    blurred = gaussian_blur(grid, kernel)
+    assert torch.allclose(blurred, blur_reference(grid, kernel), atol=1e-5) and not torch.equal(blurred, grid)
+    (got,) = torch.autograd.grad((blurred * weight).sum(), grid)
+    (expected,) = torch.autograd.grad((blur_reference(grid, kernel) * weight).sum(), grid)
     assert torch.allclose(got, expected, atol=1e-5)
-    convs = 2 * 2 * kernel.numel() * grid.numel()  # two depthwise convolutions of 13 taps
-    assert count_flops(gaussian_blur, grid, kernel, side) == convs == count_flops(_blur_conv, grid, kernel, side)
-    assert count_train_flops(lambda: gaussian_blur(grid, kernel, side).sum()) == 2 * convs  # + the gradient's blur
-    torch.library.opcheck(gaussian_blur, (grid, kernel, side))
+    convs = 2 * 2 * kernel.numel() * grid.numel()  # two depthwise convolutions of 2r + 1 taps
+    assert count_flops(gaussian_blur, grid, kernel) == convs == count_flops(blur_reference, grid, kernel)
+    assert count_train_flops(lambda: gaussian_blur(grid, kernel).sum()) == 2 * convs  # + the gradient's blur
+    torch.library.opcheck(gaussian_blur, (grid, kernel))
 
 
 def test_the_oracles_live_in_the_tests():

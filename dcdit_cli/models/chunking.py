@@ -153,59 +153,45 @@ def plug_back_radius(kept: torch.Tensor, window: int = 2) -> torch.Tensor:
     return d_up.max().double().sqrt().floor().long().clamp(max=W - 1)
 
 
-# Up to this grid side the Gaussian blur runs as two band-matrix products, above it as two
-# depthwise convolutions (`python benchmarks/perf.py smoothing`, docs/performance.md): a product
-# costs 2·side multiply-adds per element against the convolution's 2·(2⌈6σ⌉ + 1), but runs at
-# matmul speed, so it wins on small grids and the convolution keeps large ones linear in L.
-BAND_MAX_SIDE = 16
+# Up to this grid side the smoothing's blur runs as band-matrix products, above it as depthwise
+# convolutions (`python benchmarks/perf.py smoothing`, docs/performance.md): a product costs `side`
+# multiply-adds per element against the convolution's 2r + 1, but runs at matmul speed; the
+# convolutions keep large grids linear in L.
+BAND_MAX_SIDE = 64
 
 
 def band_matrix(kernel: torch.Tensor, side: int) -> torch.Tensor:
-    """(side, side) T with T[i, j] = kernel[r + j − i] for |i − j| ≤ r, 0 beyond: T @ x is the
+    """(side, side) T with T[i, j] = kernel[r + j − i] for |j − i| ≤ r, 0 beyond: T @ x is the
     zero-padded 1-D convolution of x with the (symmetric) kernel of 2r + 1 taps, and T = Tᵀ."""
     r = kernel.numel() // 2
-    i = torch.arange(side, device=kernel.device)
-    offset = i[None, :] - i[:, None]  # (side, side) j − i
+    offset = torch.arange(side, device=kernel.device)[None, :] - torch.arange(side, device=kernel.device)[:, None]
     return torch.where(offset.abs() <= r, kernel[(offset + r).clamp(0, 2 * r)], 0.0)
 
 
-def _blur_band(grid: torch.Tensor, kernel: torch.Tensor, side: int) -> torch.Tensor:
-    B, L, C = grid.shape
-    T = band_matrix(kernel, side)
-    grid = torch.matmul(T, grid.reshape(B, side, side * C))  # along rows: (B, H, W·C)
-    return torch.matmul(T, grid.view(B * side, side, C)).view(B, L, C)  # along columns
-
-
-def _blur_conv(grid: torch.Tensor, kernel: torch.Tensor, side: int) -> torch.Tensor:
-    B, L, C = grid.shape
-    r = kernel.numel() // 2
-    grid = grid.transpose(1, 2).reshape(B, C, side, side)  # (B, C, H, W)
-    grid = F.conv2d(grid, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(r, 0), groups=C)  # rows
-    grid = F.conv2d(grid, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, r), groups=C)  # columns
-    return grid.flatten(2).transpose(1, 2).contiguous()  # (B, L, C)
-
-
 @torch.library.custom_op("dcdit::gaussian_blur", mutates_args=())
-def gaussian_blur(grid: torch.Tensor, kernel: torch.Tensor, side: int) -> torch.Tensor:
-    """Separable zero-padded blur of a grid in raster order: grid (B, L = side², C), kernel
-    (2r + 1,) symmetric → (B, L, C). Band-matrix products up to :data:`BAND_MAX_SIDE`, depthwise
-    convolutions above (equal to float rounding). One op so that its FLOPs are counted as the
-    convolution's whichever way it runs (models/flops.py): the cost of the smoothing, not of a kernel."""
-    return (_blur_band if side <= BAND_MAX_SIDE else _blur_conv)(grid, kernel, side)
+def gaussian_blur(grid: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable zero-padded blur of a grid (H, W, K) along its first two axes with a symmetric kernel
+    (2r + 1,) → (H, W, K), as band-matrix products: K holds every channel of every image, so the row
+    pass is one product. One op so that its FLOPs are counted as the two depthwise convolutions it
+    equals (models/flops.py): the cost of the smoothing, not of a kernel."""
+    H, W, K = grid.shape
+    T = band_matrix(kernel, H)
+    grid = T @ grid.view(H, W * K)  # along the rows
+    return torch.matmul(T, grid.view(H, W, K))  # along the columns, batched over the rows
 
 
 @gaussian_blur.register_fake
-def _(grid, kernel, side):
+def _(grid, kernel):
     return torch.empty_like(grid, memory_format=torch.contiguous_format)
 
 
 def _blur_grads(ctx, grad):
     # The blur is linear and self-adjoint (a symmetric kernel, zero padding): its gradient is the blur.
-    return gaussian_blur(grad.contiguous(), ctx.kernel, ctx.side), None, None
+    return gaussian_blur(grad.contiguous(), ctx.kernel), None
 
 
 def _keep_kernel(ctx, inputs, output):
-    _, ctx.kernel, ctx.side = inputs
+    ctx.kernel = inputs[1]
 
 
 gaussian_blur.register_autograd(_blur_grads, setup_context=_keep_kernel)
@@ -220,8 +206,9 @@ class DeChunkLayer(nn.Module):
     (Euclidean on the grid, ties → the smallest raster index, i.e. the earliest chunk slot).
 
     Both run on the grid so the cost grows with L, not with L·M or M²: smoothing is a
-    separable Gaussian convolution of the scattered p·h and p, truncated at 6σ (the dropped
-    weights are below e^−18 of the token's own); plug-back is an exact two-pass distance
+    separable Gaussian blur of the scattered p·h and p, truncated at 6σ (the dropped weights are
+    below e^−18 of the token's own), run as band-matrix products up to a side of
+    :data:`BAND_MAX_SIDE` and as depthwise convolutions above; plug-back is an exact two-pass distance
     transform (nearest kept row per column by cumulative max/min, then per row the best column
     within the device-bounded radius r), O(L·r). The direct O(M²) and O(L·M) formulations and the
     previous O(L·√L) transform are the tests' oracles (tests/dechunk_reference.py).
@@ -239,11 +226,22 @@ class DeChunkLayer(nn.Module):
         B, M, D = z.shape
         w = p_kept * valid  # (B, M): padding slots carry no weight
         weighted = torch.cat([z * w[..., None], w[..., None]], dim=-1)  # (B, M, D + 1): p·h and p
-        index = order[..., None].expand(-1, -1, D + 1)
         # A padding slot's position is a non-kept cell and its weight 0: adding it changes nothing.
-        grid = z.new_zeros(B, side * side, D + 1).scatter_add_(1, index, weighted)  # (B, L, D + 1)
-        grid = gaussian_blur(grid, self.kernel_1d.to(z.dtype), side)  # (B, L, D + 1)
-        at_kept = grid.gather(1, index)  # (B, M, D + 1)
+        if side <= BAND_MAX_SIDE:
+            # An (H, W, B, D + 1) grid, raster-major: the blur's row pass is one matrix product over
+            # every image and channel, and each chunk slot is one row of the table.
+            rows = (order * B + torch.arange(B, device=z.device)[:, None]).flatten()  # (B·M,)
+            grid = z.new_zeros(side * side * B, D + 1).index_add_(0, rows, weighted.flatten(0, 1))
+            grid = gaussian_blur(grid.view(side, side, B * (D + 1)), self.kernel_1d.to(z.dtype))
+            at_kept = grid.view(-1, D + 1).index_select(0, rows).view(B, M, D + 1)
+        else:  # the (B, D + 1, H, W) grid of two depthwise convolutions
+            index = order[..., None].expand(-1, -1, D + 1)
+            grid = z.new_zeros(B, side * side, D + 1).scatter_add_(1, index, weighted)
+            grid = grid.transpose(1, 2).reshape(B, D + 1, side, side)
+            k, r = self.kernel_1d.to(z.dtype), self.kernel_1d.numel() // 2
+            grid = F.conv2d(grid, k.view(1, 1, -1, 1).expand(D + 1, 1, -1, 1), padding=(r, 0), groups=D + 1)  # rows
+            grid = F.conv2d(grid, k.view(1, 1, 1, -1).expand(D + 1, 1, 1, -1), padding=(0, r), groups=D + 1)  # columns
+            at_kept = grid.flatten(2).transpose(1, 2).gather(1, index)  # (B, M, D + 1)
         smoothed = at_kept[..., :D] / at_kept[..., D:].clamp_min(1e-30)
         p = p_kept[..., None]
         return p * z + (1 - p) * smoothed
@@ -288,7 +286,9 @@ class DeChunkLayer(nn.Module):
             p_kept = p.float().gather(1, order).clamp(1e-4, 1 - 1e-4)  # (B, M)
             z = self.smooth(z, order, valid, p_kept, side)  # (B, M, D)
             nearest = self.plug_back_index(order, valid, side, radius)  # (B, L)
-            return z.gather(1, nearest[..., None].expand(-1, -1, z.shape[-1]))  # (B, L, D)
+            B, M, D = z.shape
+            rows = (nearest + M * torch.arange(B, device=z.device)[:, None]).flatten()  # rows of z.flatten(0, 1)
+            return z.flatten(0, 1).index_select(0, rows).view(B, -1, D)  # (B, L, D)
 
 
 #################################################################################

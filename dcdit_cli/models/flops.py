@@ -47,7 +47,7 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def _gaussian_blur_flops(grid_shape, kernel_shape, _side, out_shape=None, **kwargs) -> int:
+def _gaussian_blur_flops(grid_shape, kernel_shape, out_shape=None, **kwargs) -> int:
     """The de-chunk smoothing's blur (``dcdit::gaussian_blur``) costs its two depthwise convolutions,
     2·(2r + 1) FLOPs per element each, whether it runs as convolutions or as band-matrix products."""
     return 2 * 2 * kernel_shape[0] * math.prod(grid_shape)
