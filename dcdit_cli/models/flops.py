@@ -48,8 +48,9 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
 
 
 def _gaussian_blur_flops(grid_shape, kernel_shape, out_shape=None, **kwargs) -> int:
-    """The de-chunk smoothing's blur (``dcdit::gaussian_blur``) costs its two depthwise convolutions,
-    2·(2r + 1) FLOPs per element each, whether it runs as convolutions or as band-matrix products."""
+    """The de-chunk smoothing's blur (``dcdit::gaussian_blur``, band-matrix products) costs the two
+    depthwise convolutions it equals, 2·(2r + 1) FLOPs per element each: what the convolutions that
+    run on larger grids count, so the smoothing counts alike on both sides of the switch."""
     return 2 * 2 * kernel_shape[0] * math.prod(grid_shape)
 
 
