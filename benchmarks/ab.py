@@ -101,14 +101,16 @@ def main() -> None:
         return worker(args)
     if not args.before:
         parser.error("--before REV is required: the commit to compare the working tree with")
+    if args.repeats < 1 or args.batch < 1 or args.threads < 1:
+        parser.error("--repeats, --batch and --threads must be at least 1")
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True)
     if rev.returncode != 0:
         parser.error(f"--before {args.before}: not a commit of this repository ({rev.stderr.strip()})")
     with tempfile.TemporaryDirectory(prefix="dcdit-ab-") as tmp:
         old = export_commit(args.before, Path(tmp))
-        workers = {"before": start(old, "dcdit", args), "after": start(ROOT, "dcdit", args), "dit": start(ROOT, "dit", args)}
-        info = {}
-        for label, proc in workers.items():  # one at a time: each cold start alone
+        workers, info = {}, {}
+        for label, tree, model in (("before", old, "dcdit"), ("after", ROOT, "dcdit"), ("dit", ROOT, "dit")):
+            proc = workers[label] = start(tree, model, args)  # one at a time: each cold start alone
             line = proc.stdout.readline()
             if not line:
                 raise SystemExit(f"the {label} worker failed to start (exit code {proc.wait()})")
