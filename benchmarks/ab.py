@@ -7,7 +7,7 @@ same model from the same seed and inputs, and the parent asks them for one timed
 hits all alike. It prints the medians and the ratios after / before, and each against the
 FLOP-matched DiT of the working tree per FLOP, as ``perf.py train`` does.
 
-    python benchmarks/ab.py --before HEAD~1 [--size toy|b] [--compile] [--repeats 21] [--batch 8] [--spread 0.3]
+    python benchmarks/ab.py --before HEAD~1 [--size toy|b] [--compile] [--shuffle] [--repeats 21] [--batch 8] [--spread 0.3]
 
 The commit must have ``benchmarks/perf.py`` with ``build``, ``inputs`` and ``WithBoundary`` (every
 commit since the whole-model compile).
@@ -47,6 +47,8 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     index = {"dcdit": 0, "dit": 1}[args.model]
     name, recipe, model, loss_fn = perf.build(args.size, args.batch, args.spread)[index]
+    if args.order and isinstance(model, perf.WithBoundary):  # --shuffle, in the order the parent chose
+        model.boundary = model.boundary[[int(i) for i in args.order.split(",")]]
     x, y, t = perf.inputs(recipe, args.batch)
     params = list((model.model if isinstance(model, perf.WithBoundary) else model).parameters())
     flops = perf.useful_flops(model, loss_fn, x, y, t)  # on the eager model, as perf.py counts them
@@ -72,7 +74,8 @@ def worker(args) -> None:
 def start(tree: Path, model: str, args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'benchmarks'}", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--size", args.size, "--batch",
-           str(args.batch), "--spread", str(args.spread), "--threads", str(args.threads), *(["--compile"] * args.compile)]
+           str(args.batch), "--spread", str(args.spread), "--threads", str(args.threads), *(["--compile"] * args.compile),
+           *(["--order", args.order] if args.order else [])]
     return subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -94,7 +97,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="every model compiled whole (compile_model)")
+    parser.add_argument("--shuffle", action="store_true", help="kept counts in a random batch order (perf.py --shuffle)")
     parser.add_argument("--worker", choices=["dcdit", "dit"], help=argparse.SUPPRESS)
+    parser.add_argument("--order", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.model = args.worker
@@ -103,6 +108,11 @@ def main() -> None:
         parser.error("--before REV is required: the commit to compare the working tree with")
     if args.repeats < 1 or args.batch < 1 or args.threads < 1:
         parser.error("--repeats, --batch and --threads must be at least 1")
+    if args.shuffle:  # the working tree's perf.py chooses the order, the same for every worker
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from perf import shuffled_order
+
+        args.order = ",".join(map(str, shuffled_order(args.batch)))
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True)
     if rev.returncode != 0:
         parser.error(f"--before {args.before}: not a commit of this repository ({rev.stderr.strip()})")
@@ -124,7 +134,8 @@ def main() -> None:
             proc.wait()
     times = {label: statistics.median(s) for label, s in samples.items()}
     mode = "compiled (whole model)" if args.compile else "eager"
-    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, fp32, {mode}, torch threads "
+    shuffled = ", kept counts shuffled over the batch" if args.shuffle else ""
+    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}{shuffled}, fp32, {mode}, torch threads "
           f"{args.threads}, median of {args.repeats} (interleaved across processes)")
     print(f"  before = {rev.stdout.strip()} ({args.before}), after = the working tree; loss before {info['before']['loss']:.6f}, "
           f"after {info['after']['loss']:.6f}")

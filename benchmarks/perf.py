@@ -4,13 +4,14 @@ Every ratio comes from one run: the settings are timed interleaved (A B A B …)
 medians compared, so drift in machine load hits both alike. FLOPs are counted on what runs
 (FlopCounterMode, forward + backward for training, dcdit_cli/models/flops.py). Kept counts are set
 with the model's ``boundary`` argument: each sample keeps L/N · f tokens at random positions,
-f spread evenly over [1 − spread, 1 + spread] across the batch (a trained router's spread).
+f spread evenly over [1 − spread, 1 + spread] across the batch (a trained router's spread), growing
+with the sample index, or in a fixed random order with ``--shuffle`` (a router's batch is in no order).
 
-    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--parts] [--bf16] [--compile]
+    python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--parts] [--bf16] [--compile]
                                       [--profile [--profile-rows 12] [--profile-shapes]]
-    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--bf16]
+    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--bf16]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
-    python benchmarks/perf.py attention [--batch 8]
+    python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--lengths LO HI]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
     python benchmarks/perf.py compile [--steps 12] [--whole]
 
@@ -125,6 +126,12 @@ def kept_masks(batch: int, side: int, ratio: float, spread: float, seed: int = 0
     return masks
 
 
+def shuffled_order(batch: int) -> list[int]:
+    """``--shuffle``: a fixed random order of the batch's samples, so the kept counts, which
+    :func:`kept_masks` makes grow with the sample index, come in no order, as a router's do."""
+    return torch.randperm(batch, generator=torch.Generator().manual_seed(0)).tolist()
+
+
 class WithBoundary:
     """A model whose router decision is fixed (kept counts under test), optionally with its own
     attention backend; the rest of the model runs as usual."""
@@ -140,7 +147,7 @@ class WithBoundary:
         return self.model(x, t, y, budget=budget, boundary=self.boundary.repeat(reps, 1), attention=self.backend)
 
 
-def build(size: str, batch: int, spread: float):
+def build(size: str, batch: int, spread: float, shuffle: bool = False):
     """[(name, recipe, model as called, loss object)] for the DC-DiT and the DiT of ``size``."""
     torch.manual_seed(0)
     out = []
@@ -148,7 +155,8 @@ def build(size: str, batch: int, spread: float):
         recipe = load_recipe(name, overrides)
         model = build_model(recipe.model)
         if recipe.model.kind == "dcdit":
-            model = WithBoundary(model, kept_masks(batch, recipe.model.input_size, recipe.model.target_ratio, spread))
+            masks = kept_masks(batch, recipe.model.input_size, recipe.model.target_ratio, spread)
+            model = WithBoundary(model, masks[shuffled_order(batch)] if shuffle else masks)
         out.append((name, recipe, model, loss_for_recipe(recipe)))
     return out
 
@@ -162,14 +170,17 @@ def inputs(recipe, batch: int):
 
 def padding_waste(masks: torch.Tensor) -> tuple[float, float, float]:
     """Share of padded work: linear layers and attention when every sample is padded to the batch's
-    M_max (before), and attention when each half is padded to its own longest sample (sdpa_pad now)."""
+    M_max (before), and attention in the CPU fallback's groups (sdpa_pad now: samples sorted by kept
+    count, each group padded to its own longest)."""
     from dcdit_cli.models.attention import PackedLayout
 
-    m = masks.sum(1).double()
-    halves = m.view(PackedLayout.groups(len(m)), -1)
-    padded_halves = (halves.shape[1] * halves.amax(1).square()).sum()
+    m = masks.sum(1)
+    valid = torch.arange(int(m.max()))[None] < m[:, None]
+    layout = PackedLayout.from_valid(valid, int(m.sum()))
+    padded_groups = sum(rows.shape[0] * rows.shape[1] ** 2 for rows in layout.group_rows)
+    m = m.double()
     return (float(1 - m.sum() / (len(m) * m.max())), float(1 - m.square().sum() / (len(m) * m.max() ** 2)),
-            float(1 - m.square().sum() / padded_halves))
+            float(1 - m.square().sum() / padded_groups))
 
 
 def useful_flops(model, loss_fn, x, y, t) -> float:
@@ -196,7 +207,7 @@ def compile_both(models) -> None:
 
 
 def bench_train(args) -> None:
-    models = build(args.size, args.batch, args.spread)
+    models = build(args.size, args.batch, args.spread, args.shuffle)
     steps, flops = {}, {}
     for name, recipe, model, loss_fn in models:
         x, y, t = inputs(recipe, args.batch)
@@ -220,7 +231,7 @@ def bench_train(args) -> None:
     times = interleaved({**steps, "matmul": matmul_fn(torch.bfloat16 if args.bf16 else torch.float32)}, args.repeats)
     rate = 2 * MATMUL_N**3 / times["matmul"]
     (dc, dc_recipe, dc_model, dc_loss), (dit, *_) = models
-    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}, {mode(args)}, median of "
+    print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}{order(args)}, {mode(args)}, median of "
           f"{args.repeats} (interleaved), matmul rate {rate / 1e9:.1f} GFLOP/s (measured among the steps)")
     for name in (dit, dc):
         print(f"  {name:<18} {times[name] * 1e3:9.1f} ms  {flops[name] / 1e9:9.2f} GFLOP (fwd+bwd)  "
@@ -230,7 +241,7 @@ def bench_train(args) -> None:
     print(f"  time ratio {tr:.3f} / FLOP ratio {fr:.3f} = {tr / fr:.3f} (DC-DiT time per FLOP relative to DiT; "
           f"FLOPs without padding)")
     print(f"  padding waste: before (batch padded to M_max) {lin:.1%} of linear-layer tokens, {att:.1%} of attention "
-          f"scores; now 0% of linear-layer tokens, attention {att_now:.1%} (CPU sdpa_pad, halves padded apart; "
+          f"scores; now 0% of linear-layer tokens, attention {att_now:.1%} (CPU sdpa_pad, groups sorted by kept count; "
           f"0% with a varlen kernel)")
     if args.parts:
         step_parts(dc_model, dc_loss, *inputs(dc_recipe, args.batch), steps[dc], models[1], args)
@@ -255,6 +266,10 @@ def profile_step(name: str, step, calls: int = 5, rows: int = 12, shapes: bool =
             print(f"        {[list(s) for s in e.input_shapes if s]}")
     rest = sum(e.self_cpu_time_total for e in events[rows:])
     print(f"    {f'the other {len(events) - rows} operators':<60} {rest / calls / 1e3:7.2f} ms  {rest / total:6.1%}")
+
+
+def order(args) -> str:
+    return ", kept counts shuffled over the batch" if args.shuffle else ""
 
 
 def mode(args) -> str:
@@ -345,9 +360,10 @@ def step_parts(model, loss_fn, x, y, t, step, dit, args) -> None:
     print("    " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()) + f", other {1 - sum(shares.values()):.1%}")
     n = layout.cu_seqlens.diff().double()
     packed_scores, dit_scores = float(n.square().sum()), x.shape[0] * T * T
-    per_flop = (times["attention"] / packed_scores) / (times["DiT attention"] / dit_scores)
-    print(f"    attention fwd+bwd: packed (kept {n.int().tolist()}) {times['attention'] * 1e3:.1f} ms, DiT ({x.shape[0]}×{T}) "
-          f"{times['DiT attention'] * 1e3:.1f} ms; per score (useful q·k pair) packed / DiT = {per_flop:.2f}")
+    packed, dense = times["attention"] / len(inner.blocks), times["DiT attention"] / len(dit_model.blocks)  # per block
+    print(f"    attention fwd+bwd per block: packed (kept {n.int().tolist()}) {packed * 1e3:.2f} ms, DiT ({x.shape[0]}×{T}) "
+          f"{dense * 1e3:.2f} ms; packed / DiT per token {(packed / n.sum()) / (dense / (x.shape[0] * T)):.2f}, "
+          f"per score (useful q·k pair) {(packed / packed_scores) / (dense / dit_scores):.2f}")
 
 
 @torch.no_grad()
@@ -361,7 +377,7 @@ def bench_sample(args) -> None:
     from dcdit_cli.models.flops import dcdit_cost
     from dcdit_cli.sampling.sampler import KeptLog, SampleOptions, make_model_fn
 
-    (name, recipe, model, _), _ = build(args.size, args.batch, args.spread)
+    (name, recipe, model, _), _ = build(args.size, args.batch, args.spread, args.shuffle)
     settings = {"budget 0 (full CFG)": (0.0, 0.0), "budget 0.2": (0.2, 0.2), "Lite-CFG 0.0 / 0.9": (0.0, 0.9)}
     diffusion = make_diffusion("250", recipe.diffusion.num_timesteps)
     x, y, _ = inputs(recipe, args.batch)
@@ -377,7 +393,8 @@ def bench_sample(args) -> None:
         fns[label] = lambda fn=fn: sample_step(diffusion, fn, x, t, args)
     times = interleaved(fns, args.repeats)
     base = next(iter(settings))
-    print(f"sampling step (CFG 4, one forward of both halves), {name}, batch {args.batch}, kept spread ±{args.spread:.0%}, "
+    print(f"sampling step (CFG 4, one forward of both halves), {name}, batch {args.batch}, kept spread ±{args.spread:.0%}"
+          f"{order(args)}, "
           f"{mode(args)}, median of {args.repeats} (interleaved)")
     for label in settings:
         tr, fr = times[label] / times[base], spent[label] / spent[base]
@@ -497,24 +514,54 @@ def bench_smoothing(args) -> None:
 
 
 def bench_attention(args) -> None:
-    """The portable attention backends at B width on packed kept counts (forward + backward)."""
+    """Packed attention (forward + backward) on kept counts L/4 ± spread, every portable backend,
+    against the DiT's dense attention over as many tokens: B samples of the mean kept count."""
     from dcdit_cli.models.attention import PackedLayout, available_backends, varlen_attention
 
-    masks = kept_masks(args.batch, 32, 4.0, args.spread)
-    n = masks.sum(1)
-    m_max = int(n.max())
+    heads, head_dim, side = {"toy": (4, 24, 16), "b": (12, 64, 32)}[args.size]
+    if args.lengths:
+        return attention_by_length(args, heads, head_dim)
+    masks = kept_masks(args.batch, side, 4.0, args.spread)
+    n = masks[shuffled_order(args.batch)].sum(1) if args.shuffle else masks.sum(1)
+    m_max, T = int(n.max()), round(float(n.double().mean()))
     valid = torch.arange(m_max)[None] < n[:, None]
-    q, k, v = (torch.randn(int(n.sum()), 12, 64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(int(n.sum()), heads, head_dim, requires_grad=True) for _ in range(3))
+    dense = torch.randn(args.batch, heads, T, head_dim, requires_grad=True)
+
+    layouts = {b: PackedLayout.from_valid(valid, int(n.sum()), b) for b in available_backends("cpu")}  # once per forward
 
     def run(backend):
-        out = varlen_attention(q, k, v, PackedLayout.from_valid(valid, int(n.sum()), backend))
-        out.sum().backward()
+        varlen_attention(q, k, v, layouts[backend]).sum().backward()
 
-    names = [b for b in available_backends("cpu")]
-    times = interleaved({b: (lambda b=b: run(b)) for b in names}, args.repeats)
-    print(f"packed attention fwd+bwd, batch {args.batch}, 12 heads × 64, kept {n.tolist()}, median of {args.repeats}")
-    for b in names:
-        print(f"  {b:<16} {times[b] * 1e3:8.1f} ms  x{times[b] / times[names[0]]:.2f}")
+    def dit():
+        torch.nn.functional.scaled_dot_product_attention(dense, dense, dense).sum().backward()
+
+    names = list(layouts)
+    times = interleaved({**{b: (lambda b=b: run(b)) for b in names}, "DiT": dit}, args.repeats)
+    print(f"packed attention fwd+bwd, {args.size}, batch {args.batch}, {heads} heads × {head_dim}, kept {n.tolist()}, "
+          f"median of {args.repeats}; DiT: dense SDPA on {args.batch} × {T} tokens")
+    useful, dit_scores = float(n.double().square().sum()), args.batch * T * T
+    for b in [*names, "DiT"]:
+        tokens, scores = (args.batch * T, dit_scores) if b == "DiT" else (int(n.sum()), useful)
+        print(f"  {b:<16} {times[b] * 1e3:8.2f} ms  x{times[b] / times[names[0]]:.2f}  vs DiT per token "
+              f"{(times[b] / tokens) / (times['DiT'] / (args.batch * T)):.2f}, per useful score "
+              f"{(times[b] / scores) / (times['DiT'] / dit_scores):.2f}")
+
+
+def attention_by_length(args, heads: int, head_dim: int) -> None:
+    """--lengths LO HI: SDPA forward + backward on (batch, heads, m, head_dim) with a key-padding
+    mask, as the fallback runs a group, for every m in [LO, HI]: the time per sample against m."""
+    def run(m):
+        q = torch.randn(args.batch, heads, m, head_dim, requires_grad=True)
+        mask = torch.ones(args.batch, 1, 1, m, dtype=torch.bool)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask).sum().backward()
+
+    lo, hi = args.lengths
+    times = interleaved({m: run(m) for m in range(lo, hi + 1)}, args.repeats)
+    print(f"masked SDPA fwd+bwd, {args.size}: batch {args.batch}, {heads} heads × {head_dim}, median of {args.repeats}; "
+          f"µs per sample at each length (* a multiple of 8)")
+    for m, t in times.items():
+        print(f"  {m:4d}{'*' if m % 8 == 0 else ' '} {t / args.batch * 1e6:8.1f} µs")
 
 
 def bench_compile(args) -> None:
@@ -580,6 +627,10 @@ def main() -> None:
     parser.add_argument("--profile-shapes", action="store_true", help="--profile: one row per operator and input shapes")
     parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT, not its blocks")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lengths", type=int, nargs=2, metavar=("LO", "HI"),
+                        help="attention: the masked SDPA of one group at every length from LO to HI")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="train, sample, attention: kept counts in a random batch order (default: growing with the index)")
     parser.add_argument("--small-pages", action="store_true",
                         help="4 KiB pages for every tensor instead of huge pages as dcdit runs (scaffold: always both)")
     args = parser.parse_args()

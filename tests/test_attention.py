@@ -54,6 +54,44 @@ def test_layout_offsets_and_sample_ids():
     assert torch.equal(layout.unpad(padded), x)
 
 
+def test_fallback_groups_are_about_four_samples_and_at_least_the_two_halves():
+    assert [PackedLayout.groups(b) for b in (1, 2, 3, 4, 6, 8, 12, 16, 32)] == [1, 2, 1, 2, 2, 2, 3, 4, 8]
+
+
+def test_fallback_pads_groups_of_samples_sorted_by_kept_count():
+    """The padded fallback sorts the samples by kept count before grouping them, so a group pads to
+    lengths close to its own: here 4 and 9 (rounded up to 8 and 16) where the batch's halves in order
+    would pad to 9 and 8."""
+    lengths = [9, 1, 5, 3, 7, 2, 8, 4]
+    layout = _layout(lengths, "sdpa_pad")
+    assert layout.group_len == (4, 9)
+    assert [tuple(r.shape) for r in layout.group_rows] == [(4, 8), (4, 16)]
+    members = [sorted(layout.sample[r[:, 0]].tolist()) for r in layout.group_rows]
+    assert members == [[1, 3, 5, 7], [0, 2, 4, 6]]  # the short samples together, the long ones together
+    assert sorted(v.sum(1).tolist() for v in layout.group_valid) == [[1, 2, 3, 4], [5, 7, 8, 9]]
+    for rows, valid in zip(layout.group_rows, layout.group_valid):  # each real slot is its sample's next row
+        assert torch.equal(rows[valid], torch.cat([torch.arange(int(r[0]), int(r[0]) + int(n)) for r, n in zip(rows, valid.sum(1))]))
+    padded = torch.cat([r.flatten() for r in layout.group_rows])
+    assert torch.equal(padded[layout.from_groups], torch.arange(sum(lengths)))  # from_groups undoes the gather
+    scores = sum(r.shape[0] * r.shape[1] ** 2 for r in layout.group_rows)
+    assert scores == 4 * 8**2 + 4 * 16**2 < 8 * 16**2  # the halves in batch order: 9 and 8, rounded to 16
+
+
+def test_fallback_leaves_a_lone_sample_unpadded():
+    """A group of one sample is not rounded up: a one-sample forward, which models/flops.py counts,
+    attends over exactly its own tokens."""
+    layout = _layout([5, 3], "sdpa_pad")
+    assert [tuple(r.shape) for r in layout.group_rows] == [(1, 3), (1, 5)]
+    assert all(bool(v.all()) for v in layout.group_valid)
+
+
+def test_fallback_pads_a_lite_cfg_unconditional_half_apart():
+    """Lite-CFG: the unconditional half keeps fewer tokens, and it is its own group."""
+    layout = _layout([9, 8, 2, 3], "sdpa_pad")
+    assert [tuple(r.shape) for r in layout.group_rows] == [(2, 8), (2, 16)]
+    assert [sorted(layout.sample[r[:, 0]].tolist()) for r in layout.group_rows] == [[2, 3], [0, 1]]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backend_equals_per_sample_attention_forward_and_backward(backend):
     g = torch.Generator().manual_seed(0)

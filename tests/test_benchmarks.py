@@ -94,3 +94,23 @@ def test_ab_benchmark_times_the_working_tree_against_a_commit():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), "--before", "no-such-commit"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--before no-such-commit: not a commit of this repository" in bad.stderr
+
+
+def test_perf_attention_compares_every_backend_with_the_dit_per_token():
+    """benchmarks/perf.py attention: a row per portable backend and the DiT's, each against the DiT per
+    token and per useful score; --shuffle keeps the same kept counts in another order."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run(*extra):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--size", "toy", "--batch", "4",
+                              "--repeats", "1", *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.splitlines()
+
+    lines = run()
+    rows = {line.split()[0]: line for line in lines if "vs DiT per token" in line}
+    assert set(rows) == {"sdpa_pad", "sdpa_blockdiag", "DiT"}
+    assert rows["DiT"].endswith("vs DiT per token 1.00, per useful score 1.00")
+    kept = next(line for line in lines if "kept [" in line).split("kept ")[1].split("]")[0]
+    shuffled = next(line for line in run("--shuffle") if "kept [" in line).split("kept ")[1].split("]")[0]
+    assert kept != shuffled and sorted(kept.split(", ")) == sorted(shuffled.split(", "))

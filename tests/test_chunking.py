@@ -19,20 +19,33 @@ from dcdit_cli.models.chunking import (
 from dcdit_cli.models.routers import RandomRouter, Router
 
 
-def test_router_matches_formula_on_hand_made_features():
+@pytest.mark.parametrize("projections", ["identity", "random"])
+def test_router_matches_formula_on_hand_made_features(projections):
+    """p from the paper's formula written out (normalised q and k, the in-grid 3×3 mean of k), values
+    and gradients: the router folds q's norm and the border rescale into (B, L) products."""
     torch.manual_seed(0)
     side, D = 4, 8
-    h = torch.randn(1, side * side, D)
-    p = Router(D)(h, side)
-    # Oracle: identity W_Q/W_K, normalised, mean of k over the in-grid 3×3 window (centre included).
-    q = F.normalize(h[0], dim=-1).reshape(side, side, D)
+    router = Router(D)
+    if projections == "random":
+        with torch.no_grad():
+            router.q_proj.weight.copy_(torch.randn(D, D))
+            router.k_proj.weight.copy_(torch.randn(D, D))
+    h = torch.randn(1, side * side, D, requires_grad=True)
+    p = router(h, side)
+    # Oracle: normalised projections, mean of k over the in-grid 3×3 window (centre included).
+    q = F.normalize(h[0] @ router.q_proj.weight.T, dim=-1).reshape(side, side, D)
+    k = F.normalize(h[0] @ router.k_proj.weight.T, dim=-1).reshape(side, side, D)
     expected = torch.empty(side, side)
     for r in range(side):
         for c in range(side):
-            window = q[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].reshape(-1, D)
+            window = k[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].reshape(-1, D)
             s = (q[r, c] * window.mean(0)).sum()
             expected[r, c] = ((1 - s) / 2).clamp(0, 1)
     assert torch.allclose(p[0], expected.reshape(-1), atol=1e-6)
+    w = torch.randn(side * side)
+    grad, = torch.autograd.grad((p[0] * w).sum(), h)
+    grad_expected, = torch.autograd.grad((expected.reshape(-1) * w).sum(), h)
+    assert torch.allclose(grad, grad_expected, atol=1e-6)
 
 
 def test_router_constant_input_is_border_neutral():

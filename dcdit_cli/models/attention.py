@@ -8,10 +8,11 @@ backends, chosen by :func:`select_backend` (and recorded in a run's ``env.json``
 
 - ``varlen``: PyTorch's native ``torch.nn.attention.varlen.varlen_attn`` (CUDA builds that have it);
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (``pip install dcdit[flash]``, CUDA);
-- ``sdpa_pad``: the portable fallback (CPU, ROCm, MPS): q, k, v are scattered into a padded
-  (B, H, M_max, d) batch, SDPA runs with a key-padding mask on each half of the batch at that
-  half's own longest length (so a Lite-CFG unconditional half is not padded to the conditional
-  one), and the rows are gathered back; only attention pays for padding, the linear layers do not;
+- ``sdpa_pad``: the portable fallback (CPU, ROCm, MPS): the samples are sorted by kept count and
+  split into groups of about four (:meth:`PackedLayout.groups`; at least two, so a Lite-CFG
+  unconditional half is not padded to the conditional one); each group's q, k, v are gathered into
+  a padded (G, H, m, d) batch, m its longest length, SDPA runs with a key-padding mask, and the
+  rows are gathered back; only attention pays for padding, the linear layers do not;
 - ``sdpa_blockdiag``: SDPA over all N tokens with a block-diagonal mask (N² scores, B× the work).
 
 On CPU ``sdpa_pad`` is the faster portable one (``benchmarks/perf.py attention``), so it is the
@@ -30,6 +31,11 @@ import torch.nn.functional as F
 
 BACKENDS = ("varlen", "flash", "sdpa_pad", "sdpa_blockdiag")
 FALLBACK = "sdpa_pad"
+# The fallback pads a group of several samples to a multiple of this: the CPU flash kernel runs
+# lengths that are multiples of 8 faster than their neighbours (`python benchmarks/perf.py attention
+# --lengths`, docs/performance.md). A lone sample needs no padding and gets none, so a one-sample
+# forward (what models/flops.py counts) does exactly its own work.
+PAD_MULTIPLE = 8
 
 
 @dataclass
@@ -40,8 +46,14 @@ class PackedLayout:
     max_len: the largest M_b (a host int: the forward's one synchronisation);
     sample (N,) int64: the sample of each packed row; slot (N,) int64: its index in the
     flattened (B, max_len) padded layout; valid (B, max_len): real slots of that layout;
-    group_len: the largest M in each of len(group_len) equal contiguous groups of samples (host
-    ints; the padded fallback pads each group only to its own length: the two CFG halves).
+    group_len: the samples sorted by kept count and split into len(group_len) groups of equal size
+    (:meth:`groups`), the largest M of each (host ints, read with the others).
+
+    For the padded fallback (``sdpa_pad``, built outside torch.compile for every backend that can
+    fall back to it): group g's padded batch
+    ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's last row in its
+    padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g]; ``from_groups``
+    (N,) is each packed row's index in the groups' padded slots, concatenated.
     """
 
     cu_seqlens: torch.Tensor
@@ -51,11 +63,23 @@ class PackedLayout:
     valid: torch.Tensor
     backend: str = FALLBACK
     group_len: tuple[int, ...] = ()
+    group_rows: tuple[torch.Tensor, ...] = ()
+    group_valid: tuple[torch.Tensor, ...] = ()
+    from_groups: torch.Tensor | None = None
 
     @staticmethod
     def groups(batch: int) -> int:
-        """How many contiguous groups the padded fallback splits a batch into: its halves when even."""
-        return 2 if batch % 2 == 0 else 1
+        """How many equal groups the padded fallback splits a batch into, its samples sorted by kept
+        count: about four samples each (fewer groups pad more, more groups call SDPA more often;
+        `python benchmarks/perf.py attention`), and at least two when the batch is even, so that the
+        unconditional half of a Lite-CFG batch, which keeps fewer tokens, is padded apart."""
+        most = max(2, batch // 4)
+        return max(k for k in range(1, min(batch, most) + 1) if batch % k == 0)
+
+    @staticmethod
+    def sorted_group_len(counts: torch.Tensor) -> torch.Tensor:
+        """counts (B,) kept tokens per sample → (groups,) the largest of each group, on the device."""
+        return counts.sort().values.view(PackedLayout.groups(counts.shape[0]), -1)[:, -1]
 
     @classmethod
     def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK, group_len=None) -> "PackedLayout":
@@ -68,10 +92,16 @@ class PackedLayout:
         slot = torch.zeros(total + 1, dtype=torch.long, device=valid.device)
         slot = slot.scatter_(0, dest, torch.arange(flat.numel(), device=valid.device))[:total]  # (N,)
         counts = valid.sum(dim=1)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
+        cu = F.pad(counts.cumsum(0), (1, 0))  # (B + 1,)
         if group_len is None:
-            group_len = counts.view(cls.groups(B), -1).amax(dim=1).tolist()
-        return cls(cu, m_max, torch.div(slot, m_max, rounding_mode="floor"), slot, valid, backend, tuple(group_len))
+            group_len = cls.sorted_group_len(counts).tolist()
+        sample = torch.div(slot, m_max, rounding_mode="floor")
+        layout = cls(cu.to(torch.int32), m_max, sample, slot, valid, backend, tuple(group_len))
+        # The fallback's groups (also the flash kernels' fallback for fp32); compiled, it pads to M_max in one op.
+        if backend != "sdpa_blockdiag" and not torch.compiler.is_compiling():
+            layout.group_rows, layout.group_valid, layout.from_groups = _padded_groups(counts, cu, sample, slot - sample * m_max,
+                                                                                      group_len)
+        return layout
 
     @property
     def batch(self) -> int:
@@ -89,6 +119,27 @@ class PackedLayout:
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """(B, max_len, ...) → (N, ...)."""
         return padded.flatten(0, 1).index_select(0, self.slot)
+
+
+def _padded_groups(counts, cu, sample, position, group_len):
+    """The fallback's padded groups (see :class:`PackedLayout`), built on the device from the host's
+    group lengths: no host-to-device copy. counts (B,), cu (B + 1,), sample and position (N,)."""
+    B = counts.shape[0]
+    size = B // len(group_len)
+    order = counts.argsort(stable=True)  # (B,) samples by kept count
+    rows, masks, starts = [], [], []
+    offset = 0
+    for g, m in enumerate(group_len):
+        m = -(-m // PAD_MULTIPLE) * PAD_MULTIPLE if size > 1 else m
+        members = order[g * size : (g + 1) * size]  # (G,)
+        j = torch.arange(m, device=counts.device)
+        n = counts[members, None]  # (G, 1)
+        rows.append(cu[members, None] + torch.minimum(j, n - 1).clamp(min=0))  # (G, m)
+        masks.append(j < n)
+        starts.append(offset + m * torch.arange(size, device=counts.device))  # (G,) first padded slot of each member
+        offset += size * m
+    start = torch.empty_like(order).scatter_(0, order, torch.cat(starts))  # (B,)
+    return tuple(rows), tuple(masks), start[sample] + position
 
 
 #################################################################################
@@ -185,14 +236,13 @@ def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
         # padded tensors saved for the backward got the strides of the first batch's M in the
         # compiled backward ("expected … stride 480==800" on the next batch).
         return packed_attention(q, k, v, layout.slot, layout.valid)[0]
-    qp, kp, vp = (layout.pad(a).transpose(1, 2) for a in (q, k, v))  # (B, H, M_max, d)
-    out = torch.zeros_like(qp)
-    size = layout.batch // len(layout.group_len)
-    for g, m in enumerate(layout.group_len):  # each group padded to its own length only
-        rows = slice(g * size, (g + 1) * size)
-        mask = layout.valid[rows, None, None, :m]  # (B_g, 1, 1, m) key padding
-        out[rows, :, :m] = F.scaled_dot_product_attention(qp[rows, :, :m], kp[rows, :, :m], vp[rows, :, :m], attn_mask=mask)
-    return layout.unpad(out.transpose(1, 2))  # (N, H, d)
+    outs = []
+    for rows, valid in zip(layout.group_rows, layout.group_valid):  # each group padded to its own length only
+        G, m = rows.shape
+        qp, kp, vp = (a.index_select(0, rows.flatten()).view(G, m, *a.shape[1:]).transpose(1, 2) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :])  # (G, H, m, d)
+        outs.append(out.transpose(1, 2).flatten(0, 1))  # (G·m, H, d)
+    return torch.cat(outs).index_select(0, layout.from_groups)  # (N, H, d)
 
 
 def _sdpa_blockdiag(q, k, v, layout: PackedLayout) -> torch.Tensor:

@@ -68,8 +68,8 @@ class ChunkLayer(nn.Module):
         groups' longest lengths, everything the host must know to fix the shapes and loops after."""
         B = mask.shape[0]
         n = mask.sum(dim=1)  # (B,)
-        group_len = n.view(PackedLayout.groups(B), -1).amax(dim=1)
-        return torch.cat([torch.stack([n.sum(), n.max(), plug_back_radius(mask.view(B, side, side))]), group_len])
+        return torch.cat([torch.stack([n.sum(), n.max(), plug_back_radius(mask.view(B, side, side))]),
+                          PackedLayout.sorted_group_len(n)])
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, backend: str = FALLBACK, sizes=None):
         """h (B, L, D), mask (B, L), p (B, L) → tokens (N, D), order (B, M_max), valid (B, M_max), layout,
