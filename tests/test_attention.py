@@ -5,11 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_models import _randomise
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
 from dcdit_cli.models.attention import PackedLayout, available_backends, packed_attention, select_backend, varlen_attention
 from dcdit_cli.models.dit import DiTBlock
+from dcdit_cli.models.flops import _CUSTOM
 
 CPU_BACKENDS = available_backends("cpu")
 LENGTHS = [5, 1, 9, 3]
@@ -106,15 +109,20 @@ def test_backend_equals_per_sample_attention_forward_and_backward(backend):
     _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
 
 
-def test_compiled_path_op_equals_per_sample_attention_and_passes_opcheck():
-    """The op torch.compile calls (flash forward and flash backward on CPU, from the saved logsumexp)
-    gives each sample's own attention, its logsumexp, and the same gradients; opcheck verifies its fake
-    (meta) functions and autograd registration as torch.compile will use them."""
+@pytest.mark.parametrize("lengths", [LENGTHS, [9, 1, 5, 3, 7, 2, 8, 4]])
+def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(lengths):
+    """The fallback's op (eager and compiled; flash forward and flash backward on CPU, from the saved
+    logsumexp) gives each sample's own attention, its logsumexp, and the same gradients, over groups
+    of one, two and four samples with padding; opcheck verifies its fake (meta) functions and autograd
+    registration as torch.compile will use them."""
     g = torch.Generator().manual_seed(1)
-    N, H, d = sum(LENGTHS), 2, 8
+    N, H, d = sum(lengths), 2, 8
     q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
-    layout = _layout(LENGTHS, "sdpa_pad")
-    out, lse = packed_attention(q, k, v, layout.slot, layout.valid)
+    layout = _layout(lengths, "sdpa_pad")
+    args = ([r.flatten() for r in layout.group_rows], [ok.flatten() for ok in layout.group_valid], layout.from_groups,
+            len(lengths) // len(layout.group_rows))
+    assert any(not bool(ok.all()) for ok in args[1]), "the test needs padding slots"
+    out, lse = packed_attention(q, k, v, *args)
     grad_out = torch.randn(N, H, d, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
@@ -122,12 +130,26 @@ def test_compiled_path_op_equals_per_sample_attention_and_passes_opcheck():
         qb, kb, vb = (a[rows].transpose(0, 1) for a in (q, k, v))  # (H, M, d)
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(0, 1)
 
-    ref = _per_sample(alone, LENGTHS)
+    ref = _per_sample(alone, lengths)
     _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
     ref_lse = _per_sample(lambda b, rows: torch.logsumexp(
-        torch.einsum("mhd,nhd->mhn", q[rows], k[rows]) * d**-0.5, dim=-1), LENGTHS)  # (N, H)
+        torch.einsum("mhd,nhd->mhn", q[rows], k[rows]) * d**-0.5, dim=-1), lengths)  # (N, H)
     assert lse.shape == (N, H) and torch.allclose(lse, ref_lse, atol=1e-5)
-    torch.library.opcheck(packed_attention, (q, k, v, layout.slot, layout.valid))
+    torch.library.opcheck(packed_attention, (q, k, v, *args))
+
+    # FLOPs: those of SDPA's math form on the same padded groups, forward and forward + backward.
+    def counted(fn):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def math_groups():
+        return sum(F.scaled_dot_product_attention(*(a[r].view(args[3], -1, H, d).transpose(1, 2) for a in (q, k, v)),
+                                                  attn_mask=ok.view(args[3], 1, 1, -1)).sum()
+                   for r, ok in zip(args[0], args[1]))
+
+    assert counted(lambda: packed_attention(q, k, v, *args)) == counted(math_groups) > 0
+    assert counted(lambda: packed_attention(q, k, v, *args)[0].sum().backward()) == counted(lambda: math_groups().backward())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

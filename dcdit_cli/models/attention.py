@@ -49,8 +49,8 @@ class PackedLayout:
     group_len: the samples sorted by kept count and split into len(group_len) groups of equal size
     (:meth:`groups`), the largest M of each (host ints, read with the others).
 
-    For the padded fallback (``sdpa_pad``, built outside torch.compile for every backend that can
-    fall back to it): group g's padded batch
+    For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it):
+    group g's padded batch
     ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's last row in its
     padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g]; ``from_groups``
     (N,) is each packed row's index in the groups' padded slots, concatenated.
@@ -97,8 +97,7 @@ class PackedLayout:
             group_len = cls.sorted_group_len(counts).tolist()
         sample = torch.div(slot, m_max, rounding_mode="floor")
         layout = cls(cu.to(torch.int32), m_max, sample, slot, valid, backend, tuple(group_len))
-        # The fallback's groups (also the flash kernels' fallback for fp32); compiled, it pads to M_max in one op.
-        if backend != "sdpa_blockdiag" and not torch.compiler.is_compiling():
+        if backend != "sdpa_blockdiag":  # the fallback's groups (also the flash kernels' fallback in fp32)
             layout.group_rows, layout.group_valid, layout.from_groups = _padded_groups(counts, cu, sample, slot - sample * m_max,
                                                                                       group_len)
         return layout
@@ -147,102 +146,119 @@ def _padded_groups(counts, cu, sample, position, group_len):
 #################################################################################
 
 
-def _pad_heads(a: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Packed (N, H, d) → padded (B, H, M, d), zeros in the padding slots."""
-    B, M = valid.shape
-    out = a.new_zeros((B * M, *a.shape[1:])).index_copy(0, slot, a)
-    return out.view(B, M, *a.shape[1:]).transpose(1, 2)
+def _gather(a: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """Packed (N, H, ...) → one group padded (G, H, m, ...): ``rows`` (G·m,) is the packed row of each
+    slot, G = ``size``."""
+    return a.index_select(0, rows).view(size, -1, *a.shape[1:]).transpose(1, 2)
 
 
-def _unpad_heads(a: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Padded (B, H, M, d) → packed (N, H, d), contiguous."""
-    return a.transpose(1, 2).flatten(0, 1).index_select(0, slot)
+def _scatter(groups: list[torch.Tensor], from_groups: torch.Tensor) -> torch.Tensor:
+    """The groups' padded (G, H, m, ...) → packed (N, H, ...): each packed row from its slot."""
+    return torch.cat([g.transpose(1, 2).flatten(0, 1) for g in groups]).index_select(0, from_groups)
 
 
-def _key_padding(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """valid (B, M) → an additive key-padding mask (B, 1, 1, M): 0 at real keys, −inf at padding
+def _key_padding(valid: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """valid (G·m,) → an additive key-padding mask (G, 1, 1, m): 0 at real keys, −inf at padding
     (the CPU flash kernels take the mask in the query's dtype, not as bools)."""
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
+    mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+    return mask.view(size, 1, 1, -1)
 
 
 @torch.library.custom_op("dcdit::packed_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
-                     valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (N, H, d) packed → (output (N, H, d), logsumexp (N, H)): attention over the batch
-    padded to M_max with a key-padding mask, as one op torch.compile does not look into. Its inputs,
-    outputs and saved tensors are packed, so no stride depends on M (:func:`_sdpa_pad` says why that
-    matters). On CPU it is the flash kernel, whose logsumexp lets the backward be the flash backward;
-    elsewhere SDPA, and the logsumexp is empty (the backward recomputes the weights)."""
-    qp, kp, vp = (_pad_heads(a, slot, valid) for a in (q, k, v))  # (B, H, M, d)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qp, kp, vp, attn_mask=_key_padding(valid, q.dtype))  # (B, H, M, d), (B, H, M) fp32
-        return _unpad_heads(out, slot), _unpad_heads(lse[..., None], slot)[..., 0]
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :])
-    return _unpad_heads(out, slot), q.new_empty(0, dtype=torch.float32)
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[torch.Tensor], valid: list[torch.Tensor],
+                     from_groups: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (N, H, d) packed → (output (N, H, d), logsumexp (N, H)): attention within each sample,
+    the samples run in the padded groups of a :class:`PackedLayout` (``rows`` and ``valid``, each
+    group's (G·m,) flattened; ``size`` = G), with a key-padding mask.
+
+    The fallback under torch.compile, which does not look into it: its inputs, outputs and saved
+    tensors are packed or flat, so no stride depends on a group's length (:func:`_sdpa_pad` says why
+    that matters). On CPU it is the flash kernel, whose logsumexp lets the backward be the
+    flash backward; elsewhere SDPA, and the logsumexp is empty (the backward recomputes the weights).
+    """
+    outs, lses = [], []
+    for r, ok in zip(rows, valid):
+        qp, kp, vp = (_gather(a, r, size) for a in (q, k, v))  # (G, H, m, d)
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qp, kp, vp, attn_mask=_key_padding(ok, size, q.dtype))  # (G, H, m, d), (G, H, m) fp32
+            lses.append(lse)
+        else:
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=ok.view(size, 1, 1, -1))
+        outs.append(out)
+    lse = _scatter(lses, from_groups) if lses else q.new_empty(0, dtype=torch.float32)
+    return _scatter(outs, from_groups), lse
 
 
 @torch.library.custom_op("dcdit::packed_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                              lse: torch.Tensor, slot: torch.Tensor,
-                              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`packed_attention` with respect to q, k, v, all packed (N, H, d). On CPU the
-    flash backward from the saved output and logsumexp (padded query rows have zero gradient, so they
-    contribute nothing); elsewhere the attention weights P are recomputed:
+                              lse: torch.Tensor, rows: list[torch.Tensor], valid: list[torch.Tensor], from_groups: torch.Tensor,
+                              size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`packed_attention` with respect to q, k, v, all packed (N, H, d). A padding
+    slot repeats a real row of its sample (q, output and logsumexp alike, so every weight stays
+    finite) and gets no gradient, so it contributes nothing. On CPU the flash backward from the
+    saved output and logsumexp; elsewhere the attention weights P are recomputed:
     dv = Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k / √d, dk = dSᵀ q / √d."""
-    g, q, k, v = (_pad_heads(a, slot, valid) for a in (grad, q, k, v))  # (B, H, M, d)
-    if q.device.type == "cpu":
-        lse = _pad_heads(lse[..., None], slot, valid)[..., 0]  # (B, H, M)
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g, q, k, v, _pad_heads(out, slot, valid), lse, 0.0, False, attn_mask=_key_padding(valid, q.dtype))
-        return tuple(_unpad_heads(a, slot) for a in grads)
-    scale = q.shape[-1] ** -0.5
-    weights = (q @ k.transpose(-2, -1) * scale).masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
-    d_weights = g @ v.transpose(-2, -1)  # (B, H, M, M)
-    d_scores = weights * (d_weights - (d_weights * weights).sum(dim=-1, keepdim=True))
-    return (_unpad_heads(d_scores @ k * scale, slot), _unpad_heads(d_scores.transpose(-2, -1) @ q * scale, slot),
-            _unpad_heads(weights.transpose(-2, -1) @ g, slot))
+    grads = ([], [], [])
+    for r, ok in zip(rows, valid):
+        g = _gather(grad, r, size) * ok.view(size, 1, -1, 1)  # (G, H, m, d), zero at padding slots
+        qp, kp, vp = (_gather(a, r, size) for a in (q, k, v))
+        if q.device.type == "cpu":
+            group = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g, qp, kp, vp, _gather(out, r, size), _gather(lse, r, size).contiguous(), 0.0, False,
+                attn_mask=_key_padding(ok, size, q.dtype))
+        else:
+            scale = q.shape[-1] ** -0.5
+            weights = (qp @ kp.transpose(-2, -1) * scale).masked_fill(~ok.view(size, 1, 1, -1), float("-inf")).softmax(-1)
+            d_weights = g @ vp.transpose(-2, -1)  # (G, H, m, m)
+            d_scores = weights * (d_weights - (d_weights * weights).sum(dim=-1, keepdim=True))
+            group = (d_scores @ kp * scale, d_scores.transpose(-2, -1) @ qp * scale, weights.transpose(-2, -1) @ g)
+        for into, a in zip(grads, group):
+            into.append(a)
+    return tuple(_scatter(a, from_groups) for a in grads)
 
 
 @packed_attention.register_fake
-def _(q, k, v, slot, valid):
+def _(q, k, v, rows, valid, from_groups, size):
     lse_shape = (q.shape[0], q.shape[1]) if q.device.type == "cpu" else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @packed_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, slot, valid):
+def _(grad, q, k, v, out, lse, rows, valid, from_groups, size):
     return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in (q, k, v))
 
 
 def _save_for_backward(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
-    q, k, v, slot, valid = inputs
-    ctx.save_for_backward(q, k, v, *output, slot, valid)
+    q, k, v, rows, valid, from_groups, size = inputs
+    ctx.groups, ctx.size = len(rows), size
+    ctx.save_for_backward(q, k, v, *output, from_groups, *rows, *valid)
 
 
 def _attention_grads(ctx, grad, _grad_lse):
-    return (*packed_attention_backward(grad, *ctx.saved_tensors), None, None)
+    q, k, v, out, lse, from_groups, *groups = ctx.saved_tensors
+    rows, valid = groups[: ctx.groups], groups[ctx.groups :]
+    return (*packed_attention_backward(grad, q, k, v, out, lse, rows, valid, from_groups, ctx.size),
+            [None] * ctx.groups, [None] * ctx.groups, None, None)
 
 
 packed_attention.register_autograd(_attention_grads, setup_context=_save_for_backward)
 
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    rows, valid = [r.flatten() for r in layout.group_rows], [ok.flatten() for ok in layout.group_valid]
+    size = layout.batch // len(rows)  # samples per group
     if torch.compiler.is_compiling():
-        # Under torch.compile (torch 2.14) attention is one opaque op on the packed tensors, the whole
-        # batch padded to M_max inside it. A length per group in the graph let Inductor specialise on
-        # it (a recompile per batch); written out (q kᵀ, softmax, · v) it specialised on M_max; and
-        # padded tensors saved for the backward got the strides of the first batch's M in the
-        # compiled backward ("expected … stride 480==800" on the next batch).
-        return packed_attention(q, k, v, layout.slot, layout.valid)[0]
-    outs = []
-    for rows, valid in zip(layout.group_rows, layout.group_valid):  # each group padded to its own length only
-        G, m = rows.shape
-        qp, kp, vp = (a.index_select(0, rows.flatten()).view(G, m, *a.shape[1:]).transpose(1, 2) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :])  # (G, H, m, d)
-        outs.append(out.transpose(1, 2).flatten(0, 1))  # (G·m, H, d)
-    return torch.cat(outs).index_select(0, layout.from_groups)  # (N, H, d)
+        # Under torch.compile (torch 2.14) attention is one opaque op on packed and flat tensors: padded
+        # tensors in the graph, or saved for the backward, let Inductor specialise on their lengths (a
+        # recompile per batch) or gave them the strides of the first batch ("expected … stride
+        # 480==800" on the next batch), and attention written out (q kᵀ, softmax, · v) specialised on M_max.
+        return packed_attention(q, k, v, rows, valid, layout.from_groups, size)[0]
+    # Eager: the same groups through SDPA and autograd, which costs less than the op's dispatch.
+    outs = [F.scaled_dot_product_attention(*(_gather(a, r, size) for a in (q, k, v)), attn_mask=ok.view(size, 1, 1, -1))
+            for r, ok in zip(rows, valid)]  # each (G, H, m, d)
+    return _scatter(outs, layout.from_groups)  # (N, H, d)
 
 
 def _sdpa_blockdiag(q, k, v, layout: PackedLayout) -> torch.Tensor:
