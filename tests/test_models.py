@@ -80,6 +80,25 @@ def test_budget_per_sample_and_zero_budget_identity():
         m(x, t, y, budget=1.0)
 
 
+def test_a_host_zero_budget_skips_tail_dropping(monkeypatch):
+    """Nothing to drop, so a host budget of 0 (or None: training) never runs the sort of tail dropping;
+    a tensor budget, even of zeros, does (its values are on the device)."""
+    import dcdit_cli.models.dcdit as dcdit
+
+    m = _randomise(DCDiT(ModelConfig(**TINY))).eval()
+    x, t, y = _inputs(2)
+    calls = []
+    monkeypatch.setattr(dcdit, "tail_drop", lambda mask, p, f: calls.append(f) or mask)
+    with torch.no_grad():
+        for budget in (None, 0.0, 0):
+            _, stats = m(x, t, y, budget=budget)
+            assert torch.equal(stats.kept, stats.mask)
+        assert calls == []
+        m(x, t, y, budget=0.25)
+        m(x, t, y, budget=torch.zeros(2))
+    assert len(calls) == 2 and calls[0].tolist() == [0.25, 0.25]
+
+
 def test_diffusion_loss_alone_reaches_router():
     torch.manual_seed(0)
     m = _randomise(DCDiT(ModelConfig(**TINY)))

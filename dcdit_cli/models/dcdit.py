@@ -61,8 +61,9 @@ class RouterStats(ForwardStats):
         return self.p.shape[1] / self.num_kept.float()
 
 
-def as_fraction(budget, batch: int, device) -> torch.Tensor:
-    """A scalar or per-sample tail-dropping fraction → (B,) float tensor on ``device``, checked in [0, 1).
+def as_fraction(budget, batch: int, device) -> torch.Tensor | None:
+    """A scalar or per-sample tail-dropping fraction → (B,) float tensor on ``device``, checked in [0, 1),
+    or None for a host 0 (or None): nothing to drop, so the forward skips tail dropping.
 
     A host value (None, a float) is checked on the host and filled on the device: the value travels
     as a kernel argument, so a training or sampling step copies nothing from host memory (a
@@ -74,7 +75,7 @@ def as_fraction(budget, batch: int, device) -> torch.Tensor:
         value = 0.0 if budget is None else float(budget)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"budget fractions must lie in [0, 1), got {budget}")
-        return torch.full((batch,), value, dtype=torch.float32, device=device)
+        return torch.full((batch,), value, dtype=torch.float32, device=device) if value > 0 else None
     f = budget.to(dtype=torch.float32)
     if f.device != torch.device(device):  # the caller's tensor lives elsewhere: build it on the device to avoid this
         f = f.to(device)
@@ -166,7 +167,7 @@ class DCDiT(nn.Module):
         return out, stats
 
     def route(self, x, t, y, fraction, boundary=None):
-        """Everything before the host synchronisation: x (B, C, H, W), t, y (B,), fraction (B,) →
+        """Everything before the host synchronisation: x (B, C, H, W), t, y (B,), fraction (B,) or None →
         c (B, D), t_emb (B, D), h (B, L, D), p (B, L), mask (B, L), kept (B, L) and the device sizes
         the host reads (:meth:`ChunkLayer.sizes`). One graph under ``torch.compile``
         (:func:`dcdit_cli.models.compile_model`)."""
@@ -181,7 +182,7 @@ class DCDiT(nn.Module):
         if boundary is not None:
             p = torch.where(boundary == mask, p, 1 - p)  # a flipped decision flips p: same confidence
             mask = keep_at_least_one(boundary, p)
-        kept = tail_drop(mask, p, fraction)  # (B, L)
+        kept = mask if fraction is None else tail_drop(mask, p, fraction)  # (B, L)
         return c, t_emb, h, p, mask, kept, self.chunk.sizes(kept, side)
 
     def process_kept(self, h, c, t_emb, p, kept, side: int, sizes: list[int], backend: str, record_blocks: bool = False,
