@@ -258,7 +258,9 @@ def profile_step(name: str, step, calls: int = 5, rows: int = 12, shapes: bool =
             step()
     events = sorted(prof.key_averages(group_by_input_shape=shapes), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"  {name}: most self time per step ({calls} steps profiled, {total / calls / 1e3:.1f} ms per step in all)")
+    ops = sum(e.count for e in events if e.key.startswith("aten::")) / calls
+    print(f"  {name}: most self time per step ({calls} steps profiled, {total / calls / 1e3:.1f} ms per step in all, "
+          f"{ops:.0f} aten operator calls per step, nested ones included)")
     for e in events[:rows]:
         print(f"    {e.key[:60]:<60} {e.count / calls:5.1f}× {e.self_cpu_time_total / calls / 1e3:7.2f} ms  "
               f"{e.self_cpu_time_total / total:6.1%}")

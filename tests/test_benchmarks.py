@@ -55,6 +55,8 @@ def test_perf_train_profile_lists_the_costliest_operators_of_both_models():
     lines = out.stdout.splitlines()
     heads = [i for i, line in enumerate(lines) if "most self time per step" in line]
     assert [lines[i].split(":")[0].strip() for i in heads] == ["toy-dit", "toy"]
+    op_calls = [int(lines[i].split(" aten operator calls")[0].split()[-1]) for i in heads]
+    assert op_calls[1] > op_calls[0] > 0  # the DC-DiT's scaffold runs more operators than the DiT
     for i in heads:
         rows, rest = lines[i + 1 : i + 13], lines[i + 13]
         ms = [float(r.split()[-3]) for r in rows]
