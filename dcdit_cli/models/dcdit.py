@@ -193,8 +193,10 @@ class DCDiT(nn.Module):
         ``torch.compile``, the sizes dynamic (the radius bucketed to a power of two, :func:`bucket_radius`)."""
         B = h.shape[0]
         tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend, sizes)  # (N, D) packed; (B, M_max) × 2
-        positions = layout.unpad(self.inner_positions(order, side))  # (N, 2)
-        tokens = tokens + sincos_2d(positions, self.config.hidden_size).to(tokens.dtype)
+        # One embedding per grid position (L rows, shared by the batch), then each kept token's row.
+        grid = self.inner_positions(torch.arange(side * side, device=h.device), side)  # (L, 2)
+        table = sincos_2d(grid, self.config.hidden_size)  # (L, D)
+        tokens = tokens + table.index_select(0, layout.unpad(order)).to(tokens.dtype)  # (N, D)
         tokens, gates, outputs = run_blocks(self.blocks, tokens, c, t_emb, layout, skip_masked, record_blocks)  # (N, D)
         block_outputs = [layout.pad(o) for o in outputs] if record_blocks else None  # each (B, M_max, D)
         tokens = self.inner_norm(tokens)
