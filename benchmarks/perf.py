@@ -485,8 +485,8 @@ def bench_scaffold(args) -> None:
 
 
 def bench_smoothing(args) -> None:
-    """The de-chunk blur (models/chunking.py ``gaussian_blur``: band-matrix products on tiles of the
-    grid) against the two depthwise convolutions it replaced, on the (B, D + 1, H, W) grid they ran
+    """The de-chunk blur (models/chunking.py ``gaussian_blur``: band-matrix products on an
+    (H, W, B·(D + 1)) table) against the two depthwise convolutions it replaced, on the (B, D + 1, H, W) grid they ran
     on, forward + backward, per grid side: time, and time per element (flat when linear in L)."""
     import torch.nn.functional as F
 
@@ -638,6 +638,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile_rows < 1:
         parser.error(f"--profile-rows {args.profile_rows}: list at least 1 operator")
+    if args.lengths and not 1 <= args.lengths[0] <= args.lengths[1]:
+        parser.error(f"--lengths {args.lengths[0]} {args.lengths[1]}: give 1 ≤ LO ≤ HI")
     torch.set_num_threads(args.threads)
     print_machine()
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,

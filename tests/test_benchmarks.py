@@ -116,3 +116,6 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     kept = next(line for line in lines if "kept [" in line).split("kept ")[1].split("]")[0]
     shuffled = next(line for line in run("--shuffle") if "kept [" in line).split("kept ")[1].split("]")[0]
     assert kept != shuffled and sorted(kept.split(", ")) == sorted(shuffled.split(", "))
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--lengths", "90", "56"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--lengths 90 56: give 1 ≤ LO ≤ HI" in bad.stderr

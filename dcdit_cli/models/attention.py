@@ -49,11 +49,11 @@ class PackedLayout:
     group_len: the samples sorted by kept count and split into len(group_len) groups of equal size
     (:meth:`groups`), the largest M of each (host ints, read with the others).
 
-    For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it):
-    group g's padded batch
-    ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's last row in its
-    padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g]; ``from_groups``
-    (N,) is each packed row's index in the groups' padded slots, concatenated.
+    For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it): group
+    g's padded batch ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's
+    last row in its padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g]
+    rounded up to :data:`PAD_MULTIPLE` when G > 1; ``from_groups`` (N,) is each packed row's index in
+    the groups' padded slots, concatenated.
     """
 
     cu_seqlens: torch.Tensor
