@@ -13,6 +13,7 @@ with the sample index, or in a fixed random order with ``--shuffle`` (a router's
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--lengths LO HI]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
+    python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5]
     python benchmarks/perf.py compile [--steps 12] [--whole]
 
 Every command first prints the machine: CPU model, its vector/matrix ISA extensions (AVX-512, AMX),
@@ -515,6 +516,27 @@ def bench_smoothing(args) -> None:
               f"{'band' if side <= BAND_MAX_SIDE else 'conv'})")
 
 
+def bench_norm(args) -> None:
+    """The DC-DiT's RMSNorm (models/norms.py: a written-out backward on CPU) against torch's
+    ``nn.RMSNorm`` (fused forward, composite backward) and against a LayerNorm of the same shape,
+    forward + backward on the (rows, D) each norm of the ``--size`` model sees in a training step."""
+    from dcdit_cli.models.norms import RMSNorm
+
+    recipe = load_recipe(SIZES[args.size][0][0], SIZES[args.size][0][1]).model
+    D, e, L = recipe.hidden_size, recipe.scaffold_width, recipe.input_size**2
+    shapes = {"encoder (B, L, D)": (args.batch, L, D), "inner (N, D)": (args.batch * L // 4, D),
+              "decoder (B, L, e)": (args.batch, L, e)}
+    print(f"RMSNorm forward + backward, {args.size}, batch {args.batch}, median of {args.repeats} (interleaved)")
+    for name, shape in shapes.items():
+        x = torch.randn(*shape, requires_grad=True)
+        norms = {"dcdit": RMSNorm(shape[-1], eps=1e-5), "torch": torch.nn.RMSNorm(shape[-1], eps=1e-5),
+                 "LayerNorm": torch.nn.LayerNorm(shape[-1], eps=1e-5)}
+        times = interleaved({k: (lambda n=n: n(x).backward(torch.ones(shape))) for k, n in norms.items()}, args.repeats)
+        print(f"  {name:<18} {str(shape):<16} dcdit {times['dcdit'] * 1e6:7.0f} us  torch {times['torch'] * 1e6:7.0f} us  "
+              f"LayerNorm {times['LayerNorm'] * 1e6:7.0f} us  dcdit / torch {times['dcdit'] / times['torch']:.2f}  "
+              f"dcdit / LayerNorm {times['dcdit'] / times['LayerNorm']:.2f}")
+
+
 def bench_attention(args) -> None:
     """Packed attention (forward + backward) on kept counts L/4 ± spread, every portable backend,
     against the DiT's dense attention over as many tokens: B samples of the mean kept count."""
@@ -613,7 +635,7 @@ def main() -> None:
     # No abbreviations: --small-pages is read from sys.argv before argparse runs.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("what", choices=["train", "sample", "scaffold", "attention", "smoothing", "compile"])
+    parser.add_argument("what", choices=["train", "sample", "scaffold", "attention", "smoothing", "norm", "compile"])
     parser.add_argument("--size", choices=sorted(SIZES), default="toy")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--spread", type=float, default=0.3)
@@ -643,7 +665,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print_machine()
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,
-     "smoothing": bench_smoothing, "compile": bench_compile}[args.what](args)
+     "smoothing": bench_smoothing, "norm": bench_norm, "compile": bench_compile}[args.what](args)
 
 
 if __name__ == "__main__":

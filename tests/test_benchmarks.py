@@ -119,3 +119,14 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--lengths", "90", "56"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--lengths 90 56: give 1 ≤ LO ≤ HI" in bad.stderr
+
+
+def test_perf_norm_times_each_norm_of_the_model_against_torchs_and_a_layernorm():
+    """benchmarks/perf.py norm: one row per RMSNorm of the model, at the shape it sees in a step."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "norm", "--batch", "2", "--repeats", "1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if "dcdit / torch" in line]
+    assert [r.split("(")[0].strip() for r in rows] == ["encoder", "inner", "decoder"]
+    assert "(2, 256, 96)" in rows[0] and "(128, 96)" in rows[1] and "(2, 256, 32)" in rows[2]

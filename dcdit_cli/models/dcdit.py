@@ -31,6 +31,7 @@ from dcdit_cli.models.attention import select_backend
 from dcdit_cli.models.chunking import ChunkLayer, DeChunkLayer, bucket_radius, keep_at_least_one, raster_to_rc, ste, tail_drop
 from dcdit_cli.models.dit import (DiTBlock, FinalLayer, ForwardStats, LabelEmbedder, TimestepEmbedder, initialize_dit_weights,
                                   run_blocks, sincos_2d)
+from dcdit_cli.models.norms import RMSNorm
 from dcdit_cli.models.routers import force_endpoints, make_router
 from dcdit_cli.models.scaffold import Decoder, Encoder
 
@@ -105,7 +106,7 @@ class DCDiT(nn.Module):
         self.router = make_router(config.router, D, config.target_ratio, eps)
         self.chunk = ChunkLayer()
         self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
-        self.inner_norm = nn.RMSNorm(D, eps=eps)
+        self.inner_norm = RMSNorm(D, eps=eps)
         self.dechunk = DeChunkLayer(config.smoothing_sigma)
         self.residual_proj = nn.Linear(D, D)
         self.decoder = Decoder(e, D, config.decoder_blocks, config.cond_adaptor, eps, groups)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from dcdit_cli.config.recipe import norm_group_count
+from dcdit_cli.models.norms import RMSNorm
 
 
 def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
@@ -65,10 +66,10 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(
             [ResBlock(i, o, width, hidden_size, cond_adaptor, eps, norm_groups) for i, o in _widths(n_blocks, width, hidden_size)]
         )
-        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.norm = RMSNorm(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)  # (B, e, H, W)
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))  # (B, e, H, W), channels last
         for block in self.blocks:
             h = block(h, c)  # (B, D, H, W) after the last block
         return self.norm(h.flatten(2).transpose(1, 2))  # (B, L, D)
@@ -84,10 +85,10 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(
             [ResBlock(i, o, width, hidden_size, cond_adaptor, eps, norm_groups) for i, o in _widths(n_blocks, hidden_size, width)]
         )
-        self.norm = nn.RMSNorm(width, eps=eps)
+        self.norm = RMSNorm(width, eps=eps)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor, side: int) -> torch.Tensor:
-        h = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], side, side)  # (B, D, H, W)
+        h = z.view(z.shape[0], side, side, z.shape[2]).permute(0, 3, 1, 2)  # (B, D, H, W), channels last: no copy
         for block in self.blocks:
             h = block(h, c)  # (B, e, H, W)
         return self.norm(h.flatten(2).transpose(1, 2))  # (B, L, e)
