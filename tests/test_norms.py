@@ -56,3 +56,22 @@ def test_other_dtypes_use_torchs_kernel_and_state_dict_keys_are_nn_rmsnorms():
     assert torch.equal(norm(x), F.rms_norm(x, (24,), norm.weight, 1e-5))
     assert isinstance(norm, torch.nn.RMSNorm)
     assert norm.state_dict().keys() == torch.nn.RMSNorm(24).state_dict().keys()
+
+
+def test_a_compiled_norm_traces_torchs_kernel_with_the_same_values_and_gradients():
+    norm = _norm(24)
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(4))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = norm(xa)
+    out = torch.compile(norm, backend=backend, fullgraph=True)(xb)
+    assert len(graphs) == 1 and "rms_norm" in graphs[0] and "rsqrt" not in graphs[0]
+    torch.testing.assert_close(out, eager)
+    eager.sum().backward()
+    out.sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
