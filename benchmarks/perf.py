@@ -525,14 +525,17 @@ def bench_norm(args) -> None:
     recipe = load_recipe(SIZES[args.size][0][0], SIZES[args.size][0][1]).model
     D, e, L = recipe.hidden_size, recipe.scaffold_width, recipe.input_size**2
     shapes = {"encoder (B, L, D)": (args.batch, L, D), "inner (N, D)": (args.batch * L // 4, D),
-              "decoder (B, L, e)": (args.batch, L, e)}
-    print(f"RMSNorm forward + backward, {args.size}, batch {args.batch}, median of {args.repeats} (interleaved)")
+              "decoder (B, L, e)": (args.batch, L, e), "encoder, transposed": (args.batch, L, D)}
+    print(f"RMSNorm forward + backward, {args.size}, batch {args.batch}, median of {args.repeats} (interleaved); "
+          f"'transposed': the (B, L, D) view of a channels-first (B, D, H, W) encoder output")
     for name, shape in shapes.items():
         x = torch.randn(*shape, requires_grad=True)
+        if name.endswith("transposed"):
+            x = torch.randn(shape[0], shape[2], shape[1]).transpose(1, 2).requires_grad_()
         norms = {"dcdit": RMSNorm(shape[-1], eps=1e-5), "torch": torch.nn.RMSNorm(shape[-1], eps=1e-5),
                  "LayerNorm": torch.nn.LayerNorm(shape[-1], eps=1e-5)}
         times = interleaved({k: (lambda n=n: n(x).backward(torch.ones(shape))) for k, n in norms.items()}, args.repeats)
-        print(f"  {name:<18} {str(shape):<16} dcdit {times['dcdit'] * 1e6:7.0f} us  torch {times['torch'] * 1e6:7.0f} us  "
+        print(f"  {name:<20} {str(shape):<16} dcdit {times['dcdit'] * 1e6:7.0f} us  torch {times['torch'] * 1e6:7.0f} us  "
               f"LayerNorm {times['LayerNorm'] * 1e6:7.0f} us  dcdit / torch {times['dcdit'] / times['torch']:.2f}  "
               f"dcdit / LayerNorm {times['dcdit'] / times['LayerNorm']:.2f}")
 

@@ -128,5 +128,5 @@ def test_perf_norm_times_each_norm_of_the_model_against_torchs_and_a_layernorm()
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if "dcdit / torch" in line]
-    assert [r.split("(")[0].strip() for r in rows] == ["encoder", "inner", "decoder"]
+    assert [r.split("(")[0].strip() for r in rows] == ["encoder", "inner", "decoder", "encoder, transposed"]
     assert "(2, 256, 96)" in rows[0] and "(128, 96)" in rows[1] and "(2, 256, 32)" in rows[2]
