@@ -51,6 +51,27 @@ def test_shapes_and_stats():
     assert torch.allclose(stats.compression, 64 / stats.num_kept.float())
 
 
+def test_the_scaffold_runs_channels_last_without_copies_at_its_ends():
+    """Every convolution and GroupNorm of the encoder and decoder sees a channels-last input, so the
+    encoder's (B, D, H, W) output read as (B, L, D) tokens, and the decoder's (B, L, D) input read
+    as a grid, need no copy (docs/performance.md, "a channels-last scaffold")."""
+    m = _randomise(DCDiT(ModelConfig(**TINY)))
+    seen = []
+    hooks = [mod.register_forward_hook(lambda mod, a, o, name=name: seen.append((name, a[0], o)))
+             for name, mod in m.named_modules()
+             if name.startswith(("encoder", "decoder")) and isinstance(mod, (torch.nn.Conv2d, torch.nn.GroupNorm))]
+    m(*_inputs(2))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(hooks) > 0
+    for name, inp, out in seen:
+        assert inp.is_contiguous(memory_format=torch.channels_last) and not inp.is_contiguous(), name
+    encoder_out = next(o for name, _, o in reversed(seen) if name.startswith("encoder"))
+    assert encoder_out.flatten(2).transpose(1, 2).is_contiguous()  # (B, L, D) tokens without a copy
+    decoder_in = next(i for name, i, _ in seen if name.startswith("decoder"))
+    assert decoder_in.flatten(2).transpose(1, 2).is_contiguous()  # the (B, L, D) de-chunked tokens, as a grid
+
+
 def test_batch_invariance_alone_vs_batch_of_four():
     torch.manual_seed(0)
     m = _randomise(DCDiT(ModelConfig(**TINY))).eval()
