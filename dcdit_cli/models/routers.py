@@ -58,8 +58,9 @@ class Router(nn.Module):
         """
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.float()
-            q = self.q_proj(h)  # (B, L, D), normalised in s below
-            k = F.normalize(self.k_proj(h), dim=-1)  # (B, L, D)
+            # W_Q and W_K in one product: one pass over h, forward and backward
+            q, k = F.linear(h, torch.cat([self.q_proj.weight, self.k_proj.weight])).chunk(2, dim=-1)  # (B, L, D) each
+            k = F.normalize(k, dim=-1)  # q is normalised in s below
             B, L, D = k.shape
             k_grid = k.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
             k_bar = self.k_avg(k_grid).flatten(2).transpose(1, 2)  # (B, L, D), before the border rescale
