@@ -577,7 +577,12 @@ def bench_attention(args) -> None:
 
 def attention_by_length(args, heads: int, head_dim: int) -> None:
     """--lengths LO HI: SDPA forward + backward on (batch, heads, m, head_dim) with a key-padding
-    mask, as the fallback runs a group, for every m in [LO, HI]: the time per sample against m."""
+    mask, as the fallback runs a group, for every m in [LO, HI]: the time per sample against m. Then
+    the fallback's padding rule (models/attention.py ``padded_length``) on these times: for each
+    group length whose padded lengths were timed, the time at the rule's length against always
+    rounding up to a multiple of 8, and against the fastest length from m to that multiple + 8."""
+    from dcdit_cli.models.attention import PAD_MULTIPLE, padded_length
+
     def run(m):
         q = torch.randn(args.batch, heads, m, head_dim, requires_grad=True)
         mask = torch.ones(args.batch, 1, 1, m, dtype=torch.bool)
@@ -589,6 +594,16 @@ def attention_by_length(args, heads: int, head_dim: int) -> None:
           f"µs per sample at each length (* a multiple of 8)")
     for m, t in times.items():
         print(f"  {m:4d}{'*' if m % 8 == 0 else ' '} {t / args.batch * 1e6:8.1f} µs")
+    lengths = torch.arange(lo, hi + 1)
+    rule, up = padded_length(lengths).tolist(), (-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE).tolist()
+    fair = [(m, r, u) for m, r, u in zip(lengths.tolist(), rule, up) if u + PAD_MULTIPLE <= hi]
+    if fair:
+        vs_up = [times[r] / times[u] for _, r, u in fair]
+        vs_best = [times[r] / min(times[k] for k in range(m, u + PAD_MULTIPLE + 1)) for m, r, u in fair]
+        print(f"  padding rule, group lengths {fair[0][0]}–{fair[-1][0]}: time at the rule's length / at the next multiple "
+              f"of {PAD_MULTIPLE}: mean {statistics.mean(vs_up):.3f}, range {min(vs_up):.3f}–{max(vs_up):.3f}; "
+              f"/ the fastest length up to that multiple + {PAD_MULTIPLE}: mean {statistics.mean(vs_best):.3f}, "
+              f"worst {max(vs_best):.3f}")
 
 
 def bench_compile(args) -> None:

@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
-from dcdit_cli.models.attention import PackedLayout, available_backends, packed_attention, select_backend, varlen_attention
+from dcdit_cli.models.attention import (PackedLayout, available_backends, packed_attention, padded_length, select_backend,
+                                        varlen_attention)
 from dcdit_cli.models.dit import DiTBlock
 from dcdit_cli.models.flops import _CUSTOM
 
@@ -63,12 +64,12 @@ def test_fallback_groups_are_about_four_samples_and_at_least_the_two_halves():
 
 def test_fallback_pads_groups_of_samples_sorted_by_kept_count():
     """The padded fallback sorts the samples by kept count before grouping them, so a group pads to
-    lengths close to its own: here 4 and 9 (rounded up to 8 and 16) where the batch's halves in order
-    would pad to 9 and 8."""
+    lengths close to its own: here 4 and 9 (padded to 4 and 16) where the batch's halves in order
+    would pad to 9 and 8 (16 and 8)."""
     lengths = [9, 1, 5, 3, 7, 2, 8, 4]
     layout = _layout(lengths, "sdpa_pad")
-    assert layout.group_len == (4, 9)
-    assert [tuple(r.shape) for r in layout.group_rows] == [(4, 8), (4, 16)]
+    assert layout.group_len == (4, 16)  # the lengths the groups are padded to
+    assert [tuple(r.shape) for r in layout.group_rows] == [(4, 4), (4, 16)]
     members = [sorted(layout.sample[r[:, 0]].tolist()) for r in layout.group_rows]
     assert members == [[1, 3, 5, 7], [0, 2, 4, 6]]  # the short samples together, the long ones together
     assert sorted(v.sum(1).tolist() for v in layout.group_valid) == [[1, 2, 3, 4], [5, 7, 8, 9]]
@@ -77,7 +78,16 @@ def test_fallback_pads_groups_of_samples_sorted_by_kept_count():
     padded = torch.cat([r.flatten() for r in layout.group_rows])
     assert torch.equal(padded[layout.from_groups], torch.arange(sum(lengths)))  # from_groups undoes the gather
     scores = sum(r.shape[0] * r.shape[1] ** 2 for r in layout.group_rows)
-    assert scores == 4 * 8**2 + 4 * 16**2 < 8 * 16**2  # the halves in batch order: 9 and 8, rounded to 16
+    assert scores == 4 * 4**2 + 4 * 16**2 < 4 * 16**2 + 4 * 8**2  # the halves in batch order: 9 and 8, padded to 16 and 8
+
+
+def test_a_group_is_padded_to_a_multiple_of_8_except_just_past_a_multiple_of_16():
+    """padded_length: up to the next multiple of 8 (where the CPU flash kernel runs faster), except a
+    length 1–4 past a multiple of 16 (where the kernel is already about as fast)."""
+    assert padded_length(torch.arange(1, 18)).tolist() == [1, 2, 3, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 17]
+    assert padded_length(torch.tensor([60, 61, 64, 65, 68, 69, 83, 85, 90, 253])).tolist() == [64, 64, 64, 65, 68, 72, 83, 88, 96, 256]
+    layout = _layout([13, 2, 6, 5], "sdpa_pad")  # groups (2, 5) and (6, 13): padded to 8 and 16
+    assert [tuple(r.shape) for r in layout.group_rows] == [(2, 8), (2, 16)]
 
 
 def test_fallback_leaves_a_lone_sample_unpadded():
@@ -91,7 +101,7 @@ def test_fallback_leaves_a_lone_sample_unpadded():
 def test_fallback_pads_a_lite_cfg_unconditional_half_apart():
     """Lite-CFG: the unconditional half keeps fewer tokens, and it is its own group."""
     layout = _layout([9, 8, 2, 3], "sdpa_pad")
-    assert [tuple(r.shape) for r in layout.group_rows] == [(2, 8), (2, 16)]
+    assert [tuple(r.shape) for r in layout.group_rows] == [(2, 3), (2, 16)]
     assert [sorted(layout.sample[r[:, 0]].tolist()) for r in layout.group_rows] == [[2, 3], [0, 1]]
 
 

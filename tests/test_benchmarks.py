@@ -116,6 +116,11 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     kept = next(line for line in lines if "kept [" in line).split("kept ")[1].split("]")[0]
     shuffled = next(line for line in run("--shuffle") if "kept [" in line).split("kept ")[1].split("]")[0]
     assert kept != shuffled and sorted(kept.split(", ")) == sorted(shuffled.split(", "))
+    by_length = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--lengths", "40", "58",
+                                "--batch", "1", "--repeats", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert by_length.returncode == 0, by_length.stderr[-2000:]
+    assert sum(line.endswith(" µs") for line in by_length.stdout.splitlines()) == 19  # one row per length 40 … 58
+    assert "padding rule, group lengths 40–48: time at the rule's length / at the next multiple of 8: mean" in by_length.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--lengths", "90", "56"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--lengths 90 56: give 1 ≤ LO ≤ HI" in bad.stderr

@@ -62,7 +62,8 @@ def test_batch_flops_count_exactly_the_kept_tokens():
     """The inner network runs on Σ M tokens, not B·M_max: a batch with kept counts (20, 7) costs exactly
     cost(20) − cost(7) less than one with (20, 20) (the portable attention pads a group of one sample
     not at all). With four samples it sorts them by kept count into two groups and pads attention to
-    each group's longest, rounded up to 8: (20, 7 | 9, 3) attends as (3, 7) → 8 and (9, 20) → 24."""
+    each group's longest, up to a multiple of 8 except 1–4 past a multiple of 16
+    (``attention.padded_length``): (20, 7, 9, 3) attends as (3, 7) → 8 and (9, 20) → 20."""
     import torch
 
     from dcdit_cli.models.flops import count_flops
@@ -82,9 +83,9 @@ def test_batch_flops_count_exactly_the_kept_tokens():
         return count_flops(model, x.expand(n, -1, -1, -1), t.expand(n), y.expand(n), boundary=boundary)
 
     assert batch_flops(20, 20) - batch_flops(20, 7) == pytest.approx(cost(20) - cost(7), rel=1e-9)
-    # The same groups' padding (16 and 24) in both batches: only the linear layers shrink.
+    # The same groups' padding (16 and 20) in both batches: only the linear layers shrink.
     assert batch_flops(20, 20, 9, 9) - batch_flops(20, 13, 9, 3) == pytest.approx(cost.b * (7 + 6), rel=1e-9)
-    # c·M² is the attention, paid on the groups' padded squares: 2·8² + 2·24² against 2·16² + 2·24².
+    # c·M² is the attention, paid on the groups' padded squares: 2·8² + 2·20² against 2·16² + 2·20².
     assert batch_flops(20, 7, 9, 3) - batch_flops(20, 20, 9, 9) == pytest.approx(
         -cost.b * (13 + 6) + cost.c * 2 * (8**2 - 16**2), rel=1e-9)
 

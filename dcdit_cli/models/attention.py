@@ -31,11 +31,22 @@ import torch.nn.functional as F
 
 BACKENDS = ("varlen", "flash", "sdpa_pad", "sdpa_blockdiag")
 FALLBACK = "sdpa_pad"
-# The fallback pads a group of several samples to a multiple of this: the CPU flash kernel runs
-# lengths that are multiples of 8 faster than their neighbours (`python benchmarks/perf.py attention
-# --lengths`, docs/performance.md). A lone sample needs no padding and gets none, so a one-sample
-# forward (what models/flops.py counts) does exactly its own work.
+# The fallback pads a group of several samples up to the next multiple of PAD_MULTIPLE, except a
+# length 1–4 past a multiple of 2·PAD_MULTIPLE, which it leaves: on this project's AVX-512 CPU the
+# flash kernel runs a multiple of 8 faster than the lengths below it, but a length just past a
+# multiple of 16 about as fast as the next multiple of 8 or faster (`python benchmarks/perf.py
+# attention --lengths`, toy and B width, docs/performance.md). A lone sample needs no padding and
+# gets none, so a one-sample forward (what models/flops.py counts) does exactly its own work.
 PAD_MULTIPLE = 8
+
+
+def padded_length(longest: torch.Tensor) -> torch.Tensor:
+    """The length a group of several samples is padded to (see above), from its longest sample's, on
+    the device: the host reads the result with the forward's other sizes, so a compiled graph gets it
+    as a plain size and holds no guard on the rule."""
+    up = torch.div(longest + PAD_MULTIPLE - 1, PAD_MULTIPLE, rounding_mode="floor") * PAD_MULTIPLE
+    past = longest % (2 * PAD_MULTIPLE)  # how far past a multiple of 16
+    return torch.where((past >= 1) & (past <= PAD_MULTIPLE // 2), longest, up)
 
 
 @dataclass
@@ -47,12 +58,13 @@ class PackedLayout:
     sample (N,) int64: the sample of each packed row; slot (N,) int64: its index in the
     flattened (B, max_len) padded layout; valid (B, max_len): real slots of that layout;
     group_len: the samples sorted by kept count and split into len(group_len) groups of equal size
-    (:meth:`groups`), the largest M of each (host ints, read with the others).
+    (:meth:`groups`), the length each is padded to (:meth:`sorted_group_len`; host ints, read with
+    the others).
 
     For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it): group
     g's padded batch ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's
-    last row in its padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g]
-    rounded up to :data:`PAD_MULTIPLE` when G > 1; ``from_groups`` (N,) is each packed row's index in
+    last row in its padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g];
+    ``from_groups`` (N,) is each packed row's index in
     the groups' padded slots, concatenated.
     """
 
@@ -78,8 +90,11 @@ class PackedLayout:
 
     @staticmethod
     def sorted_group_len(counts: torch.Tensor) -> torch.Tensor:
-        """counts (B,) kept tokens per sample → (groups,) the largest of each group, on the device."""
-        return counts.sort().values.view(PackedLayout.groups(counts.shape[0]), -1)[:, -1]
+        """counts (B,) kept tokens per sample → (groups,) the length each group is padded to, on the
+        device: its largest count, through :func:`padded_length` when the group has several samples."""
+        groups = PackedLayout.groups(counts.shape[0])
+        longest = counts.sort().values.view(groups, -1)[:, -1]
+        return padded_length(longest) if counts.shape[0] > groups else longest
 
     @classmethod
     def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK, group_len=None) -> "PackedLayout":
@@ -129,7 +144,6 @@ def _padded_groups(counts, cu, sample, position, group_len):
     rows, masks, starts = [], [], []
     offset = 0
     for g, m in enumerate(group_len):
-        m = -(-m // PAD_MULTIPLE) * PAD_MULTIPLE if size > 1 else m
         members = order[g * size : (g + 1) * size]  # (G,)
         j = torch.arange(m, device=counts.device)
         n = counts[members, None]  # (G, 1)

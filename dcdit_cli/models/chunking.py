@@ -64,8 +64,8 @@ class ChunkLayer(nn.Module):
 
     @staticmethod
     def sizes(mask: torch.Tensor, side: int) -> torch.Tensor:
-        """mask (B, L = side²) → device (3 + groups,) long: N, M_max, the plug-back radius and the attention
-        groups' longest lengths, everything the host must know to fix the shapes and loops after."""
+        """mask (B, L = side²) → device (3 + groups,) long: N, M_max, the plug-back radius and the lengths
+        the attention groups are padded to, everything the host must know to fix the shapes and loops after."""
         B = mask.shape[0]
         n = mask.sum(dim=1)  # (B,)
         return torch.cat([torch.stack([n.sum(), n.max(), plug_back_radius(mask.view(B, side, side))]),
