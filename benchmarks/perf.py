@@ -529,9 +529,10 @@ def bench_norm(args) -> None:
     print(f"RMSNorm forward + backward, {args.size}, batch {args.batch}, median of {args.repeats} (interleaved); "
           f"'transposed': the (B, L, D) view of a channels-first (B, D, H, W) encoder output")
     for name, shape in shapes.items():
-        x = torch.randn(*shape, requires_grad=True)
         if name.endswith("transposed"):
             x = torch.randn(shape[0], shape[2], shape[1]).transpose(1, 2).requires_grad_()
+        else:
+            x = torch.randn(*shape, requires_grad=True)
         norms = {"dcdit": RMSNorm(shape[-1], eps=1e-5), "torch": torch.nn.RMSNorm(shape[-1], eps=1e-5),
                  "LayerNorm": torch.nn.LayerNorm(shape[-1], eps=1e-5)}
         times = interleaved({k: (lambda n=n: n(x).backward(torch.ones(shape))) for k, n in norms.items()}, args.repeats)

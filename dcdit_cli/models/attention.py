@@ -64,8 +64,7 @@ class PackedLayout:
     For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it): group
     g's padded batch ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's
     last row in its padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g];
-    ``from_groups`` (N,) is each packed row's index in
-    the groups' padded slots, concatenated.
+    ``from_groups`` (N,) is each packed row's index in the groups' padded slots, concatenated.
     """
 
     cu_seqlens: torch.Tensor
