@@ -7,7 +7,7 @@ same model from the same seed and inputs, and the parent asks them for one timed
 hits all alike. It prints the medians and the ratios after / before, and each against the
 FLOP-matched DiT of the working tree per FLOP, as ``perf.py train`` does.
 
-    python benchmarks/ab.py --before HEAD~1 [--size toy|b] [--compile] [--shuffle] [--repeats 21] [--batch 8] [--spread 0.3]
+    python benchmarks/ab.py --before HEAD~1 [--size toy|b] [--compile] [--shuffle] [--repeats 21] [--processes 1] [--batch 8] [--spread 0.3]
 
 The commit must have ``benchmarks/perf.py`` with ``build``, ``inputs`` and ``WithBoundary`` (every
 commit since the whole-model compile).
@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes per version: a process's memory layout moves its step time by a few "
+                             "percent, so several processes give a steadier median (docs/performance.md)")
     parser.add_argument("--compile", action="store_true", help="every model compiled whole (compile_model)")
     parser.add_argument("--shuffle", action="store_true", help="kept counts in a random batch order (perf.py --shuffle)")
     parser.add_argument("--worker", choices=["dcdit", "dit"], help=argparse.SUPPRESS)
@@ -106,8 +109,9 @@ def main() -> None:
         return worker(args)
     if not args.before:
         parser.error("--before REV is required: the commit to compare the working tree with")
-    if args.repeats < 1 or args.batch < 1 or args.threads < 1:
-        parser.error("--repeats, --batch and --threads must be at least 1")
+    for option in ("repeats", "batch", "threads", "processes"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     if args.shuffle:  # the working tree's perf.py chooses the order, the same for every worker
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from perf import shuffled_order
@@ -116,31 +120,40 @@ def main() -> None:
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.before], capture_output=True, text=True)
     if rev.returncode != 0:
         parser.error(f"--before {args.before}: not a commit of this repository ({rev.stderr.strip()})")
+    labels = ("before", "after", "dit")
     with tempfile.TemporaryDirectory(prefix="dcdit-ab-") as tmp:
         old = export_commit(args.before, Path(tmp))
-        workers, info = {}, {}
-        for label, tree, model in (("before", old, "dcdit"), ("after", ROOT, "dcdit"), ("dit", ROOT, "dit")):
-            proc = workers[label] = start(tree, model, args)  # one at a time: each cold start alone
-            line = proc.stdout.readline()
-            if not line:
-                raise SystemExit(f"the {label} worker failed to start (exit code {proc.wait()})")
-            info[label] = json.loads(line)
-        samples = {label: [] for label in workers}
+        trees = {"before": (old, "dcdit"), "after": (ROOT, "dcdit"), "dit": (ROOT, "dit")}
+        workers, info = [], {}
+        for _ in range(args.processes):
+            workers.append({})
+            for label in labels:
+                proc = workers[-1][label] = start(*trees[label], args)  # one at a time: each cold start alone
+                line = proc.stdout.readline()
+                if not line:
+                    raise SystemExit(f"the {label} worker failed to start (exit code {proc.wait()})")
+                info[label] = json.loads(line)
+        samples = [{label: [] for label in labels} for _ in workers]
         for i in range(args.repeats):
-            for label in (list(workers) if i % 2 == 0 else reversed(workers)):  # A B C, then C B A: no seat is favoured
-                samples[label].append(float(ask(workers[label])))
-        for proc in workers.values():
-            proc.stdin.close()
-            proc.wait()
-    times = {label: statistics.median(s) for label, s in samples.items()}
+            for j, seats in enumerate(workers):  # A B C, then C B A: no seat is favoured
+                for label in (labels if (i + j) % 2 == 0 else reversed(labels)):
+                    samples[j][label].append(float(ask(seats[label])))
+        for seats in workers:
+            for proc in seats.values():
+                proc.stdin.close()
+                proc.wait()
+    per_process = {label: [statistics.median(seat[label]) for seat in samples] for label in labels}
+    times = {label: statistics.median(t) for label, t in per_process.items()}  # the median process's median
     mode = "compiled (whole model)" if args.compile else "eager"
     shuffled = ", kept counts shuffled over the batch" if args.shuffle else ""
     print(f"train step, {args.size}, batch {args.batch}, kept spread ±{args.spread:.0%}{shuffled}, fp32, {mode}, torch threads "
-          f"{args.threads}, median of {args.repeats} (interleaved across processes)")
+          f"{args.threads}, median of {args.repeats} (interleaved across processes) in each of {args.processes} process(es) "
+          "per version, then the median over the processes")
     print(f"  before = {rev.stdout.strip()} ({args.before}), after = the working tree; loss before {info['before']['loss']:.6f}, "
           f"after {info['after']['loss']:.6f}")
-    for label in workers:
-        print(f"  {label:<7} {info[label]['name']:<10} {times[label] * 1e3:9.2f} ms")
+    for label in labels:
+        spread = f"  (processes: {', '.join(f'{t * 1e3:.1f}' for t in per_process[label])})" if args.processes > 1 else ""
+        print(f"  {label:<7} {info[label]['name']:<10} {times[label] * 1e3:9.2f} ms{spread}")
     print(f"  after / before = {times['after'] / times['before']:.3f}")
     for label in ("before", "after"):
         tr, fr = times[label] / times["dit"], info[label]["flops"] / info["dit"]["flops"]

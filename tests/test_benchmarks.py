@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,19 +85,28 @@ def test_perf_train_profile_shapes_names_the_input_shapes_under_each_operator():
 
 
 def test_ab_benchmark_times_the_working_tree_against_a_commit():
-    """benchmarks/ab.py: three worker processes (a commit, the working tree, the DiT) timed in turn; the
-    same seed and inputs give the same loss on a commit whose model code is the working tree's."""
+    """benchmarks/ab.py: worker processes (a commit, the working tree, the DiT; two of each with
+    --processes 2) timed in turn; the same seed and inputs give the same loss on a commit whose model
+    code is the working tree's, and each version's figure is the median over its processes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), "--before", "HEAD", "--batch", "2", "--repeats", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), "--before", "HEAD", "--batch", "2", "--repeats", "1",
+                          "--processes", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [line for line in out.stdout.splitlines() if "loss before" in line][0]
     before, after = (float(part.split()[-1]) for part in losses.split(";")[1].split(","))
     assert before == after  # a clean tree runs HEAD's code: same seed and inputs, the same loss
     assert "after / before = " in out.stdout and out.stdout.count("per FLOP") == 2
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), "--before", "no-such-commit"],
-                         capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode == 2 and "--before no-such-commit: not a commit of this repository" in bad.stderr
+    rows = [line for line in out.stdout.splitlines() if "(processes: " in line]
+    for row in rows:  # "<label> <model> <median> ms  (processes: a, b)": the median of two is their mean
+        median = float(row.split(" ms")[0].split()[-1])
+        per_process = [float(v) for v in row.split("(processes: ")[1].rstrip(")").split(", ")]
+        assert len(per_process) == 2 and median == pytest.approx(sum(per_process) / 2, abs=0.06)
+    assert [row.split()[0] for row in rows] == ["before", "after", "dit"]
+    for args, message in ((["--before", "no-such-commit"], "--before no-such-commit: not a commit of this repository"),
+                          (["--before", "HEAD", "--processes", "0"], "--processes must be at least 1")):
+        bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/ab.py"), *args], capture_output=True, text=True, env=env,
+                             timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr
 
 
 def test_perf_attention_compares_every_backend_with_the_dit_per_token():
