@@ -13,7 +13,7 @@ with the sample index, or in a fixed random order with ``--shuffle`` (a router's
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--lengths LO HI]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
-    python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5]
+    python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5]  (RMSNorms; GroupNorm + SiLU by memory format)
     python benchmarks/perf.py compile [--steps 12] [--whole]
 
 Every command first prints the machine: CPU model, its vector/matrix ISA extensions (AVX-512, AMX),
@@ -539,6 +539,28 @@ def bench_norm(args) -> None:
         print(f"  {name:<20} {str(shape):<16} dcdit {times['dcdit'] * 1e6:7.0f} us  torch {times['torch'] * 1e6:7.0f} us  "
               f"LayerNorm {times['LayerNorm'] * 1e6:7.0f} us  dcdit / torch {times['dcdit'] / times['torch']:.2f}  "
               f"dcdit / LayerNorm {times['dcdit'] / times['LayerNorm']:.2f}")
+    group_norm_silu(args, recipe)
+
+
+def group_norm_silu(args, recipe) -> None:
+    """The scaffold's GroupNorm + SiLU (every res-block has two) forward + backward at each width it
+    runs at, channels-last as the model runs them against channels-first: torch's CPU GroupNorm is
+    far slower channels-last, and the convolutions around it faster (docs/performance.md)."""
+    from dcdit_cli.models.scaffold import group_norm
+
+    side = recipe.input_size // recipe.patch_size
+    print(f"GroupNorm + SiLU forward + backward (the scaffold's res-blocks), {args.size}, batch {args.batch}, median of "
+          f"{args.repeats} (interleaved)")
+    for width in dict.fromkeys((recipe.scaffold_width, recipe.hidden_size)):
+        norm = group_norm(width, recipe.norm_groups, recipe.norm_eps)
+        shape = (args.batch, width, side, side)
+        inputs = {"channels-last": torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(),
+                  "channels-first": torch.randn(shape, requires_grad=True)}
+        times = interleaved({k: (lambda x=x: torch.nn.functional.silu(norm(x)).backward(torch.ones_like(x)))
+                             for k, x in inputs.items()}, args.repeats)
+        print(f"  GroupNorm({norm.num_groups}, {width}) {str(shape):<18} channels-last {times['channels-last'] * 1e6:7.0f} us  "
+              f"channels-first {times['channels-first'] * 1e6:7.0f} us  last / first "
+              f"{times['channels-last'] / times['channels-first']:.2f}")
 
 
 def bench_attention(args) -> None:

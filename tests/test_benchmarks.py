@@ -146,3 +146,6 @@ def test_perf_norm_times_each_norm_of_the_model_against_torchs_and_a_layernorm()
     rows = [line for line in out.stdout.splitlines() if "dcdit / torch" in line]
     assert [r.split("(")[0].strip() for r in rows] == ["encoder", "inner", "decoder", "encoder, transposed"]
     assert "(2, 256, 96)" in rows[0] and "(128, 96)" in rows[1] and "(2, 256, 32)" in rows[2]
+    groups = [line for line in out.stdout.splitlines() if "last / first" in line]  # the toy scaffold's two widths
+    assert [g.split()[0] for g in groups] == ["GroupNorm(8,", "GroupNorm(8,"]
+    assert "(2, 32, 16, 16)" in groups[0] and "(2, 96, 16, 16)" in groups[1]
