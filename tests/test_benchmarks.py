@@ -149,3 +149,16 @@ def test_perf_norm_times_each_norm_of_the_model_against_torchs_and_a_layernorm()
     groups = [line for line in out.stdout.splitlines() if "last / first" in line]  # the toy scaffold's two widths
     assert [g.split()[0] for g in groups] == ["GroupNorm(8,", "GroupNorm(8,"]
     assert "(2, 32, 16, 16)" in groups[0] and "(2, 96, 16, 16)" in groups[1]
+
+
+def test_peak_growth_sees_a_call_that_stays_below_an_earlier_peak():
+    """perf.py's peak memory of one call (`perf.py scaffold`): an earlier, higher peak of the process,
+    such as building the call's inputs, must not hide the call's own (ru_maxrss alone reads 0 here)."""
+    code = ("import sys; sys.argv = ['perf.py', '--small-pages']; sys.path.insert(0, 'benchmarks')\n"
+            "import perf, torch\n"
+            "big = torch.ones(2**26); del big  # a 256 MB peak first\n"
+            "print(perf.peak_growth_mb(lambda: torch.ones(2**24).sum()))  # a 64 MB call\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 56 < float(out.stdout.split()[-1]) < 80
