@@ -437,13 +437,11 @@ def peak_growth_mb(fn) -> float:
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # VmHWM := VmRSS
-        before = _status_kib("VmRSS")
     except OSError:
-        before = None
-    if before is None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fn()
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    before = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - before) / 1024
 
