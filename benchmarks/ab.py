@@ -41,6 +41,8 @@ def export_commit(rev: str, into: Path) -> Path:
 def worker(args) -> None:
     """Build one model of ``args.size`` from the tree on sys.path, then time a step per line read."""
     sys.argv = [sys.argv[0]]  # perf.py reads --small-pages from argv at import; this worker runs as dcdit does
+    # The tree's own perf.py (the worker runs in it): sys.path[0] is this script's folder, the working tree's.
+    sys.path[0] = str(Path.cwd() / "benchmarks")
     import perf
     import torch
 

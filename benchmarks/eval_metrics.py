@@ -3,9 +3,10 @@
 The metric step is what follows the Inception pass: covariances from the running sums, two
 2048-d / 2023-d Fréchet distances (scipy sqrtm), the Inception Score over chunks of 5,000 and
 precision / recall (k = 3) against 10,000 reference features. Features are random (the cost
-does not depend on their values). Each configuration runs in a fresh subprocess so that its
-peak resident memory (ru_maxrss) is its own; the table gives the peak above the process's
-resident size once the features are in memory, i.e. what the metric step itself adds.
+does not depend on their values). Each configuration runs in a fresh subprocess; the table gives
+the peak of the process's resident memory during the metric step above its resident size once the
+features are in memory, i.e. what the metric step itself adds (the kernel's high-water mark reset
+just before the step, so building the features, whose temporaries peak higher, does not hide it).
 
     python benchmarks/eval_metrics.py                       # N = 10,000 and 20,000, ADM distances
     python benchmarks/eval_metrics.py --num 10000 --distances float64 --threads 2
@@ -21,12 +22,12 @@ import sys
 
 
 def child(num: int, distances: str, threads: int) -> dict:
-    import resource
     import time
 
     import numpy as np
     import torch
 
+    from dcdit_cli.common.host_memory import peak_growth_mib
     from dcdit_cli.data.image_batches import POOL_DIM, SPATIAL_DIM, Reference
     from dcdit_cli.evaluation import fid
 
@@ -42,14 +43,12 @@ def child(num: int, distances: str, threads: int) -> dict:
     ref_stats = fid.RunningStats(POOL_DIM)
     ref_stats.update(ref_pool)
     ref = Reference("random", *ref_stats.result(), *acts.spatial_stats.result())
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, c0 = time.perf_counter(), time.process_time()
-    metrics = fid.sample_metrics(acts, ref, ref_pool, distances=distances, device="cpu")
+    metrics, peak_mib = peak_growth_mib(lambda: fid.sample_metrics(acts, ref, ref_pool, distances=distances, device="cpu"))
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"num": num, "distances": distances, "threads": threads, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "features_mib": (pool.nbytes + logits.nbytes + ref_pool.nbytes) / 2**20,
-            "resident_before_mib": base_kib / 1024, "metric_step_peak_extra_mib": (peak_kib - base_kib) / 1024,
+            "metric_step_peak_extra_mib": peak_mib,
             "precision": metrics["precision"], "recall": metrics["recall"]}
 
 
@@ -64,7 +63,7 @@ def main() -> None:
         print(json.dumps(child(args.num[0], args.distances[0], args.threads)))
         return
     print(f"{'N':>7} {'distances':>9} {'threads':>7} {'wall s':>8} {'CPU s':>8} {'CPU s / 10k':>11} {'features MiB':>12} "
-          f"{'RSS before MiB':>14} {'peak extra MiB':>14}", flush=True)
+          f"{'peak extra MiB':>14}", flush=True)
     for num in args.num:
         for distances in args.distances:
             cmd = [sys.executable, __file__, "--child", "--num", str(num), "--distances", distances, "--threads", str(args.threads)]
@@ -73,10 +72,10 @@ def main() -> None:
                 raise SystemExit(proc.stderr[-2000:])
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{r['num']:>7,} {r['distances']:>9} {r['threads']:>7} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} "
-                  f"{r['cpu_seconds'] * 1e4 / r['num']:>11.1f} {r['features_mib']:>12.0f} {r['resident_before_mib']:>14.0f} "
+                  f"{r['cpu_seconds'] * 1e4 / r['num']:>11.1f} {r['features_mib']:>12.0f} "
                   f"{r['metric_step_peak_extra_mib']:>14.0f}", flush=True)
     print("CPU s: process CPU time (robust on a shared machine, = wall time on an idle one with 1 thread); peak extra: "
-          "resident memory the metric step adds on top of the features (ru_maxrss, a fresh process each).")
+          "resident memory the metric step adds on top of the features (a fresh process each).")
 
 
 if __name__ == "__main__":

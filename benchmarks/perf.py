@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 
-from dcdit_cli.common.host_memory import ENV, use_huge_pages
+from dcdit_cli.common.host_memory import ENV, peak_growth_mib, use_huge_pages
 
 # Before torch allocates anything: PyTorch reads the switch at the process's first tensor.
 if "--small-pages" in sys.argv:
@@ -423,31 +423,8 @@ def scaffold_fn(side: int, dim: int, batch: int):
     return run
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
-def peak_growth_mb(fn) -> float:
-    """MB by which the process's resident memory grows at its peak during fn().
-
-    On Linux the kernel's high-water mark is reset just before (``/proc/self/clear_refs``), so an
-    earlier, higher peak (building fn's inputs, say) does not hide fn's own; elsewhere ``ru_maxrss``,
-    which it can hide."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # VmHWM := VmRSS
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
-
-
 def _scaffold_peak(side: int, dim: int, batch: int, results) -> None:
-    results.put(peak_growth_mb(scaffold_fn(side, dim, batch)))
+    results.put(peak_growth_mib(scaffold_fn(side, dim, batch))[1])
 
 
 def _scaffold_times(args, results) -> None:
@@ -498,10 +475,10 @@ def bench_scaffold(args) -> None:
         print(f"  {'huge pages (as dcdit runs)' if huge else '4 KiB pages (glibc mmap, unmapped when freed)'}:")
         prev = None
         for side in args.sides:
-            # a peak growth below 0.1 MB (the smallest side, where the allocator's pool suffices) has no ratio
+            # a peak growth below 0.1 MiB (the smallest side, where the allocator's pool suffices) has no ratio
             memory = "—" if prev is None or peak[prev] < 0.1 else f"x{peak[side] / peak[prev]:.2f}"
             step = "" if prev is None else f"  x{times[side] / times[prev]:.2f} time, {memory} memory per doubling"
-            print(f"    {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MB  {faults[side]:>7} page faults/call{step}")
+            print(f"    {side:>4}²  {times[side] * 1e3:9.1f} ms  peak +{peak[side]:8.1f} MiB  {faults[side]:>7} page faults/call{step}")
             prev = side
 
 

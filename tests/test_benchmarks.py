@@ -151,14 +151,21 @@ def test_perf_norm_times_each_norm_of_the_model_against_torchs_and_a_layernorm()
     assert "(2, 32, 16, 16)" in groups[0] and "(2, 96, 16, 16)" in groups[1]
 
 
-def test_peak_growth_sees_a_call_that_stays_below_an_earlier_peak():
-    """perf.py's peak memory of one call (`perf.py scaffold`): an earlier, higher peak of the process,
-    such as building the call's inputs, must not hide the call's own (ru_maxrss alone reads 0 here)."""
-    code = ("import sys; sys.argv = ['perf.py', '--small-pages']; sys.path.insert(0, 'benchmarks')\n"
-            "import perf, torch\n"
-            "big = torch.ones(2**26); del big  # a 256 MB peak first\n"
-            "print(perf.peak_growth_mb(lambda: torch.ones(2**24).sum()))  # a 64 MB call\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_train_speed_counts_the_flops_of_what_each_step_kept():
+    """benchmarks/train_speed.py: both models' real training steps interleaved, each step's FLOPs
+    counted on an untimed copy of it, so the DC-DiT's FLOPs follow what its router kept (not the
+    target L/N); the last line is the ratio of the two FLOP rates in the table."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_speed.py"), "--steps", "3", "--batch", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert 56 < float(out.stdout.split()[-1]) < 80
+    rows = {line.split()[1]: line.split("│")[2:-1] for line in out.stdout.splitlines() if line.startswith("│")}
+    assert set(rows) == {"toy-dit", "toy"}
+    dit, toy = ([cell.strip() for cell in rows[name]] for name in ("toy-dit", "toy"))
+    assert dit[0] == "-" and 0 < float(toy[0]) < 256  # kept tokens: only the DC-DiT's, whatever its router kept
+    assert float(dit[1]) > 0.3 and float(toy[1]) < float(dit[1])  # train GFLOP/img: below the DiT's at < L/4 kept
+    ratio = float(out.stdout.strip().splitlines()[-1].split(":")[1].split()[0])
+    assert ratio == pytest.approx(float(dit[4]) / float(toy[4]), rel=0.02)  # GFLOP/s column, printed to 0.1
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_speed.py"), "--steps", "0"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--steps must be at least 1, got 0" in bad.stderr

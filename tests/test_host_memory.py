@@ -61,3 +61,20 @@ def test_the_dcdit_command_uses_huge_pages_and_records_it(tmp_path):
     subprocess.run([sys.executable, "-m", "dcdit_cli", "train", "--recipe", "tiny", "--set", "train.max_steps=1",
                     "--out", str(tmp_path / "run")], check=True, capture_output=True, env=_environment())
     assert json.loads((tmp_path / "run" / "env.json").read_text())["host_allocator"].startswith("huge pages")
+
+
+def test_peak_growth_sees_a_call_that_stays_below_an_earlier_peak():
+    """The benchmarks' peak memory of one call (``peak_growth_mib``: perf.py scaffold, train_speed.py,
+    eval_metrics.py): an earlier, higher peak of the process, such as building the call's inputs,
+    must not hide the call's own (the growth of ru_maxrss alone reads 0 here); the call's result
+    comes back with it."""
+    code = ("import torch\n"
+            "from dcdit_cli.common.host_memory import peak_growth_mib\n"
+            "big = torch.ones(2**26); del big  # a 256 MiB peak first\n"
+            "total, mib = peak_growth_mib(lambda: torch.ones(2**24).sum())  # a 64 MiB call\n"
+            "print(int(total), mib)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=_environment(**{ENV: "0"}))
+    assert out.returncode == 0, out.stderr[-2000:]
+    total, mib = out.stdout.split()
+    assert int(total) == 2**24 and 56 < float(mib) < 80

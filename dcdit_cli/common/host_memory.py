@@ -21,11 +21,13 @@ own ``THP_MEM_ALLOC_ENABLE=0`` wins. It needs a Linux kernel with THP in ``madvi
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 ENV = "THP_MEM_ALLOC_ENABLE"
 KERNEL_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 PROCESS_STATUS = Path("/proc/self/status")
+PROCESS_CLEAR_REFS = Path("/proc/self/clear_refs")
 THRESHOLD = 2 * 2**20  # c10's huge-page threshold (bytes)
 
 
@@ -72,3 +74,27 @@ def host_allocator() -> str:
         if setting == "1":
             setting = "1 but set after the process's first tensor"
     return f"4 KiB pages ({ENV}={setting}, kernel THP {mode})"
+
+
+def _status_kib(field: str) -> int:
+    with PROCESS_STATUS.open() as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_growth_mib(fn):
+    """(fn(), the MiB by which the process's resident memory grows at its peak during the call).
+
+    The benchmarks' peak-memory figures. On Linux the kernel's high-water mark is reset to the
+    current resident size just before the call (``/proc/self/clear_refs``), so an earlier, higher
+    peak of the process (building the call's inputs, say) does not hide the call's own; elsewhere
+    the growth of ``ru_maxrss``, which such an earlier peak can hide.
+    """
+    try:
+        PROCESS_CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        result = fn()
+        return result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    before = _status_kib("VmRSS")
+    result = fn()
+    return result, (_status_kib("VmHWM") - before) / 1024
