@@ -149,6 +149,20 @@ def test_sincos_matches_dit_table_layout():
     assert torch.equal(emb[0, :4], torch.zeros(4)) and torch.equal(emb[0, 4:8], torch.ones(4))
 
 
+def test_the_inner_position_table_is_computed_once_and_another_grid_computes_its_own():
+    """The kept tokens' sin-cos embeddings come from a table of the recipe's grid built at construction
+    (not in the state dict, as the DiT's fixed pos_embed needs no saving either); a forward on another
+    grid side gives what a model built for that side gives with the same weights."""
+    m = _randomise(DCDiT(ModelConfig(**TINY, pos_grid_scale=0.5)))
+    assert torch.equal(m.pos_table, m.position_table(8)) and m.pos_table.shape == (64, 32)
+    assert "pos_table" not in m.state_dict()
+    assert not torch.equal(m.position_table(8), DCDiT(ModelConfig(**TINY)).pos_table)  # the grid scale is in it
+    wide = DCDiT(ModelConfig(**{**TINY, "input_size": 12}, pos_grid_scale=0.5))
+    wide.load_state_dict(m.state_dict())
+    x, t, y = _inputs(2, side=12)
+    assert torch.equal(m(x, t, y)[0], wide(x, t, y)[0])
+
+
 def test_dit_official_parameter_counts():
     with torch.device("meta"):
         b2 = DiT(ModelConfig(kind="dit", patch_size=2, hidden_size=768, depth=12, num_heads=12))

@@ -111,6 +111,9 @@ class DCDiT(nn.Module):
         self.residual_proj = nn.Linear(D, D)
         self.decoder = Decoder(e, D, config.decoder_blocks, config.cond_adaptor, eps, groups)
         self.final_layer = FinalLayer(e, self.out_channels * P2, cond_size=D)
+        # The sin-cos embedding of every position of the recipe's grid, computed once as the DiT's pos_embed is
+        # (a forward on another grid computes its own); not in the state dict, so checkpoints do not change.
+        self.register_buffer("pos_table", self.position_table(config.input_size // config.patch_size), persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -129,6 +132,10 @@ class DCDiT(nn.Module):
     def inner_positions(self, order: torch.Tensor, side: int) -> torch.Tensor:
         """Original (row, col) of each chunk slot, on the source grid when upcycling (docs/reference.md#source-grid-positions)."""
         return (raster_to_rc(order, side) + 0.5) * self.config.pos_grid_scale - 0.5  # (B, M, 2)
+
+    def position_table(self, side: int, device=None) -> torch.Tensor:
+        """(L, D): the inner network's sin-cos embedding of every position of a side × side grid, in raster order."""
+        return sincos_2d(self.inner_positions(torch.arange(side * side, device=device), side), self.config.hidden_size)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, C·P², H/P, W/P), channel c·P² + i·P + j = pixel (i, j) of the patch."""
@@ -195,8 +202,7 @@ class DCDiT(nn.Module):
         B = h.shape[0]
         tokens, order, valid, layout, radius = self.chunk(h, kept, p, backend, sizes)  # (N, D) packed; (B, M_max) × 2
         # One embedding per grid position (L rows, shared by the batch), then each kept token's row.
-        grid = self.inner_positions(torch.arange(side * side, device=h.device), side)  # (L, 2)
-        table = sincos_2d(grid, self.config.hidden_size)  # (L, D)
+        table = self.pos_table if self.pos_table.shape[0] == side * side else self.position_table(side, h.device)  # (L, D)
         tokens = tokens + table.index_select(0, layout.unpad(order)).to(tokens.dtype)  # (N, D)
         tokens, gates, outputs = run_blocks(self.blocks, tokens, c, t_emb, layout, skip_masked, record_blocks)  # (N, D)
         block_outputs = [layout.pad(o) for o in outputs] if record_blocks else None  # each (B, M_max, D)
