@@ -48,6 +48,38 @@ def test_router_matches_formula_on_hand_made_features(projections):
     assert torch.allclose(grad, grad_expected, atol=1e-6)
 
 
+def test_router_backward_is_autograds_through_the_formula_including_zero_features():
+    """The cosine router's written-out backward (routers._CosineScore) gives autograd's gradients of
+    the same formula (F.normalize, the depthwise convolution, q's clamped norm) for h, W_Q, W_K and
+    the k̄ weights, with trained-looking (random) weights and features that are exactly zero, where
+    the norms are clamped; the forward is the formula's, bit for bit."""
+    torch.manual_seed(0)
+    side, D, B = 5, 6, 3
+    router = Router(D)
+    with torch.no_grad():
+        for weight in router.parameters():
+            weight.add_(torch.randn_like(weight) * 0.3)
+    h = torch.randn(B, side * side, D)
+    h[1, [0, 7, 24]] = 0.0  # q = k = 0 there: both norms below ε
+    h.requires_grad_()
+
+    def formula(h):  # through autograd, in the router's order of operations
+        q, k = F.linear(h, torch.cat([router.q_proj.weight, router.k_proj.weight])).chunk(2, dim=-1)
+        k_bar = router.k_avg(F.normalize(k, dim=-1).transpose(1, 2).reshape(B, D, side, side)).flatten(2).transpose(1, 2)
+        scale = router.border_correction(side, "cpu").view(1, -1) / q.norm(dim=-1).clamp_min(1e-12)
+        return ((1.0 - (q * k_bar).sum(-1) * scale) / 2.0).clamp(0.0, 1.0)
+
+    w = torch.randn(B, side * side)
+    params = [h, *router.parameters()]
+    p, expected = router(h, side), formula(h)
+    assert torch.equal(p, expected)
+    grads = torch.autograd.grad((p * w).sum(), params)
+    expected_grads = torch.autograd.grad((expected * w).sum(), params)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(grads[0][1, 7]) > 0  # a zero feature still gets a gradient (through its neighbours' k̄)
+
+
 def test_router_constant_input_is_border_neutral():
     side, D = 5, 6
     h = torch.randn(1, 1, D).expand(2, side * side, D).contiguous()

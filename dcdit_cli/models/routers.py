@@ -21,6 +21,52 @@ import torch.nn.functional as F
 from dcdit_cli.models.scaffold import group_norm
 
 
+# F.normalize's ε: a norm below it is clamped (and passes no gradient through the norm).
+NORM_EPS = 1e-12
+
+
+class _CosineScore(torch.autograd.Function):
+    """s_i = (q_i · k̄_i) · c_i / ‖q_i‖, k̄ = depthwise 3×3 convolution of k̂ = k / ‖k‖ (fp32).
+
+    q, k (B, L, D), weight (D, 1, 3, 3), border c (1, L) → s (B, L). The forward is the router's
+    formula op for op; the backward is its derivative written out, in about half the elementwise
+    passes over (B, L, D) tensors that autograd makes through the two normalisations and the dot
+    product (the toy training step: 0.985× its time, `benchmarks/ab.py`, docs/performance.md). With
+    a = q · k̄ and g = ∂L/∂s:
+      ∂L/∂q = g·c/‖q‖ · k̄ − g·s/‖q‖² · q,   ∂L/∂k̄ = g·c/‖q‖ · q,
+      ∂L/∂k = (∂L/∂k̂ − k̂ (k̂ · ∂L/∂k̂)) / ‖k‖   (the normalisation removes the component along k̂);
+    where a norm is below :data:`NORM_EPS` its second term is dropped, as the clamp's zero slope does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, weight, border, side: int):
+        B, L, D = k.shape
+        k_norm = k.norm(dim=-1, keepdim=True)  # (B, L, 1)
+        k_hat = k / k_norm.clamp_min(NORM_EPS)
+        grid = k_hat.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
+        k_bar = F.conv2d(grid, weight, padding=1, groups=D).flatten(2).transpose(1, 2)  # (B, L, D)
+        q_norm = q.norm(dim=-1)  # (B, L)
+        scale = border / q_norm.clamp_min(NORM_EPS)  # (B, L) = c / ‖q‖
+        s = (q * k_bar).sum(-1) * scale  # (B, L)
+        ctx.save_for_backward(q, k_hat, k_norm, grid, k_bar, q_norm, scale, s, weight)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k_hat, k_norm, grid, k_bar, q_norm, scale, s, weight = ctx.saved_tensors
+        B, L, D = q.shape
+        g = grad * scale  # (B, L) = ∂L/∂a
+        inverse_square = torch.where(q_norm > NORM_EPS, q_norm.clamp_min(NORM_EPS) ** -2, 0.0)  # (B, L)
+        grad_q = torch.addcmul(g[..., None] * k_bar, (grad * s * inverse_square)[..., None], q, value=-1.0)
+        grad_bar = (g[..., None] * q).transpose(1, 2).reshape(grid.shape)  # (B, D, H, W)
+        grad_hat, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_bar, grid, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], D, [True, ctx.needs_input_grad[2], False])
+        grad_hat = grad_hat.flatten(2).transpose(1, 2)  # (B, L, D)
+        along = (k_hat * grad_hat).sum(-1, keepdim=True) * (k_norm > NORM_EPS)  # (B, L, 1)
+        grad_k = torch.addcmul(grad_hat, k_hat, along, value=-1.0) / k_norm.clamp_min(NORM_EPS)
+        return grad_q, grad_k, grad_weight, None, None
+
+
 class Router(nn.Module):
     """Cosine-similarity router (paper §3.3): p_i = (1 − q_i · k̄_i) / 2.
 
@@ -54,18 +100,14 @@ class Router(nn.Module):
 
         q_i · (k̄_i · c_i) with q_i normalised is (q_i · k̄_i) · c_i / ‖q_i‖: q's norm and the border
         rescale c_i multiply the (B, L) dot products instead of two (B, L, D) tensors, the same value
-        for fewer passes over the features (forward and backward).
+        for fewer passes over the features (forward and backward, :class:`_CosineScore`).
         """
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.float()
             # W_Q and W_K in one product: one pass over h, forward and backward
             q, k = F.linear(h, torch.cat([self.q_proj.weight, self.k_proj.weight])).chunk(2, dim=-1)  # (B, L, D) each
-            k = F.normalize(k, dim=-1)  # q is normalised in s below
-            B, L, D = k.shape
-            k_grid = k.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
-            k_bar = self.k_avg(k_grid).flatten(2).transpose(1, 2)  # (B, L, D), before the border rescale
-            scale = self.border_correction(side, h.device).view(1, L) / q.norm(dim=-1).clamp_min(1e-12)  # (B, L)
-            s = (q * k_bar).sum(-1) * scale  # (B, L) = q̂ · (k̄ · border correction)
+            border = self.border_correction(side, h.device).view(1, -1)  # (1, L)
+            s = _CosineScore.apply(q, k, self.k_avg.weight, border, side)  # (B, L) = q̂ · (k̄ · border correction)
             return ((1.0 - s) / 2.0).clamp(0.0, 1.0)
 
 
