@@ -168,7 +168,7 @@ def train(
 
     out_dir = out or Path("runs") / cfg.run.name
     weights = run_train(cfg, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), init_from=init_from,
-                        compile_blocks=compile_)
+                        torch_compile=compile_)
     _next_steps(out_dir, weights)
 
 
@@ -297,7 +297,7 @@ def _run_from_dit(run, recipe, source, set_, out, resume, compile_, print_recipe
     if source is None:
         raise DcditError("no --from given: pass the pretrained DiT checkpoint, e.g. --from DiT-XL-2-256x256.pt")
     out_dir = out or Path("runs") / cfg.run.name
-    weights = run(cfg, source, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), compile_blocks=compile_)
+    weights = run(cfg, source, out_dir, resume=resume, command=" ".join(["dcdit", *sys.argv[1:]]), torch_compile=compile_)
     _next_steps(out_dir, weights)
 
 

@@ -95,7 +95,7 @@ def test_whole_model_compiles_to_two_graphs_that_match_eager_as_kept_counts_and_
 def test_train_compile_records_it_and_writes_the_usual_weights(tmp_path):
     recipe = load_recipe("tiny", ["train.max_steps=2"])
     train(recipe, tmp_path / "eager")
-    train(recipe, tmp_path / "compiled", compile_blocks=True)
+    train(recipe, tmp_path / "compiled", torch_compile=True)
     env = json.loads((tmp_path / "compiled" / "env.json").read_text())
     assert env["compile"] == "model"
     assert json.loads((tmp_path / "eager" / "env.json").read_text())["compile"] == "none"

@@ -126,7 +126,7 @@ def distill_objectives(source: Mapping[str, torch.Tensor], recipe: Recipe) -> li
 
 
 def distill(recipe: Recipe, source: Path, out_dir: Path, *, resume: Path | None = None, command: str = "",
-            compile_blocks: bool = False) -> Path | None:
+            torch_compile: bool = False) -> Path | None:
     """`dcdit distill`: upcycle ``source`` into a DC-DiT, distillation warm-up, then diffusion, in one run."""
-    return upcycle(recipe, source, out_dir, resume=resume, command=command, compile_blocks=compile_blocks,
+    return upcycle(recipe, source, out_dir, resume=resume, command=command, torch_compile=torch_compile,
                    distill_objectives=distill_objectives)

@@ -210,7 +210,7 @@ def train(
     model_setup: Callable | None = None,
     objectives: list[Objective] | None = None,
     init_from: Path | None = None,
-    compile_blocks: bool = False,
+    torch_compile: bool = False,
 ) -> Path | None:
     """Trains ``recipe`` into ``out_dir``; returns the last exported EMA weights.
 
@@ -219,7 +219,7 @@ def train(
     then diffusion); by default one diffusion phase. init_from: weights to start from (a run
     dir, dcdit weights or the authors' .pt; fine-tuning, e.g. DyDiT gates on a trained DC-DiT), loaded before the optimizer is
     built; when the run resumes, its own checkpoint wins. A run that fails before its first
-    checkpoint leaves no run directory behind (when this call created it). compile_blocks:
+    checkpoint leaves no run directory behind (when this call created it). torch_compile:
     ``torch.compile`` the whole model, two graphs for a DC-DiT (:func:`dcdit_cli.models.compile_model`).
     """
     out_dir = Path(out_dir)
@@ -232,7 +232,7 @@ def train(
         created = created.parent
     new_run = not out_dir.exists()
     try:
-        return _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, compile_blocks)
+        return _train_loop(recipe, out_dir, resume, command, model_setup, objectives, init_from, torch_compile)
     except BaseException:
         if new_run and is_main_process() and not any((out_dir / "checkpoints").glob("step-*")):
             shutil.rmtree(created, ignore_errors=True)

@@ -214,12 +214,12 @@ def upcycle(
     *,
     resume: Path | None = None,
     command: str = "",
-    compile_blocks: bool = False,
+    torch_compile: bool = False,
     distill_objectives: Callable[[Mapping[str, torch.Tensor], Recipe], list] | None = None,
 ) -> Path | None:
     """`dcdit upcycle` (and `dcdit distill`, training/distill.py): DiT checkpoint → DC-DiT,
     then the shared training loop into ``out_dir``; returns the last exported EMA weights.
-    compile_blocks: ``torch.compile`` the whole student, two graphs (``--compile``, :func:`dcdit_cli.models.compile_model`).
+    torch_compile: ``torch.compile`` the whole student, two graphs (``--compile``, :func:`dcdit_cli.models.compile_model`).
     distill_objectives: for `dcdit distill`, builds the warm-up and diffusion objectives from
     the DiT's weights (a frozen teacher); None for plain upcycling.
 
@@ -255,5 +255,5 @@ def upcycle(
         return model
 
     return train(recipe, Path(out_dir), resume=resume, command=command, model_setup=model_setup, objectives=objectives,
-                 compile_blocks=compile_blocks)
+                 torch_compile=torch_compile)
 
