@@ -166,8 +166,8 @@ def test_fp16_distance_where_two_u_dot_v_overflows_is_zero_as_in_tensorflow():
     """ADM computes ‖u‖² − 2·(u·v) + ‖v‖² in float16: u·v = 36100 is finite but 2·u·v overflows to
     inf, so the distance is max(−inf, 0) = 0, finite, and the float16 block is kept."""
     u, v = torch.tensor([[190.0, 0.0]]), torch.tensor([[190.0, 50.0]])
-    assert pr._sq_dists(u, v, half=True).item() == 0.0
-    assert pr._sq_dists(u, v, half=False).item() == 2500.0
+    assert pr._sq_dists(u, pr._side(v, True), half=True).item() == 0.0
+    assert pr._sq_dists(u, pr._side(v, False), half=False).item() == 2500.0
 
 
 def test_evaluate_checks_the_distance_option_before_reading_anything(tmp_path):

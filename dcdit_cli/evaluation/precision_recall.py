@@ -31,19 +31,25 @@ def _round16(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
 
-def _sq_dists(u: torch.Tensor, v: torch.Tensor, half: bool) -> torch.Tensor:
-    """Squared distances (n, m) = max(‖u‖² − 2 u·v + ‖v‖², 0), ADM's formula.
-
-    ``half``: as TensorFlow computes it in float16 on a GPU: inputs, squares, row norms, the
-    matmul and each sum rounded to float16, accumulations in float32 (products of float16
-    values are exact in float32). Otherwise in the inputs' dtype.
-    """
+def _side(x: torch.Tensor, half: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side of the distance formula: (x as it enters the product, ‖x‖² per row). ``half``: as
+    TensorFlow computes it in float16 on a GPU: the values, their squares and each sum rounded to
+    float16, accumulations in float32 (products of float16 values are exact in float32)."""
     if half:
-        u, v = _round16(u.float()), _round16(v.float())
-        nu, nv = _round16(_round16(u * u).sum(1)), _round16(_round16(v * v).sum(1))
+        x = _round16(x.float())
+        return x, _round16(_round16(x * x).sum(1))
+    return x, x.square().sum(1)
+
+
+def _sq_dists(u: torch.Tensor, columns: tuple[torch.Tensor, torch.Tensor], half: bool) -> torch.Tensor:
+    """Squared distances (n, m) = max(‖u‖² − 2 u·v + ‖v‖², 0), ADM's formula, from the rows u and the
+    columns' :func:`_side` (prepared once per block, not once per row slice); ``half`` as there,
+    the matmul and each sum rounded to float16 too. Otherwise in the inputs' dtype."""
+    (u, nu), (v, nv) = _side(u, half), columns
+    if half:
         d = _round16(_round16(nu[:, None] - _round16(2.0 * _round16(u @ v.T))) + nv[None, :])  # 2·u·v may overflow to inf
     else:
-        d = u.square().sum(1)[:, None] - 2.0 * (u @ v.T) + v.square().sum(1)[None, :]
+        d = nu[:, None] - 2.0 * (u @ v.T) + nv[None, :]
     return d.clamp_min_(0)
 
 
@@ -52,9 +58,9 @@ def _block_slices(rows: torch.Tensor, cols: torch.Tensor, mode: str, fn) -> list
     the whole block is recomputed in float32 if any float16 distance is not finite."""
     step = max(1, _SLICE_VALUES // max(len(cols), 1))
     for half in ((True, False) if mode == "adm" else (False,)):
-        out = []
+        out, columns = [], _side(cols, half)
         for lo in range(0, len(rows), step):
-            d = _sq_dists(rows[lo : lo + step], cols, half)
+            d = _sq_dists(rows[lo : lo + step], columns, half)
             if half and not bool(torch.isfinite(d).all()):
                 break
             out.append(fn(d, lo))
