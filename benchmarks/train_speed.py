@@ -61,6 +61,10 @@ class Trainer:
         self.opt.step()
         self.step_index += 1
 
+    def warm_up(self) -> None:
+        for _ in range(WARMUP):
+            self.step(*self.inputs())
+
     def timed_step(self) -> tuple[float, int]:
         """(seconds, training FLOPs) of one step; the FLOPs from an untimed copy of it (same batch and noise)."""
         x, y, t = self.inputs()
@@ -75,7 +79,7 @@ class Trainer:
 def peak_memory(recipe_name: str, batch: int, queue) -> None:
     """Peak resident growth over WARMUP steps of one model, in this (fresh) process."""
     trainer = Trainer(recipe_name, batch)
-    queue.put(peak_growth_mib(lambda: [trainer.step(*trainer.inputs()) for _ in range(WARMUP)])[1])
+    queue.put(peak_growth_mib(trainer.warm_up)[1])
 
 
 def main() -> None:
@@ -100,8 +104,7 @@ def main() -> None:
 
     trainers = {name: Trainer(name, args.batch) for name in names}
     for trainer in trainers.values():
-        for _ in range(WARMUP):
-            trainer.step(*trainer.inputs())
+        trainer.warm_up()
     times, flops = {name: [] for name in names}, {name: [] for name in names}
     for _ in range(args.steps):
         for name, trainer in trainers.items():

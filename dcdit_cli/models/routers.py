@@ -40,7 +40,7 @@ class _CosineScore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, weight, border, side: int):
-        B, L, D = k.shape
+        B, _, D = k.shape
         k_norm = k.norm(dim=-1, keepdim=True)  # (B, L, 1)
         k_hat = k / k_norm.clamp_min(NORM_EPS)
         grid = k_hat.transpose(1, 2).reshape(B, D, side, side)  # (B, D, H, W)
@@ -54,7 +54,7 @@ class _CosineScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k_hat, k_norm, grid, k_bar, q_norm, scale, s, weight = ctx.saved_tensors
-        B, L, D = q.shape
+        D = q.shape[-1]
         g = grad * scale  # (B, L) = ∂L/∂a
         inverse_square = torch.where(q_norm > NORM_EPS, q_norm.clamp_min(NORM_EPS) ** -2, 0.0)  # (B, L)
         grad_q = torch.addcmul(g[..., None] * k_bar, (grad * s * inverse_square)[..., None], q, value=-1.0)
