@@ -4,7 +4,7 @@ against the Inception pass that FID already pays, measured interleaved in one pr
 The ViT-L/14 has random weights in the real layout (1024-d, 24 blocks, 37 × 37 position
 embeddings resized to 16 × 16) and runs through :class:`dcdit_cli.evaluation.dinov2.DinoV2Features`,
 the code `dcdit eval --metrics fd_dinov2` runs, resize and normalisation included; the
-baseline is torch-fidelity's Inception with random weights (:class:`dcdit_cli.evaluation.fid.InceptionFeatures`).
+baseline is torch-fidelity's Inception with random weights (:class:`dcdit_cli.evaluation.inception.InceptionFeatures`).
 Both see the same uint8 256 × 256 batches (ADM's sample size). A few batches are timed, one
 network after the other, and the medians are extrapolated to 10,000 images; process CPU time
 is reported beside wall time because this machine is shared (on an idle core they agree).
@@ -51,7 +51,8 @@ def main() -> None:
     from conftest import random_inception_state_dict
 
     from dcdit_cli.evaluation.dinov2 import DINOV2_TIMM_ARCH, DinoV2Features
-    from dcdit_cli.evaluation.fid import InceptionFeatures, kernel_inception_distance
+    from dcdit_cli.evaluation.fid import kernel_inception_distance
+    from dcdit_cli.evaluation.inception import InceptionFeatures
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

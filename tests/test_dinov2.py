@@ -22,6 +22,7 @@ from conftest import random_dinov2_state_dict
 from dcdit_cli.common.console import DcditError
 from dcdit_cli.evaluation import dinov2 as dv
 from dcdit_cli.evaluation import fid
+from dcdit_cli.evaluation.inception import load_inception
 from dcdit_cli.evaluation.metrics import parse_metrics
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet's, as dgm-eval
@@ -228,7 +229,7 @@ def test_parse_metrics():
 
 @pytest.fixture(scope="module")
 def inception(inception_weights):
-    return fid.load_inception(inception_weights, device="cpu")
+    return load_inception(inception_weights, device="cpu")
 
 
 def _smooth(seed, n, size=32, scale=1.0, offset=0.0):

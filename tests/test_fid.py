@@ -16,6 +16,7 @@ from rich.console import Console
 from dcdit_cli.common.console import DcditError
 from dcdit_cli.data.imaging import center_crop_arr
 from dcdit_cli.evaluation import fid
+from dcdit_cli.evaluation.inception import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_URL, load_inception, resolve_inception_weights
 from dcdit_cli.evaluation import precision_recall as pr
 
 # ------------------------------------------------------------------ Fréchet distance
@@ -277,7 +278,7 @@ def test_compute_activations_rejects_bad_batches():
 
 
 def test_evaluate_refuses_more_samples_than_stored(tmp_path, monkeypatch):
-    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "r.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(DcditError, match="asked for 10 samples"):
@@ -285,22 +286,22 @@ def test_evaluate_refuses_more_samples_than_stored(tmp_path, monkeypatch):
 
 
 def test_missing_inception_weights(tmp_path, monkeypatch):
-    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     with pytest.raises(DcditError) as err:
-        fid.load_inception(None)
+        load_inception(None)
     message = str(err.value)
-    assert fid.INCEPTION_WEIGHTS_URL in message and "--inception-weights" in message and fid.INCEPTION_WEIGHTS_ENV in message
+    assert INCEPTION_WEIGHTS_URL in message and "--inception-weights" in message and INCEPTION_WEIGHTS_ENV in message
     with pytest.raises(DcditError, match="not found"):
-        fid.load_inception(tmp_path / "nope.pth")
+        load_inception(tmp_path / "nope.pth")
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
-    monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, str(weights))
-    assert fid.resolve_inception_weights() == weights
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(weights))
+    assert resolve_inception_weights() == weights
     with pytest.raises(DcditError, match="cannot read"):
-        fid.load_inception()
+        load_inception()
     torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
     with pytest.raises(DcditError, match="not torch-fidelity's Inception"):
-        fid.load_inception(weights, device="cpu")
+        load_inception(weights, device="cpu")
 
 
 # ------------------------------------------------------------------ the whole pipeline
@@ -308,7 +309,7 @@ def test_missing_inception_weights(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def inception(inception_weights):
-    return fid.load_inception(inception_weights, device="cpu")
+    return load_inception(inception_weights, device="cpu")
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from dcdit_cli.config.options import OptionCheck
 from dcdit_cli.evaluation import fid
 from dcdit_cli.evaluation.dinov2 import load_dinov2
 from dcdit_cli.evaluation.figures import elastic_figure, pareto_figure
+from dcdit_cli.evaluation.inception import load_inception
 from dcdit_cli.evaluation.metrics import ADM_METRICS, FIELDS, METRICS, Field, fields_of, metric_field
 from dcdit_cli.evaluation.precision_recall import check_distances
 from dcdit_cli.sampling.sampler import SampleOptions, sample_npz
@@ -182,7 +183,7 @@ def run_eval(ckpt: Path, ref: Path, *, num: int | None = None, budgets: list[flo
     fid.check_reference(reference, metrics, None)
     others = [(p, load_records(find_eval_json(p))) for p in compare]
     check_plotted(plotted, metrics, others)
-    extractor = fid.load_inception(inception_weights)  # a bad weights file is reported now, not after sampling
+    extractor = load_inception(inception_weights)  # a bad weights file is reported now, not after sampling
     dinov2 = load_dinov2(dinov2_weights, extractor.device) if "fd_dinov2" in metrics else None
     fid.check_reference(reference, metrics, dinov2)
     state = PartialState(cpu=not torch.cuda.is_available())
