@@ -561,9 +561,10 @@ def group_norm_silu(args, recipe) -> None:
 
 
 def bench_attention(args) -> None:
-    """Packed attention (forward + backward) on kept counts L/4 ± spread, every portable backend,
-    against the DiT's dense attention over as many tokens: B samples of the mean kept count."""
-    from dcdit_cli.models.attention import PackedLayout, available_backends, varlen_attention
+    """Packed attention (forward + backward) on kept counts L/4 ± spread, every portable backend and
+    the fallback's op that ``--compile`` runs, against the DiT's dense attention over as many tokens:
+    B samples of the mean kept count."""
+    from dcdit_cli.models.attention import FALLBACK, PackedLayout, available_backends, grouped_attention, varlen_attention
 
     heads, head_dim, side = {"toy": (4, 24, 16), "b": (12, 64, 32)}[args.size]
     if args.lengths:
@@ -580,11 +581,16 @@ def bench_attention(args) -> None:
     def run(backend):
         varlen_attention(q, k, v, layouts[backend]).sum().backward()
 
+    def op():  # the fallback as it runs under --compile: one opaque op with its own backward
+        pad = layouts[FALLBACK]
+        grouped_attention(q, k, v, pad.padded_rows, pad.padded_valid, pad.from_groups, pad.group_slots(),
+                          pad.group_size)[0].sum().backward()
+
     def dit():
         torch.nn.functional.scaled_dot_product_attention(dense, dense, dense).sum().backward()
 
-    names = list(layouts)
-    times = interleaved({**{b: (lambda b=b: run(b)) for b in names}, "DiT": dit}, args.repeats)
+    names = [*layouts, "sdpa_pad (op)"]
+    times = interleaved({**{b: (lambda b=b: run(b)) for b in layouts}, "sdpa_pad (op)": op, "DiT": dit}, args.repeats)
     print(f"packed attention fwd+bwd, {args.size}, batch {args.batch}, {heads} heads × {head_dim}, kept {n.tolist()}, "
           f"median of {args.repeats}; DiT: dense SDPA on {args.batch} × {T} tokens")
     useful, dit_scores = float(n.double().square().sum()), args.batch * T * T

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
-from dcdit_cli.models.attention import (PackedLayout, available_backends, packed_attention, padded_length, select_backend,
+from dcdit_cli.models.attention import (PackedLayout, available_backends, grouped_attention, padded_length, select_backend,
                                         varlen_attention)
 from dcdit_cli.models.dit import DiTBlock
 from dcdit_cli.models.flops import _CUSTOM
@@ -129,10 +129,9 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
     N, H, d = sum(lengths), 2, 8
     q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
     layout = _layout(lengths, "sdpa_pad")
-    args = ([r.flatten() for r in layout.group_rows], [ok.flatten() for ok in layout.group_valid], layout.from_groups,
-            len(lengths) // len(layout.group_rows))
-    assert any(not bool(ok.all()) for ok in args[1]), "the test needs padding slots"
-    out, lse = packed_attention(q, k, v, *args)
+    args = (layout.padded_rows, layout.padded_valid, layout.from_groups, layout.group_slots(), layout.group_size)
+    assert not bool(layout.padded_valid.all()), "the test needs padding slots"
+    out, lse = grouped_attention(q, k, v, *args)
     grad_out = torch.randn(N, H, d, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
@@ -145,7 +144,7 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
     ref_lse = _per_sample(lambda b, rows: torch.logsumexp(
         torch.einsum("mhd,nhd->mhn", q[rows], k[rows]) * d**-0.5, dim=-1), lengths)  # (N, H)
     assert lse.shape == (N, H) and torch.allclose(lse, ref_lse, atol=1e-5)
-    torch.library.opcheck(packed_attention, (q, k, v, *args))
+    torch.library.opcheck(grouped_attention, (q, k, v, *args))
 
     # FLOPs: those of SDPA's math form on the same padded groups, forward and forward + backward.
     def counted(fn):
@@ -154,12 +153,13 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
         return counter.get_total_flops()
 
     def math_groups():
-        return sum(F.scaled_dot_product_attention(*(a[r].view(args[3], -1, H, d).transpose(1, 2) for a in (q, k, v)),
-                                                  attn_mask=ok.view(args[3], 1, 1, -1)).sum()
-                   for r, ok in zip(args[0], args[1]))
+        G = layout.group_size
+        return sum(F.scaled_dot_product_attention(*(a[r.flatten()].view(G, -1, H, d).transpose(1, 2) for a in (q, k, v)),
+                                                  attn_mask=ok.view(G, 1, 1, -1)).sum()
+                   for r, ok in zip(layout.group_rows, layout.group_valid))
 
-    assert counted(lambda: packed_attention(q, k, v, *args)) == counted(math_groups) > 0
-    assert counted(lambda: packed_attention(q, k, v, *args)[0].sum().backward()) == counted(lambda: math_groups().backward())
+    assert counted(lambda: grouped_attention(q, k, v, *args)) == counted(math_groups) > 0
+    assert counted(lambda: grouped_attention(q, k, v, *args)[0].sum().backward()) == counted(lambda: math_groups().backward())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -61,10 +61,11 @@ class PackedLayout:
     (:meth:`groups`), the length each is padded to (:meth:`sorted_group_len`; host ints, read with
     the others).
 
-    For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it): group
-    g's padded batch ``group_rows[g]`` (G, m) holds the packed row of each of its slots (a sample's
-    last row in its padding slots, which ``group_valid[g]`` (G, m) masks out), m = group_len[g];
-    ``from_groups`` (N,) is each packed row's index in the groups' padded slots, concatenated.
+    For the padded fallback (``sdpa_pad``, built for every backend that can fall back to it): the groups'
+    padded slots, group after group, each group's G samples one after another: ``padded_rows`` (S,)
+    holds the packed row of each slot (a sample's last row in its padding slots, which ``padded_valid``
+    (S,) marks False), S = Σ_g G·group_len[g]; ``from_groups`` (N,) is each packed row's slot.
+    :attr:`group_rows` and :attr:`group_valid` view them group by group, (G, m) each.
     """
 
     cu_seqlens: torch.Tensor
@@ -74,8 +75,8 @@ class PackedLayout:
     valid: torch.Tensor
     backend: str = FALLBACK
     group_len: tuple[int, ...] = ()
-    group_rows: tuple[torch.Tensor, ...] = ()
-    group_valid: tuple[torch.Tensor, ...] = ()
+    padded_rows: torch.Tensor | None = None
+    padded_valid: torch.Tensor | None = None
     from_groups: torch.Tensor | None = None
 
     @staticmethod
@@ -112,13 +113,32 @@ class PackedLayout:
         sample = torch.div(slot, m_max, rounding_mode="floor")
         layout = cls(cu.to(torch.int32), m_max, sample, slot, valid, backend, tuple(group_len))
         if backend != "sdpa_blockdiag":  # the fallback's groups (also the flash kernels' fallback in fp32)
-            layout.group_rows, layout.group_valid, layout.from_groups = _padded_groups(counts, cu, sample, slot - sample * m_max,
-                                                                                      group_len)
+            layout.padded_rows, layout.padded_valid, layout.from_groups = _padded_groups(counts, cu, sample, slot - sample * m_max,
+                                                                                        group_len)
         return layout
 
     @property
     def batch(self) -> int:
         return self.valid.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        """G: samples per group of the padded fallback."""
+        return self.batch // len(self.group_len)
+
+    def group_slots(self) -> list[int]:
+        """Slots of each padded group, G·m: how :attr:`padded_rows` splits into groups."""
+        return [self.group_size * m for m in self.group_len]
+
+    @property
+    def group_rows(self) -> tuple[torch.Tensor, ...]:
+        """Each group's padded rows (G, m), views of :attr:`padded_rows`."""
+        return tuple(r.view(self.group_size, -1) for r in self.padded_rows.split(self.group_slots()))
+
+    @property
+    def group_valid(self) -> tuple[torch.Tensor, ...]:
+        """Each group's real slots (G, m), views of :attr:`padded_valid`."""
+        return tuple(ok.view(self.group_size, -1) for ok in self.padded_valid.split(self.group_slots()))
 
     def per_token(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-sample rows (B, ...) → one per packed token (N, ...)."""
@@ -135,8 +155,9 @@ class PackedLayout:
 
 
 def _padded_groups(counts, cu, sample, position, group_len):
-    """The fallback's padded groups (see :class:`PackedLayout`), built on the device from the host's
-    group lengths: no host-to-device copy. counts (B,), cu (B + 1,), sample and position (N,)."""
+    """The fallback's padded slots (see :class:`PackedLayout`): rows (S,), valid (S,), from_groups (N,),
+    built on the device from the host's group lengths: no host-to-device copy. counts (B,),
+    cu (B + 1,), sample and position (N,)."""
     B = counts.shape[0]
     size = B // len(group_len)
     order = counts.argsort(stable=True)  # (B,) samples by kept count
@@ -146,12 +167,12 @@ def _padded_groups(counts, cu, sample, position, group_len):
         members = order[g * size : (g + 1) * size]  # (G,)
         j = torch.arange(m, device=counts.device)
         n = counts[members, None]  # (G, 1)
-        rows.append(cu[members, None] + torch.minimum(j, n - 1).clamp(min=0))  # (G, m)
-        masks.append(j < n)
+        rows.append((cu[members, None] + torch.minimum(j, n - 1).clamp(min=0)).flatten())  # (G·m,)
+        masks.append((j < n).flatten())
         starts.append(offset + m * torch.arange(size, device=counts.device))  # (G,) first padded slot of each member
         offset += size * m
     start = torch.empty_like(order).scatter_(0, order, torch.cat(starts))  # (B,)
-    return tuple(rows), tuple(masks), start[sample] + position
+    return torch.cat(rows), torch.cat(masks), start[sample] + position
 
 
 #################################################################################
@@ -159,119 +180,123 @@ def _padded_groups(counts, cu, sample, position, group_len):
 #################################################################################
 
 
-def _gather(a: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
-    """Packed (N, H, ...) → one group padded (G, H, m, ...): ``rows`` (G·m,) is the packed row of each
-    slot, G = ``size``."""
-    return a.index_select(0, rows).view(size, -1, *a.shape[1:]).transpose(1, 2)
+def _groups(padded: torch.Tensor, slots: list[int], size: int) -> list[torch.Tensor]:
+    """The padded slots (S, H, ...) → each group's padded batch (G, H, m, ...), views; ``slots`` the
+    groups' G·m (:meth:`PackedLayout.group_slots`), G = ``size``."""
+    return [a.view(size, -1, *padded.shape[1:]).transpose(1, 2) for a in padded.split(slots)]
 
 
-def _scatter(groups: list[torch.Tensor], from_groups: torch.Tensor) -> torch.Tensor:
+def _ungroup(groups: list[torch.Tensor], from_groups: torch.Tensor) -> torch.Tensor:
     """The groups' padded (G, H, m, ...) → packed (N, H, ...): each packed row from its slot."""
     return torch.cat([g.transpose(1, 2).flatten(0, 1) for g in groups]).index_select(0, from_groups)
 
 
-def _key_padding(valid: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """valid (G·m,) → an additive key-padding mask (G, 1, 1, m): 0 at real keys, −inf at padding
-    (the CPU flash kernels take the mask in the query's dtype, not as bools)."""
-    mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
-    return mask.view(size, 1, 1, -1)
+def _key_padding(valid: torch.Tensor, slots: list[int], size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """valid (S,) → each group's key-padding mask (G, 1, 1, m): the bools themselves, or additive in
+    ``dtype``, 0 at real keys and −inf at padding (the CPU flash kernels take it in the query's dtype).
+    Built once for all groups."""
+    if dtype != torch.bool:
+        valid = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+    return [m.view(size, 1, 1, -1) for m in valid.split(slots)]
 
 
-@torch.library.custom_op("dcdit::packed_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[torch.Tensor], valid: list[torch.Tensor],
-                     from_groups: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("dcdit::grouped_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
+                      from_groups: torch.Tensor, slots: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v (N, H, d) packed → (output (N, H, d), logsumexp (N, H)): attention within each sample,
-    the samples run in the padded groups of a :class:`PackedLayout` (``rows`` and ``valid``, each
-    group's (G·m,) flattened; ``size`` = G), with a key-padding mask.
+    the samples run in the padded groups of a :class:`PackedLayout` (``rows``, ``valid`` (S,) its
+    padded slots, ``slots`` each group's share of them, ``size`` = G), with a key-padding mask.
 
     The fallback under torch.compile, which does not look into it: its inputs, outputs and saved
     tensors are packed or flat, so no stride depends on a group's length (:func:`_sdpa_pad` says why
     that matters). On CPU it is the flash kernel, whose logsumexp lets the backward be the
     flash backward; elsewhere SDPA, and the logsumexp is empty (the backward recomputes the weights).
     """
+    cpu = q.device.type == "cpu"
+    qs, ks, vs = (_groups(a.index_select(0, rows), slots, size) for a in (q, k, v))  # each [(G, H, m, d)]
     outs, lses = [], []
-    for r, ok in zip(rows, valid):
-        qp, kp, vp = (_gather(a, r, size) for a in (q, k, v))  # (G, H, m, d)
-        if q.device.type == "cpu":
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qp, kp, vp, attn_mask=_key_padding(ok, size, q.dtype))  # (G, H, m, d), (G, H, m) fp32
+    for qp, kp, vp, mask in zip(qs, ks, vs, _key_padding(valid, slots, size, q.dtype if cpu else torch.bool)):
+        if cpu:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, attn_mask=mask)  # lse (G, H, m) fp32
             lses.append(lse)
         else:
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=ok.view(size, 1, 1, -1))
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
         outs.append(out)
-    lse = _scatter(lses, from_groups) if lses else q.new_empty(0, dtype=torch.float32)
-    return _scatter(outs, from_groups), lse
+    lse = _ungroup(lses, from_groups) if lses else q.new_empty(0, dtype=torch.float32)
+    return _ungroup(outs, from_groups), lse
 
 
-@torch.library.custom_op("dcdit::packed_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                              lse: torch.Tensor, rows: list[torch.Tensor], valid: list[torch.Tensor], from_groups: torch.Tensor,
-                              size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`packed_attention` with respect to q, k, v, all packed (N, H, d). A padding
+@torch.library.custom_op("dcdit::grouped_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def grouped_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                               lse: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, from_groups: torch.Tensor,
+                               slots: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`grouped_attention` with respect to q, k, v, all packed (N, H, d). A padding
     slot repeats a real row of its sample (q, output and logsumexp alike, so every weight stays
     finite) and gets no gradient, so it contributes nothing. On CPU the flash backward from the
     saved output and logsumexp; elsewhere the attention weights P are recomputed:
     dv = Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k / √d, dk = dSᵀ q / √d."""
+    cpu = q.device.type == "cpu"
+    g = grad.index_select(0, rows).mul_(valid[:, None, None])  # (S, H, d), zero at padding slots
+    gs, qs, ks, vs = (_groups(a, slots, size) for a in (g, *(a.index_select(0, rows) for a in (q, k, v))))
+    masks = _key_padding(valid, slots, size, q.dtype if cpu else torch.bool)
     grads = ([], [], [])
-    for r, ok in zip(rows, valid):
-        g = _gather(grad, r, size) * ok.view(size, 1, -1, 1)  # (G, H, m, d), zero at padding slots
-        qp, kp, vp = (_gather(a, r, size) for a in (q, k, v))
-        if q.device.type == "cpu":
+    if cpu:
+        outs, lses = (_groups(a.index_select(0, rows), slots, size) for a in (out, lse))
+        for gp, qp, kp, vp, op, lp, mask in zip(gs, qs, ks, vs, outs, lses, masks):
             group = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g, qp, kp, vp, _gather(out, r, size), _gather(lse, r, size).contiguous(), 0.0, False,
-                attn_mask=_key_padding(ok, size, q.dtype))
-        else:
-            scale = q.shape[-1] ** -0.5
-            weights = (qp @ kp.transpose(-2, -1) * scale).masked_fill(~ok.view(size, 1, 1, -1), float("-inf")).softmax(-1)
-            d_weights = g @ vp.transpose(-2, -1)  # (G, H, m, m)
+                gp, qp, kp, vp, op, lp.contiguous(), 0.0, False, attn_mask=mask)
+            for into, a in zip(grads, group):
+                into.append(a)
+    else:
+        scale = q.shape[-1] ** -0.5
+        for gp, qp, kp, vp, ok in zip(gs, qs, ks, vs, masks):
+            weights = (qp @ kp.transpose(-2, -1) * scale).masked_fill(~ok, float("-inf")).softmax(-1)  # (G, H, m, m)
+            d_weights = gp @ vp.transpose(-2, -1)
             d_scores = weights * (d_weights - (d_weights * weights).sum(dim=-1, keepdim=True))
-            group = (d_scores @ kp * scale, d_scores.transpose(-2, -1) @ qp * scale, weights.transpose(-2, -1) @ g)
-        for into, a in zip(grads, group):
-            into.append(a)
-    return tuple(_scatter(a, from_groups) for a in grads)
+            for into, a in zip(grads, (d_scores @ kp * scale, d_scores.transpose(-2, -1) @ qp * scale, weights.transpose(-2, -1) @ gp)):
+                into.append(a)
+    return tuple(_ungroup(a, from_groups) for a in grads)
 
 
-@packed_attention.register_fake
-def _(q, k, v, rows, valid, from_groups, size):
+@grouped_attention.register_fake
+def _(q, k, v, rows, valid, from_groups, slots, size):
     lse_shape = (q.shape[0], q.shape[1]) if q.device.type == "cpu" else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@packed_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, rows, valid, from_groups, size):
+@grouped_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, rows, valid, from_groups, slots, size):
     return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in (q, k, v))
 
 
 def _save_for_backward(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
-    q, k, v, rows, valid, from_groups, size = inputs
-    ctx.groups, ctx.size = len(rows), size
-    ctx.save_for_backward(q, k, v, *output, from_groups, *rows, *valid)
+    q, k, v, rows, valid, from_groups, slots, size = inputs
+    ctx.slots, ctx.size = slots, size
+    ctx.save_for_backward(q, k, v, *output, rows, valid, from_groups)
 
 
 def _attention_grads(ctx, grad, _grad_lse):
-    q, k, v, out, lse, from_groups, *groups = ctx.saved_tensors
-    rows, valid = groups[: ctx.groups], groups[ctx.groups :]
-    return (*packed_attention_backward(grad, q, k, v, out, lse, rows, valid, from_groups, ctx.size),
-            [None] * ctx.groups, [None] * ctx.groups, None, None)
+    return (*grouped_attention_backward(grad, *ctx.saved_tensors, ctx.slots, ctx.size), None, None, None, None, None)
 
 
-packed_attention.register_autograd(_attention_grads, setup_context=_save_for_backward)
+grouped_attention.register_autograd(_attention_grads, setup_context=_save_for_backward)
 
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
-    rows, valid = [r.flatten() for r in layout.group_rows], [ok.flatten() for ok in layout.group_valid]
-    size = layout.batch // len(rows)  # samples per group
+    slots, size = layout.group_slots(), layout.group_size
     if torch.compiler.is_compiling():
         # Under torch.compile (torch 2.14) attention is one opaque op on packed and flat tensors: padded
         # tensors in the graph, or saved for the backward, let Inductor specialise on their lengths (a
         # recompile per batch) or gave them the strides of the first batch ("expected … stride
         # 480==800" on the next batch), and attention written out (q kᵀ, softmax, · v) specialised on M_max.
-        return packed_attention(q, k, v, rows, valid, layout.from_groups, size)[0]
-    # Eager: the same groups through SDPA and autograd, which costs less than the op's dispatch.
-    outs = [F.scaled_dot_product_attention(*(_gather(a, r, size) for a in (q, k, v)), attn_mask=ok.view(size, 1, 1, -1))
-            for r, ok in zip(rows, valid)]  # each (G, H, m, d)
-    return _scatter(outs, layout.from_groups)  # (N, H, d)
+        return grouped_attention(q, k, v, layout.padded_rows, layout.padded_valid, layout.from_groups, slots, size)[0]
+    # Eager: the same groups through SDPA and autograd, which costs less than the op's dispatch. One gather
+    # of each of q, k, v for all groups, so the backward scatters each gradient once.
+    groups = (_groups(a.index_select(0, layout.padded_rows), slots, size) for a in (q, k, v))  # each [(G, H, m, d)]
+    masks = _key_padding(layout.padded_valid, slots, size, q.dtype)
+    return _ungroup([F.scaled_dot_product_attention(*qkv, attn_mask=mask) for *qkv, mask in zip(*groups, masks)],
+                    layout.from_groups)  # (N, H, d)
 
 
 def _sdpa_blockdiag(q, k, v, layout: PackedLayout) -> torch.Tensor:

@@ -54,31 +54,31 @@ def _gaussian_blur_flops(grid_shape, kernel_shape, out_shape=None, **kwargs) -> 
     return 2 * 2 * kernel_shape[0] * math.prod(grid_shape)
 
 
-def _group_scores(q_shape, rows_shapes, size: int) -> int:
-    """Scores (q·k pairs, all heads) of the attention fallback's padded groups: G·H·m² per group."""
-    heads = q_shape[1]
-    return sum(size * heads * (math.prod(shape) // size) ** 2 for shape in rows_shapes)
+def _group_scores(q_shape, slots, size: int) -> int:
+    """Scores (q·k pairs, all heads) of the attention fallback's padded groups: G·H·m² per group,
+    ``slots`` each group's G·m."""
+    return sum(size * q_shape[1] * (n // size) ** 2 for n in slots)
 
 
-def _packed_attention_flops(q_shape, k_shape, v_shape, rows_shapes, valid_shapes, from_groups_shape, size,
-                            out_shape=None, **kwargs) -> int:
-    """``dcdit::packed_attention`` counts as SDPA's math form on its padded groups: QKᵀ and AV at
+def _grouped_attention_flops(q_shape, k_shape, v_shape, rows_shape, valid_shape, from_groups_shape, slots, size,
+                             out_shape=None, **kwargs) -> int:
+    """``dcdit::grouped_attention`` counts as SDPA's math form on its padded groups: QKᵀ and AV at
     2·d per score each and the softmax at 3, H·m²·(4·d + 3) per sample of a group."""
-    return _group_scores(q_shape, rows_shapes, size) * (4 * q_shape[2] + 3)
+    return _group_scores(q_shape, slots, size) * (4 * q_shape[2] + 3)
 
 
-def _packed_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, rows_shapes,
-                                     valid_shapes, from_groups_shape, size, out_shape=None, **kwargs) -> int:
+def _grouped_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, rows_shape,
+                                      valid_shape, from_groups_shape, slots, size, out_shape=None, **kwargs) -> int:
     """Its backward counts as the math form's: the two gradients of each of the two matrix products
     (8·d per score); the softmax's backward counts 0, as torch's counter counts it."""
-    return _group_scores(q_shape, rows_shapes, size) * 8 * q_shape[2]
+    return _group_scores(q_shape, slots, size) * 8 * q_shape[2]
 
 
 _CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax: _softmax_flops,
            torch.ops.aten.convolution_backward: _conv_backward_flops,
            torch.ops.dcdit.gaussian_blur: _gaussian_blur_flops,
-           torch.ops.dcdit.packed_attention: _packed_attention_flops,
-           torch.ops.dcdit.packed_attention_backward: _packed_attention_backward_flops}
+           torch.ops.dcdit.grouped_attention: _grouped_attention_flops,
+           torch.ops.dcdit.grouped_attention_backward: _grouped_attention_backward_flops}
 
 
 def count_flops(fn, *args, **kwargs) -> int:
