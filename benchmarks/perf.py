@@ -11,7 +11,7 @@ with the sample index, or in a fixed random order with ``--shuffle`` (a router's
                                       [--profile [--profile-rows 12] [--profile-shapes]]
     python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--bf16]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
-    python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--lengths LO HI]
+    python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--compile] [--lengths LO HI]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
     python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5]  (RMSNorms; GroupNorm + SiLU by memory format)
     python benchmarks/perf.py compile [--steps 12] [--whole]
@@ -578,21 +578,27 @@ def bench_attention(args) -> None:
 
     layouts = {b: PackedLayout.from_valid(valid, int(n.sum()), b) for b in available_backends("cpu")}  # once per forward
 
-    def run(backend):
-        varlen_attention(q, k, v, layouts[backend]).sum().backward()
+    # --compile: each attention compiled alone (dynamic shapes), the fallback then running as its op.
+    attend = torch.compile(varlen_attention, dynamic=True) if args.compile else varlen_attention
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dense_sdpa = torch.compile(sdpa, dynamic=True) if args.compile else sdpa
 
-    def op():  # the fallback as it runs under --compile: one opaque op with its own backward
+    def run(backend):
+        attend(q, k, v, layouts[backend]).sum().backward()
+
+    def op():  # eager: the op that the fallback runs under --compile, dispatched with its autograd wrapper
         pad = layouts[FALLBACK]
         grouped_attention(q, k, v, pad.padded_rows, pad.padded_valid, pad.from_groups, pad.group_slots(),
                           pad.group_size)[0].sum().backward()
 
     def dit():
-        torch.nn.functional.scaled_dot_product_attention(dense, dense, dense).sum().backward()
+        dense_sdpa(dense, dense, dense).sum().backward()
 
-    names = [*layouts, "sdpa_pad (op)"]
-    times = interleaved({**{b: (lambda b=b: run(b)) for b in layouts}, "sdpa_pad (op)": op, "DiT": dit}, args.repeats)
+    names = [*layouts] if args.compile else [*layouts, "sdpa_pad (op)"]
+    fns = {b: (lambda b=b: run(b)) for b in layouts} | ({} if args.compile else {"sdpa_pad (op)": op})
+    times = interleaved({**fns, "DiT": dit}, args.repeats)
     print(f"packed attention fwd+bwd, {args.size}, batch {args.batch}, {heads} heads × {head_dim}, kept {n.tolist()}, "
-          f"median of {args.repeats}; DiT: dense SDPA on {args.batch} × {T} tokens")
+          f"median of {args.repeats}, {'each compiled alone' if args.compile else 'eager'}; DiT: dense SDPA on {args.batch} × {T} tokens")
     useful, dit_scores = float(n.double().square().sum()), args.batch * T * T
     for b in [*names, "DiT"]:
         tokens, scores = (args.batch * T, dit_scores) if b == "DiT" else (int(n.sum()), useful)
@@ -689,7 +695,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--parts", action="store_true", help="train: also the share of a DC-DiT step by part (fwd+bwd)")
     parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast")
-    parser.add_argument("--compile", action="store_true", help="train: both models compiled whole (compile_model)")
+    parser.add_argument("--compile", action="store_true", help="train: both models compiled whole (compile_model); attention: each attention compiled alone")
     parser.add_argument("--profile", action="store_true", help="train: the operators with the most time, both models")
     parser.add_argument("--profile-rows", type=int, default=12, help="--profile: how many operators to list")
     parser.add_argument("--profile-shapes", action="store_true", help="--profile: one row per operator and input shapes")

@@ -110,8 +110,9 @@ def test_ab_benchmark_times_the_working_tree_against_a_commit():
 
 
 def test_perf_attention_compares_every_backend_with_the_dit_per_token():
-    """benchmarks/perf.py attention: a row per portable backend and the DiT's, each against the DiT per
-    token and per useful score; --shuffle keeps the same kept counts in another order."""
+    """benchmarks/perf.py attention: a row per portable backend, the fallback's op (what --compile runs)
+    and the DiT's, each against the DiT per token and per useful score; --shuffle keeps the same kept
+    counts in another order."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
@@ -121,8 +122,8 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
         return out.stdout.splitlines()
 
     lines = run()
-    rows = {line.split()[0]: line for line in lines if "vs DiT per token" in line}
-    assert set(rows) == {"sdpa_pad", "sdpa_blockdiag", "DiT"}
+    rows = {line.split("  ")[1].strip(): line for line in lines if "vs DiT per token" in line}
+    assert set(rows) == {"sdpa_pad", "sdpa_blockdiag", "sdpa_pad (op)", "DiT"}
     assert rows["DiT"].endswith("vs DiT per token 1.00, per useful score 1.00")
     kept = next(line for line in lines if "kept [" in line).split("kept ")[1].split("]")[0]
     shuffled = next(line for line in run("--shuffle") if "kept [" in line).split("kept ")[1].split("]")[0]
