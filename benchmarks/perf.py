@@ -540,24 +540,39 @@ def bench_norm(args) -> None:
 
 
 def group_norm_silu(args, recipe) -> None:
-    """The scaffold's GroupNorm + SiLU (every res-block has two) forward + backward at each width it
-    runs at, channels-last as the model runs them against channels-first: torch's CPU GroupNorm is
-    far slower channels-last, and the convolutions around it faster (docs/performance.md)."""
+    """The scaffold's GroupNorm + SiLU (every res-block has two) forward + backward, and forward alone
+    (as sampling runs it), at each width it runs at, channels-last as the model runs them against
+    channels-first: torch's CPU GroupNorm is far slower channels-last at some widths, and the
+    convolutions around it faster (docs/performance.md). ``--bf16``: bf16 inputs under autocast, as a
+    bf16 convolution hands them over."""
     from dcdit_cli.models.scaffold import group_norm
 
     side = recipe.input_size // recipe.patch_size
-    print(f"GroupNorm + SiLU forward + backward (the scaffold's res-blocks), {args.size}, batch {args.batch}, median of "
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    print(f"GroupNorm + SiLU (the scaffold's res-blocks), {args.size}, batch {args.batch}, {str(dtype)[6:]}, median of "
           f"{args.repeats} (interleaved)")
     for width in dict.fromkeys((recipe.scaffold_width, recipe.hidden_size)):
         norm = group_norm(width, recipe.norm_groups, recipe.norm_eps)
         shape = (args.batch, width, side, side)
-        inputs = {"channels-last": torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(),
-                  "channels-first": torch.randn(shape, requires_grad=True)}
-        times = interleaved({k: (lambda x=x: torch.nn.functional.silu(norm(x)).backward(torch.ones_like(x)))
-                             for k, x in inputs.items()}, args.repeats)
-        print(f"  GroupNorm({norm.num_groups}, {width}) {str(shape):<18} channels-last {times['channels-last'] * 1e6:7.0f} us  "
-              f"channels-first {times['channels-first'] * 1e6:7.0f} us  last / first "
-              f"{times['channels-last'] / times['channels-first']:.2f}")
+        inputs = {"channels-last": torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last),
+                  "channels-first": torch.randn(shape, dtype=dtype)}
+
+        def train(x):
+            with precision(args):
+                torch.nn.functional.silu(norm(x)).backward(torch.ones_like(x))
+
+        @torch.no_grad()
+        def forward(x):
+            with precision(args):
+                torch.nn.functional.silu(norm(x))
+
+        fns = {(k, "fwd+bwd"): (lambda x=x: train(x.detach().requires_grad_())) for k, x in inputs.items()}
+        fns |= {(k, "fwd"): (lambda x=x: forward(x)) for k, x in inputs.items()}
+        times = interleaved(fns, args.repeats)
+        for part in ("fwd+bwd", "fwd"):
+            last, first = times["channels-last", part], times["channels-first", part]
+            print(f"  GroupNorm({norm.num_groups}, {width}) {str(shape):<18} {part:<7} channels-last {last * 1e6:7.0f} us  "
+                  f"channels-first {first * 1e6:7.0f} us  last / first {last / first:.2f}")
 
 
 def bench_attention(args) -> None:

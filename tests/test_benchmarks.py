@@ -148,8 +148,10 @@ def test_perf_norm_times_each_norm_of_the_model_against_torchs_and_a_layernorm()
     assert [r.split("(")[0].strip() for r in rows] == ["encoder", "inner", "decoder", "encoder, transposed"]
     assert "(2, 256, 96)" in rows[0] and "(128, 96)" in rows[1] and "(2, 256, 32)" in rows[2]
     groups = [line for line in out.stdout.splitlines() if "last / first" in line]  # the toy scaffold's two widths
-    assert [g.split()[0] for g in groups] == ["GroupNorm(8,", "GroupNorm(8,"]
-    assert "(2, 32, 16, 16)" in groups[0] and "(2, 96, 16, 16)" in groups[1]
+    assert [g.split()[0] for g in groups] == ["GroupNorm(8,"] * 4
+    assert ["(2, 32, 16, 16)" in g for g in groups] == [True, True, False, False]
+    assert ["(2, 96, 16, 16)" in g for g in groups] == [False, False, True, True]
+    assert [g.split(")")[-1].split()[0] for g in groups] == ["fwd+bwd", "fwd"] * 2  # training, then sampling
 
 
 def test_train_speed_counts_the_flops_of_what_each_step_kept():
