@@ -9,7 +9,7 @@ with the sample index, or in a fixed random order with ``--shuffle`` (a router's
 
     python benchmarks/perf.py train   [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--parts] [--bf16] [--compile]
                                       [--profile [--profile-rows 12] [--profile-shapes]]
-    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--bf16]
+    python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--bf16] [--profile]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--compile] [--lengths LO HI]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
@@ -252,7 +252,7 @@ def bench_train(args) -> None:
 
 
 def profile_step(name: str, step, calls: int = 5, rows: int = 12, shapes: bool = False) -> None:
-    """The operators with the most self time over ``calls`` training steps, as ms per step and share;
+    """The operators with the most self time over ``calls`` steps (training or sampling), as ms per step and share;
     ``shapes``: one row per operator and input shapes (which convolution, which gather)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(calls):
@@ -402,6 +402,9 @@ def bench_sample(args) -> None:
     for label in settings:
         tr, fr = times[label] / times[base], spent[label] / spent[base]
         print(f"  {label:<20} {times[label] * 1e3:8.1f} ms  time x {tr:.3f}  FLOPs x {fr:.3f}  time/FLOP ratio {tr / fr:.3f}")
+    if args.profile:
+        for label in (base, "Lite-CFG 0.0 / 0.9"):
+            profile_step(f"{name}, {label}", fns[label], rows=args.profile_rows, shapes=args.profile_shapes)
 
 
 def scaffold_fn(side: int, dim: int, batch: int):
@@ -711,7 +714,7 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="train: also the share of a DC-DiT step by part (fwd+bwd)")
     parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="train: both models compiled whole (compile_model); attention: each attention compiled alone")
-    parser.add_argument("--profile", action="store_true", help="train: the operators with the most time, both models")
+    parser.add_argument("--profile", action="store_true", help="train: the operators with the most time, both models; sample: the DC-DiT at budget 0 and Lite-CFG")
     parser.add_argument("--profile-rows", type=int, default=12, help="--profile: how many operators to list")
     parser.add_argument("--profile-shapes", action="store_true", help="--profile: one row per operator and input shapes")
     parser.add_argument("--whole", action="store_true", help="compile: the whole DC-DiT, not its blocks")

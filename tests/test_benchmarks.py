@@ -172,3 +172,16 @@ def test_train_speed_counts_the_flops_of_what_each_step_kept():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_speed.py"), "--steps", "0"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--steps must be at least 1, got 0" in bad.stderr
+
+
+def test_perf_sample_times_each_budget_and_profiles_the_dcdit_at_budget_0_and_lite_cfg():
+    """benchmarks/perf.py sample: one row per setting (time, FLOPs and their ratio against full CFG);
+    --profile then lists the DC-DiT's operators at budget 0 and at Lite-CFG."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "sample", "--batch", "2", "--repeats", "1",
+                          "--profile", "--profile-rows", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("  ")[1].strip() for line in out.stdout.splitlines() if "time/FLOP ratio" in line]
+    assert rows == ["budget 0 (full CFG)", "budget 0.2", "Lite-CFG 0.0 / 0.9"]
+    headers = [line for line in out.stdout.splitlines() if "most self time per step" in line]
+    assert [h.split(":")[0].strip() for h in headers] == ["toy, budget 0 (full CFG)", "toy, Lite-CFG 0.0 / 0.9"]
