@@ -10,9 +10,10 @@ backends, chosen by :func:`select_backend` (and recorded in a run's ``env.json``
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (``pip install dcdit[flash]``, CUDA);
 - ``sdpa_pad``: the portable fallback (CPU, ROCm, MPS): the samples are sorted by kept count and
   split into groups of about four (:meth:`PackedLayout.groups`; at least two, so a Lite-CFG
-  unconditional half is not padded to the conditional one); each group's q, k, v are gathered into
-  a padded (G, H, m, d) batch, m its longest length, SDPA runs with a key-padding mask, and the
-  rows are gathered back; only attention pays for padding, the linear layers do not;
+  unconditional half is not padded to the conditional one); q, k, v are each gathered once into
+  the groups' padded slots and split into one padded (G, H, m, d) batch per group, m its longest
+  length, SDPA runs with a key-padding mask, and the rows are gathered back; only attention pays
+  for padding, the linear layers do not;
 - ``sdpa_blockdiag``: SDPA over all N tokens with a block-diagonal mask (N² scores, B× the work).
 
 On CPU ``sdpa_pad`` is the faster portable one (``benchmarks/perf.py attention``), so it is the
