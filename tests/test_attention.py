@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
-from dcdit_cli.models.attention import (PackedLayout, available_backends, grouped_attention, padded_length, select_backend,
+from dcdit_cli.models.attention import (PackedLayout, _recomputed_grads, available_backends, grouped_attention, padded_length, select_backend,
                                         varlen_attention)
 from dcdit_cli.models.dit import DiTBlock
 from dcdit_cli.models.flops import _CUSTOM
@@ -160,6 +160,21 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
 
     assert counted(lambda: grouped_attention(q, k, v, *args)) == counted(math_groups) > 0
     assert counted(lambda: grouped_attention(q, k, v, *args)[0].sum().backward()) == counted(lambda: math_groups().backward())
+
+
+def test_the_ops_recomputed_backward_equals_autograd_through_masked_attention():
+    """The compiled op's backward off CPU (ROCm, MPS: no flash logsumexp) recomputes the weights; run
+    here on CPU, its gradients equal autograd's through SDPA with the same key-padding mask."""
+    g = torch.Generator().manual_seed(2)
+    G, H, m, d = 3, 2, 7, 8
+    q, k, v = (torch.randn(G, H, m, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    valid = (torch.arange(m) < torch.tensor([7, 4, 1])[:, None]).view(G, 1, 1, m)  # full, padded, one key
+    grad_out = torch.randn(G, H, m, d, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=valid), (q, k, v), grad_out)
+    with torch.no_grad():
+        got = _recomputed_grads(grad_out, q, k, v, valid)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

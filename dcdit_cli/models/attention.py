@@ -234,8 +234,7 @@ def grouped_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
     """Gradients of :func:`grouped_attention` with respect to q, k, v, all packed (N, H, d). A padding
     slot repeats a real row of its sample (q, output and logsumexp alike, so every weight stays
     finite) and gets no gradient, so it contributes nothing. On CPU the flash backward from the
-    saved output and logsumexp; elsewhere the attention weights P are recomputed:
-    dv = Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k / √d, dk = dSᵀ q / √d."""
+    saved output and logsumexp; elsewhere the attention weights are recomputed (:func:`_recomputed_grads`)."""
     cpu = q.device.type == "cpu"
     g = grad.index_select(0, rows).mul_(valid[:, None, None])  # (S, H, d), zero at padding slots
     gs, qs, ks, vs = (_groups(a, slots, size) for a in (g, *(a.index_select(0, rows) for a in (q, k, v))))
@@ -249,14 +248,22 @@ def grouped_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
             for into, a in zip(grads, group):
                 into.append(a)
     else:
-        scale = q.shape[-1] ** -0.5
         for gp, qp, kp, vp, ok in zip(gs, qs, ks, vs, masks):
-            weights = (qp @ kp.transpose(-2, -1) * scale).masked_fill(~ok, float("-inf")).softmax(-1)  # (G, H, m, m)
-            d_weights = gp @ vp.transpose(-2, -1)
-            d_scores = weights * (d_weights - (d_weights * weights).sum(dim=-1, keepdim=True))
-            for into, a in zip(grads, (d_scores @ kp * scale, d_scores.transpose(-2, -1) @ qp * scale, weights.transpose(-2, -1) @ gp)):
+            for into, a in zip(grads, _recomputed_grads(gp, qp, kp, vp, ok)):
                 into.append(a)
     return tuple(_ungroup(a, from_groups) for a in grads)
+
+
+def _recomputed_grads(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked attention's gradients with respect to q, k, v (G, H, m, d) from the output's gradient g,
+    the weights P recomputed (where no flash kernel kept a logsumexp); valid (G, 1, 1, m) marks real keys:
+    dv = Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k / √d, dk = dSᵀ q / √d."""
+    scale = q.shape[-1] ** -0.5
+    weights = (q @ k.transpose(-2, -1) * scale).masked_fill(~valid, float("-inf")).softmax(-1)  # (G, H, m, m)
+    d_weights = g @ v.transpose(-2, -1)
+    d_scores = weights * (d_weights - (d_weights * weights).sum(dim=-1, keepdim=True))
+    return d_scores @ k * scale, d_scores.transpose(-2, -1) @ q * scale, weights.transpose(-2, -1) @ g
 
 
 @grouped_attention.register_fake
