@@ -13,7 +13,7 @@ with the sample index, or in a fixed random order with ``--shuffle`` (a router's
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--compile] [--lengths LO HI]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
-    python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5]  (RMSNorms; GroupNorm + SiLU by memory format)
+    python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5] [--bf16]  (RMSNorms; GroupNorm + SiLU by memory format)
     python benchmarks/perf.py compile [--steps 12] [--whole]
 
 Every command first prints the machine: CPU model, its vector/matrix ISA extensions (AVX-512, AMX),
@@ -606,14 +606,14 @@ def bench_attention(args) -> None:
 
     def op():  # eager: the op that the fallback runs under --compile, dispatched with its autograd wrapper
         pad = layouts[FALLBACK]
-        grouped_attention(q, k, v, pad.padded_rows, pad.padded_valid, pad.from_groups, pad.group_slots(),
+        grouped_attention(q, k, v, pad.padded_rows, pad.padded_valid, pad.from_groups, pad.group_slots,
                           pad.group_size)[0].sum().backward()
 
     def dit():
         dense_sdpa(dense, dense, dense).sum().backward()
 
-    names = [*layouts] if args.compile else [*layouts, "sdpa_pad (op)"]
     fns = {b: (lambda b=b: run(b)) for b in layouts} | ({} if args.compile else {"sdpa_pad (op)": op})
+    names = list(fns)
     times = interleaved({**fns, "DiT": dit}, args.repeats)
     print(f"packed attention fwd+bwd, {args.size}, batch {args.batch}, {heads} heads × {head_dim}, kept {n.tolist()}, "
           f"median of {args.repeats}, {'each compiled alone' if args.compile else 'eager'}; DiT: dense SDPA on {args.batch} × {T} tokens")
@@ -712,7 +712,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--parts", action="store_true", help="train: also the share of a DC-DiT step by part (fwd+bwd)")
-    parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast; norm: GroupNorm + SiLU on bf16 inputs")
     parser.add_argument("--compile", action="store_true", help="train: both models compiled whole (compile_model); attention: each attention compiled alone")
     parser.add_argument("--profile", action="store_true", help="train: the operators with the most time, both models; sample: the DC-DiT at budget 0 and Lite-CFG")
     parser.add_argument("--profile-rows", type=int, default=12, help="--profile: how many operators to list")

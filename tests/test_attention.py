@@ -129,7 +129,7 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
     N, H, d = sum(lengths), 2, 8
     q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
     layout = _layout(lengths, "sdpa_pad")
-    args = (layout.padded_rows, layout.padded_valid, layout.from_groups, layout.group_slots(), layout.group_size)
+    args = (layout.padded_rows, layout.padded_valid, layout.from_groups, layout.group_slots, layout.group_size)
     assert not bool(layout.padded_valid.all()), "the test needs padding slots"
     out, lse = grouped_attention(q, k, v, *args)
     grad_out = torch.randn(N, H, d, generator=g)

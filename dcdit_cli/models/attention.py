@@ -127,6 +127,7 @@ class PackedLayout:
         """G: samples per group of the padded fallback."""
         return self.batch // len(self.group_len)
 
+    @property
     def group_slots(self) -> list[int]:
         """Slots of each padded group, G·m: how :attr:`padded_rows` splits into groups."""
         return [self.group_size * m for m in self.group_len]
@@ -134,12 +135,12 @@ class PackedLayout:
     @property
     def group_rows(self) -> tuple[torch.Tensor, ...]:
         """Each group's padded rows (G, m), views of :attr:`padded_rows`."""
-        return tuple(r.view(self.group_size, -1) for r in self.padded_rows.split(self.group_slots()))
+        return tuple(r.view(self.group_size, -1) for r in self.padded_rows.split(self.group_slots))
 
     @property
     def group_valid(self) -> tuple[torch.Tensor, ...]:
         """Each group's real slots (G, m), views of :attr:`padded_valid`."""
-        return tuple(ok.view(self.group_size, -1) for ok in self.padded_valid.split(self.group_slots()))
+        return tuple(ok.view(self.group_size, -1) for ok in self.padded_valid.split(self.group_slots))
 
     def per_token(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-sample rows (B, ...) → one per packed token (N, ...)."""
@@ -183,7 +184,7 @@ def _padded_groups(counts, cu, sample, position, group_len):
 
 def _groups(padded: torch.Tensor, slots: list[int], size: int) -> list[torch.Tensor]:
     """The padded slots (S, H, ...) → each group's padded batch (G, H, m, ...), views; ``slots`` the
-    groups' G·m (:meth:`PackedLayout.group_slots`), G = ``size``."""
+    groups' G·m (:attr:`PackedLayout.group_slots`), G = ``size``."""
     return [a.view(size, -1, *padded.shape[1:]).transpose(1, 2) for a in padded.split(slots)]
 
 
@@ -292,7 +293,7 @@ grouped_attention.register_autograd(_attention_grads, setup_context=_save_for_ba
 
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
-    slots, size = layout.group_slots(), layout.group_size
+    slots, size = layout.group_slots, layout.group_size
     if torch.compiler.is_compiling():
         # Under torch.compile (torch 2.14) attention is one opaque op on packed and flat tensors: padded
         # tensors in the graph, or saved for the backward, let Inductor specialise on their lengths (a
