@@ -582,7 +582,8 @@ def bench_attention(args) -> None:
     """Packed attention (forward + backward) on kept counts L/4 ± spread, every portable backend and
     the fallback's op that ``--compile`` runs, against the DiT's dense attention over as many tokens:
     B samples of the mean kept count."""
-    from dcdit_cli.models.attention import FALLBACK, PackedLayout, available_backends, grouped_attention, varlen_attention
+    from dcdit_cli.models.attention import (FALLBACK, PackedLayout, _additive, available_backends, from_slots, padded_attention, to_slots,
+                                            varlen_attention)
 
     heads, head_dim, side = {"toy": (4, 24, 16), "b": (12, 64, 32)}[args.size]
     if args.lengths:
@@ -606,8 +607,9 @@ def bench_attention(args) -> None:
 
     def op():  # eager: the op that the fallback runs under --compile, dispatched with its autograd wrapper
         pad = layouts[FALLBACK]
-        grouped_attention(q, k, v, pad.padded_rows, pad.padded_valid, pad.from_groups, pad.group_slots,
-                          pad.group_size)[0].sum().backward()
+        out = padded_attention(*(to_slots(a, pad) for a in (q, k, v)), _additive(pad.padded_valid, q.dtype), pad.group_slots,
+                               pad.group_size)[0]
+        from_slots(out, pad).sum().backward()
 
     def dit():
         dense_sdpa(dense, dense, dense).sum().backward()

@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
-from dcdit_cli.models.attention import (PackedLayout, _recomputed_grads, available_backends, grouped_attention, padded_length, select_backend,
-                                        varlen_attention)
+from dcdit_cli.models.attention import (PackedLayout, _additive, _recomputed_grads, available_backends, from_slots, padded_attention, padded_length,
+                                        select_backend, to_slots, varlen_attention)
 from dcdit_cli.models.dit import DiTBlock
 from dcdit_cli.models.flops import _CUSTOM
 
@@ -121,17 +121,23 @@ def test_backend_equals_per_sample_attention_forward_and_backward(backend):
 
 @pytest.mark.parametrize("lengths", [LENGTHS, [9, 1, 5, 3, 7, 2, 8, 4]])
 def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(lengths):
-    """The fallback's op (eager and compiled; flash forward and flash backward on CPU, from the saved
-    logsumexp) gives each sample's own attention, its logsumexp, and the same gradients, over groups
-    of one, two and four samples with padding; opcheck verifies its fake (meta) functions and autograd
-    registration as torch.compile will use them."""
+    """The fallback as torch.compile runs it: q, k, v gathered into the padded slots (to_slots), the op
+    (flash forward and flash backward on CPU, from the saved logsumexp), the rows gathered back
+    (from_slots), each gather's backward a gather too. It gives each sample's own attention, its
+    logsumexp and the same gradients, over groups of one, two and four samples with padding; opcheck
+    verifies the op's fake (meta) functions and autograd registration as torch.compile will use them."""
     g = torch.Generator().manual_seed(1)
     N, H, d = sum(lengths), 2, 8
     q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
     layout = _layout(lengths, "sdpa_pad")
-    args = (layout.padded_rows, layout.padded_valid, layout.from_groups, layout.group_slots, layout.group_size)
     assert not bool(layout.padded_valid.all()), "the test needs padding slots"
-    out, lse = grouped_attention(q, k, v, *args)
+    mask, shares = _additive(layout.padded_valid, q.dtype), (layout.group_slots, layout.group_size)
+
+    def attend(q, k, v):
+        out, lse = padded_attention(*(to_slots(a, layout) for a in (q, k, v)), mask, *shares)
+        return from_slots(out, layout), lse.index_select(0, layout.from_groups)
+
+    out, lse = attend(q, k, v)
     grad_out = torch.randn(N, H, d, generator=g)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
@@ -144,7 +150,8 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
     ref_lse = _per_sample(lambda b, rows: torch.logsumexp(
         torch.einsum("mhd,nhd->mhn", q[rows], k[rows]) * d**-0.5, dim=-1), lengths)  # (N, H)
     assert lse.shape == (N, H) and torch.allclose(lse, ref_lse, atol=1e-5)
-    torch.library.opcheck(grouped_attention, (q, k, v, *args))
+    slotted = [to_slots(a, layout).detach().requires_grad_() for a in (q, k, v)]
+    torch.library.opcheck(padded_attention, (*slotted, mask, *shares))
 
     # FLOPs: those of SDPA's math form on the same padded groups, forward and forward + backward.
     def counted(fn):
@@ -158,8 +165,8 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
                                                   attn_mask=ok.view(G, 1, 1, -1)).sum()
                    for r, ok in zip(layout.group_rows, layout.group_valid))
 
-    assert counted(lambda: grouped_attention(q, k, v, *args)) == counted(math_groups) > 0
-    assert counted(lambda: grouped_attention(q, k, v, *args)[0].sum().backward()) == counted(lambda: math_groups().backward())
+    assert counted(lambda: attend(q, k, v)) == counted(math_groups) > 0
+    assert counted(lambda: attend(q, k, v)[0].sum().backward()) == counted(lambda: math_groups().backward())
 
 
 def test_the_ops_recomputed_backward_equals_autograd_through_masked_attention():

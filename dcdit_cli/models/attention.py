@@ -188,71 +188,99 @@ def _groups(padded: torch.Tensor, slots: list[int], size: int) -> list[torch.Ten
     return [a.view(size, -1, *padded.shape[1:]).transpose(1, 2) for a in padded.split(slots)]
 
 
-def _ungroup(groups: list[torch.Tensor], from_groups: torch.Tensor) -> torch.Tensor:
-    """The groups' padded (G, H, m, ...) → packed (N, H, ...): each packed row from its slot."""
-    return torch.cat([g.transpose(1, 2).flatten(0, 1) for g in groups]).index_select(0, from_groups)
+def _flat(groups: list[torch.Tensor]) -> torch.Tensor:
+    """The groups' (G, H, m, ...) → the padded slots (S, H, ...), group after group: one copy."""
+    return torch.cat([g.transpose(1, 2).flatten(0, 1) for g in groups])
 
 
-def _key_padding(valid: torch.Tensor, slots: list[int], size: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """valid (S,) → each group's key-padding mask (G, 1, 1, m): the bools themselves, or additive in
-    ``dtype``, 0 at real keys and −inf at padding (the CPU flash kernels take it in the query's dtype).
-    Built once for all groups."""
-    if dtype != torch.bool:
-        valid = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+def _key_padding(valid: torch.Tensor, slots: list[int], size: int) -> list[torch.Tensor]:
+    """valid (S,) (or the additive mask of :func:`_additive`) → each group's key-padding mask (G, 1, 1, m), views."""
     return [m.view(size, 1, 1, -1) for m in valid.split(slots)]
 
 
-@torch.library.custom_op("dcdit::grouped_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
-                      from_groups: torch.Tensor, slots: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (N, H, d) packed → (output (N, H, d), logsumexp (N, H)): attention within each sample,
-    the samples run in the padded groups of a :class:`PackedLayout` (``rows``, ``valid`` (S,) its
-    padded slots, ``slots`` each group's share of them, ``size`` = G), with a key-padding mask.
+def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """valid (S,) → the additive mask the CPU flash kernels take, in the query's dtype: 0 at real keys,
+    −inf at padding."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+
+
+class _SlotGather(torch.autograd.Function):
+    """x[index] along dim 0, between packed rows (N, ...) and a layout's padded slots (S, ...), with a
+    gather for its backward too: ``back`` picks each input row's gradient, ``keep`` (optional) zeroes
+    gradient rows.
+
+    Packed → slots (index ``padded_rows``, back ``from_groups``): a padding slot repeats a real row,
+    and the exact gradient of that row also sums the padding slots'. Masked attention gives a padding
+    slot exactly zero gradient (its query gets no output gradient, its key and value zero weight), so
+    the row's gradient is its own slot's. Slots → packed (index ``from_groups``, back ``padded_rows``,
+    keep ``padded_valid``): the padding slots get none. Autograd's index_select backward would be a
+    scatter-add instead."""
+
+    @staticmethod
+    def forward(x, index, back, keep):
+        return x.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[2:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        back, keep = ctx.saved_tensors
+        grad = grad.index_select(0, back)
+        return grad if keep is None else grad * keep.view(-1, *[1] * (grad.dim() - 1)), None, None, None
+
+
+def to_slots(packed: torch.Tensor, layout: "PackedLayout") -> torch.Tensor:
+    """Packed (N, H, d) → the layout's padded slots (S, H, d) (a sample's last row in its padding slots)."""
+    return _SlotGather.apply(packed, layout.padded_rows, layout.from_groups, None)
+
+
+def from_slots(padded: torch.Tensor, layout: "PackedLayout") -> torch.Tensor:
+    """The padded slots (S, H, d) → packed (N, H, d): each row from its own slot."""
+    return _SlotGather.apply(padded, layout.from_groups, layout.padded_rows, layout.padded_valid)
+
+
+@torch.library.custom_op("dcdit::padded_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, slots: list[int],
+                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (S, H, d) in a :class:`PackedLayout`'s padded slots → (output (S, H, d), logsumexp (S, H)):
+    attention within each sample, the samples in the layout's groups (``slots`` each group's share of
+    S, ``size`` = G), ``mask`` (S,) its key padding (:func:`_additive` on CPU, the bools elsewhere).
 
     The fallback under torch.compile, which does not look into it: its inputs, outputs and saved
-    tensors are packed or flat, so no stride depends on a group's length (:func:`_sdpa_pad` says why
-    that matters). On CPU it is the flash kernel, whose logsumexp lets the backward be the
-    flash backward; elsewhere SDPA, and the logsumexp is empty (the backward recomputes the weights).
+    tensors are flat, so no stride depends on a group's length (:func:`_sdpa_pad` says why that
+    matters), and the gathers around it are the compiler's. On CPU it is the flash kernel, whose
+    logsumexp lets the backward be the flash backward; elsewhere SDPA, and the logsumexp is empty (the
+    backward recomputes the weights).
     """
     cpu = q.device.type == "cpu"
-    qs, ks, vs = (_groups(a.index_select(0, rows), slots, size) for a in (q, k, v))  # each [(G, H, m, d)]
     outs, lses = [], []
-    for qp, kp, vp, mask in zip(qs, ks, vs, _key_padding(valid, slots, size, q.dtype if cpu else torch.bool)):
+    for qp, kp, vp, m in zip(*(_groups(a, slots, size) for a in (q, k, v)), _key_padding(mask, slots, size)):
         if cpu:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, attn_mask=mask)  # lse (G, H, m) fp32
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, attn_mask=m)  # lse (G, H, m) fp32
             lses.append(lse)
         else:
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m)
         outs.append(out)
-    lse = _ungroup(lses, from_groups) if lses else q.new_empty(0, dtype=torch.float32)
-    return _ungroup(outs, from_groups), lse
+    return _flat(outs), _flat(lses) if lses else q.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("dcdit::grouped_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def grouped_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                               lse: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, from_groups: torch.Tensor,
-                               slots: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`grouped_attention` with respect to q, k, v, all packed (N, H, d). A padding
-    slot repeats a real row of its sample (q, output and logsumexp alike, so every weight stays
-    finite) and gets no gradient, so it contributes nothing. On CPU the flash backward from the
-    saved output and logsumexp; elsewhere the attention weights are recomputed (:func:`_recomputed_grads`)."""
-    cpu = q.device.type == "cpu"
-    g = grad.index_select(0, rows).mul_(valid[:, None, None])  # (S, H, d), zero at padding slots
-    gs, qs, ks, vs = (_groups(a, slots, size) for a in (g, *(a.index_select(0, rows) for a in (q, k, v))))
-    masks = _key_padding(valid, slots, size, q.dtype if cpu else torch.bool)
-    grads = ([], [], [])
-    if cpu:
-        outs, lses = (_groups(a.index_select(0, rows), slots, size) for a in (out, lse))
-        for gp, qp, kp, vp, op, lp, mask in zip(gs, qs, ks, vs, outs, lses, masks):
-            group = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                gp, qp, kp, vp, op, lp.contiguous(), 0.0, False, attn_mask=mask)
-            for into, a in zip(grads, group):
-                into.append(a)
+@torch.library.custom_op("dcdit::padded_attention_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def padded_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, mask: torch.Tensor, slots: list[int],
+                              size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`padded_attention` with respect to q, k, v (S, H, d), from the output's (S, H, d),
+    zero at the padding slots (:func:`from_slots`). On CPU the flash backward from the saved output and
+    logsumexp; elsewhere the attention weights are recomputed (:func:`_recomputed_grads`)."""
+    groups = zip(*(_groups(a, slots, size) for a in (grad, q, k, v)), _key_padding(mask, slots, size))
+    if q.device.type == "cpu":
+        grads = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gp, qp, kp, vp, op, lp.contiguous(), 0.0, False, attn_mask=m)
+            for (gp, qp, kp, vp, m), op, lp in zip(groups, _groups(out, slots, size), _groups(lse, slots, size))]
     else:
-        for gp, qp, kp, vp, ok in zip(gs, qs, ks, vs, masks):
-            for into, a in zip(grads, _recomputed_grads(gp, qp, kp, vp, ok)):
-                into.append(a)
-    return tuple(_ungroup(a, from_groups) for a in grads)
+        grads = [_recomputed_grads(*group) for group in groups]
+    return tuple(_flat(list(a)) for a in zip(*grads))
 
 
 def _recomputed_grads(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -267,45 +295,47 @@ def _recomputed_grads(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return d_scores @ k * scale, d_scores.transpose(-2, -1) @ q * scale, weights.transpose(-2, -1) @ g
 
 
-@grouped_attention.register_fake
-def _(q, k, v, rows, valid, from_groups, slots, size):
+@padded_attention.register_fake
+def _(q, k, v, mask, slots, size):
     lse_shape = (q.shape[0], q.shape[1]) if q.device.type == "cpu" else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@grouped_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, rows, valid, from_groups, slots, size):
+@padded_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, mask, slots, size):
     return tuple(torch.empty_like(a, memory_format=torch.contiguous_format) for a in (q, k, v))
 
 
 def _save_for_backward(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
-    q, k, v, rows, valid, from_groups, slots, size = inputs
+    q, k, v, mask, slots, size = inputs
     ctx.slots, ctx.size = slots, size
-    ctx.save_for_backward(q, k, v, *output, rows, valid, from_groups)
+    ctx.save_for_backward(q, k, v, *output, mask)
 
 
 def _attention_grads(ctx, grad, _grad_lse):
-    return (*grouped_attention_backward(grad, *ctx.saved_tensors, ctx.slots, ctx.size), None, None, None, None, None)
+    return (*padded_attention_backward(grad.contiguous(), *ctx.saved_tensors, ctx.slots, ctx.size), None, None, None)
 
 
-grouped_attention.register_autograd(_attention_grads, setup_context=_save_for_backward)
+padded_attention.register_autograd(_attention_grads, setup_context=_save_for_backward)
 
 
 def _sdpa_pad(q, k, v, layout: PackedLayout) -> torch.Tensor:
     slots, size = layout.group_slots, layout.group_size
     if torch.compiler.is_compiling():
-        # Under torch.compile (torch 2.14) attention is one opaque op on packed and flat tensors: padded
+        # Under torch.compile (torch 2.14) attention is one opaque op on flat tensors: padded (G, H, m, d)
         # tensors in the graph, or saved for the backward, let Inductor specialise on their lengths (a
-        # recompile per batch) or gave them the strides of the first batch ("expected … stride
-        # 480==800" on the next batch), and attention written out (q kᵀ, softmax, · v) specialised on M_max.
-        return grouped_attention(q, k, v, layout.padded_rows, layout.padded_valid, layout.from_groups, slots, size)[0]
-    # Eager: the same groups through SDPA and autograd, which costs less than the op's dispatch. One gather
-    # of each of q, k, v for all groups, so the backward scatters each gradient once.
+        # recompile per batch) or gave them the strides of the first batch ("expected … stride 480==800"
+        # on the next batch), and attention written out (q kᵀ, softmax, · v) specialised on M_max.
+        mask = _additive(layout.padded_valid, q.dtype) if q.device.type == "cpu" else layout.padded_valid
+        out = padded_attention(*(to_slots(a, layout) for a in (q, k, v)), mask, slots, size)[0]  # (S, H, d)
+        return from_slots(out, layout)  # (N, H, d)
+    # Eager: the same groups through SDPA and autograd (whose C++ backward costs less than the op's or
+    # _SlotGather's Python), q, k, v each gathered once for all groups.
     groups = (_groups(a.index_select(0, layout.padded_rows), slots, size) for a in (q, k, v))  # each [(G, H, m, d)]
-    masks = _key_padding(layout.padded_valid, slots, size, q.dtype)
-    return _ungroup([F.scaled_dot_product_attention(*qkv, attn_mask=mask) for *qkv, mask in zip(*groups, masks)],
-                    layout.from_groups)  # (N, H, d)
+    masks = _key_padding(_additive(layout.padded_valid, q.dtype), slots, size)
+    out = _flat([F.scaled_dot_product_attention(*qkv, attn_mask=m) for *qkv, m in zip(*groups, masks)])  # (S, H, d)
+    return out.index_select(0, layout.from_groups)  # (N, H, d)
 
 
 def _sdpa_blockdiag(q, k, v, layout: PackedLayout) -> torch.Tensor:

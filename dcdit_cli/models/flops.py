@@ -60,15 +60,14 @@ def _group_scores(q_shape, slots, size: int) -> int:
     return sum(size * q_shape[1] * (n // size) ** 2 for n in slots)
 
 
-def _grouped_attention_flops(q_shape, k_shape, v_shape, rows_shape, valid_shape, from_groups_shape, slots, size,
-                             out_shape=None, **kwargs) -> int:
-    """``dcdit::grouped_attention`` counts as SDPA's math form on its padded groups: QKᵀ and AV at
+def _padded_attention_flops(q_shape, k_shape, v_shape, mask_shape, slots, size, out_shape=None, **kwargs) -> int:
+    """``dcdit::padded_attention`` counts as SDPA's math form on its padded groups: QKᵀ and AV at
     2·d per score each and the softmax at 3, H·m²·(4·d + 3) per sample of a group."""
     return _group_scores(q_shape, slots, size) * (4 * q_shape[2] + 3)
 
 
-def _grouped_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, rows_shape,
-                                      valid_shape, from_groups_shape, slots, size, out_shape=None, **kwargs) -> int:
+def _padded_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, mask_shape, slots, size,
+                                    out_shape=None, **kwargs) -> int:
     """Its backward counts as the math form's: the two gradients of each of the two matrix products
     (8·d per score); the softmax's backward counts 0, as torch's counter counts it."""
     return _group_scores(q_shape, slots, size) * 8 * q_shape[2]
@@ -77,8 +76,8 @@ def _grouped_attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, out
 _CUSTOM = {torch.ops.aten._softmax: _softmax_flops, torch.ops.aten._safe_softmax: _softmax_flops,
            torch.ops.aten.convolution_backward: _conv_backward_flops,
            torch.ops.dcdit.gaussian_blur: _gaussian_blur_flops,
-           torch.ops.dcdit.grouped_attention: _grouped_attention_flops,
-           torch.ops.dcdit.grouped_attention_backward: _grouped_attention_backward_flops}
+           torch.ops.dcdit.padded_attention: _padded_attention_flops,
+           torch.ops.dcdit.padded_attention_backward: _padded_attention_backward_flops}
 
 
 def count_flops(fn, *args, **kwargs) -> int:
