@@ -625,6 +625,41 @@ def bench_attention(args) -> None:
         print(f"  {b:<16} {times[b] * 1e3:8.2f} ms  x{times[b] / times[names[0]]:.2f}  vs DiT per token "
               f"{(times[b] / tokens) / (times['DiT'] / (args.batch * T)):.2f}, per useful score "
               f"{(times[b] / scores) / (times['DiT'] / dit_scores):.2f}")
+    attention_kernels(args, q, k, v, layouts[FALLBACK], dense)
+
+
+def attention_kernels(args, q, k, v, layout, dense) -> None:
+    """The CPU flash kernels alone (forward + backward, no autograd, no gathers, no op): on the
+    fallback's padded groups with their masks, on each sample alone at its exact length (no padding,
+    no mask), and on the DiT's dense batch. What is left between the last two is the kernel's own
+    cost on ragged lengths, which no padding scheme removes."""
+    from dcdit_cli.models.attention import _additive, _groups, _key_padding, to_slots
+
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def calls(batches):  # [(q, k, v, mask)] (G, H, m, d) each → run every batch's forward and backward
+        grads = [torch.randn_like(b[0]) for b in batches]
+
+        def run():
+            for (qb, kb, vb, mask), grad in zip(batches, grads):
+                out, lse = forward(qb, kb, vb, attn_mask=mask)
+                backward(grad, qb, kb, vb, out, lse, 0.0, False, attn_mask=mask)
+        return run
+
+    with torch.no_grad():
+        slots, size = layout.group_slots, layout.group_size
+        grouped = zip(*(_groups(to_slots(a, layout), slots, size) for a in (q, k, v)),
+                      _key_padding(_additive(layout.padded_valid, q.dtype), slots, size))
+        bounds = layout.cu_seqlens.tolist()
+        alone = [(*(a[lo:hi].transpose(0, 1)[None] for a in (q, k, v)), None) for lo, hi in zip(bounds, bounds[1:])]
+        fns = {"groups": calls(list(grouped)), "alone": calls(alone), "DiT": calls([(dense, dense, dense, None)])}
+        times = interleaved(fns, args.repeats)
+    tokens, dit_tokens = q.shape[0], dense.shape[0] * dense.shape[2]
+    per_token = {name: (times[name] / (dit_tokens if name == "DiT" else tokens)) / (times["DiT"] / dit_tokens) for name in fns}
+    print(f"  the CPU flash kernels alone, forward + backward: the fallback's groups {times['groups'] * 1e3:.2f} ms "
+          f"({per_token['groups']:.2f} per token vs the DiT's), each sample alone at its exact length "
+          f"{times['alone'] * 1e3:.2f} ms ({per_token['alone']:.2f}), the DiT's {times['DiT'] * 1e3:.2f} ms")
 
 
 def attention_by_length(args, heads: int, head_dim: int) -> None:

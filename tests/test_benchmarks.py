@@ -111,8 +111,8 @@ def test_ab_benchmark_times_the_working_tree_against_a_commit():
 
 def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     """benchmarks/perf.py attention: a row per portable backend, the fallback's op (what --compile runs)
-    and the DiT's, each against the DiT per token and per useful score; --shuffle keeps the same kept
-    counts in another order."""
+    and the DiT's, each against the DiT per token and per useful score, then the kernels alone; --shuffle
+    keeps the same kept counts in another order."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
@@ -125,6 +125,8 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     rows = {line.split("  ")[1].strip(): line for line in lines if "vs DiT per token" in line}
     assert set(rows) == {"sdpa_pad", "sdpa_blockdiag", "sdpa_pad (op)", "DiT"}
     assert rows["DiT"].endswith("vs DiT per token 1.00, per useful score 1.00")
+    kernels = next(line for line in lines if "the CPU flash kernels alone" in line)
+    assert "the fallback's groups" in kernels and "each sample alone at its exact length" in kernels
     kept = next(line for line in lines if "kept [" in line).split("kept ")[1].split("]")[0]
     shuffled = next(line for line in run("--shuffle") if "kept [" in line).split("kept ")[1].split("]")[0]
     assert kept != shuffled and sorted(kept.split(", ")) == sorted(shuffled.split(", "))
