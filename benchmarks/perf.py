@@ -12,6 +12,7 @@ with the sample index, or in a fixed random order with ``--shuffle`` (a router's
     python benchmarks/perf.py sample  [--size toy|b] [--spread 0.3] [--batch 8] [--repeats 5] [--shuffle] [--bf16] [--profile]
     python benchmarks/perf.py scaffold [--sides 32 64 128] [--dim 256] [--batch 8]
     python benchmarks/perf.py attention [--size toy|b] [--batch 8] [--shuffle] [--compile] [--lengths LO HI]
+                                        [--grouping --sides 16 32 [--widths 96 384 768]]
     python benchmarks/perf.py smoothing [--sides 8 16 32 64 128] [--dim 96] [--batch 8]
     python benchmarks/perf.py norm    [--size toy|b] [--batch 8] [--repeats 5] [--bf16]  (RMSNorms; GroupNorm + SiLU by memory format)
     python benchmarks/perf.py compile [--steps 12] [--whole]
@@ -582,12 +583,14 @@ def bench_attention(args) -> None:
     """Packed attention (forward + backward) on kept counts L/4 ± spread, every portable backend and
     the fallback's op that ``--compile`` runs, against the DiT's dense attention over as many tokens:
     B samples of the mean kept count."""
-    from dcdit_cli.models.attention import (FALLBACK, PackedLayout, _additive, available_backends, from_slots, padded_attention, to_slots,
-                                            varlen_attention)
+    from dcdit_cli.models.attention import (FALLBACK, PackedLayout, _additive, available_backends, from_slots, padded_attention,
+                                            samples_alone, to_slots, varlen_attention)
 
     heads, head_dim, side = {"toy": (4, 24, 16), "b": (12, 64, 32)}[args.size]
     if args.lengths:
         return attention_by_length(args, heads, head_dim)
+    if args.grouping:
+        return attention_grouping(args)
     masks = kept_masks(args.batch, side, 4.0, args.spread)
     n = masks[shuffled_order(args.batch)].sum(1) if args.shuffle else masks.sum(1)
     m_max, T = int(n.max()), round(float(n.double().mean()))
@@ -595,7 +598,8 @@ def bench_attention(args) -> None:
     q, k, v = (torch.randn(int(n.sum()), heads, head_dim, requires_grad=True) for _ in range(3))
     dense = torch.randn(args.batch, heads, T, head_dim, requires_grad=True)
 
-    layouts = {b: PackedLayout.from_valid(valid, int(n.sum()), b) for b in available_backends("cpu")}  # once per forward
+    alone = samples_alone(torch.device("cpu"), heads * head_dim, side * side)  # as the model groups its samples
+    layouts = {b: PackedLayout.from_valid(valid, int(n.sum()), b, alone=alone) for b in available_backends("cpu")}  # once per forward
 
     # --compile: each attention compiled alone (dynamic shapes), the fallback then running as its op.
     attend = torch.compile(varlen_attention, dynamic=True) if args.compile else varlen_attention
@@ -660,6 +664,30 @@ def attention_kernels(args, q, k, v, layout, dense) -> None:
     print(f"  the CPU flash kernels alone, forward + backward: the fallback's groups {times['groups'] * 1e3:.2f} ms "
           f"({per_token['groups']:.2f} per token vs the DiT's), each sample alone at its exact length "
           f"{times['alone'] * 1e3:.2f} ms ({per_token['alone']:.2f}), the DiT's {times['DiT'] * 1e3:.2f} ms")
+
+
+def attention_grouping(args) -> None:
+    """--grouping: the fallback with its samples in groups of about four against each sample alone,
+    forward + backward, for each width in --widths (heads of 64, or of 24 where 64 does not divide) and
+    grid side in --sides, kept L/4 ± spread: the measurement behind ``samples_alone``'s threshold."""
+    from dcdit_cli.models.attention import PackedLayout, samples_alone, varlen_attention
+
+    print(f"the fallback's grouping, batch {args.batch}, kept L/4 ±{args.spread:.0%}{order(args)}, forward + backward, "
+          f"median of {args.repeats} (interleaved)")
+    for side in args.sides:
+        masks = kept_masks(args.batch, side, 4.0, args.spread)
+        n = masks[shuffled_order(args.batch)].sum(1) if args.shuffle else masks.sum(1)
+        valid = torch.arange(int(n.max()))[None] < n[:, None]
+        layouts = {alone: PackedLayout.from_valid(valid, int(n.sum()), alone=alone) for alone in (False, True)}
+        for width in args.widths:
+            head_dim = 64 if width % 64 == 0 else 24
+            q, k, v = (torch.randn(int(n.sum()), width // head_dim, head_dim, requires_grad=True) for _ in range(3))
+            times = interleaved({alone: (lambda alone=alone: varlen_attention(q, k, v, layouts[alone]).sum().backward())
+                                 for alone in layouts}, args.repeats)
+            rule = "alone" if samples_alone(torch.device("cpu"), width, side * side) else "groups"
+            print(f"  width {width:4d} ({width // head_dim} × {head_dim}), {side}² grid, width · tokens² {width * side**4:.1e}: "
+                  f"groups {times[False] * 1e3:8.2f} ms, alone {times[True] * 1e3:8.2f} ms, alone / groups "
+                  f"{times[True] / times[False]:.2f}; the model runs {rule}")
 
 
 def attention_by_length(args, heads: int, head_dim: int) -> None:
@@ -747,6 +775,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--widths", type=int, nargs="+", default=[96, 384, 768], help="attention --grouping: inner widths")
+    parser.add_argument("--grouping", action="store_true",
+                        help="attention: the fallback's groups against each sample alone, per width and grid side")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--parts", action="store_true", help="train: also the share of a DC-DiT step by part (fwd+bwd)")
     parser.add_argument("--bf16", action="store_true", help="train, sample: both models under bf16 autocast; norm: GroupNorm + SiLU on bf16 inputs")

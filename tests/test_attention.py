@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dcdit_cli.config.recipe import ModelConfig
 from dcdit_cli.models import DCDiT
 from dcdit_cli.models.attention import (PackedLayout, _additive, _recomputed_grads, available_backends, from_slots, padded_attention, padded_length,
-                                        select_backend, to_slots, varlen_attention)
+                                        samples_alone, select_backend, to_slots, varlen_attention)
+from dcdit_cli.models.chunking import ChunkLayer
 from dcdit_cli.models.dit import DiTBlock
 from dcdit_cli.models.flops import _CUSTOM
 
@@ -19,10 +20,10 @@ CPU_BACKENDS = available_backends("cpu")
 LENGTHS = [5, 1, 9, 3]
 
 
-def _layout(lengths, backend):
+def _layout(lengths, backend, alone=False):
     m_max = max(lengths)
     valid = torch.arange(m_max)[None] < torch.tensor(lengths)[:, None]
-    return PackedLayout.from_valid(valid, sum(lengths), backend)
+    return PackedLayout.from_valid(valid, sum(lengths), backend, alone=alone)
 
 
 def _per_sample(fn, lengths):
@@ -60,6 +61,23 @@ def test_layout_offsets_and_sample_ids():
 
 def test_fallback_groups_are_about_four_samples_and_at_least_the_two_halves():
     assert [PackedLayout.groups(b) for b in (1, 2, 3, 4, 6, 8, 12, 16, 32)] == [1, 2, 1, 2, 2, 2, 3, 4, 8]
+    assert [PackedLayout.groups(b, alone=True) for b in (1, 3, 8)] == [1, 3, 8]
+
+
+def test_samples_run_alone_on_cpu_once_their_attention_is_large():
+    """samples_alone: the toy (width 96, 16² grid) keeps its groups on CPU; width 384 on the same grid,
+    width 96 on a 32² grid and B width on a 32² grid run each sample alone; off CPU the groups stay.
+    The model's sizes follow it: one padded length per sample, each its own kept count."""
+    cpu = torch.device("cpu")
+    assert not samples_alone(cpu, 96, 16 * 16)
+    assert all(samples_alone(cpu, w, side * side) for w, side in ((384, 16), (96, 32), (768, 32)))
+    assert not samples_alone(torch.device("meta"), 768, 32 * 32)
+    counts = [40, 70, 55, 90]
+    mask = torch.zeros(4, 32 * 32, dtype=torch.bool)
+    for b, n in enumerate(counts):
+        mask[b, :n] = True
+    assert ChunkLayer.sizes(mask, 32, 768).tolist()[3:] == sorted(counts)  # alone: exact lengths, no padding
+    assert len(ChunkLayer.sizes(mask, 32, 8).tolist()[3:]) == 2  # narrow (8 · 32⁴ < 2²⁴): two groups of two
 
 
 def test_fallback_pads_groups_of_samples_sorted_by_kept_count():
@@ -119,8 +137,9 @@ def test_backend_equals_per_sample_attention_forward_and_backward(backend):
     _check(out, grads, ref, torch.autograd.grad(ref, (q, k, v), grad_out), atol=1e-5)
 
 
+@pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("lengths", [LENGTHS, [9, 1, 5, 3, 7, 2, 8, 4]])
-def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(lengths):
+def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(lengths, alone):
     """The fallback as torch.compile runs it: q, k, v gathered into the padded slots (to_slots), the op
     (flash forward and flash backward on CPU, from the saved logsumexp), the rows gathered back
     (from_slots), each gather's backward a gather too. It gives each sample's own attention, its
@@ -129,8 +148,8 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
     g = torch.Generator().manual_seed(1)
     N, H, d = sum(lengths), 2, 8
     q, k, v = (torch.randn(N, H, d, generator=g, requires_grad=True) for _ in range(3))
-    layout = _layout(lengths, "sdpa_pad")
-    assert not bool(layout.padded_valid.all()), "the test needs padding slots"
+    layout = _layout(lengths, "sdpa_pad", alone)
+    assert alone == bool(layout.padded_valid.all()), "groups of several samples pad, samples alone do not"
     mask, shares = _additive(layout.padded_valid, q.dtype), (layout.group_slots, layout.group_size)
 
     def attend(q, k, v):

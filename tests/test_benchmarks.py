@@ -112,7 +112,8 @@ def test_ab_benchmark_times_the_working_tree_against_a_commit():
 def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     """benchmarks/perf.py attention: a row per portable backend, the fallback's op (what --compile runs)
     and the DiT's, each against the DiT per token and per useful score, then the kernels alone; --shuffle
-    keeps the same kept counts in another order."""
+    keeps the same kept counts in another order; --grouping times both groupings per width and grid and
+    names the one the model runs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
@@ -135,6 +136,13 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     assert by_length.returncode == 0, by_length.stderr[-2000:]
     assert sum(line.endswith(" µs") for line in by_length.stdout.splitlines()) == 19  # one row per length 40 … 58
     assert "padding rule, group lengths 40–48: time at the rule's length / at the next multiple of 8: mean" in by_length.stdout
+    grouping = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--grouping", "--sides", "8", "16",
+                               "--widths", "96", "768", "--batch", "4", "--repeats", "1"], capture_output=True, text=True, env=env,
+                              timeout=300)
+    assert grouping.returncode == 0, grouping.stderr[-2000:]
+    picks = {(line.split("width")[1].split()[0], line.split("² grid")[0].split()[-1]): line.rsplit(" ", 1)[1]
+             for line in grouping.stdout.splitlines() if "alone / groups" in line}
+    assert picks == {("96", "8"): "groups", ("768", "8"): "groups", ("96", "16"): "groups", ("768", "16"): "alone"}
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--lengths", "90", "56"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--lengths 90 56: give 1 ≤ LO ≤ HI" in bad.stderr

@@ -10,7 +10,8 @@ backends, chosen by :func:`select_backend` (and recorded in a run's ``env.json``
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (``pip install dcdit[flash]``, CUDA);
 - ``sdpa_pad``: the portable fallback (CPU, ROCm, MPS): the samples are sorted by kept count and
   split into groups of about four (:meth:`PackedLayout.groups`; at least two, so a Lite-CFG
-  unconditional half is not padded to the conditional one); q, k, v are each gathered once into
+  unconditional half is not padded to the conditional one), or on CPU each sample alone where its
+  attention is large (:func:`samples_alone`); q, k, v are each gathered once into
   the groups' padded slots and split into one padded (G, H, m, d) batch per group, m its longest
   length, SDPA runs with a key-padding mask, and the rows are gathered back; only attention pays
   for padding, the linear layers do not;
@@ -39,6 +40,13 @@ FALLBACK = "sdpa_pad"
 # attention --lengths`, toy and B width, docs/performance.md). A lone sample needs no padding and
 # gets none, so a one-sample forward (what models/flops.py counts) does exactly its own work.
 PAD_MULTIPLE = 8
+# On CPU the fallback runs every sample as its own group (no padding) once one sample's attention is
+# large: about width · tokens² of work, with the grid's token count as its bound. Grouping saves a
+# kernel call per sample, a fixed cost, and pays for padding, about a fifth of the kernel's time. With
+# 8 samples kept at L/4 ± 30 % (`python benchmarks/perf.py attention --grouping --sides 16 32`,
+# docs/performance.md), groups of four win at width 96 on a 16² grid (6.3·10⁶ of work); from width
+# 384 on a 16² grid (2.5·10⁷) up, samples alone take 0.82–0.97× their time.
+ALONE_WORK = 2**24
 
 
 def padded_length(longest: torch.Tensor) -> torch.Tensor:
@@ -81,26 +89,29 @@ class PackedLayout:
     from_groups: torch.Tensor | None = None
 
     @staticmethod
-    def groups(batch: int) -> int:
+    def groups(batch: int, alone: bool = False) -> int:
         """How many equal groups the padded fallback splits a batch into, its samples sorted by kept
-        count: about four samples each (fewer groups pad more, more groups call SDPA more often;
-        `python benchmarks/perf.py attention`), and at least two when the batch is even, so that the
-        unconditional half of a Lite-CFG batch, which keeps fewer tokens, is padded apart."""
-        most = max(2, batch // 4)
+        count: one per sample when ``alone`` (:func:`samples_alone`), else about four samples each
+        (fewer groups pad more, more groups call SDPA more often; `python benchmarks/perf.py
+        attention`), and at least two when the batch is even, so that the unconditional half of a
+        Lite-CFG batch, which keeps fewer tokens, is padded apart."""
+        most = batch if alone else max(2, batch // 4)
         return max(k for k in range(1, min(batch, most) + 1) if batch % k == 0)
 
     @staticmethod
-    def sorted_group_len(counts: torch.Tensor) -> torch.Tensor:
+    def sorted_group_len(counts: torch.Tensor, alone: bool = False) -> torch.Tensor:
         """counts (B,) kept tokens per sample → (groups,) the length each group is padded to, on the
         device: its largest count, through :func:`padded_length` when the group has several samples."""
-        groups = PackedLayout.groups(counts.shape[0])
+        groups = PackedLayout.groups(counts.shape[0], alone)
         longest = counts.sort().values.view(groups, -1)[:, -1]
         return padded_length(longest) if counts.shape[0] > groups else longest
 
     @classmethod
-    def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK, group_len=None) -> "PackedLayout":
+    def from_valid(cls, valid: torch.Tensor, total: int, backend: str = FALLBACK, group_len=None,
+                   alone: bool = False) -> "PackedLayout":
         """From the padded validity mask (B, M_max) whose rows are left-aligned, N = valid.sum(), and
-        the groups' lengths (None: read them from ``valid``, a host synchronisation)."""
+        the groups' lengths (None: read them from ``valid``, a host synchronisation, with ``alone`` as
+        in :meth:`groups`)."""
         B, m_max = valid.shape
         flat = valid.flatten()
         # Row r of the packed tensor is the r-th True of ``flat``; False entries go to a dump row.
@@ -110,7 +121,7 @@ class PackedLayout:
         counts = valid.sum(dim=1)
         cu = F.pad(counts.cumsum(0), (1, 0))  # (B + 1,)
         if group_len is None:
-            group_len = cls.sorted_group_len(counts).tolist()
+            group_len = cls.sorted_group_len(counts, alone).tolist()
         sample = torch.div(slot, m_max, rounding_mode="floor")
         layout = cls(cu.to(torch.int32), m_max, sample, slot, valid, backend, tuple(group_len))
         if backend != "sdpa_blockdiag":  # the fallback's groups (also the flash kernels' fallback in fp32)
@@ -154,6 +165,13 @@ class PackedLayout:
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """(B, max_len, ...) → (N, ...)."""
         return padded.flatten(0, 1).index_select(0, self.slot)
+
+
+def samples_alone(device: torch.device, width: int, tokens: int) -> bool:
+    """Whether the padded fallback runs each sample as its own group, for a model of ``width`` on a
+    grid of ``tokens``: on CPU once width · tokens² reaches :data:`ALONE_WORK`. Elsewhere (ROCm, MPS,
+    not measured) the groups stay: on a GPU a kernel call costs more next to the kernel's work."""
+    return device.type == "cpu" and width * tokens**2 >= ALONE_WORK
 
 
 def _padded_groups(counts, cu, sample, position, group_len):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcdit_cli.models.attention import FALLBACK, PackedLayout
+from dcdit_cli.models.attention import FALLBACK, PackedLayout, samples_alone
 
 #################################################################################
 #                          Boundary mask and tail dropping                      #
@@ -63,13 +63,15 @@ class ChunkLayer(nn.Module):
     """
 
     @staticmethod
-    def sizes(mask: torch.Tensor, side: int) -> torch.Tensor:
+    def sizes(mask: torch.Tensor, side: int, width: int) -> torch.Tensor:
         """mask (B, L = side²) → device (3 + groups,) long: N, M_max, the plug-back radius and the lengths
-        the attention groups are padded to, everything the host must know to fix the shapes and loops after."""
+        the attention groups are padded to (their number set by the inner ``width``,
+        :func:`samples_alone`), everything the host must know to fix the shapes and loops after."""
         B = mask.shape[0]
         n = mask.sum(dim=1)  # (B,)
+        alone = samples_alone(mask.device, width, side * side)
         return torch.cat([torch.stack([n.sum(), n.max(), plug_back_radius(mask.view(B, side, side))]),
-                          PackedLayout.sorted_group_len(n)])
+                          PackedLayout.sorted_group_len(n, alone)])
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, backend: str = FALLBACK, sizes=None):
         """h (B, L, D), mask (B, L), p (B, L) → tokens (N, D), order (B, M_max), valid (B, M_max), layout,
@@ -80,7 +82,7 @@ class ChunkLayer(nn.Module):
         """
         B, L, D = h.shape
         n = mask.sum(dim=1)  # (B,)
-        total, m_max, radius, *group_len = self.sizes(mask, math.isqrt(L)).tolist() if sizes is None else sizes
+        total, m_max, radius, *group_len = self.sizes(mask, math.isqrt(L), D).tolist() if sizes is None else sizes
         raster = torch.arange(L, device=h.device, dtype=torch.float64).expand(B, L)
         key = torch.where(mask, raster, L + 1.0 - p.double())  # boundaries by raster index, then by descending p
         order = key.argsort(dim=1, stable=True)[:, :m_max]  # (B, M_max)

@@ -191,7 +191,7 @@ class DCDiT(nn.Module):
             p = torch.where(boundary == mask, p, 1 - p)  # a flipped decision flips p: same confidence
             mask = keep_at_least_one(boundary, p)
         kept = mask if fraction is None else tail_drop(mask, p, fraction)  # (B, L)
-        return c, t_emb, h, p, mask, kept, self.chunk.sizes(kept, side)
+        return c, t_emb, h, p, mask, kept, self.chunk.sizes(kept, side, h.shape[-1])
 
     def process_kept(self, h, c, t_emb, p, kept, side: int, sizes: list[int], backend: str, record_blocks: bool = False,
                      skip_masked: bool = True):
