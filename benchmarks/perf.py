@@ -128,6 +128,13 @@ def kept_masks(batch: int, side: int, ratio: float, spread: float, seed: int = 0
     return masks
 
 
+def kept_counts(args, side: int) -> torch.Tensor:
+    """(B,) kept tokens per sample of :func:`kept_masks` at L/4 ± ``--spread``, in a random batch order with
+    ``--shuffle``: the attention benchmarks' packed lengths."""
+    masks = kept_masks(args.batch, side, 4.0, args.spread)
+    return masks[shuffled_order(args.batch)].sum(1) if args.shuffle else masks.sum(1)
+
+
 def shuffled_order(batch: int) -> list[int]:
     """``--shuffle``: a fixed random order of the batch's samples, so the kept counts, which
     :func:`kept_masks` makes grow with the sample index, come in no order, as a router's do."""
@@ -591,8 +598,7 @@ def bench_attention(args) -> None:
         return attention_by_length(args, heads, head_dim)
     if args.grouping:
         return attention_grouping(args)
-    masks = kept_masks(args.batch, side, 4.0, args.spread)
-    n = masks[shuffled_order(args.batch)].sum(1) if args.shuffle else masks.sum(1)
+    n = kept_counts(args, side)
     m_max, T = int(n.max()), round(float(n.double().mean()))
     valid = torch.arange(m_max)[None] < n[:, None]
     q, k, v = (torch.randn(int(n.sum()), heads, head_dim, requires_grad=True) for _ in range(3))
@@ -675,8 +681,7 @@ def attention_grouping(args) -> None:
     print(f"the fallback's grouping, batch {args.batch}, kept L/4 ±{args.spread:.0%}{order(args)}, forward + backward, "
           f"median of {args.repeats} (interleaved)")
     for side in args.sides:
-        masks = kept_masks(args.batch, side, 4.0, args.spread)
-        n = masks[shuffled_order(args.batch)].sum(1) if args.shuffle else masks.sum(1)
+        n = kept_counts(args, side)
         valid = torch.arange(int(n.max()))[None] < n[:, None]
         layouts = {alone: PackedLayout.from_valid(valid, int(n.sum()), alone=alone) for alone in (False, True)}
         for width in args.widths:
@@ -798,6 +803,10 @@ def main() -> None:
         parser.error(f"--profile-rows {args.profile_rows}: list at least 1 operator")
     if args.lengths and not 1 <= args.lengths[0] <= args.lengths[1]:
         parser.error(f"--lengths {args.lengths[0]} {args.lengths[1]}: give 1 ≤ LO ≤ HI")
+    if bad := [side for side in args.sides if side < 1]:
+        parser.error(f"--sides {bad[0]}: give grid sides of at least 1, e.g. --sides 16 32")
+    if bad := [w for w in args.widths if w < 1 or (w % 64 and w % 24)]:
+        parser.error(f"--widths {bad[0]}: give widths that are multiples of 64 or of 24 (heads of that size), e.g. 96 384 768")
     torch.set_num_threads(args.threads)
     print_machine()
     {"train": bench_train, "sample": bench_sample, "scaffold": bench_scaffold, "attention": bench_attention,

@@ -143,7 +143,8 @@ def test_packed_attention_op_equals_per_sample_attention_and_passes_opcheck(leng
     """The fallback as torch.compile runs it: q, k, v gathered into the padded slots (to_slots), the op
     (flash forward and flash backward on CPU, from the saved logsumexp), the rows gathered back
     (from_slots), each gather's backward a gather too. It gives each sample's own attention, its
-    logsumexp and the same gradients, over groups of one, two and four samples with padding; opcheck
+    logsumexp and the same gradients, over groups of one, two and four samples with padding, and with
+    every sample alone (no padding); opcheck
     verifies the op's fake (meta) functions and autograd registration as torch.compile will use them."""
     g = torch.Generator().manual_seed(1)
     N, H, d = sum(lengths), 2, 8

@@ -143,6 +143,11 @@ def test_perf_attention_compares_every_backend_with_the_dit_per_token():
     picks = {(line.split("width")[1].split()[0], line.split("² grid")[0].split()[-1]): line.rsplit(" ", 1)[1]
              for line in grouping.stdout.splitlines() if "alone / groups" in line}
     assert picks == {("96", "8"): "groups", ("768", "8"): "groups", ("96", "16"): "groups", ("768", "16"): "alone"}
+    for args, message in ((["--widths", "50"], "--widths 50: give widths that are multiples of 64 or of 24"),
+                          (["--sides", "0"], "--sides 0: give grid sides of at least 1")):
+        wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--grouping", *args],
+                               capture_output=True, text=True, env=env, timeout=60)
+        assert wrong.returncode == 2 and message in wrong.stderr and wrong.stdout == ""
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/perf.py"), "attention", "--lengths", "90", "56"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--lengths 90 56: give 1 ≤ LO ≤ HI" in bad.stderr
